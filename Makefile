@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` (the main job) and `make test` (the whole suite).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: run test install browser
+
+run: $(VENV)/.installed
+	$(BIN)/autoprune search --trials 60 --export exports/default
+
+test: $(VENV)/.installed browser
+	$(BIN)/python -m pytest -q -rs
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the CPU build on local disk: any other pin pulls gigabytes of CUDA packages.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The MLflow UI test drives Debian's chromium (never `playwright install`: nothing can be downloaded).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }

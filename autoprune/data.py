@@ -1,0 +1,73 @@
+"""Datasets as train / validation / test splits of tensors.
+
+The default is scikit-learn's bundled digits (1,797 8x8 images, no download). Real datasets go
+through torchvision (``autoprune.vision``), imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from autoprune.errors import AutopruneError
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    def sizes(self) -> tuple[int, int, int]:
+        return len(self.train), len(self.val), len(self.test)
+
+
+def split_arrays(x: np.ndarray, y: np.ndarray, *, seed: int, val_fraction: float, test_fraction: float) -> Splits:
+    """A stratified, seeded split of images (N, C, H, W) and labels into train / val / test."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y)
+    rel_val = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(rest, test_size=rel_val, random_state=seed, stratify=y[rest])
+
+    def subset(ix: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.as_tensor(x[ix], dtype=torch.float32), torch.as_tensor(y[ix], dtype=torch.long))
+
+    return Splits(subset(train), subset(val), subset(test), int(y.max()) + 1, tuple(x.shape[1:]))  # type: ignore[arg-type]
+
+
+def load_digits(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    """sklearn's digits: pixel values 0..16 scaled to zero mean, unit variance; 60/20/20 split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = bunch.images.astype(np.float32)[:, None, :, :]
+    images = (images / 16.0 - 0.3) / 0.37
+    return split_arrays(images, bunch.target.astype(np.int64), seed=seed, val_fraction=0.2, test_fraction=0.2)
+
+
+# Loaders beyond digits live in autoprune.vision, which imports torchvision on first use.
+DATASETS: dict[str, str] = {
+    "digits": "autoprune.data:load_digits",
+    "cifar10": "autoprune.vision:load_cifar10",
+    "cifar100": "autoprune.vision:load_cifar100",
+    "mnist": "autoprune.vision:load_mnist",
+    "fashion_mnist": "autoprune.vision:load_fashion_mnist",
+    "imagefolder": "autoprune.vision:load_imagefolder",
+}
+
+
+def load_dataset(name: str, *, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    if name not in DATASETS:
+        raise AutopruneError("dataset", name, f"is not known (datasets: {', '.join(DATASETS)})")
+    module_name, _, attr = DATASETS[name].partition(":")
+    loader = getattr(importlib.import_module(module_name), attr)
+    return loader(seed=seed, data_dir=data_dir)

@@ -1,0 +1,64 @@
+"""Model lookup: a zoo name or any user factory given as ``package.module:factory``."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from autoprune.errors import AutopruneError, UnsupportedLayerError
+from autoprune.models.zoo import MODELS, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
+
+# Layers autoprune compresses; modules that only reshape, pool, normalise or activate pass through.
+COMPRESSIBLE = (nn.Conv2d, nn.Linear)
+PASSIVE = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Flatten, nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict,
+)
+
+
+def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+    """Build a zoo model by name, or call a user factory ``package.module:factory``."""
+    if spec in MODELS:
+        factory, shape = MODELS[spec]
+        return factory(num_classes=num_classes, in_channels=in_channels or shape[0])
+    if ":" not in spec:
+        raise AutopruneError("model", spec, f"is not a zoo model ({', '.join(MODELS)}) nor a package.module:factory")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AutopruneError("model", spec, f"cannot be imported ({exc})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise AutopruneError("model", spec, f"names no callable {attr!r} in {module_name}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise AutopruneError("model", spec, f"returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def default_input_shape(spec: str) -> tuple[int, int, int] | None:
+    return MODELS[spec][1] if spec in MODELS else None
+
+
+def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d and Linear layers by module name, in definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse a model holding parametrised layers autoprune cannot see, naming the first one."""
+    for name, module in model.named_modules():
+        if isinstance(module, COMPRESSIBLE) or isinstance(module, PASSIVE):
+            continue
+        own_params = [p for p_name, p in module.named_parameters(recurse=False)]
+        if own_params:
+            raise UnsupportedLayerError(f"model.{name}", type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv2d, Linear, BatchNorm)")
+
+
+__all__ = [
+    "MODELS", "DigitsCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
+    "compressible_layers", "check_supported", "COMPRESSIBLE",
+]

@@ -1,0 +1,158 @@
+"""The model zoo: every model is built from Conv2d, BatchNorm2d, ReLU, pooling and Linear layers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def _conv_bn_relu(cin: int, cout: int, *, kernel: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class DigitsCNN(nn.Module):
+    """Three conv layers for 8x8 digits: small enough to train in seconds, deep enough to prune."""
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, c3 = (max(1, round(c * width)) for c in (16, 32, 64))
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, c1),
+            *_conv_bn_relu(c1, c2),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(c2, c3),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(c3 * 2 * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class VGG7(nn.Module):
+    """VGG7 of seed 001 App. F Table 1 for 32x32 inputs: widths 128-128-256-256-512-512 at x1."""
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        c = [max(1, round(w * width)) for w in (128, 128, 256, 256, 512, 512)]
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, c[0]),
+            *_conv_bn_relu(c[0], c[1]),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(c[1], c[2]),
+            *_conv_bn_relu(c[2], c[3]),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(c[3], c[4]),
+            *_conv_bn_relu(c[4], c[5]),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(c[5] * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-20 of He et al. (2016) for 32x32 inputs (1x1 projection shortcuts)."""
+
+    def __init__(self, *, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth={depth}: ResNet for CIFAR needs depth = 6n + 2")
+        n = (depth - 2) // 6
+        widths = [max(1, round(w * width)) for w in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for stage, cout in enumerate(widths):
+            for i in range(n):
+                blocks.append(BasicBlock(cin, cout, stride=2 if stage > 0 and i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += _conv_bn_relu(cin, hidden, kernel=1)
+        layers += _conv_bn_relu(hidden, hidden, stride=stride, groups=hidden)
+        layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+class MobileNetV2Cifar(nn.Module):
+    """MobileNetV2 (Sandler et al., 2018) for 32x32 inputs: stride 1 in the stem and first stages."""
+
+    # expansion t, channels c, repeats n, stride s; strides of the ImageNet model reduced for 32x32
+    CONFIG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        stem = max(8, round(32 * width))
+        layers: list[nn.Module] = [*_conv_bn_relu(in_channels, stem)]
+        cin = stem
+        for t, c, n, s in self.CONFIG:
+            cout = max(8, round(c * width))
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        last = max(64, round(1280 * width))
+        layers += _conv_bn_relu(cin, last, kernel=1)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: dict[str, tuple[ModelFactory, tuple[int, int, int]]] = {
+    "digits_cnn": (DigitsCNN, (1, 8, 8)),
+    "vgg7": (VGG7, (3, 32, 32)),
+    "vgg7_x0.5": (lambda **kw: VGG7(width=0.5, **kw), (3, 32, 32)),
+    "vgg7_x0.25": (lambda **kw: VGG7(width=0.25, **kw), (3, 32, 32)),
+    "resnet20": (ResNetCifar, (3, 32, 32)),
+    "mobilenetv2": (MobileNetV2Cifar, (3, 32, 32)),
+}

@@ -1,0 +1,207 @@
+"""A compression policy is data: per-layer settings keyed by module name, plus global choices.
+
+Layer keys are an exact module name, a ``re:`` pattern (full match) or ``_default``. For a given
+layer the exact name wins, then the first matching pattern in file order, then ``_default``, then
+"leave the layer alone". Bits of 32 mean "not quantized".
+
+``a_bits`` and ``f_sparsity`` describe the activations a layer *reads* (its input features): they are
+quantized / sparsified right before the layer, which works for any graph (residual adds included).
+A layer that reads the network input uses ``input_bits`` instead (DJPQ B.3: 8 bits by default).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autoprune.errors import AutopruneError
+
+POLICY_VERSION = 1
+ORDERS = ("prune_then_quantize", "quantize_then_prune", "joint")
+FLOAT_BITS = 32
+DEFAULT_KEY = "_default"
+PATTERN_PREFIX = "re:"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LayerPolicy(_Frozen):
+    keep_ratio: float = Field(1.0, gt=0.0, le=1.0, description="fraction of output channels kept")
+    w_bits: int = Field(FLOAT_BITS, ge=1, le=FLOAT_BITS, description="weight bits (32 = float)")
+    a_bits: int = Field(FLOAT_BITS, ge=1, le=FLOAT_BITS, description="bits of the input activations")
+    w_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="unstructured weight sparsity target")
+    f_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="input feature sparsity target")
+
+    def summary(self) -> str:
+        parts = []
+        if self.keep_ratio < 1.0:
+            parts.append(f"k{self.keep_ratio:.2g}")
+        parts.append(f"W{self.w_bits if self.w_bits < FLOAT_BITS else 'f'}")
+        parts.append(f"A{self.a_bits if self.a_bits < FLOAT_BITS else 'f'}")
+        if self.w_sparsity > 0:
+            parts.append(f"sw{self.w_sparsity:.2g}")
+        if self.f_sparsity > 0:
+            parts.append(f"sf{self.f_sparsity:.2g}")
+        return "".join(parts)
+
+
+UNTOUCHED = LayerPolicy()
+
+
+class Policy(_Frozen):
+    version: int = POLICY_VERSION
+    layers: dict[str, LayerPolicy] = Field(default_factory=dict)
+    order: Literal["prune_then_quantize", "quantize_then_prune", "joint"] = "prune_then_quantize"
+    input_bits: int = Field(8, ge=1, le=FLOAT_BITS)
+    pow2_bits: bool = False
+    quantizer: str = "midrise"
+    act_quantizer: str = "clip_uniform"
+    pruner: str = "signal_norm"
+    pfq_eps: float = Field(1e-6, gt=0.0, description="BN running-variance threshold of the pfq pruner")
+    finetune_steps: int = Field(150, ge=0, le=1_000_000)
+    finetune_lr: float = Field(0.01, gt=0.0, le=10.0)
+    batch_size: int = Field(64, ge=1)
+    quant_delay: int = Field(0, ge=0, description="t_q of delayed quantization (seed 004 eq. 5)")
+    saturation_quantile: float = Field(0.999, gt=0.5, le=1.0, description="seed 004 eq. 6-7")
+    sparsity_start: int = Field(0, ge=0, description="step of the first sparsification (seed 004 eq. 3)")
+    sparsity_interval: int = Field(10, ge=1, description="steps between sparsification updates")
+    sparsity_updates: int = Field(5, ge=1, description="number of sparsification updates (eq. 4)")
+    feature_window: int = Field(16, ge=1, description="sliding window of feature pruning (eq. 8)")
+    bn_recalibration: bool = True
+    calibration_batches: int = Field(8, ge=1)
+    seed: int = 0
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if version != POLICY_VERSION:
+            raise ValueError(f"must be {POLICY_VERSION}")
+        return version
+
+    @field_validator("layers")
+    @classmethod
+    def _valid_keys(cls, layers: dict[str, LayerPolicy]) -> dict[str, LayerPolicy]:
+        for key in layers:
+            if key.startswith(PATTERN_PREFIX):
+                try:
+                    re.compile(key[len(PATTERN_PREFIX):])
+                except re.error as exc:
+                    raise ValueError(f"layer pattern {key!r} is not a regular expression ({exc})") from exc
+        return layers
+
+    @model_validator(mode="after")
+    def _pow2_bits_are_powers_of_two(self) -> "Policy":
+        if self.pow2_bits:
+            for key, layer in self.layers.items():
+                for name in ("w_bits", "a_bits"):
+                    bits = getattr(layer, name)
+                    if bits not in POW2_BITS:
+                        raise ValueError(f"layers.{key}.{name}={bits} is not in {POW2_BITS} while pow2_bits is on")
+            if self.input_bits not in POW2_BITS:
+                raise ValueError(f"input_bits={self.input_bits} is not in {POW2_BITS} while pow2_bits is on")
+        return self
+
+    def for_layer(self, name: str) -> LayerPolicy:
+        if name in self.layers:
+            return self.layers[name]
+        for key, layer in self.layers.items():
+            if key.startswith(PATTERN_PREFIX) and re.fullmatch(key[len(PATTERN_PREFIX):], name):
+                return layer
+        return self.layers.get(DEFAULT_KEY, UNTOUCHED)
+
+    def resolve(self, layer_names: list[str]) -> dict[str, LayerPolicy]:
+        """Per-layer settings for a model's layers; a key naming no layer of the model is an error."""
+        known = set(layer_names)
+        for key in self.layers:
+            if key == DEFAULT_KEY:
+                continue
+            if key.startswith(PATTERN_PREFIX):
+                pattern = key[len(PATTERN_PREFIX):]
+                if not any(re.fullmatch(pattern, n) for n in layer_names):
+                    raise AutopruneError(f"policy.layers[{key!r}]", key, f"matches no layer (layers: {', '.join(layer_names)})")
+            elif key not in known:
+                raise AutopruneError("policy.layers", key, f"is not a layer of the model (layers: {', '.join(layer_names)})")
+        return {name: self.for_layer(name) for name in layer_names}
+
+    def summary(self, layer_names: list[str] | None = None) -> str:
+        """One line: order and each layer's settings (or each key's, without a model)."""
+        head = {"prune_then_quantize": "P>Q", "quantize_then_prune": "Q>P", "joint": "P+Q"}[self.order]
+        if layer_names is None:
+            items = [(k, v) for k, v in self.layers.items()]
+        else:
+            items = list(self.resolve(layer_names).items())
+        body = " ".join(f"{k.split('.')[-1] if layer_names else k}:{v.summary()}" for k, v in items)
+        return f"{head} {body}".strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "policy") -> "Policy":
+        if not isinstance(data, Mapping):
+            raise AutopruneError(source, type(data).__name__, "must be a mapping of policy fields")
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise validation_error(exc, source) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        return cls.from_dict(load_mapping(path), source=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON or YAML by suffix, atomically (a half-written policy file never exists)."""
+        path = Path(path)
+        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
+        write_atomic(path, text)
+        return path
+
+
+POW2_BITS = (2, 4, 8, 16, 32)
+
+
+def validation_error(exc: ValidationError, source: str) -> AutopruneError:
+    """The first pydantic error as one line: the dotted field, the bad value, the rule."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ()))
+    value = err.get("input")
+    rule = err.get("msg", "is invalid")
+    if err.get("type") == "extra_forbidden":
+        rule = "is not a known field"
+        value = field.rsplit(".", 1)[-1]
+    return AutopruneError(f"{source}: {field}" if field else source, value, rule.replace("Value error, ", ""))
+
+
+def load_mapping(path: str | Path) -> Any:
+    """Read a JSON or YAML file; anything unreadable is an AutopruneError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutopruneError("file", str(path), "does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AutopruneError("file", str(path), f"is not valid JSON/YAML ({first})") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
