@@ -1,0 +1,45 @@
+"""The ideal-hardware cost model: MACs, BOPs, ESN_a, ESN_d, ESN'_d, memory and performance density.
+
+An *ideal hardware* (seed 000 sec. 2) spends energy only on nonzero weights and nonzero operands, and its
+cost falls monotonically with bit-width. For every Conv2d / Linear layer l that runs in one forward pass
+of one sample (H_out x W_out output positions; 1 x 1 for a Linear):
+
+- W_int = midrise_int(W, delta, w_bits) (seed 000 App. A), delta = max|W| / 2^(w_bits-1) unless the caller
+  gives the quantizer's own step. A float layer is read at 32 bits by the same mid-rise rule, so every layer
+  has integer levels and the ESN of a float model is finite and comparable. A weight is *nonzero* when its
+  level is: exact zeros of W (pruned) and filters the mid-rise rule zeroes count as removed.
+- MACs_l = nonzero weights x H_out x W_out x (1 - s_f) (DJPQ eq. 15). For a dense conv that is
+  out x in/groups x k_h x k_w x H_out x W_out; channels removed by structured pruning are absent from the
+  shapes, so they leave this layer and the next. Unstructured weight sparsity enters through the nonzero
+  count, input-feature sparsity s_f through (1 - s_f). Bias, BN, pooling and adds are not counted.
+- BOPs_l = MACs_l x b_w,l x b_a,l (DJPQ eq. 16), b_a,l being the bits of what layer l *reads*: its own
+  ``a_bits``, or ``input_bits`` when it reads the network input. The float model (no per-layer settings,
+  input_bits = 32) has BOPs = MACs x 1024 exactly.
+- ESN_a = sum_l ||W_int^l||_F^2 (eq. 2, c^l = 1).
+- ESN_d = sum_l sum_i bits(W_int,i) with bits(|x|) = max(1, ceil(log2|x| + 1)), 0 for a zero level. This is
+  the *linear* sum of bits with c^l = 1: eq. 3 prints a squared Frobenius norm, but eq. 6 and the text
+  (energy proportional to the number of bits) are linear, and so is autoprune.
+- ESN'_d = sum_l sum_m MAC_{l,m} x bits(max|W_int^{l,m}|) (eq. 7), where MAC_{l,m} = nonzero weights of output
+  filter m x H_out x W_out x (1 - s_f): variable-precision MAC arrays pay each filter's largest level. With
+  one step per layer it equals MACs x b only when every filter reaches the layer's top level.
+- memory_mb (seed 004 App. B.1, "size of weight and feature combined") = (nonzero weights x w_bits +
+  input feature-map elements per sample x a_bits x (1 - s_f)) / 1e6, in megabits. Each layer counts the
+  feature map it reads (the network input included, at input_bits, as B.1 sizes features from the input
+  shape); the final output (logits) is not counted, and a tensor read by two layers (a block's first conv
+  and its projection shortcut) is counted by each, as each reads its own copy. Bias is not counted (B.1
+  keeps it at high precision outside the budget).
+- performance density = accuracy (%) / memory_mb (seed 004, Acc/Mb).
+- ESN_a from S/N (eq. 4): S/N x ||W||_0 / 12 with S/N = ||W||_F^2 / ||W - delta W_int||_F^2
+  (`esn_a_from_snr`); it matches ESN_a when the quantization noise is uniform.
+
+All sums are float64: at 32 bits one weight's ESN_a term reaches 2^62.
+"""
+
+from autoprune.cost.esn import esn_a, esn_a_from_snr, esn_d, filter_bits
+from autoprune.cost.measure import CostReport, CostTotal, LayerCost, LayerQuant, measure_cost
+from autoprune.cost.table import format_cost_table, format_count
+
+__all__ = [
+    "CostReport", "CostTotal", "LayerCost", "LayerQuant", "measure_cost", "format_cost_table", "format_count",
+    "esn_a", "esn_d", "filter_bits", "esn_a_from_snr",
+]
