@@ -1,0 +1,25 @@
+"""Pruning: structured (whole channels, registered pruners) and unstructured (weights, features)."""
+
+from autoprune.prune.pfq import fold_batchnorm
+from autoprune.prune.structured import (
+    ChannelGroup,
+    LayerPruning,
+    PrunePlan,
+    PruneRequest,
+    StructuredRecord,
+    channel_groups,
+    keep_count,
+    prune_structured,
+    pruner,
+    register_pruner,
+    registered_pruners,
+    replay_structured,
+)
+
+from autoprune.prune.unstructured import FeatureMask, FeatureMasker, WeightMasker, attach_feature_mask, keep_largest, sparsity_at
+
+__all__ = [
+    "ChannelGroup", "LayerPruning", "PrunePlan", "PruneRequest", "StructuredRecord", "channel_groups", "fold_batchnorm",
+    "keep_count", "prune_structured", "FeatureMask", "FeatureMasker", "WeightMasker", "attach_feature_mask",
+    "keep_largest", "sparsity_at", "pruner", "register_pruner", "registered_pruners", "replay_structured",
+]

@@ -1,0 +1,336 @@
+"""Structured pruning: remove whole output channels of Conv2d / Linear layers, physically, in place.
+
+Channels that must be removed together form a *channel group* (found with Torch-Pruning's dependency
+graph): the outputs of layers summed by a residual add, and a depthwise conv with the layer that feeds it
+(a depthwise conv has one filter per input channel, so it joins its producer's group). A group takes ONE keep
+ratio. Torch-Pruning itself silently ignores a second, different ratio given to another member of a coupled
+group; here every member given a ratio must agree or ``prune_structured`` raises, and a search samples one
+keep ratio per group (``channel_groups``), so no sampled value is ever silently ignored. Groups whose
+channels are the model's output (the final classifier) or that hold a single channel are not listed: a
+ratio for them could do nothing.
+
+A pruner is a registered function (``register_pruner``) that, given the groups and their keep ratios, says
+which channels each group keeps and which constants to fold into the following layers (``PrunePlan``).
+``prune_structured`` then removes the other channels with Torch-Pruning, and returns a
+``StructuredRecord``: per layer name the kept output channel indices, and the folded constants. A record
+is data (JSON through ``to_dict`` / ``from_dict``); ``replay_structured`` applies it to a fresh copy of the
+base model, which is how a saved compressed model's shapes are rebuilt before its weights are loaded.
+
+Everything at the API boundary is keyed by module name; module objects are looked up inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.models import COMPRESSIBLE, compressible_layers
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Conv / Linear layers whose output channels are coupled and pruned together, with one keep ratio.
+
+    ``name`` is the first member in the model's definition order: stable across runs and copies.
+    """
+
+    name: str
+    layers: tuple[str, ...]
+    channels: int
+
+
+@dataclass(frozen=True)
+class LayerPruning:
+    """The output channels one layer kept (indices into the unpruned layer, ascending)."""
+
+    kept: list[int]
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
+class StructuredRecord:
+    """What ``prune_structured`` did, enough to redo it exactly on the base model.
+
+    ``layers`` lists only the layers that lost channels. ``folds`` maps a tensor name (``"fc.bias"``,
+    ``"layers.0.bn1.running_mean"``) to the values added to it before the channels were removed; a bias
+    named there that the base layer lacks is created (PfQ folds constants into it).
+    """
+
+    method: str
+    layers: dict[str, LayerPruning] = field(default_factory=dict)
+    folds: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "layers": {n: {"kept": list(p.kept), "before": p.before, "after": p.after} for n, p in self.layers.items()},
+            "folds": {n: list(v) for n, v in self.folds.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StructuredRecord":
+        try:
+            layers = {
+                str(name): LayerPruning(kept=[int(i) for i in entry["kept"]], before=int(entry["before"]), after=int(entry["after"]))
+                for name, entry in data.get("layers", {}).items()
+            }
+            folds = {str(name): [float(v) for v in values] for name, values in data.get("folds", {}).items()}
+            method = str(data["method"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise AutopruneError("structured record", type(data).__name__, f"is not a structured pruning record ({exc!r})") from None
+        for name, entry in layers.items():
+            if entry.after != len(entry.kept) or len(set(entry.kept)) != entry.after or not all(0 <= i < entry.before for i in entry.kept):
+                raise AutopruneError(f"structured record: layers.{name}", entry.kept, f"are not {entry.after} distinct channel indices below {entry.before}")
+        return cls(method=method, layers=layers, folds=folds)
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What a registered pruner sees. ``keep`` maps group names to the keep ratio given for the group."""
+
+    model: nn.Module
+    graph: tp.DependencyGraph
+    groups: tuple[ChannelGroup, ...]
+    keep: Mapping[str, float]
+    example_input: torch.Tensor
+    pfq_eps: float
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """A pruner's answer: kept channel indices per group name (groups left whole are absent), and the
+    values to add to named tensors (a layer's bias or a BN's running_mean) before channels are removed."""
+
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    folds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+Pruner = Callable[[PruneRequest], PrunePlan]
+_PRUNERS: dict[str, Pruner] = {}
+
+
+def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
+    """Register a structured pruner under ``name`` (the policy's ``pruner`` field)."""
+
+    def decorate(fn: Pruner) -> Pruner:
+        _PRUNERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def pruner(name: str) -> Pruner:
+    if name not in _PRUNERS:
+        raise AutopruneError("policy.pruner", name, f"is not registered (registered: {', '.join(sorted(_PRUNERS))})")
+    return _PRUNERS[name]
+
+
+def registered_pruners() -> tuple[str, ...]:
+    return tuple(sorted(_PRUNERS))
+
+
+def keep_count(ratio: float, channels: int) -> int:
+    """Channels a group keeps at keep ratio ``ratio``: round(ratio * channels), at least one."""
+    return max(1, round(ratio * channels))
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``model``, traced in eval mode so that tracing leaves BN statistics alone."""
+    was_training = model.training
+    # A grad-requiring input gives every output a grad_fn even when the model's parameters are frozen.
+    traced_input = example_input.detach().clone().requires_grad_(example_input.is_floating_point())
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def groups_in_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[ChannelGroup]:
+    """The prunable channel groups of ``graph`` (made by ``dependency_graph(model, ...)``)."""
+    modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items()}
+    order = {name: i for i, name in enumerate(names.values())}
+    found = []
+    for group in graph.get_all_groups(root_module_types=COMPRESSIBLE):
+        producers = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        # A producer with no consumer in the graph is the model's output: its width is not ours to change.
+        if any(not node.outputs for node in producers):
+            continue
+        layers = sorted({names[node.module] for node in producers if isinstance(node.module, COMPRESSIBLE)}, key=order.__getitem__)
+        channels = graph.get_out_channels(modules[layers[0]])
+        if channels is None or channels < 2:
+            continue
+        found.append(ChannelGroup(name=layers[0], layers=tuple(layers), channels=channels))
+    return sorted(found, key=lambda group: order[group.name])
+
+
+def channel_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """The groups a search samples one keep ratio for, in the model's definition order."""
+    return groups_in_graph(model, dependency_graph(model, example_input))
+
+
+def prune_structured(
+    model: nn.Module,
+    *,
+    keep: Mapping[str, float],
+    example_input: torch.Tensor,
+    method: str = "signal_norm",
+    pfq_eps: float = 1e-6,
+) -> StructuredRecord:
+    """Remove output channels in place with the registered pruner ``method``.
+
+    ``keep`` maps layer names to keep ratios in (0, 1]; a layer not named keeps all its channels (ratio 1).
+    The members of a channel group share their channels, so they must all have the same ratio: naming one
+    member of a group with a ratio below 1 means naming every member with that ratio, or this raises. A
+    layer outside every group (the final classifier) may only be given 1.0.
+    """
+    prune_fn = pruner(method)
+    graph = dependency_graph(model, example_input)
+    groups = tuple(groups_in_graph(model, graph))
+    request = PruneRequest(
+        model=model, graph=graph, groups=groups, keep=_group_ratios(model, groups, keep),
+        example_input=example_input, pfq_eps=pfq_eps,
+    )
+    plan = prune_fn(request)
+    record = StructuredRecord(
+        method=method,
+        layers={
+            layer: LayerPruning(kept=sorted(plan.kept[group.name]), before=group.channels, after=len(plan.kept[group.name]))
+            for group in groups if group.name in plan.kept
+            for layer in group.layers
+        },
+        folds={name: delta.detach().cpu().tolist() for name, delta in plan.folds.items()},
+    )
+    _apply(model, graph, groups, kept={g: sorted(k) for g, k in plan.kept.items()}, folds=plan.folds)
+    return record
+
+
+def replay_structured(model: nn.Module, record: StructuredRecord, *, example_input: torch.Tensor) -> nn.Module:
+    """Apply ``record`` to a fresh copy of the base model it was made on: same kept indices, same folds."""
+    graph = dependency_graph(model, example_input)
+    groups = tuple(groups_in_graph(model, graph))
+    member_of = {layer: group for group in groups for layer in group.layers}
+    kept: dict[str, list[int]] = {}
+    for layer, entry in record.layers.items():
+        group = member_of.get(layer)
+        if group is None:
+            raise AutopruneError("structured record: layers", layer, "is not a prunable layer of this model")
+        if entry.before != group.channels:
+            raise AutopruneError(f"structured record: layers.{layer}.before", entry.before, f"does not match the model's {group.channels} channels")
+        if kept.setdefault(group.name, list(entry.kept)) != list(entry.kept):
+            raise AutopruneError(f"structured record: layers.{layer}.kept", entry.kept, f"differs from its group {group.name}'s ({', '.join(group.layers)})")
+    for group in groups:
+        missing = [layer for layer in group.layers if layer not in record.layers]
+        if group.name in kept and missing:
+            raise AutopruneError("structured record: layers", missing, f"are missing from group {group.name} ({', '.join(group.layers)})")
+    folds = {}
+    for name, values in record.folds.items():
+        _, _, size = _fold_owner(model, name)
+        if size != len(values):
+            raise AutopruneError(f"structured record: folds.{name}", len(values), f"values do not match the tensor's {size}")
+        folds[name] = torch.tensor(values, dtype=torch.float64)
+    _apply(model, graph, groups, kept=kept, folds=folds)
+    return model
+
+
+def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapping[str, float]) -> dict[str, float]:
+    layers = compressible_layers(model)
+    member_of = {layer: group for group in groups for layer in group.layers}
+    given: dict[str, dict[str, float]] = {}
+    for name, ratio in keep.items():
+        if name not in layers:
+            raise AutopruneError("keep", name, f"is not a Conv2d / Linear layer of the model (layers: {', '.join(layers)})")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise AutopruneError(f"keep[{name!r}]", ratio, "must be a keep ratio in (0, 1]")
+        group = member_of.get(name)
+        if group is None:
+            if ratio < 1.0:
+                raise AutopruneError(
+                    f"keep[{name!r}]", ratio,
+                    "cannot be applied: the layer's output channels are the model's output or cannot be pruned (give 1.0)",
+                )
+            continue
+        given.setdefault(group.name, {})[name] = float(ratio)
+    by_name = {group.name: group for group in groups}
+    for group_name, ratios in given.items():
+        every = {layer: ratios.get(layer, 1.0) for layer in by_name[group_name].layers}
+        if len(set(every.values())) > 1:
+            raise AutopruneError(
+                f"keep[group {group_name}]", every,
+                "conflict: these layers share their output channels and take one keep ratio (a layer not named keeps 1.0)",
+            )
+    return {group_name: next(iter(ratios.values())) for group_name, ratios in given.items()}
+
+
+def _fold_owner(model: nn.Module, name: str) -> tuple[nn.Module, str, int]:
+    """The module, attribute and length of a fold target: a Conv2d / Linear bias or a BN running_mean."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = dict(model.named_modules()).get(owner_name)
+    if attr == "bias" and isinstance(owner, COMPRESSIBLE):
+        return owner, attr, owner.weight.shape[0]
+    if attr == "running_mean" and isinstance(owner, nn.modules.batchnorm._BatchNorm) and owner.running_mean is not None:
+        return owner, attr, owner.running_mean.numel()
+    raise AutopruneError("fold target", name, "is not a Conv2d / Linear bias or a BatchNorm running_mean of the model")
+
+
+def _apply(
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    groups: tuple[ChannelGroup, ...],
+    *,
+    kept: Mapping[str, list[int]],
+    folds: Mapping[str, torch.Tensor],
+) -> None:
+    # Folds are computed on the unpruned layers, so they go in before any channel is removed.
+    with torch.no_grad():
+        for name, delta in folds.items():
+            owner, attr, size = _fold_owner(model, name)
+            if getattr(owner, attr) is None:
+                # PfQ folds into the next layer's bias; a bias-free layer gets one (eq. 14 with b = 0).
+                owner.bias = nn.Parameter(torch.zeros(size, dtype=owner.weight.dtype, device=owner.weight.device))
+            target = getattr(owner, attr)
+            target.add_(delta.to(target))
+    modules = dict(model.named_modules())
+    for group in groups:
+        if group.name not in kept:
+            continue
+        root = modules[group.name]
+        removed = sorted(set(range(group.channels)) - set(kept[group.name]))
+        graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, removed).prune()
+
+
+@register_pruner("signal_norm")
+def signal_norm(request: PruneRequest) -> PrunePlan:
+    """Keep, per group, the channels with the largest signal norm (seed 000 sec. 3): the squared L2 norm of
+    the output filter, summed over the group's members (eq. 5's signal ``||W||^2``, per channel)."""
+    modules = dict(request.model.named_modules())
+    kept = {}
+    for group in request.groups:
+        count = keep_count(request.keep.get(group.name, 1.0), group.channels)
+        if count == group.channels:
+            continue
+        signal = sum(modules[layer].weight.detach().double().flatten(1).pow(2).sum(1) for layer in group.layers)
+        # A stable sort makes ties keep the lower channel index, so a record never depends on sort internals.
+        ranked = torch.argsort(signal, descending=True, stable=True)
+        kept[group.name] = sorted(ranked[:count].tolist())
+    return PrunePlan(kept=kept)
+
+
+def refuse_keep_ratios(request: PruneRequest, method: str) -> None:
+    """A pruner that chooses channels by itself must not be handed ratios it would ignore."""
+    ratios = {name: ratio for name, ratio in request.keep.items() if ratio < 1.0}
+    if ratios:
+        raise AutopruneError("keep", ratios, f"are ignored by pruner {method!r}, which chooses the channels itself (use signal_norm for keep ratios)")
+
+
+@register_pruner("none")
+def no_pruning(request: PruneRequest) -> PrunePlan:
+    refuse_keep_ratios(request, "none")
+    return PrunePlan()
