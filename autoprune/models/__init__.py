@@ -48,6 +48,28 @@ def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
 
 
+def input_readers(model: nn.Module, *, input_shape: tuple[int, int, int]) -> set[str]:
+    """Names of the layers that read the network input itself: their activation bits are the input's."""
+    import torch
+
+    readers: set[str] = set()
+    x = torch.zeros(1, *input_shape)
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, name=name: readers.add(name) if args and args[0] is x else None)
+        for name, layer in compressible_layers(model).items()
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return readers
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse a model holding parametrised layers autoprune cannot see, naming the first one."""
     for name, module in model.named_modules():
@@ -60,5 +82,5 @@ def check_supported(model: nn.Module) -> None:
 
 __all__ = [
     "MODELS", "DigitsCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
-    "compressible_layers", "check_supported", "COMPRESSIBLE",
+    "compressible_layers", "check_supported", "input_readers", "COMPRESSIBLE",
 ]

@@ -1,0 +1,1 @@
+"""The search: specs to distributions, trials to policies, the Optuna study, Pareto fronts, export."""

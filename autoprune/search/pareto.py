@@ -1,0 +1,116 @@
+"""Pareto fronts, non-domination ranks and hypervolume of a study, feasible complete trials only.
+
+Hypervolume is computed in a normalised space so that numbers compare across runs of one task:
+accuracy becomes ``1 - accuracy/100``, a cost becomes ``cost / float-model cost``, a maximised ratio
+becomes ``base / value``; the reference point is 1 in every axis (the float model's cost at 0% accuracy).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune.search.objectives import ObjectiveSpec
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """Constraint violations are stored by the runner on every trial, whatever the sampler (<= 0 is feasible)."""
+    constraints = trial.user_attrs.get("constraints")
+    return constraints is None or all(c <= 0 for c in constraints)
+
+
+def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values is not None and feasible(t)]
+
+
+def _as_losses(values: Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
+    arr = np.asarray(values, dtype=float).reshape(len(values), len(directions))
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    return arr * signs
+
+
+def nondomination_ranks(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Rank 0 is the front; rank r is the front once ranks < r are removed."""
+    losses = _as_losses(values, directions)
+    n = len(losses)
+    ranks = [-1] * n
+    remaining = set(range(n))
+    rank = 0
+    while remaining:
+        idx = sorted(remaining)
+        sub = losses[idx]
+        for i, row in zip(idx, sub):
+            dominated = np.any(np.all(sub <= row, axis=1) & np.any(sub < row, axis=1))
+            if not dominated:
+                ranks[i] = rank
+        remaining -= {i for i in idx if ranks[i] == rank}
+        rank += 1
+    return ranks
+
+
+def pareto_ranks(study: optuna.Study) -> dict[int, int]:
+    trials = scored_trials(study)
+    if not trials:
+        return {}
+    directions = [d.name.lower() for d in study.directions]
+    ranks = nondomination_ranks([t.values for t in trials], directions)
+    return {t.number: r for t, r in zip(trials, ranks)}
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    ranks = pareto_ranks(study)
+    front = [t for t in scored_trials(study) if ranks.get(t.number) == 0]
+    return sorted(front, key=lambda t: t.values[0], reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
+
+
+def normalised_losses(metrics: Mapping[str, float], spec: ObjectiveSpec, base: Mapping[str, float]) -> list[float]:
+    losses = []
+    for metric, direction in zip(spec.metrics, spec.directions):
+        if metric in ("accuracy", "accuracy_drop"):
+            losses.append(1.0 - float(metrics["accuracy"]) / 100.0)
+        elif direction == "minimize":
+            losses.append(float(metrics[metric]) / max(float(base[metric]), 1e-30))
+        else:
+            losses.append(float(base[metric]) / max(float(metrics[metric]), 1e-30))
+    return losses
+
+
+def hypervolume_of(points: Sequence[Sequence[float]]) -> float:
+    """Hypervolume of normalised losses against the reference point 1; points beyond it add nothing."""
+    from optuna._hypervolume import compute_hypervolume  # optuna's exact WFG implementation
+
+    pts = np.asarray([p for p in points if all(v < 1.0 for v in p)], dtype=float)
+    if len(pts) == 0:
+        return 0.0
+    return float(compute_hypervolume(pts, np.ones(pts.shape[1])))
+
+
+def study_spec_and_base(study: optuna.Study) -> tuple[ObjectiveSpec, dict[str, Any]]:
+    meta = study.user_attrs["autoprune"]
+    base = dict(meta["base"]["cost"])
+    base["accuracy"] = meta["base"]["val_accuracy"]
+    base["performance_density"] = meta["base"].get("performance_density", 1.0)
+    return ObjectiveSpec.from_dict(meta["objectives"]), base
+
+
+def hypervolume(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> float:
+    spec, base = study_spec_and_base(study)
+    chosen = scored_trials(study) if trials is None else [t for t in trials if t.state == TrialState.COMPLETE and feasible(t)]
+    return hypervolume_of([normalised_losses(t.user_attrs["metrics"], spec, base) for t in chosen])
+
+
+def hypervolume_history(study: optuna.Study) -> list[float]:
+    """Hypervolume after each trial number (failed trials repeat the previous value)."""
+    spec, base = study_spec_and_base(study)
+    history: list[float] = []
+    points: list[list[float]] = []
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if trial.state == TrialState.COMPLETE and feasible(trial) and "metrics" in trial.user_attrs:
+            points.append(normalised_losses(trial.user_attrs["metrics"], spec, base))
+            history.append(hypervolume_of(points))
+        else:
+            history.append(history[-1] if history else 0.0)
+    return history

@@ -1,0 +1,373 @@
+"""Search-space specs: YAML -> validated spec -> (bound to a model) Optuna distributions -> Policy.
+
+This is the one place where a spec becomes distributions and a trial's parameters become a Policy;
+the local study and the Ray Tune executor both go through it.
+
+A spec has three blocks::
+
+    shared:   {w_bits: {low: 2, high: 8}}          # one parameter for every unpinned layer (uniform)
+    layers:                                       # one parameter per matching layer
+      _default: {keep_ratio: {low: 0.25, high: 1.0, step: 0.125}, w_bits: {choices: [2, 4, 8]}}
+      re:features\\.0: {w_bits: 8}                # fixed values are plain scalars
+    pin: [first, last]                            # layers left untouched (float, full width)
+    policy:   {order: {choices: [prune_then_quantize, joint]}, finetune_steps: 150}
+
+A dimension is a scalar (fixed), ``{choices: [...]}`` or a range ``{low, high[, step][, log]}``.
+Keep ratios are sampled once per group of coupled channels (a residual add or a depthwise conv ties
+layers together), under the group's name, so that no sampled parameter is ignored by the pruner.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.policy import DEFAULT_KEY, PATTERN_PREFIX, POW2_BITS, LayerPolicy, Policy, load_mapping
+
+LAYER_FIELDS: dict[str, type] = {"keep_ratio": float, "w_bits": int, "a_bits": int, "w_sparsity": float, "f_sparsity": float}
+POLICY_FIELDS = set(Policy.model_fields) - {"version", "layers"}
+SPEC_KEYS = {"shared", "layers", "pin", "policy", "description", "narrow_bits_to_prior"}
+PIN_ALIASES = ("first", "last")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searchable (or fixed) value with the rules of its field."""
+
+    field: str
+    fixed: Any = None
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.choices is None and self.low is None
+
+    def distribution(self) -> BaseDistribution:
+        if self.choices is not None:
+            return CategoricalDistribution(list(self.choices))
+        if self.integer:
+            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)  # type: ignore[arg-type]
+        return FloatDistribution(float(self.low), float(self.high), step=self.step, log=self.log)  # type: ignore[arg-type]
+
+    def values(self) -> list[Any]:
+        """Every value a finite dimension can take (for clipping priors into the space)."""
+        if self.is_fixed:
+            return [self.fixed]
+        if self.choices is not None:
+            return list(self.choices)
+        if self.integer:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))  # type: ignore[arg-type]
+        if self.step:
+            n = int(round((self.high - self.low) / self.step))  # type: ignore[operator]
+            return [round(self.low + i * self.step, 10) for i in range(n + 1)]  # type: ignore[operator]
+        return [self.low, self.high]
+
+    def clip(self, value: Any) -> Any:
+        """The allowed value nearest to ``value`` (continuous ranges clamp)."""
+        if self.is_fixed:
+            return self.fixed
+        if self.choices is None and not self.integer and not self.step:
+            return min(max(float(value), float(self.low)), float(self.high))  # type: ignore[arg-type]
+        options = self.values()
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in options):
+            return min(options, key=lambda v: (abs(float(v) - float(value)), v))
+        return value if value in options else options[0]
+
+    def narrowed(self, center: int, width: int) -> "Dimension":
+        """Bits within +-width of a prior (the spec option ``narrow_bits_to_prior``)."""
+        kept = [v for v in self.values() if abs(int(v) - center) <= width] or [self.clip(center)]
+        if len(kept) == 1:
+            return Dimension(self.field, fixed=kept[0], integer=self.integer)
+        return Dimension(self.field, choices=tuple(kept), integer=self.integer)
+
+
+def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool = False) -> Dimension:
+    path = f"{where}.{field}"
+    if isinstance(raw, Mapping):
+        unknown = set(raw) - {"choices", "low", "high", "step", "log"}
+        if unknown:
+            raise AutopruneError(path, sorted(unknown)[0], "is not a dimension key (use choices, or low/high/step/log)")
+        if "choices" in raw:
+            if set(raw) != {"choices"}:
+                raise AutopruneError(path, dict(raw), "mixes choices with a range")
+            choices = raw["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise AutopruneError(f"{path}.choices", choices, "must be a non-empty list")
+            values = tuple(_check_value(v, field=field, path=f"{path}.choices", kind=kind) for v in choices)
+            if pow2 and field in ("w_bits", "a_bits"):
+                _check_pow2(values, path)
+            return Dimension(field, choices=values, integer=kind is int)
+        if "low" not in raw or "high" not in raw:
+            raise AutopruneError(path, dict(raw), "needs both low and high")
+        low = _check_value(raw["low"], field=field, path=f"{path}.low", kind=kind)
+        high = _check_value(raw["high"], field=field, path=f"{path}.high", kind=kind)
+        if low > high:
+            raise AutopruneError(path, f"low={low} > high={high}", "is an empty range")
+        step, log = raw.get("step"), bool(raw.get("log", False))
+        if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+            raise AutopruneError(f"{path}.step", step, "must be a positive number")
+        if pow2 and field in ("w_bits", "a_bits"):
+            return Dimension(field, choices=tuple(b for b in POW2_BITS if low <= b <= high) or (low,), integer=True)
+        if low == high:
+            return Dimension(field, fixed=low, integer=kind is int)
+        return Dimension(field, low=low, high=high, step=step, log=log, integer=kind is int)
+    value = _check_value(raw, field=field, path=path, kind=kind)
+    if pow2 and field in ("w_bits", "a_bits"):
+        _check_pow2((value,), path)
+    return Dimension(field, fixed=value, integer=kind is int)
+
+
+def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
+    if field in LAYER_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AutopruneError(path, value, f"must be a number")
+        try:
+            LayerPolicy(**{field: value})
+        except Exception:
+            rule = {"keep_ratio": "must be in (0, 1]", "w_bits": "must be in 1..32", "a_bits": "must be in 1..32"}.get(field, "must be in [0, 1)")
+            raise AutopruneError(path, value, rule) from None
+        return int(value) if kind is int else float(value)
+    try:
+        Policy(**{field: value})
+    except Exception as exc:
+        msg = str(exc).splitlines()
+        raise AutopruneError(path, value, f"is not a valid {field} ({msg[2].strip() if len(msg) > 2 else msg[0]})") from None
+    return value
+
+
+def _check_pow2(values: Sequence[Any], path: str) -> None:
+    for v in values:
+        if v not in POW2_BITS:
+            raise AutopruneError(path, v, f"is not a power-of-two bit-width {POW2_BITS} while pow2_bits is on")
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """A validated spec, not yet bound to a model."""
+
+    shared: dict[str, Dimension]
+    layers: dict[str, dict[str, Dimension]]
+    pin: tuple[str, ...]
+    policy: dict[str, Dimension]
+    narrow_bits_to_prior: int | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "space") -> "SpaceSpec":
+        if not isinstance(data, Mapping):
+            raise AutopruneError(source, type(data).__name__, "must be a mapping with shared/layers/pin/policy blocks")
+        for key in data:
+            if key not in SPEC_KEYS:
+                raise AutopruneError(source, key, f"is not a spec key (keys: {', '.join(sorted(SPEC_KEYS))})")
+        policy_raw = data.get("policy") or {}
+        if not isinstance(policy_raw, Mapping):
+            raise AutopruneError(f"{source}.policy", policy_raw, "must be a mapping")
+        policy: dict[str, Dimension] = {}
+        for name, raw in policy_raw.items():
+            if name not in POLICY_FIELDS:
+                raise AutopruneError(f"{source}.policy", name, f"is not a policy field (fields: {', '.join(sorted(POLICY_FIELDS))})")
+            kind = type(Policy.model_fields[name].default)
+            policy[name] = parse_dimension(raw, field=name, where=f"{source}.policy", kind=kind)
+        pow2_dim = policy.get("pow2_bits")
+        pow2 = bool(pow2_dim is not None and pow2_dim.is_fixed and pow2_dim.fixed)
+        shared = _parse_layer_block(data.get("shared") or {}, where=f"{source}.shared", pow2=pow2)
+        layers_raw = data.get("layers") or {}
+        if not isinstance(layers_raw, Mapping):
+            raise AutopruneError(f"{source}.layers", layers_raw, "must be a mapping of layer keys")
+        layers = {}
+        for key, block in layers_raw.items():
+            if key.startswith(PATTERN_PREFIX):
+                try:
+                    re.compile(key[len(PATTERN_PREFIX):])
+                except re.error as exc:
+                    raise AutopruneError(f"{source}.layers", key, f"is not a regular expression ({exc})") from None
+            layers[key] = _parse_layer_block(block or {}, where=f"{source}.layers[{key!r}]", pow2=pow2)
+        overlap = set(shared) & {f for block in layers.values() for f in block}
+        if overlap:
+            raise AutopruneError(f"{source}.shared", sorted(overlap)[0], "is set both in shared and in layers")
+        pin = data.get("pin") or []
+        if not isinstance(pin, list) or not all(isinstance(p, str) for p in pin):
+            raise AutopruneError(f"{source}.pin", pin, "must be a list of layer names, 'first' or 'last'")
+        narrow = data.get("narrow_bits_to_prior")
+        if narrow is not None and (isinstance(narrow, bool) or not isinstance(narrow, int) or narrow < 0):
+            raise AutopruneError(f"{source}.narrow_bits_to_prior", narrow, "must be a bit distance >= 0 (or absent: off)")
+        return cls(shared, layers, tuple(pin), policy, narrow, dict(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpaceSpec":
+        return cls.from_dict(load_mapping(path), source=str(path))
+
+    def bind(self, model: nn.Module, *, input_shape: tuple[int, int, int]) -> "SearchSpace":
+        return SearchSpace(self, model, input_shape=input_shape)
+
+
+def _parse_layer_block(block: Any, *, where: str, pow2: bool) -> dict[str, Dimension]:
+    if not isinstance(block, Mapping):
+        raise AutopruneError(where, block, "must be a mapping of layer fields")
+    dims = {}
+    for name, raw in block.items():
+        if name not in LAYER_FIELDS:
+            raise AutopruneError(where, name, f"is not a layer field (fields: {', '.join(LAYER_FIELDS)})")
+        dims[name] = parse_dimension(raw, field=name, where=where, kind=LAYER_FIELDS[name], pow2=pow2)
+    return dims
+
+
+class SearchSpace:
+    """A spec bound to a model's layer names and channel groups."""
+
+    def __init__(self, spec: SpaceSpec, model: nn.Module, *, input_shape: tuple[int, int, int]) -> None:
+        import torch
+
+        from autoprune.models import compressible_layers, input_readers
+        from autoprune.prune import channel_groups
+
+        self.spec = spec
+        self.layer_names = list(compressible_layers(model))
+        self.pinned = self._resolve_pins()
+        self._check_layer_keys()
+        example = torch.zeros(1, *input_shape)
+        self.groups = [g for g in channel_groups(model, example_input=example)]
+        # A layer reading the network input gets the policy's input_bits: its a_bits and f_sparsity would
+        # be parameters that change nothing, so they are not searched.
+        self.input_readers = input_readers(model, input_shape=input_shape)
+        self.layer_dims: dict[str, dict[str, Dimension]] = {
+            n: {f: d for f, d in self._dims_for(n).items() if not (n in self.input_readers and f in ("a_bits", "f_sparsity"))}
+            for n in self.layer_names
+        }
+        self._group_of = {layer: g for g in self.groups for layer in g.layers}
+
+    def _resolve_pins(self) -> set[str]:
+        pinned = set()
+        for p in self.spec.pin:
+            if p == "first":
+                pinned.add(self.layer_names[0])
+            elif p == "last":
+                pinned.add(self.layer_names[-1])
+            elif p in self.layer_names:
+                pinned.add(p)
+            else:
+                raise AutopruneError("space.pin", p, f"is not a layer of the model (layers: {', '.join(self.layer_names)})")
+        return pinned
+
+    def _check_layer_keys(self) -> None:
+        for key in self.spec.layers:
+            if key == DEFAULT_KEY:
+                continue
+            if key.startswith(PATTERN_PREFIX):
+                if not any(re.fullmatch(key[len(PATTERN_PREFIX):], n) for n in self.layer_names):
+                    raise AutopruneError("space.layers", key, f"matches no layer (layers: {', '.join(self.layer_names)})")
+            elif key not in self.layer_names:
+                raise AutopruneError("space.layers", key, f"is not a layer of the model (layers: {', '.join(self.layer_names)})")
+
+    def _dims_for(self, name: str) -> dict[str, Dimension]:
+        if name in self.pinned:
+            return {}
+        if name in self.spec.layers:
+            own = self.spec.layers[name]
+        else:
+            own = next(
+                (block for key, block in self.spec.layers.items() if key.startswith(PATTERN_PREFIX) and re.fullmatch(key[len(PATTERN_PREFIX):], name)),
+                self.spec.layers.get(DEFAULT_KEY, {}),
+            )
+        return {**self.spec.shared, **own}
+
+    def param_name(self, layer: str, field: str) -> str | None:
+        """The Optuna parameter behind a layer's field, or None when it is fixed."""
+        if field == "keep_ratio":
+            group = self._group_of.get(layer)
+            if group is None or any(m in self.pinned for m in group.layers):
+                return None
+            dim = self.layer_dims[group.layers[0]].get("keep_ratio") or self.layer_dims[layer].get("keep_ratio")
+            if dim is None or dim.is_fixed:
+                return None
+            return "all.keep_ratio" if "keep_ratio" in self.spec.shared else f"group:{group.name}.keep_ratio"
+        dim = self.layer_dims[layer].get(field)
+        if dim is None or dim.is_fixed:
+            return None
+        return f"all.{field}" if field in self.spec.shared else f"{layer}.{field}"
+
+    def _keep_dim(self, layer: str) -> Dimension | None:
+        group = self._group_of.get(layer)
+        if group is None or any(m in self.pinned for m in group.layers):
+            return None
+        return self.layer_dims[group.layers[0]].get("keep_ratio") or self.layer_dims[layer].get("keep_ratio")
+
+    def dimensions(self) -> dict[str, Dimension]:
+        """Every searched parameter by its Optuna name (fixed values are not parameters)."""
+        dims: dict[str, Dimension] = {}
+        for layer in self.layer_names:
+            for field in LAYER_FIELDS:
+                name = self.param_name(layer, field)
+                if name is not None:
+                    dims[name] = self._keep_dim(layer) if field == "keep_ratio" else self.layer_dims[layer][field]  # type: ignore[assignment]
+        for field, dim in self.spec.policy.items():
+            if not dim.is_fixed:
+                dims[field] = dim
+        return dims
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {name: dim.distribution() for name, dim in self.dimensions().items()}
+
+    def policy(self, params: Mapping[str, Any]) -> Policy:
+        """The Policy a trial's parameters describe: every layer explicit, by exact name."""
+        layers: dict[str, LayerPolicy] = {}
+        for layer in self.layer_names:
+            values: dict[str, Any] = {}
+            for field in LAYER_FIELDS:
+                name = self.param_name(layer, field)
+                if name is not None:
+                    values[field] = params[name]
+                    continue
+                dim = self._keep_dim(layer) if field == "keep_ratio" else self.layer_dims[layer].get(field)
+                if dim is not None and dim.is_fixed:
+                    values[field] = dim.fixed
+            layers[layer] = LayerPolicy(**values)
+        globals_ = {f: (params[f] if not d.is_fixed else d.fixed) for f, d in self.spec.policy.items()}
+        return Policy(layers=layers, **globals_)
+
+    def params_for(self, policy: Policy) -> dict[str, Any]:
+        """Parameters that reproduce ``policy`` as closely as the space allows (priors are clipped)."""
+        resolved = policy.resolve(self.layer_names)
+        params: dict[str, Any] = {}
+        dims = self.dimensions()
+        for layer in self.layer_names:
+            for field in LAYER_FIELDS:
+                name = self.param_name(layer, field)
+                if name is not None and name not in params:
+                    params[name] = dims[name].clip(getattr(resolved[layer], field))
+        for field, dim in self.spec.policy.items():
+            if not dim.is_fixed:
+                params[field] = dim.clip(getattr(policy, field))
+        return params
+
+    def narrowed_to(self, prior_bits: Mapping[str, int]) -> "SearchSpace":
+        """Per-layer weight-bit ranges narrowed around a prior (spec option narrow_bits_to_prior)."""
+        width = self.spec.narrow_bits_to_prior
+        if width is None:
+            return self
+        for layer, bits in prior_bits.items():
+            dim = self.layer_dims.get(layer, {}).get("w_bits")
+            if dim is not None and not dim.is_fixed and "w_bits" not in self.spec.shared:
+                self.layer_dims[layer]["w_bits"] = dim.narrowed(bits, width)
+        return self
+
+    def size(self) -> float:
+        """Number of distinct points (inf when a dimension is continuous)."""
+        total = 1.0
+        for dim in self.dimensions().values():
+            if dim.choices is None and not dim.integer and not dim.step:
+                return math.inf
+            total *= len(dim.values())
+        return total
