@@ -1,0 +1,294 @@
+"""Real image datasets through torchvision: CIFAR-10/100, MNIST, Fashion-MNIST and ImageFolder.
+
+torchvision is an optional extra (``pip install 'autoprune[vision]'``) and is imported on first use only,
+so that ``import autoprune`` stays lean. Each loader reads the dataset's standard on-disk format under
+``data_dir`` (default ``./data``) and returns :class:`autoprune.data.Splits`: the official training set,
+less a seeded, stratified 10 % validation split, for train and val, and the official test set for test.
+Images become normalised float tensors (N, C, H, W). Nothing is downloaded unless the environment
+variable ``AUTOPRUNE_DOWNLOAD=1`` is set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from autoprune.data import Splits
+from autoprune.errors import AutopruneError
+
+VAL_FRACTION = 0.1
+DEFAULT_DATA_DIR = Path("data")
+PIP_HINT = "pip install 'autoprune[vision]'"
+
+# Per-channel mean and std of each official training set, on pixel values scaled to [0, 1].
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+}
+
+# torchvision's compiled ops declare these schemas; its Python side registers fake kernels for them at import,
+# which fails when the compiled library cannot load (a CUDA wheel beside a CPU torch). The datasets, transforms
+# and models autoprune uses never call them.
+_FALLBACK_SCHEMAS: dict[str, str] = {
+    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+# A torch.library.Library drops its registrations when garbage-collected, so it lives as long as the process.
+_fallback_lib: torch.library.Library | None = None
+
+
+def _define_fallback_schemas() -> None:
+    global _fallback_lib
+    missing = [op for op in _FALLBACK_SCHEMAS if not hasattr(torch.ops.torchvision, op)]
+    if not missing:
+        return
+    if _fallback_lib is None:
+        _fallback_lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in missing:
+        _fallback_lib.define(_FALLBACK_SCHEMAS[op])
+
+
+def _forget_torchvision() -> None:
+    # A failed import leaves half-initialised submodules behind; the retry must start from scratch.
+    for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[mod]
+
+
+def import_torchvision(name: str = "torchvision") -> ModuleType:
+    """torchvision, imported on first use; ``name`` is what a failure is reported against (a dataset)."""
+    try:
+        return importlib.import_module("torchvision")
+    except ModuleNotFoundError as exc:
+        missing = "" if exc.name in (None, "torchvision") else f" (its dependency {exc.name!r} is missing)"
+        raise AutopruneError("dataset", name, f"needs torchvision{missing}: {PIP_HINT}") from None
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        first_error = exc
+    _forget_torchvision()
+    _define_fallback_schemas()
+    try:
+        return importlib.import_module("torchvision")
+    except Exception as exc:  # noqa: BLE001 - reported as one line, with the original chained
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutopruneError(
+            "dataset", name, f"needs a working torchvision; importing it failed ({detail}): {PIP_HINT}"
+        ) from first_error
+
+
+def _download_requested() -> bool:
+    return os.environ.get("AUTOPRUNE_DOWNLOAD", "") == "1"
+
+
+def _root(data_dir: Path | None) -> Path:
+    return Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+
+
+def _open(name: str, cls: Callable[..., Any], root: Path, where: Path, *, train: bool) -> Any:
+    """One split of a torchvision dataset, its failures turned into one-line errors."""
+    download = _download_requested()
+    try:
+        return cls(root=str(root), train=train, download=download)
+    except (RuntimeError, OSError) as exc:
+        if download:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AutopruneError("dataset", name, f"could not be downloaded into {where}: {reason}") from None
+        raise AutopruneError(
+            "dataset",
+            name,
+            f"files not found (or corrupted) in {where}: set AUTOPRUNE_DOWNLOAD=1 to download them "
+            f"(needs internet), or copy the dataset's files there",
+        ) from None
+
+
+def _holdout(y: np.ndarray, *, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices: stratified where every class can give at least one sample to each side."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    n_out = max(1, int(round(fraction * len(y))))
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    stratifiable = counts.min() >= 2 and len(counts) <= n_out <= len(y) - len(counts)
+    kept, out = train_test_split(idx, test_size=n_out, random_state=seed, stratify=y if stratifiable else None)
+    return kept, out
+
+
+def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, H, W, C) or (N, H, W) to float32 (N, C, H, W), written once into one new tensor."""
+    if images.dim() == 3:
+        images = images.unsqueeze(-1)
+    n, h, w, c = images.shape
+    out = torch.empty((n, c, h, w), dtype=torch.float32)
+    out.copy_(images.permute(0, 3, 1, 2))
+    m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1) * 255.0
+    return out.sub_(m).div_(s)
+
+
+def _tensors(images: torch.Tensor, labels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> TensorDataset:
+    return TensorDataset(_normalise(images, mean, std), torch.as_tensor(labels, dtype=torch.long))
+
+
+def _official_splits(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    test_images: torch.Tensor,
+    test_labels: np.ndarray,
+    *,
+    name: str,
+    num_classes: int,
+    seed: int,
+) -> Splits:
+    # Split on labels first and convert each part on its own: the float copy of CIFAR's 50k images is 600 MB,
+    # and indexing a finished float tensor would hold a second one.
+    train_ix, val_ix = _holdout(labels, seed=seed, fraction=VAL_FRACTION)
+    mean, std = STATS[name]
+    train = _tensors(images[torch.as_tensor(train_ix)], labels[train_ix], mean, std)
+    val = _tensors(images[torch.as_tensor(val_ix)], labels[val_ix], mean, std)
+    test = _tensors(test_images, test_labels, mean, std)
+    return Splits(train, val, test, num_classes, tuple(train.tensors[0].shape[1:]))  # type: ignore[arg-type]
+
+
+def _load_cifar(name: str, class_name: str, folder: str, *, seed: int, data_dir: Path | None) -> Splits:
+    tv = import_torchvision(name)
+    root = _root(data_dir)
+    cls = getattr(tv.datasets, class_name)
+    train = _open(name, cls, root, root / folder, train=True)
+    test = _open(name, cls, root, root / folder, train=False)
+    return _official_splits(
+        torch.from_numpy(np.ascontiguousarray(train.data)),
+        np.asarray(train.targets, dtype=np.int64),
+        torch.from_numpy(np.ascontiguousarray(test.data)),
+        np.asarray(test.targets, dtype=np.int64),
+        name=name,
+        num_classes=len(train.classes),
+        seed=seed,
+    )
+
+
+def _load_mnist_like(name: str, class_name: str, *, seed: int, data_dir: Path | None) -> Splits:
+    tv = import_torchvision(name)
+    root = _root(data_dir)
+    cls = getattr(tv.datasets, class_name)
+    where = root / class_name / "raw"
+    train = _open(name, cls, root, where, train=True)
+    test = _open(name, cls, root, where, train=False)
+    return _official_splits(
+        train.data,
+        train.targets.numpy().astype(np.int64),
+        test.data,
+        test.targets.numpy().astype(np.int64),
+        name=name,
+        num_classes=len(train.classes),
+        seed=seed,
+    )
+
+
+def load_cifar10(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    """CIFAR-10 from ``<data_dir>/cifar-10-batches-py`` (the python pickle batches)."""
+    return _load_cifar("cifar10", "CIFAR10", "cifar-10-batches-py", seed=seed, data_dir=data_dir)
+
+
+def load_cifar100(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    """CIFAR-100 (fine labels) from ``<data_dir>/cifar-100-python``."""
+    return _load_cifar("cifar100", "CIFAR100", "cifar-100-python", seed=seed, data_dir=data_dir)
+
+
+def load_mnist(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    """MNIST from the idx-ubyte files in ``<data_dir>/MNIST/raw``."""
+    return _load_mnist_like("mnist", "MNIST", seed=seed, data_dir=data_dir)
+
+
+def load_fashion_mnist(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    """Fashion-MNIST from the idx-ubyte files in ``<data_dir>/FashionMNIST/raw``."""
+    return _load_mnist_like("fashion_mnist", "FashionMNIST", seed=seed, data_dir=data_dir)
+
+
+def _read_folder(
+    tv: ModuleType, directory: Path, class_to_idx: dict[str, int], image_size: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Every image of one split, RGB, resized to image_size x image_size, as uint8 (N, H, W, C)."""
+    folder = tv.datasets.folder
+    resize = tv.transforms.Resize((image_size, image_size))
+    samples = folder.make_dataset(
+        str(directory), class_to_idx, extensions=folder.IMG_EXTENSIONS, allow_empty=True
+    )
+    images = torch.empty((len(samples), image_size, image_size, 3), dtype=torch.uint8)
+    for i, (path, _) in enumerate(samples):
+        images[i] = torch.from_numpy(np.array(resize(folder.default_loader(path)), dtype=np.uint8))
+    return images, np.asarray([target for _, target in samples], dtype=np.int64)
+
+
+def _channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, on [0, 1], of uint8 (N, H, W, C), in chunks so no float copy of all is made."""
+    total = torch.zeros(images.shape[-1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].to(torch.float64).flatten(0, 2) / 255.0
+        total += block.sum(dim=0)
+        total_sq += (block * block).sum(dim=0)
+    count = images.numel() // images.shape[-1]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def load_imagefolder(*, seed: int = 0, data_dir: Path | None = None, image_size: int = 32) -> Splits:
+    """Images in ``<data_dir>/{train,val,test}/<class>/<image>``; val/ and test/ are optional.
+
+    Class indices come from train/ (sorted folder names), so val/ and test/ may lack classes but not add
+    any. A missing val/ or test/ is split off train/ (seeded, stratified, 10 % each). Pixels are normalised
+    with the per-channel mean and std of the final train split, as an arbitrary folder has no known stats.
+    All images are held in memory: this suits small and medium datasets.
+    """
+    name = "imagefolder"
+    tv = import_torchvision(name)
+    root = _root(data_dir)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise AutopruneError(
+            "dataset", name, f"needs {train_dir}/<class>/<image> files (and optional val/ and test/ folders)"
+        )
+    try:
+        classes, class_to_idx = tv.datasets.folder.find_classes(str(train_dir))
+    except FileNotFoundError:
+        raise AutopruneError("dataset", name, f"found no class folders in {train_dir}") from None
+
+    parts: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+    for split in ("train", "val", "test"):
+        directory = root / split
+        if not directory.is_dir():
+            continue
+        found = (d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+        unknown = sorted(c for c in found if c not in class_to_idx)
+        if unknown:
+            raise AutopruneError("dataset", name, f"{directory} has classes missing from train/: {', '.join(unknown)}")
+        parts[split] = _read_folder(tv, directory, class_to_idx, image_size)
+    if len(parts["train"][1]) == 0:
+        raise AutopruneError("dataset", name, f"found no images in {train_dir}")
+
+    for split in ("test", "val"):
+        if split in parts:
+            continue
+        images, labels = parts["train"]
+        if len(labels) < 3:
+            raise AutopruneError("dataset", name, f"has too few images in {train_dir} to split off {split}/")
+        kept, out = _holdout(labels, seed=seed, fraction=VAL_FRACTION)
+        parts["train"] = images[torch.as_tensor(kept)], labels[kept]
+        parts[split] = images[torch.as_tensor(out)], labels[out]
+
+    mean, std = _channel_stats(parts["train"][0])
+    train, val, test = (_tensors(*parts[split], mean, std) for split in ("train", "val", "test"))
+    return Splits(train, val, test, len(classes), (3, image_size, image_size))
