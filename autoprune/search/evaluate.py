@@ -1,0 +1,86 @@
+"""evaluate(policy) -> metrics: the one function every executor (in-process, worker, Ray) runs per trial."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from autoprune.errors import AutopruneError
+from autoprune.policy import Policy
+from autoprune.task import BaseModel, Task, accuracy
+
+
+class TrialFailed(Exception):
+    """A trial that ran but produced nothing usable (diverged, NaN); the study records it as failed."""
+
+
+class Evaluator:
+    """Holds the task and its trained base model; scores compressed models on the cost model."""
+
+    def __init__(self, task: Task, base: BaseModel) -> None:
+        from autoprune.cost import measure_cost
+        from autoprune.models import compressible_layers
+
+        self.task = task
+        self.base = base
+        self.layer_names = list(compressible_layers(base.model))
+        self.base_cost = measure_cost(base.model, input_shape=task.input_shape)
+
+    @classmethod
+    def for_task(cls, task: Task, *, progress: bool = True) -> "Evaluator":
+        """Train (or load from the cache) the task's base model, recording its training-time S/N."""
+        from autoprune.signals import SignalTracker
+
+        tracker = SignalTracker(every=1, val_accuracy=lambda m: accuracy(m, task.splits.val))
+        return cls(task, task.base(progress=progress, callbacks=[tracker]))
+
+    def base_summary(self) -> dict[str, Any]:
+        total = self.base_cost.to_dict()["total"]
+        return {
+            "val_accuracy": self.base.val_accuracy,
+            "test_accuracy": self.base.test_accuracy,
+            "train_seconds": self.base.train_seconds,
+            "cost": total,
+            "performance_density": self.base.val_accuracy / total["memory_mb"],
+        }
+
+    def validate(self, policy: Policy) -> None:
+        """Every name and choice of the policy, checked before any work starts."""
+        from autoprune.compress import check_policy
+
+        check_policy(self.base.model, policy, input_shape=self.task.input_shape)
+
+    def score(self, result: Any, *, test: bool = False) -> dict[str, float]:
+        acc = accuracy(result.model, self.task.splits.val)
+        if not math.isfinite(acc):
+            raise TrialFailed(f"accuracy is {acc}")
+        total = result.cost(self.task.input_shape).to_dict()["total"]
+        base_total = self.base_cost.to_dict()["total"]
+        metrics = {
+            "accuracy": acc,
+            "accuracy_drop": self.base.val_accuracy - acc,
+            **{k: float(v) for k, v in total.items()},
+            "performance_density": acc / total["memory_mb"] if total["memory_mb"] > 0 else math.inf,
+            "bops_reduction": base_total["bops"] / total["bops"] if total["bops"] > 0 else math.inf,
+            "compress_seconds": result.seconds,
+        }
+        if test:
+            metrics["test_accuracy"] = accuracy(result.model, self.task.splits.test)
+        return metrics
+
+    def evaluate(self, policy: Policy) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+        """Compress and score; returns the metrics and the per-layer settings actually applied."""
+        from autoprune.compress import compress
+
+        start = time.perf_counter()
+        try:
+            result = compress(self.base.model, policy, task=self.task)
+        except AutopruneError:
+            raise
+        except FloatingPointError as exc:
+            raise TrialFailed(f"diverged: {exc}") from None
+        metrics = self.score(result)
+        metrics["trial_seconds"] = time.perf_counter() - start
+        layers = {name: lp.model_dump() for name, lp in result.layers.items()}
+        return metrics, layers
