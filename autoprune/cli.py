@@ -1,0 +1,334 @@
+"""The `autoprune` command. Argument parsing lives here and nowhere else; each handler imports lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+from autoprune.errors import AutopruneError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and exit status 2 like every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def shipped(kind: str, value: str) -> Path:
+    """A spec path as given, or the name of a shipped spec (``default`` -> search_spaces/default.yaml)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    candidate = PROJECT_ROOT / kind / (value if value.endswith((".yaml", ".yml")) else f"{value}.yaml")
+    if candidate.is_file():
+        return candidate
+    raise AutopruneError(f"--{'space' if kind == 'search_spaces' else 'objectives'}", value, f"is neither a file nor a shipped spec in {PROJECT_ROOT / kind}")
+
+
+def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise AutopruneError("--input", text, "must be CxHxW with positive integers, e.g. 3x32x32")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn") -> None:
+    p.add_argument("--model", default=default_model, help="zoo name (digits_cnn, vgg7, vgg7_x0.5, vgg7_x0.25, resnet20, mobilenetv2) or package.module:factory")
+    p.add_argument("--dataset", default=None, help="digits (default for digits_cnn), cifar10, cifar100, mnist, fashion_mnist, imagefolder")
+    p.add_argument("--data-dir", default=None, help="where torchvision datasets live")
+    p.add_argument("--epochs", type=int, default=None, help="base-model training epochs (default 30)")
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the data split and base-model training")
+
+
+def _task(args: argparse.Namespace):  # noqa: ANN202 - returns autoprune.task.Task, imported lazily
+    from autoprune.task import task_for
+
+    return task_for(args.model, dataset=args.dataset, data_dir=args.data_dir, seed=args.task_seed, epochs=args.epochs)
+
+
+def console() -> Any:
+    """A rich console that does not squeeze tables to 80 columns when the output is a file or pipe."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2))
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+
+    from autoprune.compress import static_compress
+    from autoprune.cost import format_cost_table, measure_cost
+    from autoprune.models import build_model, default_input_shape
+    from autoprune.policy import Policy
+
+    shape = parse_input_shape(args.input) or default_input_shape(args.model)
+    if shape is None:
+        raise AutopruneError("--input", None, f"is required for model {args.model!r} (give CxHxW)")
+    policy = Policy.load(args.policy) if args.policy else None
+    model = build_model(args.model, in_channels=shape[0])
+    trained = _cached_weights(args, model)
+    if policy is not None:
+        result = static_compress(model, policy, input_shape=shape)
+        report = measure_cost(result.model, input_shape=shape, layers=result.cost_layers(), input_bits=policy.input_bits)
+    else:
+        report = measure_cost(model, input_shape=shape)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    source = "trained weights" if trained else "untrained weights (no cached base model: ESN uses random init)"
+    console().print(format_cost_table(report, title=f"{args.model} {'x'.join(map(str, shape))} - {source}"))
+    return 0
+
+
+def _cached_weights(args: argparse.Namespace, model: Any) -> bool:
+    """Load the cached trained base model's weights when there is one (ESN depends on weight values)."""
+    from autoprune.task import task_for
+
+    try:
+        task = task_for(args.model, dataset=getattr(args, "dataset", None), seed=getattr(args, "task_seed", 0))
+    except AutopruneError:
+        return False
+    weights = task.cache_dir() / "model.safetensors"
+    if not weights.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(weights))
+    return True
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from autoprune.compress import compress, save_compressed
+    from autoprune.cost import format_cost_table
+    from autoprune.policy import Policy
+    from autoprune.search.evaluate import Evaluator
+
+    policy = Policy.load(args.policy)
+    task = _task(args)
+    evaluator = Evaluator.for_task(task, progress=not args.json)
+    evaluator.validate(policy)
+    result = compress(evaluator.base.model, policy, task=task)
+    metrics = evaluator.score(result, test=True)
+    if args.out:
+        save_compressed(result, args.out, task=task)
+    if args.json:
+        _print_json({"metrics": metrics, "cost": result.cost(task.input_shape).to_dict(), "out": args.out})
+        return 0
+    out = console()
+    out.print(format_cost_table(result.cost(task.input_shape), title=f"{args.policy} on {task.spec.model}"))
+    out.print(
+        f"validation accuracy {metrics['accuracy']:.2f}% (base {evaluator.base.val_accuracy:.2f}%), "
+        f"test accuracy {metrics['test_accuracy']:.2f}% (base {evaluator.base.test_accuracy:.2f}%), "
+        f"BOPs {metrics['bops']:.4g} ({metrics['bops_reduction']:.1f}x smaller)"
+    )
+    if args.out:
+        out.print(f"saved {args.out}")
+    return 0
+
+
+def _search_config(args: argparse.Namespace):  # noqa: ANN202
+    from autoprune.search.runner import SearchConfig
+
+    return SearchConfig(
+        task=_task(args).spec,
+        space_path=shipped("search_spaces", args.space),
+        objectives_path=shipped("objectives", args.objectives),
+        study_name=args.study,
+        storage=args.storage,
+        trials=args.trials,
+        timeout=args.timeout,
+        sampler=args.sampler,
+        seed=args.seed,
+        jobs=args.jobs,
+        tracking_uri=args.tracking_uri,
+        priors=not args.no_priors,
+        executor=args.executor,
+        address=args.address,
+        workers=args.workers,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        retries=args.retries,
+        progress=not args.quiet,
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autoprune.search.runner import run_search
+
+    outcome = run_search(_search_config(args))
+    from autoprune.search.report import print_front
+
+    print_front(outcome.study)
+    if args.export:
+        from autoprune.export import export_study
+
+        written = export_study(outcome.study, out=Path(args.export), select="pareto")
+        print(f"exported {len(written.policies)} policies to {args.export} (report: {written.report})")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from autoprune.search.runner import run_worker
+
+    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet)
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from autoprune.search.report import front_rows, print_front
+    from autoprune.search.runner import load_study
+
+    study = load_study(args.study, args.storage)
+    if args.json:
+        _print_json(front_rows(study))
+    else:
+        print_front(study)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autoprune.export import export_study
+    from autoprune.search.runner import load_study
+
+    study = load_study(args.study, args.storage)
+    written = export_study(study, out=Path(args.out), select=args.select)
+    print(f"exported {len(written.policies)} policies to {args.out} (report: {written.report})")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from autoprune.tracking import serve_ui
+
+    return serve_ui(port=args.port, tracking_uri=args.tracking_uri)
+
+
+def cmd_signals(args: argparse.Namespace) -> int:
+    from autoprune.search.evaluate import Evaluator
+    from autoprune.signals import prior_rows
+
+    task = _task(args)
+    evaluator = Evaluator.for_task(task, progress=not args.json)
+    signals = evaluator.base.extras.get("signals")
+    if signals is None:
+        raise AutopruneError("signals", str(task.cache_dir()), "has no training-time S/N record (delete the cached model to retrain)")
+    rows = prior_rows(evaluator.base.model, signals)
+    if args.json:
+        _print_json(rows)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"training-time S/N and priors: {task.spec.model}")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autoprune", description="Search compression policies on an ideal-hardware cost model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("cost", help="per-layer MACs, BOPs, ESN and memory of a model (optionally under a policy)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", default=None, help="CxHxW, e.g. 3x32x32 (zoo models know theirs)")
+    p.add_argument("--policy", default=None, help="policy file (JSON or YAML)")
+    p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--task-seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_cost)
+
+    p = sub.add_parser("apply", help="apply a policy file to the task's trained base model")
+    p.add_argument("policy")
+    _task_args(p)
+    p.add_argument("--out", default=None, help="save the compressed model (safetensors + policy) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_apply)
+
+    p = sub.add_parser("search", help="run (or resume) a multi-objective search")
+    _task_args(p)
+    p.add_argument("--space", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2)")
+    p.add_argument("--objectives", default="accuracy_bops", help="objective YAML or a shipped name")
+    p.add_argument("--trials", type=int, default=60, help="trial budget of the study (resuming counts earlier trials)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--study", default="autoprune", help="study name; the same name resumes")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///autoprune.db)")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "qmc"])
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--jobs", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default ./mlruns)")
+    p.add_argument("--no-priors", action="store_true", help="do not enqueue the S/N prior policies")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:PORT); default: start a local one")
+    p.add_argument("--workers", type=int, default=None, help="concurrent Ray trials")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--retries", type=int, default=0, help="Ray retries of a trial whose worker died")
+    p.add_argument("--export", default=None, help="export the front's policies to this folder at the end")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("worker", help="join an existing study and run trials until its budget is spent")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", required=True)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("pareto", help="print a study's Pareto front and hypervolume")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_pareto)
+
+    p = sub.add_parser("export", help="write selected policies, the front and a replay report")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--select", default="pareto", help='pareto, knee, "bops<=X", "accuracy>=Y" (any metric)')
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 over the tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(handler=cmd_ui)
+
+    p = sub.add_parser("signals", help="training-time S/N per layer and the bit-width priors it implies")
+    _task_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_signals)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except AutopruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: the study keeps every finished trial; run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Export the chosen policies of a study: policy files, the front, and a replay report.
+
+Each exported policy is read back from its own file and applied again to the base model, so the
+report's accuracies prove that the file replays (fine-tuning is seeded: they match the trial's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
+
+from autoprune.errors import AutopruneError
+from autoprune.policy import Policy
+from autoprune.search.objectives import METRICS
+from autoprune.search.pareto import front_trials, normalised_losses, study_spec_and_base
+
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Exported:
+    policies: list[Path]
+    report: Path
+
+
+def select_trials(study: optuna.Study, select: str) -> list[FrozenTrial]:
+    front = front_trials(study)
+    if not front:
+        raise AutopruneError("--study", study.study_name, "has no completed feasible trial to export")
+    if select == "pareto":
+        return front
+    if select == "knee":
+        return [knee(study, front)]
+    match = _CONDITION.match(select)
+    if not match:
+        raise AutopruneError("--select", select, 'must be pareto, knee, or "metric<=X" / "metric>=Y"')
+    metric, op, bound = match.group(1), match.group(2), float(match.group(3))
+    if metric not in METRICS and metric != "bops_reduction":
+        raise AutopruneError("--select", select, f"names no metric (metrics: {', '.join(METRICS)})")
+    chosen = [t for t in front if (t.user_attrs["metrics"][metric] <= bound if op == "<=" else t.user_attrs["metrics"][metric] >= bound)]
+    if not chosen:
+        raise AutopruneError("--select", select, "matches no point of the Pareto front")
+    return chosen
+
+
+def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
+    """The front point closest to the ideal point in the normalised objective space."""
+    spec, base = study_spec_and_base(study)
+    losses = np.array([normalised_losses(t.user_attrs["metrics"], spec, base) for t in front])
+    low, high = losses.min(axis=0), losses.max(axis=0)
+    scaled = (losses - low) / np.where(high > low, high - low, 1.0)
+    return front[int(np.argmin(np.linalg.norm(scaled, axis=1)))]
+
+
+def front_table(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    rows = []
+    for t in trials:
+        row = {"trial": t.number, "prior": t.user_attrs.get("prior", "")}
+        row.update(t.user_attrs["metrics"])
+        row["policy"] = Policy.from_dict(t.user_attrs["policy"]).summary(list(t.user_attrs["policy"]["layers"]))
+        rows.append(row)
+    return rows
+
+
+def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", replay: bool = True) -> Exported:
+    from autoprune.search.runner import context_from_study
+
+    chosen = select_trials(study, select)
+    ctx = context_from_study(study)
+    evaluator = ctx.ensure_evaluator(progress=False) if replay else None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written to a sibling folder first and swapped in at the end: an interrupted
+    # export never leaves a half-written folder, and never destroys the previous one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        policies, report_rows = [], []
+        for trial in chosen:
+            policy = Policy.from_dict(trial.user_attrs["policy"])
+            stem = f"trial_{trial.number:04d}"
+            policy.save(staging / "policies" / f"{stem}.yaml")
+            json_path = policy.save(staging / "policies" / f"{stem}.json")
+            policies.append(out / "policies" / f"{stem}.json")
+            recorded = trial.user_attrs["metrics"]
+            row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded["accuracy"]}
+            if evaluator is not None:
+                from autoprune.compress import compress
+
+                replayed = Policy.load(json_path)
+                result = compress(evaluator.base.model, replayed, task=ctx.task)
+                metrics = evaluator.score(result, test=True)
+                row.update(
+                    val_accuracy=metrics["accuracy"],
+                    test_accuracy=metrics["test_accuracy"],
+                    replay_matches=abs(metrics["accuracy"] - recorded["accuracy"]) < 1e-6,
+                    bops=metrics["bops"],
+                    bops_reduction=metrics["bops_reduction"],
+                    memory_mb=metrics["memory_mb"],
+                    esn_d_prime=metrics["esn_d_prime"],
+                )
+            report_rows.append(row)
+        table = front_table(front_trials(study))
+        (staging / "front.json").write_text(json.dumps(table, indent=2, default=str))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+        (staging / "front.csv").write_text(buffer.getvalue())
+        meta = study.user_attrs.get("autoprune", {})
+        report = {"study": study.study_name, "select": select, "base": meta.get("base"), "task": meta.get("task"), "exported": report_rows}
+        (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (staging / "report.md").write_text(_markdown(report))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.replace(old)
+            staging.replace(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Exported(policies, out / "report.json")
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    base = report.get("base") or {}
+    lines = [
+        f"# Exported policies of study `{report['study']}` ({report['select']})",
+        "",
+        f"Float base model: validation {base.get('val_accuracy', float('nan')):.2f}%, test {base.get('test_accuracy', float('nan')):.2f}%.",
+        "",
+        "| trial | policy file | val acc (recorded) | val acc (replayed) | test acc | BOPs reduction | memory (Mb) | replays |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["exported"]:
+        lines.append(
+            f"| {r['trial']} | {r['policy_file']} | {r['recorded_val_accuracy']:.2f} | {r.get('val_accuracy', float('nan')):.2f} | "
+            f"{r.get('test_accuracy', float('nan')):.2f} | {r.get('bops_reduction', float('nan')):.1f}x | {r.get('memory_mb', float('nan')):.4f} | {r.get('replay_matches', '-')} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,83 @@
+"""The Pareto table printed at the end of a search and by `autoprune pareto`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from autoprune.policy import Policy
+from autoprune.search.objectives import COST_METRICS
+from autoprune.search.pareto import front_trials, hypervolume, scored_trials
+
+TABLE_METRICS = ("accuracy", "accuracy_drop", "bops", "macs", "esn_a", "esn_d", "esn_d_prime", "memory_mb", "performance_density")
+
+
+def front_rows(study: optuna.Study) -> dict[str, Any]:
+    rows = []
+    for trial in front_trials(study):
+        metrics = trial.user_attrs["metrics"]
+        policy = Policy.from_dict(trial.user_attrs["policy"])
+        rows.append(
+            {
+                "trial": trial.number,
+                "prior": trial.user_attrs.get("prior"),
+                **{m: metrics[m] for m in TABLE_METRICS if m in metrics},
+                "bops_reduction": metrics.get("bops_reduction"),
+                "policy": policy.summary(list(policy.layers)),
+            }
+        )
+    meta = study.user_attrs.get("autoprune", {})
+    return {
+        "study": study.study_name,
+        "objectives": meta.get("objectives"),
+        "base": meta.get("base"),
+        "trials": len(study.trials),
+        "scored": len(scored_trials(study)),
+        "hypervolume": hypervolume(study) if "base" in meta else None,
+        "front": rows,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        magnitude = abs(value)
+        for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if magnitude >= scale:
+                return f"{value / scale:.3g}{unit}"
+        return f"{value:.3g}" if magnitude < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def print_front(study: optuna.Study) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    data = front_rows(study)
+    objectives = ", ".join(f"{o['direction'][:3]} {o['metric']}" for o in (data["objectives"] or {}).get("objectives", []))
+    base = data["base"] or {}
+    table = Table(title=f"Pareto front of study {data['study']!r} ({objectives})")
+    table.add_column("trial", justify="right")
+    for metric in TABLE_METRICS:
+        table.add_column(metric.replace("performance_density", "acc/Mb").replace("accuracy_drop", "drop"), justify="right")
+    table.add_column("BOPs x", justify="right")
+    table.add_column("policy (order, layer:k<keep>W<bits>A<bits>)", overflow="fold")
+    for row in data["front"]:
+        label = f"{row['trial']}" + ("*" if row["prior"] else "")
+        table.add_row(label, *(_fmt(row.get(m)) for m in TABLE_METRICS), _fmt(row.get("bops_reduction")), row["policy"])
+    console = Console()
+    console.print(table)
+    hv = data["hypervolume"]
+    base_line = ""
+    if base:
+        cost = base.get("cost", {})
+        base_line = f"; float base model: accuracy {base['val_accuracy']:.2f}%, BOPs {_fmt(float(cost.get('bops', 0)))}"
+    console.print(
+        f"{len(data['front'])} Pareto-optimal of {data['scored']} feasible trials ({data['trials']} in all); "
+        f"hypervolume {hv:.4f}{base_line}; * = warm-start prior" if hv is not None else f"{data['trials']} trials"
+    )
+
+
+__all__ = ["front_rows", "print_front", "COST_METRICS"]
