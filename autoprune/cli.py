@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -171,7 +172,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     outcome = run_search(_search_config(args))
     from autoprune.search.report import print_front
 
-    print_front(outcome.study)
+    print_front(outcome.study, console=console())
     if args.export:
         from autoprune.export import export_study
 
@@ -194,7 +195,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(front_rows(study))
     else:
-        print_front(study)
+        print_front(study, console=console())
     return 0
 
 
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Optuna flags heartbeats as experimental; they are what lets a resume fail a dead worker's trials.
+    warnings.filterwarnings("ignore", message=".*is an experimental feature.*")
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

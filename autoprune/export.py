@@ -84,6 +84,7 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
     # Everything is written to a sibling folder first and swapped in at the end: an interrupted
     # export never leaves a half-written folder, and never destroys the previous one.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)
     try:
         policies, report_rows = [], []
         for trial in chosen:

@@ -125,7 +125,7 @@ class Policy(_Frozen):
             items = [(k, v) for k, v in self.layers.items()]
         else:
             items = list(self.resolve(layer_names).items())
-        body = " ".join(f"{k.split('.')[-1] if layer_names else k}:{v.summary()}" for k, v in items)
+        body = " ".join(f"{k}:{v.summary()}" for k, v in items)
         return f"{head} {body}".strip()
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """Pareto fronts, non-domination ranks and hypervolume of a study, feasible complete trials only.
 
 Hypervolume is computed in a normalised space so that numbers compare across runs of one task:
-accuracy becomes ``1 - accuracy/100``, a cost becomes ``cost / float-model cost``, a maximised ratio
-becomes ``base / value``; the reference point is 1 in every axis (the float model's cost at 0% accuracy).
+accuracy becomes ``1 - accuracy/100``; a cost is read on a log scale over four decades,
+``1 + log10(cost / float-model cost) / 4`` clipped to [0, 1] (compression spans orders of magnitude:
+on a linear scale 100x and 1000x would look the same); a maximised ratio uses ``base / value`` the same
+way. The reference point is 1 in every axis: the float model's cost at 0% accuracy.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -66,15 +69,22 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(front, key=lambda t: t.values[0], reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
 
 
+COST_DECADES = 4.0
+
+
+def _log_ratio_loss(ratio: float) -> float:
+    return min(1.0, max(0.0, 1.0 + math.log10(max(ratio, 1e-30)) / COST_DECADES))
+
+
 def normalised_losses(metrics: Mapping[str, float], spec: ObjectiveSpec, base: Mapping[str, float]) -> list[float]:
     losses = []
     for metric, direction in zip(spec.metrics, spec.directions):
         if metric in ("accuracy", "accuracy_drop"):
             losses.append(1.0 - float(metrics["accuracy"]) / 100.0)
         elif direction == "minimize":
-            losses.append(float(metrics[metric]) / max(float(base[metric]), 1e-30))
+            losses.append(_log_ratio_loss(float(metrics[metric]) / max(float(base[metric]), 1e-30)))
         else:
-            losses.append(float(base[metric]) / max(float(metrics[metric]), 1e-30))
+            losses.append(_log_ratio_loss(float(base[metric]) / max(float(metrics[metric]), 1e-30)))
     return losses
 
 
@@ -82,7 +92,7 @@ def hypervolume_of(points: Sequence[Sequence[float]]) -> float:
     """Hypervolume of normalised losses against the reference point 1; points beyond it add nothing."""
     from optuna._hypervolume import compute_hypervolume  # optuna's exact WFG implementation
 
-    pts = np.asarray([p for p in points if all(v < 1.0 for v in p)], dtype=float)
+    pts = np.asarray([p for p in points if all(v < 1.0 for v in p)], dtype=float).reshape(-1, len(points[0]) if len(points) else 1)
     if len(pts) == 0:
         return 0.0
     return float(compute_hypervolume(pts, np.ones(pts.shape[1])))

@@ -51,7 +51,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_front(study: optuna.Study) -> None:
+def print_front(study: optuna.Study, *, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -67,7 +67,7 @@ def print_front(study: optuna.Study) -> None:
     for row in data["front"]:
         label = f"{row['trial']}" + ("*" if row["prior"] else "")
         table.add_row(label, *(_fmt(row.get(m)) for m in TABLE_METRICS), _fmt(row.get("bops_reduction")), row["policy"])
-    console = Console()
+    console = console or Console()
     console.print(table)
     hv = data["hypervolume"]
     base_line = ""

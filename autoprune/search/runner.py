@@ -394,13 +394,9 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
         print(f"study {study_name} has spent its budget of {ctx.budget} trials: nothing to do")
         return 0
     ctx.ensure_evaluator(progress=progress)
+    # The parent run belongs to the coordinating `search`: a worker logs its trials but never ends it.
     tracker = _open_tracker(ctx, tracking_uri)
-    status = "FAILED"
-    try:
-        ran = run_trials(ctx, deadline=None, progress=progress, tracker=tracker)
-        status = "FINISHED"
-    finally:
-        tracker.close(status=status)
+    ran = run_trials(ctx, deadline=None, progress=progress, tracker=tracker)
     print(f"worker {_OWNER} ran {ran} trials of {study_name}")
     return 0
 

@@ -1,0 +1,269 @@
+"""Figures of a search: the Pareto front (PNG and self-contained HTML), per-layer settings of the
+front's policies (like DJPQ Fig. 1-4) and the training-time S/N curves of the base model (seed 000 Fig. 2).
+
+Plain data in, files out: nothing here knows about Optuna or MLflow. matplotlib and plotly are imported
+inside the functions so that importing autoprune stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+LABELS = {
+    "accuracy": "accuracy (%)",
+    "accuracy_drop": "accuracy drop (points)",
+    "macs": "MACs",
+    "bops": "BOPs",
+    "esn_a": "ESN_a",
+    "esn_d": "ESN_d",
+    "esn_d_prime": "ESN'_d",
+    "memory_mb": "memory (Mb)",
+    "params": "parameters",
+    "performance_density": "performance density (%/Mb)",
+    "trial": "trial",
+}
+# More rows make the per-layer chart unreadable; the rows are spread evenly along the front.
+MAX_LAYER_ROWS = 6
+FLOAT_BITS = 32
+# Bars for float (32-bit) tensors are cut here so that 2..8-bit layers stay readable.
+BITS_AXIS_TOP = 16
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One finished trial as the plots see it; ``rank`` is None for infeasible trials."""
+
+    number: int
+    metrics: Mapping[str, float]
+    rank: int | None
+    prior: str | None = None
+    label: str = ""
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Metrics plus the trial number, so that a single objective can be drawn against it."""
+        return {**self.metrics, "trial": float(self.number)}
+
+
+def axis_pairs(objectives: Sequence[str]) -> list[tuple[str, str]]:
+    """(x, y) panels: the first objective (usually accuracy) on y against each cost, then cost against cost."""
+    if len(objectives) == 1:
+        return [("trial", objectives[0])]
+    return [(objectives[j], objectives[i]) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
+
+
+def _log_axis(values: Sequence[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 20
+
+
+def _groups(points: Sequence[TrialPoint]) -> tuple[list[TrialPoint], list[TrialPoint], list[TrialPoint]]:
+    front = [p for p in points if p.rank == 0]
+    dominated = [p for p in points if p.rank is not None and p.rank > 0]
+    infeasible = [p for p in points if p.rank is None]
+    return front, dominated, infeasible
+
+
+def _axis_values(points: Sequence[TrialPoint], base: Mapping[str, float] | None, metric: str) -> list[float]:
+    values = [p.values[metric] for p in points if metric in p.values]
+    if base and metric in base:
+        values.append(float(base[metric]))
+    return values
+
+
+def pareto_png(
+    points: Sequence[TrialPoint], objectives: Sequence[str], path: Path, *, base: Mapping[str, float] | None = None, title: str = ""
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = axis_pairs(objectives)
+    front, dominated, infeasible = _groups(points)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.4 * len(pairs), 4.8), squeeze=False)
+    for ax, (x, y) in zip(axes[0], pairs):
+        def xy(group: Sequence[TrialPoint]) -> tuple[list[float], list[float]]:
+            kept = [p for p in group if x in p.values and y in p.values]
+            return [p.values[x] for p in kept], [p.values[y] for p in kept]
+
+        priors = [p for p in points if p.prior and p.rank is not None]
+        for group, style in (
+            (infeasible, {"marker": "x", "color": "0.6", "label": "infeasible"}),
+            (dominated, {"color": "tab:blue", "alpha": 0.35, "label": "dominated"}),
+            (priors, {"facecolors": "none", "edgecolors": "tab:green", "s": 90, "label": "warm-start prior"}),
+        ):
+            if group:
+                ax.scatter(*xy(group), **style)
+        ordered = sorted(front, key=lambda p: p.values.get(x, 0.0))
+        fx, fy = xy(ordered)
+        # The projected front is a staircase only in two dimensions; with more objectives, points only.
+        ax.plot(fx, fy, "o-" if len(objectives) == 2 else "o", color="tab:red", label="Pareto front")
+        for p in ordered:
+            if x in p.values and y in p.values:
+                ax.annotate(str(p.number), (p.values[x], p.values[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if base and x in base and y in base:
+            ax.scatter([base[x]], [base[y]], marker="*", s=220, color="black", label="base model")
+        if _log_axis(_axis_values(points, base, x)):
+            ax.set_xscale("log")
+        if _log_axis(_axis_values(points, base, y)):
+            ax.set_yscale("log")
+        ax.set_xlabel(LABELS.get(x, x))
+        ax.set_ylabel(LABELS.get(y, y))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle(title or f"Pareto front ({len(front)} of {len(points)} trials)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _hover(point: TrialPoint, objectives: Sequence[str]) -> str:
+    lines = [f"trial {point.number}" + (f" (prior {point.prior})" if point.prior else "")]
+    lines += [f"{m}: {point.metrics[m]:.6g}" for m in objectives if m in point.metrics]
+    lines += [f"{m}: {v:.6g}" for m, v in point.metrics.items() if m not in objectives]
+    if point.label:
+        lines.append(point.label)
+    return "<br>".join(lines)
+
+
+def pareto_html(
+    points: Sequence[TrialPoint], objectives: Sequence[str], path: Path, *, base: Mapping[str, float] | None = None, title: str = ""
+) -> Path:
+    """Interactive front with plotly.js inlined: the file opens offline and inside MLflow's artifact viewer."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pairs = axis_pairs(objectives)
+    front, dominated, infeasible = _groups(points)
+    fig = make_subplots(rows=1, cols=len(pairs))
+    styles = [
+        ("infeasible", infeasible, {"symbol": "x", "color": "#999999"}, "markers"),
+        ("dominated", dominated, {"color": "rgba(31,119,180,0.4)"}, "markers"),
+        ("Pareto front", front, {"color": "#d62728", "size": 9}, "markers+lines" if len(objectives) == 2 else "markers"),
+    ]
+    for col, (x, y) in enumerate(pairs, start=1):
+        for name, group, marker, mode in styles:
+            kept = sorted((p for p in group if x in p.values and y in p.values), key=lambda p: p.values[x])
+            fig.add_trace(
+                go.Scatter(
+                    x=[p.values[x] for p in kept],
+                    y=[p.values[y] for p in kept],
+                    mode=mode,
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    marker=marker,
+                    hovertext=[_hover(p, objectives) for p in kept],
+                    hoverinfo="text",
+                ),
+                row=1,
+                col=col,
+            )
+        if base and x in base and y in base:
+            fig.add_trace(
+                go.Scatter(
+                    x=[base[x]], y=[base[y]], mode="markers", name="base model", legendgroup="base", showlegend=col == 1,
+                    marker={"symbol": "star", "size": 16, "color": "black"},
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title_text=LABELS.get(x, x), type="log" if _log_axis(_axis_values(points, base, x)) else "linear", row=1, col=col)
+        fig.update_yaxes(title_text=LABELS.get(y, y), type="log" if _log_axis(_axis_values(points, base, y)) else "linear", row=1, col=col)
+    fig.update_layout(title=title or f"Pareto front ({len(front)} of {len(points)} trials)", height=520, width=max(700, 560 * len(pairs)))
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+def spread(items: Sequence[Any], count: int) -> list[Any]:
+    """At most ``count`` items, evenly spaced, first and last included."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def layers_png(rows: Sequence[tuple[str, Mapping[str, Mapping[str, float]]]], path: Path) -> Path:
+    """Per-layer bit-widths (left) and pruning ratio / sparsities (right), one row per (title, layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = spread(rows, MAX_LAYER_ROWS) or [("no Pareto-optimal trial yet", {})]
+    widest = max(len(layers) for _, layers in rows)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(max(10.0, 0.5 * widest * 2 + 4), 2.6 * len(rows) + 0.6), squeeze=False)
+    for (title, layers), (bits_ax, prune_ax) in zip(rows, axes):
+        names = list(layers)
+        idx = np.arange(len(names))
+        for offset, key, color in ((-0.2, "w_bits", "tab:blue"), (0.2, "a_bits", "tab:orange")):
+            raw = [float(layers[n].get(key, FLOAT_BITS)) for n in names]
+            bars = bits_ax.bar(idx + offset, [min(b, BITS_AXIS_TOP) for b in raw], width=0.4, color=color, label=key)
+            for bar, bits in zip(bars, raw):
+                if bits >= FLOAT_BITS:
+                    bar.set_hatch("//")
+        bits_ax.set_ylim(0, BITS_AXIS_TOP)
+        bits_ax.set_yticks([1, 2, 4, 6, 8, 12, 16])
+        bits_ax.set_ylabel("bits (hatched: float)")
+        bits_ax.set_title(f"{title}: bit-widths", fontsize=9)
+        for offset, key, color, transform in (
+            (-0.27, "keep_ratio", "tab:red", lambda v: 1.0 - v),
+            (0.0, "w_sparsity", "tab:purple", lambda v: v),
+            (0.27, "f_sparsity", "tab:gray", lambda v: v),
+        ):
+            default = 1.0 if key == "keep_ratio" else 0.0
+            label = "pruned channels" if key == "keep_ratio" else key
+            prune_ax.bar(idx + offset, [transform(float(layers[n].get(key, default))) for n in names], width=0.27, color=color, label=label)
+        prune_ax.set_ylim(0, 1)
+        prune_ax.set_ylabel("ratio")
+        prune_ax.set_title(f"{title}: pruning ratio and sparsity", fontsize=9)
+        for ax in (bits_ax, prune_ax):
+            ax.set_xticks(idx)
+            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+            ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    axes[0][1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def signals_png(signals: Mapping[str, Any], path: Path) -> Path:
+    """S/N and ESN_a per layer during base-model training, next to validation accuracy (seed 000 Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = list(signals["epochs"])
+    fig, (snr_ax, esn_ax, acc_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, curves in signals.get("layers", {}).items():
+        if curves.get("snr"):
+            snr_ax.plot(epochs, curves["snr"], label=name, linewidth=1)
+        if curves.get("esn_a"):
+            esn_ax.plot(epochs, curves["esn_a"], label=name, linewidth=1)
+    total = signals.get("total", {})
+    if total.get("snr"):
+        snr_ax.plot(epochs, total["snr"], color="black", linewidth=2.5, label="total")
+    if total.get("esn_a"):
+        esn_ax.plot(epochs, total["esn_a"], color="black", linewidth=2.5, label="total")
+    if signals.get("val_accuracy"):
+        acc_ax.plot(epochs, signals["val_accuracy"], "o-", color="tab:green")
+    for ax, title in ((snr_ax, "S/N per layer"), (esn_ax, "ESN_a (eq. 4)"), (acc_ax, "validation accuracy (%)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    for ax in (snr_ax, esn_ax):
+        if ax.lines and all(v > 0 for line in ax.lines for v in line.get_ydata()):
+            ax.set_yscale("log")
+    snr_ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
