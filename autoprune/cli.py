@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -217,20 +216,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_signals(args: argparse.Namespace) -> int:
     from autoprune.search.evaluate import Evaluator
-    from autoprune.signals import prior_rows
+    from autoprune.signals import plateau_epoch, prior_rows
 
     task = _task(args)
     evaluator = Evaluator.for_task(task, progress=not args.json)
     signals = evaluator.base.extras.get("signals")
     if signals is None:
         raise AutopruneError("signals", str(task.cache_dir()), "has no training-time S/N record (delete the cached model to retrain)")
-    rows = prior_rows(evaluator.base.model, signals)
+    epoch = plateau_epoch(signals)
+    rows = prior_rows(evaluator.base.model, signals, epoch=epoch)
     if args.json:
-        _print_json(rows)
+        _print_json({"epoch": signals["epochs"][epoch], "layers": rows})
         return 0
     from rich.table import Table
 
-    table = Table(title=f"training-time S/N and priors: {task.spec.model}")
+    table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {task.spec.model}")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "name" else "right")
     for row in rows:
@@ -317,8 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Optuna flags heartbeats as experimental; they are what lets a resume fail a dead worker's trials.
-    warnings.filterwarnings("ignore", message=".*is an experimental feature.*")
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

@@ -2,7 +2,8 @@
 
 A layer that tolerated weight noise at S/N_l while it trained should tolerate quantization noise of a
 similar size (seed 000 sec. 2.7): its prior bit-width is the least b whose quantization S/N reaches
-kappa x S/N_l. One policy per kappa is enqueued, clipped into the search space, and tagged
+kappa x S/N_l, read at the first epoch that reached the final accuracy (``plateau_epoch``). One policy
+per kappa is enqueued, clipped into the search space, and tagged
 ``prior=kappa=<k>`` so the trials can be told apart in Optuna and MLflow.
 """
 
@@ -16,12 +17,13 @@ KAPPAS = (0.5, 1.0, 2.0)
 
 
 def prior_policies(evaluator: Any, *, kappas: tuple[float, ...] = KAPPAS) -> dict[float, Policy]:
-    from autoprune.signals import layer_priors
+    from autoprune.signals import layer_priors, plateau_epoch
 
     signals = evaluator.base.extras.get("signals")
     if not signals:
         return {}
-    priors = layer_priors(evaluator.base.model, signals, kappas=kappas)
+    # The last epoch's S/N reflects a learning rate annealed to ~0, not the noise the model tolerates.
+    priors = layer_priors(evaluator.base.model, signals, kappas=kappas, epoch=plateau_epoch(signals))
     policies = {}
     for kappa in kappas:
         layers = {

@@ -1,8 +1,8 @@
 """The study runner: the Optuna study is the one source of truth, driven by ask/tell.
 
 Trials run in this process (default), in worker processes sharing the study's storage (``--jobs``,
-``autoprune worker``), or on Ray Tune (``--executor ray``); all of them evaluate through
-``run_one_trial`` so a trial means the same thing everywhere.
+``autoprune worker``), or on Ray Tune (``--executor ray``); all of them evaluate with ``Evaluator.evaluate``
+and tell the study through ``record_result`` / ``record_failure``, so a trial means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -23,6 +25,12 @@ from autoprune.errors import AutopruneError
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, TrainSettings
+
+# Heartbeats are what let a resume fail the trials of a dead worker; Optuna calls them experimental and
+# expects them with Study.optimize, while we drive ask/tell ourselves. Its INFO lines duplicate our bar.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
@@ -244,13 +252,38 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
 # --- one trial ------------------------------------------------------------------------------------
 
 
-def run_one_trial(ctx: SearchContext, trial: optuna.Trial, *, on_result: Callable[[FrozenTrial], None] | None = None) -> FrozenTrial:
-    """Evaluate an asked trial and tell the study; failures are recorded with their reason."""
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def record_result(ctx: SearchContext, trial: optuna.Trial, metrics: dict[str, float], layers: dict[str, Any]) -> None:
+    """Tell the study an evaluated trial; raises TrialFailed (telling nothing) when an objective is not finite."""
     import math
 
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
     from autoprune.search.evaluate import TrialFailed
+
+    values = ctx.objectives.values(metrics)
+    bad = [m for m, v in zip(ctx.objectives.metrics, values) if not math.isfinite(v)]
+    if bad:
+        raise TrialFailed(f"{bad[0]} is {metrics[bad[0]]}")
+    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("layers", layers)
+    trial.set_user_attr("constraints", ctx.objectives.violations(metrics))
+    ctx.study.tell(trial, values)
+
+
+def record_failure(ctx: SearchContext, trial: optuna.Trial, reason: str, *, interrupted: bool = False) -> None:
+    """Tell the study a failed trial. An ``interrupted`` one (cut short, not the policy's fault) does not
+    count toward the budget, so a resume runs it again."""
+    trial.set_user_attr("failure", reason)
+    if interrupted:
+        trial.set_user_attr("interrupted", True)
+    ctx.study.tell(trial, state=TrialState.FAIL)
+
+
+def run_one_trial(ctx: SearchContext, trial: optuna.Trial, *, on_result: Callable[[FrozenTrial], None] | None = None) -> FrozenTrial:
+    """Evaluate an asked trial and tell the study; failures are recorded with their reason."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
 
     evaluator = ctx.ensure_evaluator(progress=False)
     trial.set_user_attr("owner", _OWNER)
@@ -258,38 +291,25 @@ def run_one_trial(ctx: SearchContext, trial: optuna.Trial, *, on_result: Callabl
         try:
             policy = ctx.space.policy(trial.params)
             trial.set_user_attr("policy", policy.to_dict())
-            metrics, layers = evaluator.evaluate(policy)
-            values = ctx.objectives.values(metrics)
-            bad = [m for m, v in zip(ctx.objectives.metrics, values) if not math.isfinite(v)]
-            if bad:
-                raise TrialFailed(f"{bad[0]} is {metrics[bad[0]]}")
-            trial.set_user_attr("metrics", metrics)
-            trial.set_user_attr("layers", layers)
-            trial.set_user_attr("constraints", ctx.objectives.violations(metrics))
-            ctx.study.tell(trial, values)
+            record_result(ctx, trial, *evaluator.evaluate(policy))
         except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted: Ctrl-C")
-            trial.set_user_attr("interrupted", True)
-            ctx.study.tell(trial, state=TrialState.FAIL)
+            record_failure(ctx, trial, "interrupted: Ctrl-C", interrupted=True)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one trial is recorded, the study goes on
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            trial.set_user_attr("failure", reason)
-            ctx.study.tell(trial, state=TrialState.FAIL)
+            record_failure(ctx, trial, failure_reason(exc))
     frozen = ctx.study._storage.get_trial(trial._trial_id)
     if on_result is not None:
         on_result(frozen)
     return frozen
 
 
-def run_trials(ctx: SearchContext, *, deadline: float | None, progress: bool, tracker: Any = None) -> int:
-    """Ask/tell until the budget is spent (by every process of the study) or the deadline passes."""
+@contextmanager
+def reporting(ctx: SearchContext, *, tracker: Any, progress: bool) -> Iterator[Callable[[FrozenTrial], None]]:
+    """What follows every told trial, whichever executor ran it: its MLflow run, the front, the progress bar."""
     from tqdm.auto import tqdm
 
     from autoprune.search.pareto import front_trials, hypervolume
 
-    distributions = ctx.space.distributions()
-    ran = 0
     bar = tqdm(total=ctx.budget, initial=min(spent(ctx.study), ctx.budget), desc="trials", disable=not progress, unit="trial")
 
     def on_result(frozen: FrozenTrial) -> None:
@@ -301,23 +321,30 @@ def run_trials(ctx: SearchContext, *, deadline: float | None, progress: bool, tr
         bar.refresh()
 
     try:
+        yield on_result
+    finally:
+        bar.close()
+
+
+def run_trials(ctx: SearchContext, *, deadline: float | None, progress: bool, tracker: Any = None) -> int:
+    """Ask/tell until the budget is spent (by every process of the study) or the deadline passes."""
+    distributions = ctx.space.distributions()
+    ran = 0
+    with reporting(ctx, tracker=tracker, progress=progress) as on_result:
         while deadline is None or time.monotonic() < deadline:
             if spent(ctx.study) >= ctx.budget:
                 break
             trial = ctx.study.ask(distributions)
-            if _over_budget(ctx, trial.number):
-                trial.set_user_attr("failure", "skipped: another worker took the last trial of the budget")
-                trial.set_user_attr("interrupted", True)
-                ctx.study.tell(trial, state=TrialState.FAIL)
+            if over_budget(ctx, trial.number):
+                record_failure(ctx, trial, "skipped: another worker took the last trial of the budget", interrupted=True)
                 break
             run_one_trial(ctx, trial, on_result=on_result)
             ran += 1
-    finally:
-        bar.close()
     return ran
 
 
-def _over_budget(ctx: SearchContext, number: int) -> bool:
+def over_budget(ctx: SearchContext, number: int) -> bool:
+    """Whether the budget was already taken by trials asked before this one (by any process)."""
     earlier = [t for t in ctx.study.get_trials(deepcopy=False) if t.number < number and counts_toward_budget(t)]
     return len(earlier) >= ctx.budget
 
@@ -404,4 +431,5 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
 __all__ = [
     "SearchConfig", "SearchOutcome", "SearchContext", "run_search", "run_worker", "load_study", "prepare",
     "context_from_study", "run_one_trial", "run_trials", "fail_orphaned_trials", "spent", "completed",
+    "record_result", "record_failure", "failure_reason", "reporting", "over_budget",
 ]
