@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -138,13 +138,8 @@ class Policy(_Frozen):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "policy") -> "Policy":
-        if not isinstance(data, Mapping):
-            raise AutopruneError(source, type(data).__name__, "must be a mapping of policy fields")
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise validation_error(exc, source) from None
+    def from_dict(cls, data: Any, *, source: str = "policy") -> "Policy":
+        return parse_model(cls, data, source=source, shape="a mapping of policy fields")
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -159,6 +154,19 @@ class Policy(_Frozen):
 
 
 POW2_BITS = (2, 4, 8, 16, 32)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_model(cls: type[ModelT], data: Any, *, source: str, shape: str) -> ModelT:
+    """Validate a mapping read from a file into ``cls``; any failure is one AutopruneError line."""
+    if not isinstance(data, Mapping):
+        raise AutopruneError(source, type(data).__name__, f"must be {shape}")
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise validation_error(exc, source) from None
 
 
 def validation_error(exc: ValidationError, source: str) -> AutopruneError:

@@ -11,6 +11,7 @@ from torch import nn
 
 from autoprune.cost.esn import esn_a, esn_d, filter_bits
 from autoprune.errors import AutopruneError
+from autoprune.models import probing, reads_tensor
 from autoprune.quant.midrise import midrise_delta, midrise_int
 
 FLOAT_BITS = 32
@@ -118,11 +119,6 @@ class _Seen:
     reads_input: bool = False
 
 
-def _reads(tensor: torch.Tensor, model_input: torch.Tensor) -> bool:
-    # A flatten or view of the input (an MLP on images) shares its storage and reads the same values.
-    return tensor is model_input or (tensor.data_ptr() == model_input.data_ptr() and tensor.numel() == model_input.numel())
-
-
 def _trace(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: tuple[int, ...]) -> dict[str, _Seen]:
     """One eval-mode forward pass of a zero sample, recording what each layer reads and writes."""
     seen = {name: _Seen() for name in modules}
@@ -136,20 +132,11 @@ def _trace(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: tupl
             s.calls += 1
             s.out_shape = tuple(output.shape)
             s.in_elements = args[0].numel()
-            s.reads_input = _reads(args[0], x)
+            s.reads_input = reads_tensor(args[0], x)
         return record
 
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    with probing(model, [m.register_forward_hook(hook(name)) for name, m in modules.items()]):
+        model(x)
     for name, s in seen.items():
         if s.calls > 1:
             raise AutopruneError(f"model.{name}", s.calls, "calls per forward pass: a layer shared by several calls cannot be costed")

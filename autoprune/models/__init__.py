@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
 from autoprune.models.zoo import MODELS, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
@@ -48,6 +51,28 @@ def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
 
 
+@contextmanager
+def probing(model: nn.Module, handles: Iterable[RemovableHandle] = ()) -> Iterator[None]:
+    """One traced forward pass: eval mode, no grad; hooks removed and every submodule's mode restored after."""
+    import torch
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+
+
+def reads_tensor(tensor: Any, model_input: Any) -> bool:
+    """Whether a layer's input is the network input; a flatten or view of it (an MLP on images) shares its storage."""
+    return tensor is model_input or (tensor.data_ptr() == model_input.data_ptr() and tensor.numel() == model_input.numel())
+
+
 def input_readers(model: nn.Module, *, input_shape: tuple[int, int, int]) -> set[str]:
     """Names of the layers that read the network input itself: their activation bits are the input's."""
     import torch
@@ -55,18 +80,11 @@ def input_readers(model: nn.Module, *, input_shape: tuple[int, int, int]) -> set
     readers: set[str] = set()
     x = torch.zeros(1, *input_shape)
     handles = [
-        layer.register_forward_pre_hook(lambda _m, args, name=name: readers.add(name) if args and args[0] is x else None)
+        layer.register_forward_pre_hook(lambda _m, args, name=name: readers.add(name) if args and reads_tensor(args[0], x) else None)
         for name, layer in compressible_layers(model).items()
     ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    with probing(model, handles):
+        model(x)
     return readers
 
 
@@ -82,5 +100,5 @@ def check_supported(model: nn.Module) -> None:
 
 __all__ = [
     "MODELS", "DigitsCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
-    "compressible_layers", "check_supported", "input_readers", "COMPRESSIBLE",
+    "compressible_layers", "check_supported", "input_readers", "probing", "reads_tensor", "COMPRESSIBLE",
 ]

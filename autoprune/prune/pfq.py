@@ -35,7 +35,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.models import COMPRESSIBLE
+from autoprune.models import COMPRESSIBLE, probing
 from autoprune.prune.structured import PrunePlan, PruneRequest, refuse_keep_ratios, register_pruner
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -166,15 +166,8 @@ def _pinned_consumer_inputs(
         seen[layer] = args[0][0].detach().clone()
 
     handles = [bn.register_forward_hook(pin) for bn in pins] + [layer.register_forward_pre_hook(record) for layer in consumers]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    with probing(model, handles):
+        model(example_input)
     return seen
 
 

@@ -11,10 +11,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from autoprune.errors import AutopruneError
-from autoprune.policy import load_mapping, validation_error
+from autoprune.policy import load_mapping, parse_model
 
 # metric -> the direction in which it improves
 METRICS: dict[str, str] = {
@@ -120,12 +119,7 @@ class ObjectiveSpec(BaseModel):
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "objectives") -> "ObjectiveSpec":
-        if not isinstance(data, Mapping):
-            raise AutopruneError(source, type(data).__name__, "must be a mapping with an 'objectives' list")
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise validation_error(exc, source) from None
+        return parse_model(cls, data, source=source, shape="a mapping with an 'objectives' list")
 
     @classmethod
     def load(cls, path: str | Path) -> "ObjectiveSpec":

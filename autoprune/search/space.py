@@ -132,7 +132,7 @@ def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool 
 def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
     if field in LAYER_FIELDS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AutopruneError(path, value, f"must be a number")
+            raise AutopruneError(path, value, "must be a number")
         try:
             LayerPolicy(**{field: value})
         except Exception:

@@ -1,0 +1,419 @@
+"""The Ray Tune executor: Ray schedules and runs the trials, the Optuna study stays the one source of truth.
+
+Ray Tune only sees ``StudySearcher``: its ``suggest`` asks the study for a trial and hands the worker the
+trial's policy, its ``on_trial_complete`` tells the study the outcome (through the same ``record_result`` /
+``record_failure`` as the local executor) and logs the trial to MLflow. Ray's own Optuna searcher is not
+used: it keeps a private study, and trials would land somewhere ``pareto``, ``export`` and the UI never look.
+
+A worker process builds the task's ``Evaluator`` once, from the base model the driver trained, and reuses
+it for every trial it runs (``reuse_actors`` keeps the process across trials).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from autoprune.errors import AutopruneError
+
+try:  # this module is imported only for --executor ray, so Ray loads only then (design decision 4)
+    import ray
+    from ray import tune
+    from ray.tune.search import Searcher
+except ImportError:
+    raise AutopruneError("--executor", "ray", "needs Ray Tune: pip install 'ray[tune]'") from None
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from autoprune.search.evaluate import Evaluator
+    from autoprune.search.runner import SearchConfig, SearchContext
+
+RESULT_KEY = "autoprune"
+# Without a cluster to join, the driver starts one on this machine: loopback only, no dashboard, and
+# worker output kept in Ray's log files (the search prints its own progress).
+_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Tune's per-trial CSV/JSON/TensorBoard files would only duplicate the study.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # The classic reporter honours verbose=0; the new one prints its tables whatever verbose says.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune's handler turns Ctrl-C into a quiet, "successful" end of fit(): let it raise like the local
+    # executor, so the running trials are recorded as interrupted and the CLI says how to resume.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
+}
+_CONNECT_TIMEOUT_S = 5.0
+_EVALUATORS: dict[str, "Evaluator"] = {}
+
+
+# --- the worker side --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every trial of a search shares, shipped once to each worker through Ray's object store."""
+
+    task: dict[str, Any]
+    cache_dir: str
+    base_files: dict[str, bytes]
+    threads: int
+
+
+def _evaluator(job: WorkerJob) -> "Evaluator":
+    from autoprune.search.evaluate import Evaluator
+    from autoprune.search.runner import _task_from_dict
+    from autoprune.task import CACHE_ENV, Task
+
+    key = json.dumps(job.task, sort_keys=True)
+    if key not in _EVALUATORS:
+        os.environ[CACHE_ENV] = job.cache_dir
+        task = Task(_task_from_dict(job.task))
+        _install_base(task.cache_dir(), job.base_files)
+        _EVALUATORS[key] = Evaluator.for_task(task, progress=False)
+    return _EVALUATORS[key]
+
+
+def _install_base(folder: Path, files: dict[str, bytes]) -> None:
+    """Put the driver's trained base model into this node's cache, so no node trains its own copy."""
+    if (folder / "meta.json").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    # meta.json last: the cache trusts a folder only once it is there; per-process temp names because
+    # several workers of one node may arrive at the same moment.
+    for name in sorted(files, key=lambda n: n == "meta.json"):
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(files[name])
+        tmp.replace(folder / name)
+
+
+def run_trial(config: dict[str, Any], job: WorkerJob) -> None:
+    """The Ray Tune trainable: evaluate one policy and report the outcome as one JSON result.
+
+    A failure of the policy (diverged, invalid) is reported as a result with its reason; only a worker
+    that dies, or a fault of Ray itself, becomes a Ray trial error, which ``--retries`` may retry.
+    """
+    import torch
+
+    from autoprune.policy import Policy
+    from autoprune.search.runner import failure_reason
+
+    torch.set_num_threads(job.threads)
+    try:
+        metrics, layers = _evaluator(job).evaluate(Policy.from_dict(config["policy"]))
+        outcome: dict[str, Any] = {"metrics": metrics, "layers": layers}
+    except Exception as exc:  # noqa: BLE001 - the driver records the reason and the search goes on
+        outcome = {"failure": failure_reason(exc)}
+    # Tune flattens nested results into "a/b" keys; one JSON string comes back as it was sent.
+    tune.report({RESULT_KEY: json.dumps(outcome)})
+
+
+def trial_dirname(trial: Any) -> str:
+    # Tune names trial folders after the config, which here holds a whole policy.
+    return f"trial_{trial.config['number']:05d}"
+
+
+# --- the driver side --------------------------------------------------------------------------------
+
+
+class StudySearcher(Searcher):
+    """Ray Tune's view of the Optuna study: ``suggest`` asks it, ``on_trial_complete`` tells it.
+
+    Tune pickles its search algorithm (into its experiment folder, and to the cluster's head node when
+    the driver connects through ``ray://``, where the Tune loop then runs). Only the recipe travels: the
+    study's name and storage, the tracking URI and the deadline; a copy rebuilds the study and its own
+    MLflow tracker from them on first use.
+    """
+
+    def __init__(
+        self,
+        ctx: "SearchContext",
+        *,
+        storage: str,
+        tracking_uri: str | None,
+        deadline: float | None,
+        on_result: Callable[["FrozenTrial"], None],
+    ) -> None:
+        super().__init__()  # no metric/mode: the study holds the objectives and their directions
+        self._recipe = {
+            "study": ctx.study.study_name,
+            "storage": storage,
+            "tracking_uri": tracking_uri,
+            # wall-clock, not monotonic: the copy may run on another machine
+            "deadline": None if deadline is None else time.time() + (deadline - time.monotonic()),
+        }
+        self._live(ctx, on_result)
+
+    def _live(self, ctx: "SearchContext", on_result: Callable[["FrozenTrial"], None]) -> None:
+        self._ctx = ctx
+        self._on_result = on_result
+        self._distributions = ctx.space.distributions()
+        self._pending: dict[str, tuple["optuna.Trial", ExitStack]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_recipe": self._recipe, "_metric": self._metric, "_mode": self._mode}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._ctx = None
+
+    def _context(self) -> "SearchContext":
+        if self._ctx is None:
+            from autoprune.search.runner import _open_tracker, context_from_study, load_study
+
+            ctx = context_from_study(load_study(self._recipe["study"], self._recipe["storage"]))
+            tracker = _open_tracker(ctx, self._recipe["tracking_uri"]) if self._recipe["tracking_uri"] else None
+
+            def on_result(frozen: "FrozenTrial") -> None:
+                if tracker is not None:
+                    tracker.log_trial(frozen)
+                    tracker.refresh(study=ctx.study)
+
+            self._live(ctx, on_result)
+        return self._ctx
+
+    def _finished(self, ctx: "SearchContext") -> bool:
+        from autoprune.search.runner import spent
+
+        deadline = self._recipe["deadline"]
+        return (deadline is not None and time.time() >= deadline) or spent(ctx.study) >= ctx.budget
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        from autoprune.search.runner import _OWNER, failure_reason, over_budget, record_failure
+
+        ctx = self._context()
+        while not self._finished(ctx):
+            trial = ctx.study.ask(self._distributions)
+            if over_budget(ctx, trial.number):
+                record_failure(ctx, trial, "skipped: another worker took the last trial of the budget", interrupted=True)
+                break
+            # The driver tells the study, so it owns the trial: if it dies, a resume fails the trial.
+            trial.set_user_attr("owner", _OWNER)
+            try:
+                policy = ctx.space.policy(trial.params)
+            except Exception as exc:  # noqa: BLE001 - as in the local executor, a bad point is a failed trial
+                record_failure(ctx, trial, failure_reason(exc))
+                self._on_result(ctx.study._storage.get_trial(trial._trial_id))
+                continue
+            trial.set_user_attr("policy", policy.to_dict())
+            beat = ExitStack()
+            beat.enter_context(get_heartbeat_thread(trial._trial_id, ctx.study._storage))
+            self._pending[trial_id] = (trial, beat)
+            return {"policy": policy.to_dict(), "number": trial.number}
+        return self.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        from autoprune.search.evaluate import TrialFailed
+        from autoprune.search.runner import failure_reason, record_failure, record_result
+
+        if trial_id not in self._pending:
+            return
+        ctx = self._context()
+        trial, beat = self._pending.pop(trial_id)
+        with beat:
+            outcome = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result else None
+            if outcome is None:
+                reason = "the Ray worker running it died (see the Ray logs of its node)" if error else "Ray Tune ended it without a result"
+                record_failure(ctx, trial, reason)
+            elif "failure" in outcome:
+                record_failure(ctx, trial, outcome["failure"])
+            else:
+                try:
+                    record_result(ctx, trial, outcome["metrics"], outcome["layers"])
+                except TrialFailed as exc:
+                    record_failure(ctx, trial, failure_reason(exc))
+        self._on_result(ctx.study._storage.get_trial(trial._trial_id))
+
+    def abandon(self, reason: str) -> None:
+        """Trials Tune started but never finished (the driver was interrupted): failed as interrupted,
+        so they do not count toward the budget and a resume runs them again."""
+        from autoprune.search.runner import record_failure
+
+        for trial_id in list(self._pending):
+            trial, beat = self._pending.pop(trial_id)
+            with beat:
+                record_failure(self._context(), trial, reason, interrupted=True)
+            self._on_result(self._context().study._storage.get_trial(trial._trial_id))
+
+
+# --- connecting and running -------------------------------------------------------------------------
+
+
+@contextmanager
+def _environment() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in _RAY_ENV}
+    os.environ.update(_RAY_ENV)
+    quiet = [logging.getLogger(name) for name in ("ray.tune", "ray.train")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        # Tune warns that this searcher cannot be checkpointed and that trials wrote no result files:
+        # both by design (the study is the checkpoint and holds the results).
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check(config: "SearchConfig") -> None:
+    if config.workers is not None and config.workers < 1:
+        raise AutopruneError("--workers", config.workers, "must be at least 1")
+    if config.cpus_per_trial <= 0:
+        raise AutopruneError("--cpus-per-trial", config.cpus_per_trial, "must be positive")
+    if config.gpus_per_trial < 0:
+        raise AutopruneError("--gpus-per-trial", config.gpus_per_trial, "must not be negative")
+    if config.retries < 0:
+        raise AutopruneError("--retries", config.retries, "must not be negative")
+
+
+def _probe(address: str) -> None:
+    """A plain TCP connect first: Ray itself retries an unreachable address for a minute or more."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise AutopruneError("--address", address, "must be auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise AutopruneError("--address", address, f"cannot be reached ({exc.strerror or exc})") from None
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at ``address``, or start a local Ray instance sized to this machine.
+
+    Returns whether this call started Ray (and so must shut it down). A Ray already initialised in this
+    process (a notebook, a bench) is used as it is.
+    """
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        return True
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise AutopruneError("--address", address, "needs the Ray Client: pip install 'ray[client]'")
+    if address != "auto":
+        _probe(address)
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, gRPC errors...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AutopruneError("--address", address, f"cannot be reached ({first})") from None
+    return False
+
+
+def _slots(config: "SearchConfig", resources: dict[str, float]) -> int:
+    """Trials run at once: --workers, else as many as the cluster's CPUs (and GPUs) hold."""
+    if config.workers is not None:
+        return config.workers
+    fits = resources.get("CPU", 1.0) / config.cpus_per_trial
+    if config.gpus_per_trial > 0:
+        fits = min(fits, resources.get("GPU", 0.0) / config.gpus_per_trial)
+    return max(1, int(fits))
+
+
+def _check_fits(config: "SearchConfig", resources: dict[str, float]) -> None:
+    """On the local instance a trial that cannot fit would wait forever (a cluster may scale up)."""
+    for flag, wanted, kind in (("--cpus-per-trial", config.cpus_per_trial, "CPU"), ("--gpus-per-trial", config.gpus_per_trial, "GPU")):
+        have = resources.get(kind, 0.0)
+        if wanted > have:
+            raise AutopruneError(flag, wanted, f"is more than the {have:g} {kind}s of this machine's Ray instance")
+
+
+def _worker_job(ctx: "SearchContext", config: "SearchConfig") -> WorkerJob:
+    from autoprune.task import cache_root
+
+    evaluator = ctx.ensure_evaluator(progress=False)
+    folder = Path(evaluator.base.cache_path)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    return WorkerJob(
+        task=asdict(ctx.task.spec),
+        cache_dir=str(cache_root().resolve()),
+        base_files=files,
+        threads=max(1, int(config.cpus_per_trial)),
+    )
+
+
+def _shared_tracking_uri(tracker: Any) -> str | None:
+    """The MLflow store a copy of the searcher on the head node may log to live. A SQLite file of this
+    machine is not one: those trials reach MLflow when the driver reconciles at the end."""
+    uri = getattr(tracker, "tracking_uri", None)
+    return None if uri is None or uri.startswith(("sqlite:", "file:")) else uri
+
+
+def run_ray(ctx: "SearchContext", config: "SearchConfig", *, tracker: Any, deadline: float | None) -> int:
+    """Run the study's remaining budget on Ray Tune; returns how many trials Tune ran."""
+    from autoprune.search.runner import reporting, storage_url
+
+    _check(config)
+    storage = storage_url(config.storage)
+    if (config.address or "").startswith("ray://") and storage.startswith("sqlite"):
+        raise AutopruneError(
+            "--storage", storage, "is a file on this machine, but through ray:// the Tune loop runs on the cluster's head node: give a database URL it can reach (postgresql://...)"
+        )
+    with _environment():
+        started = connect(config.address)
+        try:
+            resources = ray.cluster_resources()
+            if started:
+                _check_fits(config, resources)
+            with reporting(ctx, tracker=tracker, progress=config.progress) as on_result:
+                searcher = StudySearcher(
+                    ctx,
+                    storage=storage,
+                    tracking_uri=_shared_tracking_uri(tracker),
+                    deadline=deadline,
+                    on_result=on_result,
+                )
+                try:
+                    return _fit(searcher, _worker_job(ctx, config), config, slots=_slots(config, resources), name=ctx.study.study_name)
+                except KeyboardInterrupt:
+                    searcher.abandon("interrupted: Ctrl-C")
+                    raise
+                finally:
+                    searcher.abandon("interrupted: Ray Tune stopped before the trial finished")
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _fit(searcher: StudySearcher, job: WorkerJob, config: "SearchConfig", *, slots: int, name: str) -> int:
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial})
+    with tempfile.TemporaryDirectory(prefix="autoprune-tune-") as storage:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=-1,  # the searcher ends the run when the study's budget is spent
+                max_concurrent_trials=slots,
+                reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name="".join(c if c.isalnum() or c in "-_" else "_" for c in name),
+                storage_path=storage,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=config.retries),
+            ),
+        )
+        return len(tuner.fit())
+
+
+__all__ = ["run_ray", "connect", "StudySearcher", "WorkerJob", "run_trial", "RESULT_KEY"]
