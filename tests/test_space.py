@@ -125,3 +125,15 @@ def test_bad_objectives(spec: dict, needle: str) -> None:
 def test_constraints_are_violations() -> None:
     spec = ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}], "constraints": ["accuracy_drop <= 1.5", "bops >= 10"]})
     assert spec.violations({"accuracy_drop": 2.0, "bops": 12.0}) == [0.5, -2.0]
+
+
+def test_narrow_bits_to_prior_keeps_bits_near_the_prior() -> None:
+    space = bind({"layers": {"_default": {"w_bits": {"low": 2, "high": 8}}}, "narrow_bits_to_prior": 1})
+    space.narrowed_to({"features.0": 4, "features.3": 8})
+    dists = space.distributions()
+    assert dists["features.0.w_bits"].choices == (3, 4, 5)
+    assert dists["features.3.w_bits"].choices == (7, 8)
+    assert (dists["features.7.w_bits"].low, dists["features.7.w_bits"].high) == (2, 8)
+    off = bind({"layers": {"_default": {"w_bits": {"low": 2, "high": 8}}}})
+    off.narrowed_to({"features.0": 4})
+    assert off.distributions()["features.0.w_bits"].low == 2
