@@ -170,8 +170,8 @@ class _Session:
 
     # quantization ----------------------------------------------------------------------------
 
-    def introduce_quantization(self, *, at_step: int) -> None:
-        from autoprune.quant import attach_act_quantizer, make_act_quantizer, make_weight_quantizer
+    def attach_weight_quantizers(self, *, at_step: int) -> None:
+        from autoprune.quant import make_weight_quantizer
 
         layers = compressible_layers(self.model)
         for name, lp in self.layers.items():
@@ -179,7 +179,17 @@ class _Session:
                 quantizer = make_weight_quantizer(self.policy, bits=lp.w_bits, start_step=at_step)
                 parametrize.register_parametrization(layers[name], "weight", quantizer)
                 self.weight_quant[name] = quantizer
-            bits = self.input_bits if name in self.readers else lp.a_bits
+
+    def act_bits(self) -> dict[str, int]:
+        """Bits of the activations each layer reads: the input's for the layers reading the network input."""
+        return {n: (self.input_bits if n in self.readers else lp.a_bits) for n, lp in self.layers.items()}
+
+    def introduce_quantization(self, *, at_step: int) -> None:
+        from autoprune.quant import attach_act_quantizer, make_act_quantizer
+
+        self.attach_weight_quantizers(at_step=at_step)
+        layers = compressible_layers(self.model)
+        for name, bits in self.act_bits().items():
             if bits < FLOAT_BITS:
                 quantizer = make_act_quantizer(self.policy, bits=bits, start_step=at_step)
                 attach_act_quantizer(layers[name], quantizer)
@@ -214,13 +224,16 @@ class _Session:
         if self.feature_masker is not None:
             self.feature_masker.update(step)
 
+    def final_weight_sparsity(self) -> None:
+        if self.weight_masker is not None:
+            self.weight_masker.final()
+            self.weight_masker.apply()
+
     def finish(self) -> dict[str, float]:
         """Final sparsity, BN re-estimation, activation ranges, then quantized weights baked in."""
         from autoprune.quant import bake_weights, recalibrate_batchnorm
 
-        if self.weight_masker is not None:
-            self.weight_masker.final()
-            self.weight_masker.apply()
+        self.final_weight_sparsity()
         if self.feature_masker is not None:
             self.feature_masker.final()
         if self.policy.bn_recalibration and self.train_data is not None:
@@ -308,9 +321,7 @@ def _post_training(session: _Session) -> None:
         session.introduce_pruning(at_step=0)
     else:
         session.introduce_pruning(at_step=0)
-        if session.weight_masker is not None:
-            session.weight_masker.final()
-            session.weight_masker.apply()
+        session.final_weight_sparsity()
         session.introduce_quantization(at_step=0)
 
 
@@ -318,26 +329,14 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
     """Apply a policy with no data at all (for `autoprune cost`): no fine-tune, calibration or BN update."""
     layers = check_policy(model, policy, input_shape=input_shape)
     model = copy.deepcopy(model)
-    session = _Session(model, policy, layers, input_shape=input_shape, train_data=None)
-    session.act_quant = {}
-    session.introduce_pruning(at_step=0)
-    if session.weight_masker is not None:
-        session.weight_masker.final()
-        session.weight_masker.apply()
-    readers = session.readers
-    from autoprune.quant import make_weight_quantizer
-
-    compressed_layers = compressible_layers(model)
-    for name, lp in layers.items():
-        if lp.w_bits < FLOAT_BITS:
-            quantizer = make_weight_quantizer(policy, bits=lp.w_bits, start_step=0)
-            parametrize.register_parametrization(compressed_layers[name], "weight", quantizer)
-            session.weight_quant[name] = quantizer
     from autoprune.quant import bake_weights
 
+    session = _Session(model, policy, layers, input_shape=input_shape, train_data=None)
+    session.introduce_pruning(at_step=0)
+    session.final_weight_sparsity()
+    session.attach_weight_quantizers(at_step=0)
     steps = {name: info["delta"] for name, info in bake_weights(model).items()}
-    act_bits = {n: (session.input_bits if n in readers else lp.a_bits) for n, lp in layers.items()}
-    return CompressionResult(model.eval(), policy, layers, steps, act_bits, session.structured)
+    return CompressionResult(model.eval(), policy, layers, steps, session.act_bits(), session.structured)
 
 
 # --- saving and loading ---------------------------------------------------------------------------
