@@ -183,7 +183,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from autoprune.search.runner import run_worker
 
-    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet)
+    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet, threads=args.threads)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True)
     p.add_argument("--storage", required=True)
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (give cores / workers when several share a machine)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_worker)
 

@@ -40,19 +40,15 @@ if TYPE_CHECKING:
     from autoprune.search.runner import SearchConfig, SearchContext
 
 RESULT_KEY = "autoprune"
-# Without a cluster to join, the driver starts one on this machine: loopback only, no dashboard, and
-# worker output kept in Ray's log files (the search prints its own progress).
 _RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     # Tune's per-trial CSV/JSON/TensorBoard files would only duplicate the study.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     # The classic reporter honours verbose=0; the new one prints its tables whatever verbose says.
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Tune's handler turns Ctrl-C into a quiet, "successful" end of fit(): let it raise like the local
-    # executor, so the running trials are recorded as interrupted and the CLI says how to resume.
-    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
+# A local Ray instance listens on every interface unless this is off; Ray reads it once, at import.
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _CONNECT_TIMEOUT_S = 5.0
 _EVALUATORS: dict[str, "Evaluator"] = {}
 
@@ -182,10 +178,11 @@ class StudySearcher(Searcher):
             self._live(ctx, on_result)
         return self._ctx
 
-    def _finished(self, ctx: "SearchContext") -> bool:
+    def finished(self) -> bool:
+        """The budget is spent or the deadline passed: no more trials to suggest."""
         from autoprune.search.runner import spent
 
-        deadline = self._recipe["deadline"]
+        ctx, deadline = self._context(), self._recipe["deadline"]
         return (deadline is not None and time.time() >= deadline) or spent(ctx.study) >= ctx.budget
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -194,7 +191,7 @@ class StudySearcher(Searcher):
         from autoprune.search.runner import _OWNER, failure_reason, over_budget, record_failure
 
         ctx = self._context()
-        while not self._finished(ctx):
+        while not self.finished():
             trial = ctx.study.ask(self._distributions)
             if over_budget(ctx, trial.number):
                 record_failure(ctx, trial, "skipped: another worker took the last trial of the budget", interrupted=True)
@@ -218,22 +215,31 @@ class StudySearcher(Searcher):
         from autoprune.search.evaluate import TrialFailed
         from autoprune.search.runner import failure_reason, record_failure, record_result
 
-        if trial_id not in self._pending:
-            return
+        if error or trial_id not in self._pending:
+            return  # an error is told by TrialErrors, which Tune calls next with the error itself
         ctx = self._context()
         trial, beat = self._pending.pop(trial_id)
         with beat:
-            outcome = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result else None
-            if outcome is None:
-                reason = "the Ray worker running it died (see the Ray logs of its node)" if error else "Ray Tune ended it without a result"
-                record_failure(ctx, trial, reason)
-            elif "failure" in outcome:
+            outcome = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result else {"failure": "Ray Tune ended it without a result"}
+            if "failure" in outcome:
                 record_failure(ctx, trial, outcome["failure"])
             else:
                 try:
                     record_result(ctx, trial, outcome["metrics"], outcome["layers"])
                 except TrialFailed as exc:
                     record_failure(ctx, trial, failure_reason(exc))
+        self._on_result(ctx.study._storage.get_trial(trial._trial_id))
+
+    def fail(self, trial_id: str, reason: str) -> None:
+        """A trial Ray gave up on (its worker died, after any --retries): failed, and it spends the budget."""
+        from autoprune.search.runner import record_failure
+
+        if trial_id not in self._pending:
+            return
+        ctx = self._context()
+        trial, beat = self._pending.pop(trial_id)
+        with beat:
+            record_failure(ctx, trial, reason)
         self._on_result(ctx.study._storage.get_trial(trial._trial_id))
 
     def abandon(self, reason: str) -> None:
@@ -248,24 +254,53 @@ class StudySearcher(Searcher):
             self._on_result(self._context().study._storage.get_trial(trial._trial_id))
 
 
+class TrialErrors(tune.Callback):
+    """Tells the study why Ray gave up on a trial: Tune calls the searcher's ``on_trial_complete`` with
+    no more than ``error=True``, and this callback right after it with the trial and its error."""
+
+    def __init__(self, searcher: StudySearcher) -> None:
+        self._searcher = searcher
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        from autoprune.search.runner import failure_reason
+
+        # Tune has written the error next to the trial, not yet to its storage, where get_pickled_error looks.
+        path = Path(trial.pickled_error_file) if trial.pickled_error_file else None
+        error = ray.cloudpickle.loads(path.read_bytes()) if path is not None and path.is_file() else None
+        # A RayTaskError wraps what the trainable raised (say, autoprune missing on a node).
+        cause = getattr(error, "cause", None) or error
+        reason = failure_reason(cause) if cause is not None else "Ray ended it with an error (see the Ray logs of its node)"
+        self._searcher.fail(trial.trial_id, reason)
+
+
 # --- connecting and running -------------------------------------------------------------------------
 
 
 @contextmanager
-def _environment() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in _RAY_ENV}
-    os.environ.update(_RAY_ENV)
+def _environment(*, local: bool) -> Iterator[None]:
+    env = {**_RAY_ENV, **({_LOOPBACK_ENV: "0"} if local else {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the processes Ray starts, which inherit it
+    from ray._private import ray_constants
+
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    if local:
+        # Ray imported the switch before this run could set it: this process needs the constant too,
+        # or its node and its ports bind the machine's public address.
+        ray_constants.ENABLE_RAY_CLUSTER = False
     quiet = [logging.getLogger(name) for name in ("ray.tune", "ray.train")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
-        # Tune warns that this searcher cannot be checkpointed and that trials wrote no result files:
-        # both by design (the study is the checkpoint and holds the results).
-        logger.setLevel(logging.ERROR)
+        # Tune warns that this searcher cannot be checkpointed and that trials wrote no result files (both
+        # by design: the study is the checkpoint and holds the results), and lists the trials that failed
+        # at the end, which the study records with their reasons.
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -273,7 +308,20 @@ def _environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _check(config: "SearchConfig") -> None:
+def cluster_address(config: "SearchConfig") -> str | None:
+    """--address, else RAY_ADDRESS (set by ``ray job submit`` on a cluster), else None: start a local instance."""
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _source(config: "SearchConfig") -> str:
+    """What an address error names: the flag, or the environment variable the address came from."""
+    return "--address" if config.address else "RAY_ADDRESS"
+
+
+def preflight(config: "SearchConfig") -> None:
+    """Every check that needs no training, so a bad flag or an unreachable cluster fails in seconds."""
+    from autoprune.search.runner import storage_url
+
     if config.workers is not None and config.workers < 1:
         raise AutopruneError("--workers", config.workers, "must be at least 1")
     if config.cpus_per_trial <= 0:
@@ -282,41 +330,63 @@ def _check(config: "SearchConfig") -> None:
         raise AutopruneError("--gpus-per-trial", config.gpus_per_trial, "must not be negative")
     if config.retries < 0:
         raise AutopruneError("--retries", config.retries, "must not be negative")
+    address, source = cluster_address(config), _source(config)
+    if address is None:
+        return
+    if address.startswith("ray://"):
+        storage = storage_url(config.storage)
+        if storage.startswith("sqlite"):
+            raise AutopruneError(
+                "--storage", storage, "is a file on this machine, but through ray:// the Tune loop runs on the cluster's head node: give a database URL it can reach (postgresql://...)"
+            )
+        if importlib.util.find_spec("grpc") is None:
+            raise AutopruneError(source, address, "needs the Ray Client: pip install 'ray[client]'")
+    _probe(address, source)
 
 
-def _probe(address: str) -> None:
-    """A plain TCP connect first: Ray itself retries an unreachable address for a minute or more."""
+def _probe(address: str, source: str) -> None:
+    """A plain TCP connect: Ray itself retries an unreachable HOST:PORT for minutes."""
     target = address.removeprefix("ray://")
+    if target == "auto":
+        # what ray.init("auto") resolves: RAY_ADDRESS or the cluster `ray start` last started here
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as exc:
+            raise AutopruneError(source, address, f"finds no running Ray cluster on this machine ({_first_line(exc)})") from None
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise AutopruneError("--address", address, "must be auto, HOST:PORT or ray://HOST:PORT")
+        raise AutopruneError(source, address, "must be auto, HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise AutopruneError("--address", address, f"cannot be reached ({exc.strerror or exc})") from None
+        raise AutopruneError(source, address, f"cannot be reached ({exc.strerror or exc})") from None
 
 
-def connect(address: str | None) -> bool:
-    """Join the cluster at ``address``, or start a local Ray instance sized to this machine.
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
-    Returns whether this call started Ray (and so must shut it down). A Ray already initialised in this
-    process (a notebook, a bench) is used as it is.
-    """
-    if ray.is_initialized():
-        return False
-    if address is None:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-        return True
-    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
-        raise AutopruneError("--address", address, "needs the Ray Client: pip install 'ray[client]'")
-    if address != "auto":
-        _probe(address)
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, gRPC errors...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AutopruneError("--address", address, f"cannot be reached ({first})") from None
-    return False
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[bool]:
+    """Ray for one search: joins the cluster at ``address``, or starts a local instance sized to this
+    machine, on loopback only, and shuts it down at the end. Yields whether it started one. A Ray already
+    initialised in this process (a notebook, a bench) is used as it is."""
+    started = not ray.is_initialized() and address is None
+    with _environment(local=started):
+        if started:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        elif not ray.is_initialized():
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+            except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, gRPC errors...
+                raise AutopruneError("--address", address, f"cannot be reached ({_first_line(exc)})") from None
+        try:
+            yield started
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def _slots(config: "SearchConfig", resources: dict[str, float]) -> int:
@@ -362,36 +432,30 @@ def run_ray(ctx: "SearchContext", config: "SearchConfig", *, tracker: Any, deadl
     """Run the study's remaining budget on Ray Tune; returns how many trials Tune ran."""
     from autoprune.search.runner import reporting, storage_url
 
-    _check(config)
-    storage = storage_url(config.storage)
-    if (config.address or "").startswith("ray://") and storage.startswith("sqlite"):
-        raise AutopruneError(
-            "--storage", storage, "is a file on this machine, but through ray:// the Tune loop runs on the cluster's head node: give a database URL it can reach (postgresql://...)"
-        )
-    with _environment():
-        started = connect(config.address)
-        try:
-            resources = ray.cluster_resources()
-            if started:
-                _check_fits(config, resources)
-            with reporting(ctx, tracker=tracker, progress=config.progress) as on_result:
-                searcher = StudySearcher(
-                    ctx,
-                    storage=storage,
-                    tracking_uri=_shared_tracking_uri(tracker),
-                    deadline=deadline,
-                    on_result=on_result,
-                )
-                try:
-                    return _fit(searcher, _worker_job(ctx, config), config, slots=_slots(config, resources), name=ctx.study.study_name)
-                except KeyboardInterrupt:
-                    searcher.abandon("interrupted: Ctrl-C")
-                    raise
-                finally:
-                    searcher.abandon("interrupted: Ray Tune stopped before the trial finished")
-        finally:
-            if started:
-                ray.shutdown()
+    preflight(config)
+    with ray_session(cluster_address(config)) as started:
+        resources = ray.cluster_resources()
+        if started:
+            _check_fits(config, resources)
+        with reporting(ctx, tracker=tracker, progress=config.progress) as on_result:
+            searcher = StudySearcher(
+                ctx,
+                storage=storage_url(config.storage),
+                tracking_uri=_shared_tracking_uri(tracker),
+                deadline=deadline,
+                on_result=on_result,
+            )
+            try:
+                ran = _fit(searcher, _worker_job(ctx, config), config, slots=_slots(config, resources), name=ctx.study.study_name)
+                if not searcher.finished():
+                    # Tune's Ctrl-C handler stops its trials and returns from fit() as if it were done
+                    raise KeyboardInterrupt
+                return ran
+            except KeyboardInterrupt:
+                searcher.abandon("interrupted: Ctrl-C")
+                raise
+            finally:
+                searcher.abandon("interrupted: Ray Tune stopped before the trial finished")
 
 
 def _fit(searcher: StudySearcher, job: WorkerJob, config: "SearchConfig", *, slots: int, name: str) -> int:
@@ -411,9 +475,10 @@ def _fit(searcher: StudySearcher, job: WorkerJob, config: "SearchConfig", *, slo
                 storage_path=storage,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=config.retries),
+                callbacks=[TrialErrors(searcher)],
             ),
         )
         return len(tuner.fit())
 
 
-__all__ = ["run_ray", "connect", "StudySearcher", "WorkerJob", "run_trial", "RESULT_KEY"]
+__all__ = ["run_ray", "ray_session", "preflight", "StudySearcher", "TrialErrors", "WorkerJob", "run_trial", "RESULT_KEY"]

@@ -1,0 +1,170 @@
+"""Several processes on one SQLite study: `autoprune worker`s share the budget with no trial lost or run
+twice, a worker that dies mid-trial has that trial failed and redone, a finished study sends workers home."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.e2e
+
+# Trials of about a second: long enough to interrupt one, short enough for a budget of 8 in a minute.
+SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: 150}\n"
+
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def autoprune(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", *args], cwd=cwd, env=env, **kwargs)  # type: ignore[arg-type]
+    _SPAWNED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """A failed test must not leave a search running: it would slow every later test on two cores."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # lets a Ray driver shut its instance down
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def storage_of(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def tracking_of(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def search_args(tmp_path: Path, trials: int, *extra: str) -> list[str]:
+    (tmp_path / "space.yaml").write_text(SPACE)
+    return [
+        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-priors",
+        "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", *extra,
+    ]
+
+
+def worker_args(tmp_path: Path) -> list[str]:
+    return ["worker", "--study", "s", "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", "--threads", "1"]
+
+
+def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="s", storage=storage_of(tmp_path)).trials
+    except KeyError:
+        return []
+
+
+def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = 120) -> object:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert proc.poll() is None, f"the search ended before {what}: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def mlflow_children(tmp_path: Path) -> dict[int, str]:
+    """Trial number -> status of the child runs under the study's one parent run; no number twice."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_of(tmp_path))
+    experiment = client.get_experiment_by_name("s")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("autoprune.role") == "parent"]
+    assert len(parents) == 1
+    children = [r for r in runs if "autoprune.trial" in r.data.tags]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    numbers = [int(r.data.tags["autoprune.trial"]) for r in children]
+    assert len(numbers) == len(set(numbers)), "a trial was logged twice"
+    return {int(r.data.tags["autoprune.trial"]): r.info.status for r in children}
+
+
+def assert_budget_spent_once(tmp_path: Path, budget: int) -> list[optuna.trial.FrozenTrial]:
+    trials = trials_of(tmp_path)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], "a trial was lost"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == budget
+    # every other trial was cut short (Ctrl-C, a dead process, a race for the last slot) and spent nothing
+    assert all(t.user_attrs.get("interrupted") for t in trials if t.state != TrialState.COMPLETE)
+    policies = [t.user_attrs["policy"] for t in trials if t.state == TrialState.COMPLETE]
+    assert all(policies)
+    children = mlflow_children(tmp_path)
+    assert {n for n, status in children.items() if status == "FINISHED"} == {t.number for t in trials if t.state == TrialState.COMPLETE}
+    return trials
+
+
+def test_two_workers_finish_the_budget_of_an_interrupted_search(tmp_path: Path) -> None:
+    driver = autoprune(tmp_path, *search_args(tmp_path, 8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for("a complete trial", lambda: any(t.state == TrialState.COMPLETE for t in trials_of(tmp_path)), driver)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, err.decode()[-2000:]
+    done_by_driver = {t.number for t in trials_of(tmp_path) if t.state == TrialState.COMPLETE}
+    assert 1 <= len(done_by_driver) < 8
+
+    workers = [autoprune(tmp_path, *worker_args(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in workers:
+        out, err = proc.communicate(timeout=150)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b"ran" in out
+    trials = assert_budget_spent_once(tmp_path, 8)
+    owners = {t.user_attrs["owner"] for t in trials if t.state == TrialState.COMPLETE and t.number not in done_by_driver}
+    assert owners == {f"{socket.gethostname()}:{proc.pid}" for proc in workers}, "both workers ran trials"
+
+    late = autoprune(tmp_path, *worker_args(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = late.communicate(timeout=60)
+    assert late.returncode == 0, err.decode()
+    assert b"nothing to do" in out
+    assert len(trials_of(tmp_path)) == len(trials)
+
+
+def worker_children(driver: int) -> list[int]:
+    """The `autoprune worker` processes that a `search --jobs N` started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if ppid == driver and b"worker" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_failed_and_redone(tmp_path: Path) -> None:
+    driver = autoprune(tmp_path, *search_args(tmp_path, 5, "--jobs", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    (worker,) = wait_for("the worker process", lambda: worker_children(driver.pid), driver)
+    owner = f"{socket.gethostname()}:{worker}"
+    (victim,) = wait_for(
+        "a trial of the worker", lambda: [t.number for t in trials_of(tmp_path) if t.state == TrialState.RUNNING and t.user_attrs.get("owner") == owner], driver
+    )
+    os.kill(worker, signal.SIGKILL)
+    _, err = driver.communicate(timeout=150)
+    assert driver.returncode == 0, err.decode()[-2000:]
+    trials = assert_budget_spent_once(tmp_path, 5)
+    killed = next(t for t in trials if t.number == victim)
+    assert killed.state == TrialState.FAIL and f"process {owner} died" in killed.user_attrs["failure"]
+    assert mlflow_children(tmp_path)[victim] == "KILLED"
