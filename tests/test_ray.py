@@ -7,16 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from autoprune.cli import main
+from cli_support import _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 
 if TYPE_CHECKING:
     from autoprune.search.runner import SearchContext
@@ -27,45 +27,12 @@ SLOW_SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune
 TRAINING_PROC = "ray::ImplicitFunc.train"  # Ray's title for a trial actor while it runs a trial
 
 
-_SPAWNED: list[subprocess.Popen] = []
-
-
-def autoprune(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", *args], cwd=cwd, env=env, **kwargs)  # type: ignore[arg-type]
-    _SPAWNED.append(proc)
-    return proc
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes() -> Iterator[None]:
-    """A failed test must not leave a search running: it would slow every later test on two cores."""
-    yield
-    while _SPAWNED:
-        proc = _SPAWNED.pop()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # lets a Ray driver shut its instance down
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def ray_search(tmp_path: Path, trials: int, space: str, *extra: str) -> list[str]:
     (tmp_path / "space.yaml").write_text(space)
     return [
         "search", "--executor", "ray", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s",
         "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", *extra,
     ]
-
-
-def storage_of(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'study.db'}"
-
-
-def tracking_of(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
 def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
@@ -94,17 +61,6 @@ def trial_process(driver: int) -> int | None:
             if ancestor == driver:
                 return pid
     return None
-
-
-def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = 120) -> object:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert proc.poll() is None, f"the search ended before {what}: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def mlflow_children(tmp_path: Path) -> dict[int, str]:

@@ -7,52 +7,17 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from cli_support import _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.e2e
 
 # Trials of about a second: long enough to interrupt one, short enough for a budget of 8 in a minute.
 SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: 150}\n"
-
-
-_SPAWNED: list[subprocess.Popen] = []
-
-
-def autoprune(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", *args], cwd=cwd, env=env, **kwargs)  # type: ignore[arg-type]
-    _SPAWNED.append(proc)
-    return proc
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes() -> Iterator[None]:
-    """A failed test must not leave a search running: it would slow every later test on two cores."""
-    yield
-    while _SPAWNED:
-        proc = _SPAWNED.pop()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # lets a Ray driver shut its instance down
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def storage_of(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'study.db'}"
-
-
-def tracking_of(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
 def search_args(tmp_path: Path, trials: int, *extra: str) -> list[str]:
@@ -72,17 +37,6 @@ def trials_of(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
         return optuna.load_study(study_name="s", storage=storage_of(tmp_path)).trials
     except KeyError:
         return []
-
-
-def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = 120) -> object:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert proc.poll() is None, f"the search ended before {what}: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def mlflow_children(tmp_path: Path) -> dict[int, str]:
