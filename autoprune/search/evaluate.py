@@ -6,7 +6,6 @@ import math
 import time
 from typing import Any
 
-from autoprune.errors import AutopruneError
 from autoprune.policy import Policy
 from autoprune.task import BaseModel, Task, accuracy
 
@@ -76,8 +75,6 @@ class Evaluator:
         start = time.perf_counter()
         try:
             result = compress(self.base.model, policy, task=self.task)
-        except AutopruneError:
-            raise
         except FloatingPointError as exc:
             raise TrialFailed(f"diverged: {exc}") from None
         metrics = self.score(result)
