@@ -134,7 +134,7 @@ def register_act_quantizer(name: str) -> Callable[[type[ActQuantizer]], type[Act
 
 def act_quantizer(name: str, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> ActQuantizer:
     """A new activation quantizer by registered name; ``delay`` and ``saturation_quantile`` as in the policy."""
-    return ACT_QUANTIZERS.lookup(name).from_options(bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+    return ACT_QUANTIZERS.create(name, bits=bits, delay=delay, saturation_quantile=saturation_quantile)
 
 
 def make_act_quantizer(policy: Policy, *, bits: int, start_step: int = 0) -> ActQuantizer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from autoprune.errors import AutopruneError
 
@@ -29,6 +29,10 @@ class Registry(Generic[T]):
         if name not in self._classes:
             raise AutopruneError(self.field, name, f"is not registered (registered: {', '.join(self.names())})")
         return self._classes[name]
+
+    def create(self, name: str, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> Any:
+        """A new quantizer by registered name; ``delay`` and ``saturation_quantile`` as in the policy."""
+        return self.lookup(name).from_options(bits=bits, delay=delay, saturation_quantile=saturation_quantile)
 
     def name_of(self, cls: type) -> str:
         for name, registered in self._classes.items():

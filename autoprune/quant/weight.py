@@ -137,7 +137,7 @@ def register_weight_quantizer(name: str) -> Callable[[type[WeightQuantizer]], ty
 
 def weight_quantizer(name: str, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> WeightQuantizer:
     """A new weight quantizer by registered name; ``delay`` and ``saturation_quantile`` as in the policy."""
-    return WEIGHT_QUANTIZERS.lookup(name).from_options(bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+    return WEIGHT_QUANTIZERS.create(name, bits=bits, delay=delay, saturation_quantile=saturation_quantile)
 
 
 def make_weight_quantizer(policy: Policy, *, bits: int, start_step: int = 0) -> WeightQuantizer:
