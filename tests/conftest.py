@@ -14,7 +14,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The trained digits model is shared by the whole session (it is deterministic), the rest is per test.
-    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "model-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Session scope, so that module-scoped fixtures training a base model see it too: they must never
+    # write into the checkout's own .autoprune/cache, which `make run` would then load without S/N record.
+    # The trained digits model is shared by the whole session (it is deterministic).
+    os.environ["AUTOPRUNE_CACHE"] = str(tmp_path_factory.getbasetemp() / "model-cache")
