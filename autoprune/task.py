@@ -150,6 +150,11 @@ class Task:
         return cache_root() / f"{self.spec.dataset}-{self.spec.model.replace(':', '_')}-{self.spec.key()}"
 
     def base(self, *, progress: bool = True, callbacks: Sequence[TrainingCallback] = ()) -> BaseModel:
+        """The trained base model, from the cache or trained now.
+
+        Training always records the training-time S/N (seed 000 eq. 5) with the validation accuracy per
+        epoch, so every cached model carries what the warm-start priors need, whoever trained it first.
+        """
         from safetensors.torch import load_file, save_file
 
         directory = self.cache_dir()
@@ -160,6 +165,9 @@ class Task:
             model.eval()
             meta = json.loads(meta_path.read_text())
             return BaseModel(model, meta["val_accuracy"], meta["test_accuracy"], meta["train_seconds"], directory, True, meta.get("extras", {}))
+        from autoprune.signals import SignalTracker
+
+        callbacks = [SignalTracker(every=1, val_accuracy=lambda m: accuracy(m, self.splits.val)), *callbacks]
         start = time.perf_counter()
         train(model, self.splits.train, self.spec.train, seed=self.spec.seed, callbacks=callbacks, progress=progress, description=f"train {self.spec.model}")
         seconds = time.perf_counter() - start

@@ -28,11 +28,8 @@ class Evaluator:
 
     @classmethod
     def for_task(cls, task: Task, *, progress: bool = True) -> "Evaluator":
-        """Train (or load from the cache) the task's base model, recording its training-time S/N."""
-        from autoprune.signals import SignalTracker
-
-        tracker = SignalTracker(every=1, val_accuracy=lambda m: accuracy(m, task.splits.val))
-        return cls(task, task.base(progress=progress, callbacks=[tracker]))
+        """Train (or load from the cache) the task's base model with its training-time S/N record."""
+        return cls(task, task.base(progress=progress))
 
     def base_summary(self) -> dict[str, Any]:
         total = self.base_cost.to_dict()["total"]
