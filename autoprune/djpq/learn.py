@@ -38,7 +38,10 @@ class DJPQConfig(BaseModel):
     init_a_bits: int = Field(6, ge=1, le=FLOAT_BITS, description="initial activation bits")
     input_bits: int = Field(8, ge=1, le=FLOAT_BITS, description="bits of the network input (App. B.3)")
     q_s_ratio: float = Field(1e-3, gt=0.0, lt=1.0, description="fixed q_s as a fraction of the initial q_m")
-    init_log_sigma2: float = Field(-9.0, description="initial log sigma^2 of the gates (mu starts at 1)")
+    init_log_sigma2: float = Field(
+        -4.0, description="initial log sigma^2 of the gates (mu starts at 1, so alpha = 55): low enough that a few "
+        "hundred steps can drive an unneeded channel below alpha_th = 1e-3, high enough to keep the gate noise at 0.14",
+    )
     calibration_batches: int = Field(4, ge=1, description="batches that set the initial activation ranges")
     seed: int = 0
 

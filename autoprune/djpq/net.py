@@ -226,6 +226,8 @@ class DJPQModel(nn.Module):
 
     def _install(self) -> None:
         modules = dict(self.model.named_modules())
+        # Gates draw z at the model's entry, so a direct call of ``self.model`` (the cost model's trace) is gated too.
+        self._handles.append(self.model.register_forward_pre_hook(lambda _m, args: self._sample_gates(args[0].shape[0])))
         for group, spec in self.layout.gates.items():
             gate = self.gate(group)
             for site in dict.fromkeys(spec.sites):
@@ -242,9 +244,11 @@ class DJPQModel(nn.Module):
             handle.remove()
         self._handles = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _sample_gates(self, batch: int) -> None:
         for gate in self.gates.values():
-            gate.sample(x.shape[0])  # type: ignore[operator]
+            gate.sample(batch)  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return self.model(x)
         layers = compressible_layers(self.model)

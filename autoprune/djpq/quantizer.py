@@ -107,7 +107,8 @@ class LearnedQuantizer(nn.Module):
         """The integer bit-width a policy records: eq. 3 or 4 rounded up, or Alg. 2's power of two."""
         if bool(self.pow2):
             return self._pow2()
-        return min(FLOAT_BITS, max(1, math.ceil(float(self.continuous_bits()) - _LEVEL_TOLERANCE)))
+        with torch.no_grad():
+            return min(FLOAT_BITS, max(1, math.ceil(float(self.continuous_bits()) - _LEVEL_TOLERANCE)))
 
     def _pow2(self) -> int:
         with torch.no_grad():
