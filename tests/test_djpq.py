@@ -15,6 +15,7 @@ from autoprune.djpq import (
     DJPQConfig, DJPQModel, Gate, LearnedQuantizer, NonlinearQuant, build_layout, learn_policy, learn_two_stage,
     vib_term,
 )
+from autoprune.errors import AutopruneError
 from autoprune.models import ResNetCifar, compressible_layers
 from autoprune.policy import POW2_BITS
 from autoprune.prune import channel_groups
@@ -252,6 +253,23 @@ def test_saved_djpq_model_loads_and_computes_the_same(tmp_path) -> None:
     assert torch.equal(loaded(x), net(x))
     assert loaded.policy() == net.policy()
     assert path.with_suffix(".policy.json").is_file()
+
+
+def test_config_from_a_mapping_names_the_bad_field() -> None:
+    assert DJPQConfig.from_dict({"beta": 1e-7, "pow2": True}) == DJPQConfig(beta=1e-7, pow2=True)
+    with pytest.raises(AutopruneError, match="init_w_bits"):
+        DJPQConfig.from_dict({"init_w_bits": 1})
+    with pytest.raises(AutopruneError, match="betta"):
+        DJPQConfig.from_dict({"betta": 1e-7})
+
+
+def test_cost_model_traces_a_pruned_djpq_model_at_its_learned_bits() -> None:
+    _, net = _net("resnet8")
+    _close_channels(net)
+    net.prune(example_input=torch.zeros(1, *SHAPE))
+    report = measure_cost(net.model, input_shape=SHAPE, layers=net.cost_layers(), input_bits=8)
+    assert report.total.macs > 0
+    assert {row.name: row.w_bits for row in report.layers} == {n: lp.w_bits for n, lp in net.policy().layers.items()}
 
 
 # --- DJPQ and the two-stage baseline on digits ---------------------------------------------------------------

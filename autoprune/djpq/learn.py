@@ -14,7 +14,7 @@ from torch import nn
 
 from autoprune.djpq.net import DJPQModel, build_layout
 from autoprune.models import check_supported
-from autoprune.policy import FLOAT_BITS, Policy
+from autoprune.policy import FLOAT_BITS, Policy, parse_model
 from autoprune.prune import StructuredRecord
 
 
@@ -44,6 +44,11 @@ class DJPQConfig(BaseModel):
     )
     calibration_batches: int = Field(4, ge=1, description="batches that set the initial activation ranges")
     seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "djpq config") -> "DJPQConfig":
+        """Validate a mapping (a search space's sampled values, a YAML block); bad input is one AutopruneError."""
+        return parse_model(cls, data, source=source, shape="a mapping of DJPQ settings")
 
 
 class CurvePoint(BaseModel):

@@ -339,7 +339,8 @@ class DJPQModel(nn.Module):
         return Policy(layers=layers, order=order, input_bits=self.layout.input_bits, pow2_bits=self.layout.pow2)  # type: ignore[arg-type]
 
     def cost_layers(self) -> dict[str, LayerQuant]:
-        """The learned bits as cost-model settings for ``measure_cost(self.model, ...)``."""
+        """The learned bits as cost-model settings for ``measure_cost(self.model, ...)``, which counts the pruned
+        model's MACs and reads its latent float weights (not the non-linear levels) at these bits."""
         return {name: LayerQuant(w_bits=int(w), a_bits=int(a)) for name, (w, a) in self.bits(soft=False).items()}
 
     def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
@@ -400,7 +401,8 @@ class DJPQModel(nn.Module):
         record = StructuredRecord.from_dict(data["record"]) if data["record"] is not None else None
         model = copy.deepcopy(base_model)
         if record is not None:
-            replay_structured(model, record, example_input=torch.zeros(1, *layout.input_shape))
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            replay_structured(model, record, example_input=torch.zeros(1, *layout.input_shape, device=device))
         net = cls(model, layout, record=record, quantized=bool(data["quantized"]))
         net.load_state_dict(load_file(str(path)), strict=True)
         return net.eval()
