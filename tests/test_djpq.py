@@ -272,6 +272,31 @@ def test_cost_model_traces_a_pruned_djpq_model_at_its_learned_bits() -> None:
     assert {row.name: row.w_bits for row in report.layers} == {n: lp.w_bits for n, lp in net.policy().layers.items()}
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("learn", [learn_policy, learn_two_stage])
+def test_a_run_on_residual_and_depthwise_graphs_gives_a_replayable_policy_and_model(kind: str, learn, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from autoprune.compress import check_policy
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 4, (32,)))
+    task = SimpleNamespace(splits=SimpleNamespace(train=data), input_shape=SHAPE)
+    base = MODELS[kind]()
+    # alpha_th far above every alpha: eq. 18 prunes each group down to its one best channel
+    result = learn(base, task=task, config=DJPQConfig(steps=2, batch_size=16, alpha_th=1e6))
+    groups = result.model.layout.gates
+    assert set(result.structured.layers) == {layer for spec in groups.values() for layer in spec.layers}
+    assert all(entry.after == 1 for entry in result.structured.layers.values())
+    resolved = check_policy(base, result.policy, input_shape=SHAPE)
+    assert {n: lp.keep_ratio for n, lp in resolved.items()} == {n: lp.keep_ratio for n, lp in result.policy.layers.items()}
+    x = torch.randn(3, *SHAPE)
+    loaded = DJPQModel.load(result.model.save(tmp_path / "m.safetensors"), base)
+    assert torch.equal(loaded(x), result.model.eval()(x))
+
+
 # --- DJPQ and the two-stage baseline on digits ---------------------------------------------------------------
 
 LARGE_BETA = DJPQConfig(beta=1e-5, gamma=0.03, steps=150, quant_lr_scale=1.0)

@@ -32,6 +32,9 @@ class Gate(nn.Module):
         self.mu = nn.Parameter(torch.ones(channels))
         self.log_sigma2 = nn.Parameter(torch.full((channels,), float(log_sigma2)))
         self.alpha_th = alpha_th
+        # Set once eq. 18 has been applied physically: every channel left is kept, whatever its alpha is now
+        # (a group whose channels all fell below alpha_th keeps its best one).
+        self.register_buffer("decided", torch.tensor(False))
         self.current: torch.Tensor | None = None
 
     def log_alpha(self) -> torch.Tensor:
@@ -41,7 +44,9 @@ class Gate(nn.Module):
         return vib_term(self.mu, self.log_sigma2)
 
     def kept(self) -> torch.Tensor:
-        """Eq. 18's survivors: alpha >= alpha_th."""
+        """Eq. 18's survivors: alpha >= alpha_th (every channel, once decided)."""
+        if bool(self.decided):
+            return torch.ones_like(self.mu, dtype=torch.bool)
         return self.log_alpha().detach() >= math.log(self.alpha_th)
 
     def soft_keep(self, tau: float) -> torch.Tensor:
@@ -63,7 +68,8 @@ class Gate(nn.Module):
 
     @torch.no_grad()
     def select(self, kept: list[int]) -> None:
-        """Keep only the channels ``kept`` (after physical pruning)."""
+        """Keep only the channels ``kept`` (after physical pruning), all of them decided."""
         index = torch.tensor(kept, dtype=torch.long, device=self.mu.device)
         self.mu = nn.Parameter(self.mu[index].clone())
         self.log_sigma2 = nn.Parameter(self.log_sigma2[index].clone())
+        self.decided.fill_(True)

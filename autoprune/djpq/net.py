@@ -320,8 +320,8 @@ class DJPQModel(nn.Module):
         try:
             replay_structured(self.model, record, example_input=example_input)
         finally:
-            for group, kept in kept_of.items():
-                self.gate(group).select(kept)
+            for group in self.layout.gates:
+                self.gate(group).select(kept_of.get(group, list(range(self.gate(group).mu.numel()))))
             self._install()
         self.record = record
         return record
