@@ -113,7 +113,7 @@ def build_layout(
             group=group_of.get(name),
             reads=reads.get(name),
             input_reader=name in readers,
-            depthwise=isinstance(layer, nn.Conv2d) and layer.groups > 1,
+            depthwise=isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels,
             signed_input=low.get(name, 0.0) < 0.0,
             act_range=high.get(name, 0.0) or 1.0,
         )
