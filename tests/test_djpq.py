@@ -297,6 +297,21 @@ def test_a_run_on_residual_and_depthwise_graphs_gives_a_replayable_policy_and_mo
     assert torch.equal(loaded(x), result.model.eval()(x))
 
 
+def test_a_run_is_reproducible_from_its_seed() -> None:
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 4, (32,)))
+    task = SimpleNamespace(splits=SimpleNamespace(train=data), input_shape=SHAPE)
+    base = MODELS["resnet8"]()
+    config = DJPQConfig(steps=4, batch_size=8, beta=1e-6, quant_lr_scale=5.0)
+    first, second = (learn_policy(base, task=task, config=config) for _ in range(2))
+    assert first.curve == second.curve and first.policy == second.policy
+    assert learn_policy(base, task=task, config=config.model_copy(update={"seed": 1})).curve != first.curve
+
+
 # --- DJPQ and the two-stage baseline on digits ---------------------------------------------------------------
 
 LARGE_BETA = DJPQConfig(beta=1e-5, gamma=0.03, steps=150, quant_lr_scale=1.0)
