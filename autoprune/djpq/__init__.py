@@ -29,7 +29,9 @@ residual add share one gate and are pruned together:
 - eq. 13: the VIB term sum_groups sum_i log(1 + mu_i^2 / sigma_i^2).
 - eq. 18: channel i is pruned when alpha_i = mu_i^2 / sigma_i^2 < alpha_th; the pruned model is a smaller
   real model (``replay_structured`` of a ``StructuredRecord`` with method "djpq"); a group keeps at least
-  its channel of largest alpha.
+  its channel of largest alpha. After that the gates are *decided*: every channel left stays (z = mu).
+- mu starts at 1 and log sigma^2 at ``init_log_sigma2`` = -4 (alpha = 55; the paper gives no value): from
+  VIBNet's -9 (alpha = 8100) a few hundred steps cannot bring an unneeded channel below alpha_th = 1e-3.
 - eq. 19 (soft, for the loss): 1 - p_l = mean_i sigmoid((log alpha_i - log alpha_th) / tau). The printed
   sigmoid((alpha - alpha_th) / tau) counts the channels *kept* (it is 1 for large alpha), and on the linear
   scale it is flat at the initial alpha ~ 1e4 >> alpha_th = 1e-3; on log alpha it has a gradient there.
