@@ -176,8 +176,7 @@ def _probe_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _hessian_batch(
-    model: nn.Module, acc: _Accumulator, x: torch.Tensor, y: torch.Tensor, acts: dict[str, torch.Tensor],
-    loss: torch.Tensor, weights: dict[str, torch.Tensor], a_bits: Sequence[int], probes: int, generator: torch.Generator,
+    acc: _Accumulator, x: torch.Tensor, acts: dict[str, torch.Tensor], loss: torch.Tensor, weights: dict[str, torch.Tensor], a_bits: Sequence[int], probes: int, generator: torch.Generator,
 ) -> None:
     names = list(weights)
     act_names = [n for n in names if n in acts]
@@ -287,7 +286,7 @@ def measure_sensitivity(
                 def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
                     if reads_tensor(args[0], x):
                         acc.readers.add(name)
-                    elif args[0].requires_grad:
+                    elif a_bits and args[0].requires_grad:
                         acts[name] = args[0]
                 return hook
 
@@ -299,7 +298,7 @@ def measure_sensitivity(
                 for handle in handles:
                     handle.remove()
             if method == "hessian":
-                _hessian_batch(model, acc, x, y, acts, loss, weights, a_bits, probes, generator)
+                _hessian_batch(acc, x, acts, loss, weights, a_bits, probes, generator)
             else:
                 _fisher_batch(model, acc, x, y, acts, loss, weights, a_bits, loss_fn)
             acc.samples += x.shape[0]

@@ -25,7 +25,9 @@ z_{l,k} >= 0 with
 The budget row is sum_l [u_l if D_l is empty, else sum_k f(k) z_{l,k}] <= B. Since z only appears there with a
 positive coefficient, the least feasible z is u_l on the chosen combination and 0 elsewhere: the program
 is exactly the non-linear one. It is solved by scipy's ``milp`` (HiGHS) with a zero optimality gap, costs
-divided by the most expensive assignment's so that the tolerances are relative.
+divided by the most expensive assignment's so that the tolerances are relative. Size: sum_l |pairs_l| +
+sum_g |keeps_g| binaries and sum_l prod_{g in D_l} |keeps_g| continuous variables (49 per layer for 7 keep
+ratios in and out); a solve that reaches ``time_limit`` returns the best assignment found by then.
 
 ``solve_budgets`` spreads K budgets log-uniformly between the cheapest assignment (every least choice) and
 the most expensive one (every largest), which are the cost range because cost grows with every choice.
@@ -198,6 +200,7 @@ class _Problem:
 
     def solve(self, budget: float, *, time_limit: float) -> Assignment | None:
         from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import coo_array
 
         scale = assignment_cost(self.costs, self.most()) or 1.0
         index: dict[tuple, int] = {}
@@ -254,10 +257,9 @@ class _Problem:
         rows.append(budget_row)
         lows.append(-np.inf)
         highs.append(budget / scale * (1 + BUDGET_TOLERANCE))
-        matrix = np.zeros((len(rows), len(objective)))
-        for i, row in enumerate(rows):
-            for j, value in row.items():
-                matrix[i, j] = value
+        entries = [(i, j, value) for i, row in enumerate(rows) for j, value in row.items()]
+        row_index, column_index, values = (np.asarray(part) for part in zip(*entries))
+        matrix = coo_array((values, (row_index, column_index)), shape=(len(rows), len(objective)))
         result = milp(
             c=np.asarray(objective), integrality=np.asarray(integral),
             bounds=Bounds(np.zeros(len(objective)), np.asarray(upper)),
