@@ -21,14 +21,14 @@ from autoprune.sensitivity import GroupSensitivity, LayerSensitivity, Sensitivit
 W_BITS, A_BITS, KEEPS = (2, 4, 8), (2, 8), (0.5, 1.0)
 
 
-def _instance() -> tuple[SensitivityTable, CostModel, SpaceChoices]:
+def _instance(loss_scale: float = 1.0) -> tuple[SensitivityTable, CostModel, SpaceChoices]:
     """Three chained layers (a reads the input), 3 weight x 2 activation bits, two groups of 2 keep ratios."""
     g = torch.Generator().manual_seed(0)
-    r = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+    r = lambda: loss_scale * float(torch.rand(1, generator=g))  # noqa: E731
     layers = {}
     for name in "abc":
-        w = {2: 1 + 3 * r(), 4: 0.3 * r(), 8: 0.01 * r()}
-        a = {2: 1 + 2 * r(), 8: 0.02 * r()}
+        w = {2: loss_scale + 3 * r(), 4: 0.3 * r(), 8: 0.01 * r()}
+        a = {2: loss_scale + 2 * r(), 8: 0.02 * r()}
         layers[name] = LayerSensitivity(params=10, trace=1.0, reads_input=name == "a", w_bits=w, a_bits={} if name == "a" else a)
     groups = {
         "a": GroupSensitivity(layers=("a",), channels=4, keep={0.5: 2 * r(), 1.0: 0.0}),
@@ -63,8 +63,10 @@ def test_assignment_cost_by_hand() -> None:
     assert assignment_cost(costs, assignment) == 16000 + 10000 + 19200
 
 
-def test_program_matches_brute_force_at_every_budget() -> None:
-    table, costs, choices = _instance()
+# 1e-16: a confident model's Hessian gives losses far below the solver's absolute tolerances.
+@pytest.mark.parametrize("loss_scale", [1.0, 1e-16])
+def test_program_matches_brute_force_at_every_budget(loss_scale: float) -> None:
+    table, costs, choices = _instance(loss_scale)
     every = [(assignment_cost(costs, a), assignment_loss(table, a), a) for a in _every_assignment()]
     low, high = cost_range(table, costs, choices=choices)
     assert low == min(c for c, _, _ in every) and high == max(c for c, _, _ in every)
@@ -76,7 +78,7 @@ def test_program_matches_brute_force_at_every_budget() -> None:
         solution = solve(table, costs, choices=choices, budget=budget)
         assert solution is not None
         assert solution.cost <= budget * (1 + BUDGET_TOLERANCE)
-        assert solution.loss == pytest.approx(best, rel=1e-9, abs=1e-12), budget
+        assert solution.loss == pytest.approx(best, rel=1e-9, abs=0.0), budget
     assert solve(table, costs, choices=choices, budget=low * 0.99) is None
 
 

@@ -25,7 +25,7 @@ z_{l,k} >= 0 with
 The budget row is sum_l [u_l if D_l is empty, else sum_k f(k) z_{l,k}] <= B. Since z only appears there with a
 positive coefficient, the least feasible z is u_l on the chosen combination and 0 elsewhere: the program
 is exactly the non-linear one. It is solved by scipy's ``milp`` (HiGHS) with a zero optimality gap, costs
-divided by the most expensive assignment's so that the tolerances are relative. Size: sum_l |pairs_l| +
+divided by the most expensive assignment's and losses by the largest one so that the tolerances are relative. Size: sum_l |pairs_l| +
 sum_g |keeps_g| binaries and sum_l prod_{g in D_l} |keeps_g| continuous variables (49 per layer for 7 keep
 ratios in and out); a solve that reaches ``time_limit`` returns the best assignment found by then.
 
@@ -260,8 +260,10 @@ class _Problem:
         entries = [(i, j, value) for i, row in enumerate(rows) for j, value in row.items()]
         row_index, column_index, values = (np.asarray(part) for part in zip(*entries))
         matrix = coo_array((values, (row_index, column_index)), shape=(len(rows), len(objective)))
+        # HiGHS's absolute tolerances would see the loss of a confident model (1e-16 per layer is common) as 0.
+        loss_scale = max(objective) or 1.0
         result = milp(
-            c=np.asarray(objective), integrality=np.asarray(integral),
+            c=np.asarray(objective) / loss_scale, integrality=np.asarray(integral),
             bounds=Bounds(np.zeros(len(objective)), np.asarray(upper)),
             constraints=LinearConstraint(matrix, np.asarray(lows), np.asarray(highs)),
             options={"mip_rel_gap": 0.0, "time_limit": time_limit},
