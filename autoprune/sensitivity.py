@@ -40,6 +40,7 @@ additive model of HAWQ-V3's integer program. ``loss_fn`` must average over the b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ class SensitivityTable(_Frozen):
     samples: int = Field(ge=1)
     probes: int = Field(ge=0, description="Hutchinson probes per batch (0 for fisher)")
     seconds: float = Field(ge=0.0)
+    model_digest: str = Field(description="weights_digest of the measured model: a retrained model is measured again")
     layers: dict[str, LayerSensitivity]
     groups: dict[str, GroupSensitivity] = Field(default_factory=dict)
 
@@ -124,6 +126,16 @@ class SensitivityTable(_Frozen):
         path = Path(path)
         write_atomic(path, self.to_json())
         return path
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the Conv2d / Linear weights, names and shapes included."""
+    digest = hashlib.sha256()
+    for name, layer in compressible_layers(model).items():
+        weight = layer.weight.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}".encode())
+        digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def expected_increase(curvature: torch.Tensor, perturbation: torch.Tensor) -> float:
@@ -335,7 +347,7 @@ def measure_sensitivity(
         table_groups[group.name] = GroupSensitivity(layers=group.layers, channels=group.channels, keep=keep)
     return SensitivityTable(
         method=method, batches=batch_count, samples=acc.samples, probes=probes if method == "hessian" else 0,
-        seconds=time.perf_counter() - start, layers=table_layers, groups=table_groups,
+        seconds=time.perf_counter() - start, model_digest=weights_digest(model), layers=table_layers, groups=table_groups,
     )
 
 
@@ -364,11 +376,18 @@ def load_or_measure(
     probes: int = 16,
 ) -> SensitivityTable:
     """The cached table of ``task``'s base model ``model`` (``<cache_dir>/sensitivity.json``), measured and
-    written atomically when missing, made with another method or batch count, or lacking a candidate."""
+    written atomically when missing, made on other weights, with another method or batch count, or lacking a
+    candidate. An unreadable cached file is measured again, not an error: the cache is ours, not the user's."""
     path = task.cache_dir() / TABLE_FILE
     if path.is_file():
-        cached = SensitivityTable.load(path)
-        if cached.method == method and cached.batches == batches and cached.covers(w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios):
+        try:
+            cached: SensitivityTable | None = SensitivityTable.load(path)
+        except AutopruneError:
+            cached = None
+        if (
+            cached is not None and cached.model_digest == weights_digest(model) and cached.method == method
+            and cached.batches == batches and cached.covers(w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios)
+        ):
             return cached
     table = measure_sensitivity(
         model, calibration_batches(task, batches=batches), method=method, w_bits=w_bits, a_bits=a_bits,

@@ -34,7 +34,7 @@ def _instance(loss_scale: float = 1.0) -> tuple[SensitivityTable, CostModel, Spa
         "a": GroupSensitivity(layers=("a",), channels=4, keep={0.5: 2 * r(), 1.0: 0.0}),
         "b": GroupSensitivity(layers=("b",), channels=6, keep={0.5: 2 * r(), 1.0: 0.0}),
     }
-    table = SensitivityTable(method="hessian", batches=1, samples=1, probes=1, seconds=0.0, layers=layers, groups=groups)
+    table = SensitivityTable(method="hessian", batches=1, samples=1, probes=1, seconds=0.0, model_digest="-", layers=layers, groups=groups)
     costs = CostModel(
         metric="bops", input_bits=8, groups={"a": 4, "b": 6},
         layers={

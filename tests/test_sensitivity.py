@@ -157,6 +157,13 @@ def test_digits_cnn_table_round_trips_and_orders_bits(method: str, tmp_path) -> 
     assert SensitivityTable.from_dict(json.loads(table.to_json())) == table
     again = load_or_measure(model, task, method=method, batches=2, w_bits=(2, 4), a_bits=(2,), keep_ratios=(0.5,))
     assert again.seconds == table.seconds  # read from the cache, not measured again
+    with torch.no_grad():
+        model.classifier.weight.mul_(2)
+    retrained = load_or_measure(model, task, method=method, batches=2, w_bits=(2,), a_bits=(2,), keep_ratios=(0.5,), probes=4)
+    assert retrained.model_digest != table.model_digest
+    assert SensitivityTable.load(path) == retrained
+    path.write_text("{not json")
+    assert load_or_measure(model, task, method=method, batches=2, w_bits=(2,), a_bits=(2,), keep_ratios=(0.5,)).model_digest == retrained.model_digest
     assert set(table.groups) == {"features.0", "features.3", "features.7"}
     for name, layer in table.layers.items():
         assert layer.w_bits[2] >= layer.w_bits[4] >= layer.w_bits[8] >= 0, name
