@@ -188,7 +188,8 @@ def _probe_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _hessian_batch(
-    acc: _Accumulator, x: torch.Tensor, acts: dict[str, torch.Tensor], loss: torch.Tensor, weights: dict[str, torch.Tensor], a_bits: Sequence[int], probes: int, generator: torch.Generator,
+    acc: _Accumulator, x: torch.Tensor, acts: dict[str, torch.Tensor], loss: torch.Tensor,
+    weights: dict[str, torch.Tensor], a_bits: Sequence[int], probes: int, generator: torch.Generator,
 ) -> None:
     names = list(weights)
     act_names = [n for n in names if n in acts]
@@ -232,7 +233,8 @@ def _fisher_batch(
                 continue
             g2 = g.detach().double().square()
             for b in a_bits:
-                acc.act[name][b] += batch * 0.5 * batch * float((g2 * act_perturbation(acts[name], b).square()).sum())
+                # The batch's increase B/2 sum g^2 dx^2, weighted by its B samples.
+                acc.act[name][b] += batch * batch / 2 * float((g2 * act_perturbation(acts[name], b).square()).sum())
     fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     keys = {f"{name}.weight": name for name in weights}
 

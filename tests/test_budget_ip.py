@@ -9,7 +9,7 @@ import torch
 
 from autoprune.cost import LayerQuant, measure_cost
 from autoprune.models import DigitsCNN
-from autoprune.policy import Policy
+from autoprune.policy import LayerPolicy, Policy
 from autoprune.prune import prune_structured
 from autoprune.search.budget_ip import (
     BUDGET_TOLERANCE, Assignment, CostModel, LayerChoices, LayerCostModel, SpaceChoices, assignment_cost, assignment_loss,
@@ -40,7 +40,7 @@ def _instance(loss_scale: float = 1.0) -> tuple[SensitivityTable, CostModel, Spa
         layers={
             "a": LayerCostModel(macs={2: 900.0, 4: 1000.0, 8: 1000.0}, out_group="a", reads_input=True),
             "b": LayerCostModel(macs={2: 5000.0, 4: 6000.0, 8: 6000.0}, out_group="b", in_group="a"),
-            "c": LayerCostModel(macs={2: 300.0, 4: 300.0, 8: 300.0}, in_group="b"),
+            "c": LayerCostModel(macs={2: 300.0, 4: 300.0, 8: 300.0, 32: 300.0}, in_group="b"),
         },
     )
     choices = SpaceChoices(default=LayerChoices(w_bits=W_BITS, a_bits=A_BITS, keep_ratio=KEEPS))
@@ -108,6 +108,10 @@ def test_pinned_layer_keeps_its_one_choice() -> None:
     for solution in solve_budgets(table, costs, choices=choices, budgets=4):
         assert solution.assignment.bits["c"] == (8, 8)
         assert solution.assignment.bits["b"][1] == 2 and solution.assignment.keep["b"] == 1.0
+    pinned = SpaceChoices.of(w_bits=W_BITS, a_bits=A_BITS, keep_ratio=KEEPS, pinned=["c"])
+    solutions = solve_budgets(table, costs, choices=pinned, budgets=3)
+    assert [s.policy.layers["c"] for s in solutions] == [LayerPolicy()] * 3
+    assert solutions[0].cost == assignment_cost(costs, Assignment(bits={"a": (2, 8), "b": (2, 2), "c": (32, 32)}, keep={"a": 0.5, "b": 0.5}))
 
 
 def test_cost_model_is_exact_for_a_pruned_quantized_digits_cnn() -> None:

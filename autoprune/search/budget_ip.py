@@ -84,6 +84,17 @@ class SpaceChoices(_Frozen):
     def for_layer(self, name: str) -> LayerChoices:
         return self.layers.get(name, self.default)
 
+    @classmethod
+    def of(
+        cls, *, w_bits: Sequence[int], a_bits: Sequence[int], keep_ratio: Sequence[float] = (1.0,), pinned: Sequence[str] = ()
+    ) -> "SpaceChoices":
+        """The same choices for every layer, except ``pinned`` layers: float and full width (a space's ``pin``)."""
+        float_layer = LayerChoices(w_bits=(FLOAT_BITS,), a_bits=(FLOAT_BITS,), keep_ratio=(1.0,))
+        return cls(
+            default=LayerChoices(w_bits=tuple(w_bits), a_bits=tuple(a_bits), keep_ratio=tuple(keep_ratio)),
+            layers={name: float_layer for name in pinned},
+        )
+
 
 class LayerCostModel(_Frozen):
     macs: dict[int, float] = Field(description="MACs at full width with the weights at each w_bits")
