@@ -82,6 +82,31 @@ def test_predicted_increase_of_pruning_zeroes_the_smallest_filters_exactly() -> 
     assert table.groups["0"].keep[1.0] == 0.0
 
 
+def test_direct_method_measures_the_exact_increase_of_each_perturbation() -> None:
+    model, x, y, weight = _whitened_minimum()
+    group = ChannelGroup(name="0", layers=("0",), channels=D_OUT)
+    table = measure_sensitivity(model, _batches(x, y, 16), method="direct", loss_fn=nn.MSELoss(), groups=(group,), w_bits=(2, 4, 32), a_bits=(), keep_ratios=(1 / 3, 1.0))
+    for bits in (2, 4):
+        exact = _mse(_linear(weight + quantization_perturbation(weight, bits).float()), x, y) - _mse(model, x, y)
+        assert table.layers["0"].w_bits[bits] == pytest.approx(exact, rel=1e-5)
+    assert table.layers["0"].w_bits[32] == 0.0
+    pruned = weight.clone()
+    pruned[weight.square().sum(1).argsort()[:2]] = 0
+    assert table.groups["0"].keep[1 / 3] == pytest.approx(_mse(_linear(pruned), x, y) - _mse(model, x, y), rel=1e-5)
+    assert table.groups["0"].keep[1.0] == 0.0
+    assert torch.equal(model[0].weight, weight)
+
+
+def test_direct_method_quantizes_one_layer_input() -> None:
+    model, x, y = _two_layers(scale=2.0)
+    table = measure_sensitivity(model, [(x, y)], method="direct", loss_fn=nn.MSELoss(), groups=(), w_bits=(), a_bits=(3,), keep_ratios=())
+    with torch.no_grad():
+        features = model[0](x)
+        exact = float(nn.functional.mse_loss(model[1](features + act_perturbation(features, 3).float()), y))
+    assert table.layers["1"].a_bits[3] == pytest.approx(exact, rel=1e-5)
+    assert not model[1]._forward_pre_hooks
+
+
 def test_fisher_is_the_mean_squared_per_sample_gradient() -> None:
     # Per-sample gradient of 1/out ||W x_s - y_s||^2 is 2/out (W x_s - y_s) x_s^T.
     g = torch.Generator().manual_seed(2)
@@ -145,7 +170,7 @@ def test_model_is_left_as_it_was() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("method", ["hessian", "fisher"])
+@pytest.mark.parametrize("method", ["hessian", "fisher", "direct"])
 def test_digits_cnn_table_round_trips_and_orders_bits(method: str, tmp_path) -> None:
     from autoprune.task import Task
 
@@ -166,7 +191,9 @@ def test_digits_cnn_table_round_trips_and_orders_bits(method: str, tmp_path) -> 
     assert load_or_measure(model, task, method=method, batches=2, w_bits=(2,), a_bits=(2,), keep_ratios=(0.5,)).model_digest == retrained.model_digest
     assert set(table.groups) == {"features.0", "features.3", "features.7"}
     for name, layer in table.layers.items():
-        assert layer.w_bits[2] >= layer.w_bits[4] >= layer.w_bits[8] >= 0, name
+        # A measured increase need not fall with bits (an untrained model's loss may drop at 2 bits): only >= 0.
+        ordered = method == "direct" or layer.w_bits[2] >= layer.w_bits[4] >= layer.w_bits[8]
+        assert ordered and min(layer.w_bits.values()) >= 0, name
     for group in table.groups.values():
         assert group.keep[0.5] >= group.keep[1.0] == 0.0
     rows = sensitivity_rows(table)
