@@ -20,7 +20,7 @@ from autoprune.models import COMPRESSIBLE, compressible_layers, input_readers
 from autoprune.policy import FLOAT_BITS, Policy
 from autoprune.prune.structured import dependency_graph, groups_in_graph
 from autoprune.search.budget_ip import CostModel, LayerCostModel, Metric, SpaceChoices, solve_budgets
-from autoprune.sensitivity import Method, load_or_measure
+from autoprune.sensitivity import DEFAULT_METHOD, Method, load_or_measure
 
 if TYPE_CHECKING:
     from autoprune.task import Task
@@ -67,7 +67,7 @@ def sensitivity_priors(
     space_choices: SpaceChoices,
     budgets: int = 8,
     objective_metric: Metric = "bops",
-    method: Method = "hessian",
+    method: Method = DEFAULT_METHOD,
     batches: int = 4,
     template: Policy | None = None,
 ) -> list[tuple[Policy, str]]:
