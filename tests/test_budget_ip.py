@@ -99,6 +99,18 @@ def test_solutions_span_the_range_and_become_policies() -> None:
     assert (first.policy.layers["b"].w_bits, first.policy.layers["b"].a_bits) == (2, 2)
 
 
+def test_ties_at_zero_loss_take_the_larger_choice_the_budget_allows() -> None:
+    # Measured increases are often 0 at several bit-widths; the largest budget must then buy the largest choices.
+    table, costs, choices = _instance()
+    flat = table.model_copy(update={"layers": {
+        name: layer.model_copy(update={"w_bits": {b: 0.0 for b in layer.w_bits}, "a_bits": {b: 0.0 for b in layer.a_bits}})
+        for name, layer in table.layers.items()
+    }})
+    solutions = solve_budgets(flat, costs, choices=choices, budgets=3)
+    assert solutions[-1].assignment == Assignment(bits={"a": (8, 8), "b": (8, 8), "c": (8, 8)}, keep={"a": 1.0, "b": 1.0})
+    assert all(s.cost <= s.budget * (1 + BUDGET_TOLERANCE) for s in solutions)
+
+
 def test_pinned_layer_keeps_its_one_choice() -> None:
     table, costs, _ = _instance()
     choices = SpaceChoices(

@@ -29,6 +29,9 @@ divided by the most expensive assignment's and losses by the largest one so that
 sum_g |keeps_g| binaries and sum_l prod_{g in D_l} |keeps_g| continuous variables (49 per layer for 7 keep
 ratios in and out); a solve that reaches ``time_limit`` returns the best assignment found by then.
 
+Predicted losses often tie (a measured increase of 0 at several bit-widths); after the solve, any choice that
+can grow without raising the loss or leaving the budget grows (``spend_slack``), so ties go to the safer choice.
+
 ``solve_budgets`` spreads K budgets log-uniformly between the cheapest assignment (every least choice) and
 the most expensive one (every largest), which are the cost range because cost grows with every choice.
 """
@@ -287,10 +290,42 @@ class _Problem:
             keep={key[1]: key[2] for key in chosen if key[0] == "y"},
         )
 
+    def spend_slack(self, assignment: Assignment, budget: float) -> Assignment:
+        """Raise choices whose loss does not grow while the budget allows: predicted losses tie (a measured 0 at
+        several bit-widths), and among equals the solver's pick is arbitrary where the wider, finer one is safer."""
+        limit = budget * (1 + BUDGET_TOLERANCE)
+        improved = True
+        while improved:
+            improved = False
+            for name in self.layers:
+                layer = self.table.layers[name]
+                loss = lambda p: _sensitivity("w_bits", name, p[0], layer.w_bits) + (  # noqa: E731
+                    0.0 if layer.reads_input else _sensitivity("a_bits", name, p[1], layer.a_bits))
+                current = assignment.bits[name]
+                for pair in sorted(self.pairs[name], reverse=True):
+                    if pair <= current or loss(pair) > loss(current):
+                        continue
+                    trial = assignment.model_copy(update={"bits": {**assignment.bits, name: pair}})
+                    if assignment_cost(self.costs, trial) <= limit:
+                        assignment, improved = trial, True
+                        break
+            for g in self.groups:
+                measured = self.table.groups[g].keep
+                current_keep = assignment.keep[g]
+                for ratio in reversed(self.keeps[g]):
+                    if ratio <= current_keep or _sensitivity("keep", g, ratio, measured) > _sensitivity("keep", g, current_keep, measured):
+                        continue
+                    trial = assignment.model_copy(update={"keep": {**assignment.keep, g: ratio}})
+                    if assignment_cost(self.costs, trial) <= limit:
+                        assignment, improved = trial, True
+                        break
+        return assignment
+
     def solution(self, budget: float, *, template: Policy | None, time_limit: float) -> BudgetSolution | None:
         assignment = self.solve(budget, time_limit=time_limit)
         if assignment is None:
             return None
+        assignment = self.spend_slack(assignment, budget)
         return BudgetSolution(
             budget=budget, cost=assignment_cost(self.costs, assignment), loss=assignment_loss(self.table, assignment),
             assignment=assignment, policy=_policy(self.costs, assignment, template),
