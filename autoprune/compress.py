@@ -8,8 +8,13 @@ their ``order`` gives (seed 004 sec. 4.1):
 - ``quantize_then_prune``: quantization from step 0, pruning from step T/2;
 - ``joint``: both from step 0.
 
+Every quantizer hears the step number before that step's forward, so a delay of d steps means the
+forward of step ``start + d`` is the first quantized one, with ranges measured on that step's weights and
+batch (seed 004 eq. 5).
+
 With T = 0 this is post-training compression: the order then decides whether the quantization
-step sizes are computed before pruning (``quantize_then_prune``) or after it. Either way the model
+step sizes and activation ranges are computed before pruning (``quantize_then_prune``) or after it; feature
+masks are fitted on calibration batches. Either way the model
 ends with BatchNorm statistics re-estimated on unlabeled training data (seed 000 sec. 3) and its
 weights baked to their quantized values, which are what the cost model reads.
 """
@@ -46,19 +51,25 @@ class CompressionResult:
     seconds: float = 0.0
 
     def cost_layers(self) -> dict[str, Any]:
+        """Each layer as the cost model reads it: its steps and the grid its weight quantizer produced."""
         from autoprune.cost import LayerQuant
+        from autoprune.quant import WEIGHT_QUANTIZERS
 
+        quantizer = WEIGHT_QUANTIZERS.lookup(self.policy.quantizer)
         return {
             name: LayerQuant(
                 w_bits=lp.w_bits,
                 a_bits=self.act_bits.get(name, FLOAT_BITS),
                 f_sparsity=lp.f_sparsity,
                 delta=self.weight_steps.get(name),
+                grid=quantizer.grid_for(lp.w_bits),
             )
             for name, lp in self.layers.items()
         }
 
     def cost(self, input_shape: tuple[int, int, int]) -> Any:
+        """The one path from a compressed model to its cost (``autoprune cost``, search, apply, export): the
+        baked weights, their steps and grids, and the input bits as the policy rounds them."""
         from autoprune.cost import measure_cost
 
         return measure_cost(self.model, input_shape=input_shape, layers=self.cost_layers(), input_bits=input_bits_of(self.policy))
@@ -107,10 +118,11 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
             if name in policy.layers:
                 raise AutopruneError(f"policy.layers[{name!r}].keep_ratio", lp.keep_ratio, "cannot apply: the layer's outputs are the model's output or cannot be pruned")
             resolved[name] = lp.model_copy(update={"keep_ratio": 1.0})
-    if policy.pruner != "signal_norm":
+    if not policy.pruner.takes_keep_ratios:
         narrowed = sorted(n for n, lp in resolved.items() if lp.keep_ratio < 1.0)
         if narrowed:
-            raise AutopruneError(f"policy.layers[{narrowed[0]!r}].keep_ratio", resolved[narrowed[0]].keep_ratio, f"must be 1 with pruner {policy.pruner!r}, which chooses channels by itself")
+            rule = f"must be 1 with pruner {policy.pruner.kind!r}, which takes no keep ratios"
+            raise AutopruneError(f"policy.layers[{narrowed[0]!r}].keep_ratio", resolved[narrowed[0]].keep_ratio, rule)
     if policy.pow2_bits:
         from autoprune.quant import pow2_bits
 
@@ -146,7 +158,7 @@ class _Session:
         from autoprune.prune import FeatureMasker, WeightMasker, prune_structured
 
         keep = {n: lp.keep_ratio for n, lp in self.layers.items()}
-        needs_structured = any(k < 1.0 for k in keep.values()) or self.policy.pruner == "pfq"
+        needs_structured = any(k < 1.0 for k in keep.values()) or self.policy.pruner.chooses_channels
         if needs_structured:
             with self._float_weights():
                 self.structured = prune_structured(
@@ -154,7 +166,6 @@ class _Session:
                     keep={n: k for n, k in keep.items() if k < 1.0},
                     example_input=torch.zeros(1, *self.input_shape),
                     method=self.policy.pruner,
-                    pfq_eps=self.policy.pfq_eps,
                 )
         schedule = {"start": at_step + self.policy.sparsity_start, "interval": self.policy.sparsity_interval, "updates": self.policy.sparsity_updates}
         w_targets = {n: lp.w_sparsity for n, lp in self.layers.items() if lp.w_sparsity > 0}
@@ -184,7 +195,9 @@ class _Session:
         """Bits of the activations each layer reads: the input's for the layers reading the network input."""
         return {n: (self.input_bits if n in self.readers else lp.a_bits) for n, lp in self.layers.items()}
 
-    def introduce_quantization(self, *, at_step: int) -> None:
+    def introduce_quantization(self, *, at_step: int, post_training: bool = False) -> None:
+        """Attach the quantizers. Post-training they quantize at once; while fine-tuning a delayed one waits
+        for its t_q and takes its range from the batch there, the others are calibrated now."""
         from autoprune.quant import attach_act_quantizer, make_act_quantizer
 
         self.attach_weight_quantizers(at_step=at_step)
@@ -192,17 +205,43 @@ class _Session:
         for name, bits in self.act_bits().items():
             if bits < FLOAT_BITS:
                 quantizer = make_act_quantizer(self.policy, bits=bits, start_step=at_step)
+                if post_training:
+                    quantizer.start_now()
                 attach_act_quantizer(layers[name], quantizer)
                 self.act_quant[name] = quantizer
-        self.calibrate_activations()
+        self.calibrate_activations(only_uncalibrated=False, up_front=not post_training)
         self.quantized = True
 
-    def calibrate_activations(self) -> None:
-        """Observe activation ranges on unlabeled training batches, then fix them."""
+    def calibrate_activations(self, *, only_uncalibrated: bool, up_front: bool = False) -> None:
+        """Observe activation ranges on unlabeled training batches, then fix them.
+
+        ``up_front`` (fine-tune start) leaves alone the quantizers that take their range at t_q;
+        ``only_uncalibrated`` keeps every range already fixed.
+        """
         from autoprune.quant import calibrate
 
-        if self.act_quant:
-            calibrate(self.model, list(self.act_quant.values()), self._unlabeled_batches())
+        chosen = [
+            q for q in self.act_quant.values()
+            if not (up_front and q.fixes_range_at_delay) and not (only_uncalibrated and q.calibrated)
+        ]
+        if chosen:
+            calibrate(self.model, chosen, self._unlabeled_batches())
+
+    def fit_feature_masks(self) -> None:
+        """Post-training feature sparsity: the masks see calibration batches (only they run in training
+        mode, so BN statistics stay), then take their final sparsity."""
+        if self.feature_masker is None:
+            return
+        from autoprune.quant.model import run_batches
+
+        self.model.eval()
+        for mask in self.feature_masker.masks.values():
+            mask.train()
+        try:
+            run_batches(self.model, self._unlabeled_batches(), max_batches=None)
+        finally:
+            self.model.eval()
+        self.feature_masker.final()
 
     def _unlabeled_batches(self) -> Iterator[torch.Tensor]:
         from torch.utils.data import DataLoader
@@ -214,10 +253,13 @@ class _Session:
                 return
             yield x
 
-    def step_hooks(self, step: int) -> None:
+    def before_step(self, step: int) -> None:
+        """Quantizers learn the step before its forward: a delay of d makes step start + d the first quantized."""
         from autoprune.quant import advance_quantizers
 
         advance_quantizers(self.model, step=step)
+
+    def step_hooks(self, step: int) -> None:
         if self.weight_masker is not None:
             self.weight_masker.update(step)
             self.weight_masker.apply()
@@ -229,16 +271,26 @@ class _Session:
             self.weight_masker.final()
             self.weight_masker.apply()
 
-    def finish(self) -> dict[str, float]:
-        """Final sparsity, BN re-estimation, activation ranges, then quantized weights baked in."""
+    def finish(self, *, keep_ranges: bool = False, fine_tuned: bool = True) -> dict[str, float]:
+        """Final sparsity, BN re-estimation, activation ranges, then quantized weights baked in.
+
+        After BN re-estimation the ranges are measured again, except a delayed quantizer's t_q range (seed
+        004 fixes it for good) and, with ``keep_ranges``, every range (post-training quantize_then_prune:
+        ranges were measured before pruning). A quantizer whose delay the fine-tune never reached starts now.
+        """
         from autoprune.quant import bake_weights, recalibrate_batchnorm
 
         self.final_weight_sparsity()
         if self.feature_masker is not None:
             self.feature_masker.final()
+        for quantizer in self.act_quant.values():
+            quantizer.start_now()
         if self.policy.bn_recalibration and self.train_data is not None:
             recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
-            self.calibrate_activations()
+            if not keep_ranges:
+                self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
+        if self.train_data is not None:
+            self.calibrate_activations(only_uncalibrated=True)
         baked = bake_weights(self.model)
         self.model.eval()
         return {name: info["delta"] for name, info in baked.items()}
@@ -295,6 +347,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
                 optimizer = torch.optim.SGD(model.parameters(), lr=_cosine(policy.finetune_lr, step, total), momentum=0.9, weight_decay=5e-4)
             for group in optimizer.param_groups:
                 group["lr"] = _cosine(policy.finetune_lr, step, total)
+            session.before_step(step)
             model.train()
             x, y = next(batches)
             optimizer.zero_grad(set_to_none=True)
@@ -304,7 +357,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
             loss.backward()
             optimizer.step()
             session.step_hooks(step)
-    steps = session.finish()
+    steps = session.finish(keep_ranges=total == 0 and policy.order == "quantize_then_prune", fine_tuned=total > 0)
     act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
     return CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
 
@@ -315,14 +368,17 @@ def _cosine(lr: float, step: int, total: int) -> float:
 
 def _post_training(session: _Session) -> None:
     if session.policy.order == "quantize_then_prune":
-        session.introduce_quantization(at_step=0)
+        session.introduce_quantization(at_step=0, post_training=True)
         for quantizer in session.weight_quant.values():
             quantizer.freeze()
         session.introduce_pruning(at_step=0)
+        session.final_weight_sparsity()
+        session.fit_feature_masks()
     else:
         session.introduce_pruning(at_step=0)
         session.final_weight_sparsity()
-        session.introduce_quantization(at_step=0)
+        session.fit_feature_masks()
+        session.introduce_quantization(at_step=0, post_training=True)
 
 
 def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> CompressionResult:
@@ -391,7 +447,9 @@ def load_compressed(path: str | Path, *, task: Any) -> CompressionResult:
     compressed_layers = compressible_layers(model)
     for name, bits in act_bits.items():
         if bits < FLOAT_BITS:
-            attach_act_quantizer(compressed_layers[name], make_act_quantizer(policy, bits=bits))
+            quantizer = make_act_quantizer(policy, bits=bits)
+            quantizer.start_now()
+            attach_act_quantizer(compressed_layers[name], quantizer)
     state = load_file(str(path))
     _prepare_feature_masks(model, state, policy)
     model.load_state_dict(state, strict=True)
