@@ -176,6 +176,20 @@ class _Session:
             self.feature_masker = FeatureMasker(self.model, f_targets, window=self.policy.feature_window, **schedule)
         self.pruned = True
 
+    def prune_again(self) -> None:
+        """A second pass of the policy's pruner on the model as it is now (PfQ workflow step 3)."""
+        from autoprune.prune import prune_structured
+
+        with self._float_weights():
+            later = prune_structured(self.model, keep={}, example_input=torch.zeros(1, *self.input_shape), method=self.policy.pruner)
+        self.structured = later if self.structured is None else self.structured.followed_by(later)
+
+    def fold_batchnorm(self) -> None:
+        """PfQ workflow step 4: every BN that follows a conv is folded into it (seed 003 eq. 5-6)."""
+        from autoprune.prune import fold_batchnorm
+
+        fold_batchnorm(self.model)
+
     def _float_weights(self) -> "_FloatWeights":
         return _FloatWeights(self)
 
@@ -198,9 +212,13 @@ class _Session:
     def introduce_quantization(self, *, at_step: int, post_training: bool = False) -> None:
         """Attach the quantizers. Post-training they quantize at once; while fine-tuning a delayed one waits
         for its t_q and takes its range from the batch there, the others are calibrated now."""
+        self.attach_weight_quantizers(at_step=at_step)
+        self.introduce_act_quantization(at_step=at_step, post_training=post_training)
+        self.quantized = True
+
+    def introduce_act_quantization(self, *, at_step: int, post_training: bool = False) -> None:
         from autoprune.quant import attach_act_quantizer, make_act_quantizer
 
-        self.attach_weight_quantizers(at_step=at_step)
         layers = compressible_layers(self.model)
         for name, bits in self.act_bits().items():
             if bits < FLOAT_BITS:
@@ -210,7 +228,6 @@ class _Session:
                 attach_act_quantizer(layers[name], quantizer)
                 self.act_quant[name] = quantizer
         self.calibrate_activations(only_uncalibrated=False, up_front=not post_training)
-        self.quantized = True
 
     def calibrate_activations(self, *, only_uncalibrated: bool, up_front: bool = False) -> None:
         """Observe activation ranges on unlabeled training batches, then fix them.
@@ -318,8 +335,6 @@ class _FloatWeights:
 
 def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool = False) -> CompressionResult:
     """A compressed copy of ``base_model``; the base model is left untouched."""
-    from autoprune.task import cycle, seeded_loader
-
     layers = check_policy(base_model, policy, input_shape=task.input_shape)
     start = time.perf_counter()
     torch.manual_seed(policy.seed)
@@ -327,39 +342,77 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
     session = _Session(model, policy, layers, input_shape=task.input_shape, train_data=task.splits.train)
     total = policy.finetune_steps
     half = total // 2
-    prune_at = half if policy.order == "quantize_then_prune" and total else 0
-    quant_at = half if policy.order == "prune_then_quantize" and total else 0
-    if total == 0:
+    if policy.workflow == "pfq":
+        _pfq_workflow(session, task)
+    elif total == 0:
         _post_training(session)
     else:
-        batches = cycle(seeded_loader(task.splits.train, batch_size=policy.batch_size, seed=policy.seed))
-        optimizer: torch.optim.Optimizer | None = None
-        loss_fn = nn.CrossEntropyLoss()
-        for step in range(total):
+        prune_at = half if policy.order == "quantize_then_prune" else 0
+        quant_at = half if policy.order == "prune_then_quantize" else 0
+
+        def introduce(step: int) -> bool:
+            arrived = False
             if step == prune_at and not session.pruned:
                 session.introduce_pruning(at_step=step)
-                optimizer = None
+                arrived = True
             if step == quant_at and not session.quantized:
                 session.introduce_quantization(at_step=step)
-                optimizer = None
-            if optimizer is None:
-                # Pruning replaces parameters, so the optimizer is rebuilt whenever a transform arrives.
-                optimizer = torch.optim.SGD(model.parameters(), lr=_cosine(policy.finetune_lr, step, total), momentum=0.9, weight_decay=5e-4)
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine(policy.finetune_lr, step, total)
-            session.before_step(step)
-            model.train()
-            x, y = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at fine-tune step {step}")
-            loss.backward()
-            optimizer.step()
-            session.step_hooks(step)
+                arrived = True
+            return arrived
+
+        _fine_tune(session, task, steps=range(total), introduce=introduce)
     steps = session.finish(keep_ranges=total == 0 and policy.order == "quantize_then_prune", fine_tuned=total > 0)
     act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
     return CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
+
+
+def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Any = None) -> None:
+    """SGD over ``steps`` (numbered, so delays and sparsity schedules count across phases), cosine learning
+    rate over the phase; ``introduce(step)`` may add transforms before a step and says whether it did."""
+    from autoprune.task import cycle, seeded_loader
+
+    policy, model = session.policy, session.model
+    batches = cycle(seeded_loader(task.splits.train, batch_size=policy.batch_size, seed=policy.seed + steps.start))
+    optimizer: torch.optim.Optimizer | None = None
+    loss_fn = nn.CrossEntropyLoss()
+    for step in steps:
+        if introduce is not None and introduce(step):
+            optimizer = None
+        lr = _cosine(policy.finetune_lr, step - steps.start, len(steps))
+        if optimizer is None:
+            # Pruning replaces parameters, so the optimizer is rebuilt whenever a transform arrives.
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        session.before_step(step)
+        model.train()
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at fine-tune step {step}")
+        loss.backward()
+        optimizer.step()
+        session.step_hooks(step)
+
+
+def _pfq_workflow(session: _Session, task: Any) -> None:
+    """Seed 003 sec. 3.3: (1) PfQ, (2) fine-tune with activations quantized, (3) PfQ again, (4) BN folded into
+    the weights, (5) fine-tune with activations and weights quantized, the weights quantized after folding.
+    Each fine-tune takes half of ``finetune_steps``; with none, the steps run as post-training compression."""
+    total = session.policy.finetune_steps
+    half = total // 2
+    session.introduce_pruning(at_step=0)
+    session.introduce_act_quantization(at_step=0, post_training=total == 0)
+    _fine_tune(session, task, steps=range(half))
+    session.prune_again()
+    session.fold_batchnorm()
+    session.attach_weight_quantizers(at_step=half)
+    if total == 0:
+        for quantizer in session.weight_quant.values():
+            quantizer.freeze()
+    session.quantized = True
+    _fine_tune(session, task, steps=range(half, total))
 
 
 def _cosine(lr: float, step: int, total: int) -> float:
@@ -450,6 +503,10 @@ def load_compressed(path: str | Path, *, task: Any) -> CompressionResult:
             quantizer = make_act_quantizer(policy, bits=bits)
             quantizer.start_now()
             attach_act_quantizer(compressed_layers[name], quantizer)
+    if policy.workflow == "pfq":
+        from autoprune.prune import fold_batchnorm
+
+        fold_batchnorm(model)
     state = load_file(str(path))
     _prepare_feature_masks(model, state, policy)
     model.load_state_dict(state, strict=True)

@@ -121,6 +121,10 @@ class Policy(_Frozen):
     def _workflow_has_its_pruner(self) -> "Policy":
         if self.workflow == "pfq" and not isinstance(self.pruner, PfQ):
             raise ValueError(f"workflow 'pfq' prunes with PfQ: set pruner to pfq (not {self.pruner.kind!r})")
+        if self.workflow == "pfq":
+            sparse = next((k for k, lp in self.layers.items() if lp.w_sparsity > 0 or lp.f_sparsity > 0), None)
+            if sparse is not None:
+                raise ValueError(f"workflow 'pfq' prunes whole channels only: layers[{sparse!r}] asks for weight or feature sparsity")
         return self
 
     @field_validator("layers")

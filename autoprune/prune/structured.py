@@ -62,18 +62,37 @@ class StructuredRecord:
     ``layers`` lists only the layers that lost channels. ``folds`` maps a tensor name (``"fc.bias"``,
     ``"layers.0.bn1.running_mean"``) to the values added to it before the channels were removed; a bias
     named there that the base layer lacks is created (PfQ folds constants into it).
+
+    ``then`` holds later prunings of the same model (the PfQ workflow prunes twice), each relative to the
+    model the one before it left; ``replay_structured`` applies them in order.
     """
 
     method: str
     layers: dict[str, LayerPruning] = field(default_factory=dict)
     folds: dict[str, list[float]] = field(default_factory=dict)
+    then: tuple["StructuredRecord", ...] = ()
+
+    def followed_by(self, later: "StructuredRecord") -> "StructuredRecord":
+        """This record with ``later`` (made on the model this one left) appended to its sequence."""
+        return StructuredRecord(method=self.method, layers=self.layers, folds=self.folds, then=(*self.then, later))
+
+    def kept_in_base(self) -> dict[str, list[int]]:
+        """Per layer that lost channels in any step, the base model's channel indices it keeps in the end."""
+        kept = {name: list(p.kept) for name, p in self.layers.items()}
+        for later in self.then:
+            for name, p in later.layers.items():
+                kept[name] = [kept[name][i] for i in p.kept] if name in kept else list(p.kept)
+        return kept
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "method": self.method,
             "layers": {n: {"kept": list(p.kept), "before": p.before, "after": p.after} for n, p in self.layers.items()},
             "folds": {n: list(v) for n, v in self.folds.items()},
         }
+        if self.then:
+            data["then"] = [later.to_dict() for later in self.then]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "StructuredRecord":
@@ -84,12 +103,13 @@ class StructuredRecord:
             }
             folds = {str(name): [float(v) for v in values] for name, values in data.get("folds", {}).items()}
             method = str(data["method"])
+            then = tuple(cls.from_dict(later) for later in data.get("then", []))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise AutopruneError("structured record", type(data).__name__, f"is not a structured pruning record ({exc!r})") from None
         for name, entry in layers.items():
             if entry.after != len(entry.kept) or len(set(entry.kept)) != entry.after or not all(0 <= i < entry.before for i in entry.kept):
                 raise AutopruneError(f"structured record: layers.{name}", entry.kept, f"are not {entry.after} distinct channel indices below {entry.before}")
-        return cls(method=method, layers=layers, folds=folds)
+        return cls(method=method, layers=layers, folds=folds, then=then)
 
 
 @dataclass(frozen=True)
@@ -242,6 +262,8 @@ def replay_structured(model: nn.Module, record: StructuredRecord, *, example_inp
             raise AutopruneError(f"structured record: folds.{name}", len(values), f"values do not match the tensor's {size}")
         folds[name] = torch.tensor(values, dtype=torch.float64)
     _apply(model, graph, groups, kept=kept, folds=folds)
+    for later in record.then:
+        replay_structured(model, later, example_input=example_input)
     return model
 
 
