@@ -45,7 +45,8 @@ class CompressionResult:
     model: nn.Module
     policy: Policy
     layers: dict[str, LayerPolicy]
-    weight_steps: dict[str, float] = field(default_factory=dict)
+    weight_steps: dict[str, float | list[float]] = field(default_factory=dict)
+    """Each quantized layer's weight step: one float, or one per output channel (per-channel quantizers)."""
     act_bits: dict[str, int] = field(default_factory=dict)
     structured: Any = None
     seconds: float = 0.0
@@ -182,7 +183,7 @@ class _Session:
 
         with self._float_weights():
             later = prune_structured(self.model, keep={}, example_input=torch.zeros(1, *self.input_shape), method=self.policy.pruner)
-        self.structured = later if self.structured is None else self.structured.followed_by(later)
+            self.structured = later if self.structured is None else self.structured.followed_by(later)
 
     def fold_batchnorm(self) -> None:
         """PfQ workflow step 4: every BN that follows a conv is folded into it (seed 003 eq. 5-6)."""
@@ -288,7 +289,7 @@ class _Session:
             self.weight_masker.final()
             self.weight_masker.apply()
 
-    def finish(self, *, keep_ranges: bool = False, fine_tuned: bool = True) -> dict[str, float]:
+    def finish(self, *, keep_ranges: bool = False, fine_tuned: bool = True) -> dict[str, float | list[float]]:
         """Final sparsity, BN re-estimation, activation ranges, then quantized weights baked in.
 
         After BN re-estimation the ranges are measured again, except a delayed quantizer's t_q range (seed
@@ -314,7 +315,8 @@ class _Session:
 
 
 class _FloatWeights:
-    """Structured pruning needs plain weights: take weight quantizers off, put fresh ones back after."""
+    """Structured pruning needs plain weights: take weight quantizers off, put them back after, a per-channel
+    step keeping only the steps of the channels the pruning kept."""
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -326,8 +328,12 @@ class _FloatWeights:
 
     def __exit__(self, *exc: object) -> None:
         layers = compressible_layers(self.session.model)
+        record = self.session.structured
+        latest = (record.then[-1] if record.then else record) if record is not None else None
         for name, quantizer in self.session.weight_quant.items():
-            parametrize.register_parametrization(layers[name], "weight", quantizer.resized() if hasattr(quantizer, "resized") else quantizer)
+            if latest is not None and name in latest.layers:
+                quantizer.keep_channels(latest.layers[name].kept)
+            parametrize.register_parametrization(layers[name], "weight", quantizer)
 
 
 # --- entry points ---------------------------------------------------------------------------------
@@ -511,7 +517,7 @@ def load_compressed(path: str | Path, *, task: Any) -> CompressionResult:
     _prepare_feature_masks(model, state, policy)
     model.load_state_dict(state, strict=True)
     model.eval()
-    steps = {k: float(v) for k, v in json.loads(meta["weight_steps"]).items()}
+    steps = {k: [float(d) for d in v] if isinstance(v, list) else float(v) for k, v in json.loads(meta["weight_steps"]).items()}
     return CompressionResult(model, policy, layers, steps, act_bits, structured)
 
 

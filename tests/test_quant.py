@@ -385,3 +385,51 @@ def test_batchnorm_recalibration_matches_the_data_statistics() -> None:
     with pytest.raises(AutopruneError, match="at least one batch"):
         recalibrate_batchnorm(model, [], max_batches=1)
     assert torch.allclose(bn.running_mean, channel_mean, atol=1e-5)  # untouched by the refused call
+
+
+@pytest.mark.parametrize("name", ["midrise", "clip_uniform", "delayed", "saturated"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_per_channel_steps_follow_each_channels_range(name: str, bits: int) -> None:
+    """Issue 15 item 0: one step per output channel; each channel uses its own grid fully."""
+    g = torch.Generator().manual_seed(bits)
+    scales = torch.tensor([0.01, 0.1, 1.0, 10.0]).view(-1, 1, 1, 1)
+    w = torch.randn(4, 3, 3, 3, generator=g) * scales
+    per_tensor = weight_quantizer(name, bits=bits)
+    q = weight_quantizer(name, bits=bits, per_channel=True)
+    w_q = q(w)
+    steps = q.delta
+    assert isinstance(steps, list) and len(steps) == 4
+    assert steps == sorted(steps) and steps[-1] / steps[0] > 100  # each follows its channel's scale
+    for c, step in enumerate(steps):
+        alone = weight_quantizer(name, bits=bits)
+        assert torch.equal(w_q[c], alone(w[c : c + 1])[0]) and alone.delta == step  # the per-tensor rule on the channel
+        levels = torch.unique(w_q[c].double() / step)
+        assert len(levels) <= 2**bits and (levels < 0).any() and (levels > 0).any()
+    # per tensor, the small channels collapse onto a few levels (or zero); per channel they do not
+    assert len(torch.unique(per_tensor(w)[0])) < len(torch.unique(w_q[0]))
+
+
+@pytest.mark.parametrize("name", ["midrise", "clip_uniform"])
+def test_cost_model_counts_per_channel_levels(name: str) -> None:
+    """Issue 15 item 0: LayerQuant takes a step per channel and counts the levels really produced (ESN'_d per filter)."""
+    from autoprune.compress import static_compress
+    from autoprune.cost.esn import bits_of_levels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([0.01, 0.1, 1.0, 10.0]).view(-1, 1, 1, 1))
+    policy = Policy(layers={"_default": {"w_bits": 4, "a_bits": 8}}, quantizer={"kind": name, "per_channel": True})
+    result = static_compress(model, policy, input_shape=(2, 5, 5))
+    steps = result.weight_steps["0"]
+    assert isinstance(steps, list) and len(steps) == 4 and len(result.weight_steps["3"]) == 3
+    row = next(r for r in result.cost((2, 5, 5)).layers if r.name == "0")
+    weight = result.model[0].weight.detach().double()
+    levels = weight / torch.tensor(steps, dtype=torch.float64).view(-1, 1, 1, 1)
+    grid = WEIGHT_QUANTIZERS.lookup(name).grid_for(4)
+    bits = bits_of_levels(levels, grid)
+    assert row.params == int(torch.count_nonzero(weight))
+    assert row.esn_d == float(bits.sum())
+    per_filter = (levels != 0).flatten(1).sum(1).double() * bits.flatten(1).amax(1)
+    assert row.esn_d_prime == pytest.approx(float(per_filter.sum()) * 25)
+    assert bits.flatten(1).amax(1).tolist() == [4.0] * 4  # every channel reaches its top level

@@ -60,7 +60,7 @@ def level_range(*, bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
-def uniform_values(x: torch.Tensor, *, step: float, bits: int, signed: bool) -> torch.Tensor:
+def uniform_values(x: torch.Tensor, *, step: float | torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Eq. 20 on the n-bit grid (mid-rise for signed grids below 3 bits), no gradient."""
     low, high = level_range(bits=bits, signed=signed)
     x = x.detach()
@@ -81,7 +81,7 @@ def straight_through(x: torch.Tensor, quantized: torch.Tensor, passes: torch.Ten
     return quantized.detach() + through
 
 
-def fake_uniform(x: torch.Tensor, *, step: float, bits: int, signed: bool) -> torch.Tensor:
+def fake_uniform(x: torch.Tensor, *, step: float | torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Eq. 20 in float with the STE of seed 003: the gradient passes inside the clip range only."""
     top = 2 ** (bits - 1) * step if signed else 2**bits * step
     passes = (x >= -top) & (x <= top) if signed else (x >= 0) & (x <= top)

@@ -49,34 +49,48 @@ class WeightQuantizer(nn.Module, ABC):
     weights while they train). The quantizer is identity while ``step < delay`` (``advance(step)`` moves
     the step; the fine-tune loop calls it) unless frozen. Subclasses give ``_choose_delta`` and
     ``_fake_quantize``; ``fix_on_first_use`` freezes the first step chosen (seed 004's delayed quantization).
+
+    ``per_channel``: one step per output channel (dim 0), each chosen by the same rule from that channel's
+    weights alone; ``delta`` is then a list. The steps are kept as a float32 tensor shaped to broadcast over
+    the weight, so the quantizing code is the same as per tensor.
     """
 
     fix_on_first_use = False
     config_class: ClassVar[type[OperatorConfig]]
 
-    def __init__(self, *, bits: int, delay: int = 0) -> None:
+    def __init__(self, *, bits: int, delay: int = 0, per_channel: bool = False) -> None:
         super().__init__()
         check_bits(bits)
         check_delay(delay)
         self._bits = bits
         self.delay = delay
+        self.per_channel = per_channel
         self.current_step = 0
         self.frozen = False
-        self._delta: float | None = None
+        self._delta: float | torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> WeightQuantizer:
         """Build from the config it handles, introduced at ``start_step`` (a delay counts from there)."""
-        return cls(bits=bits)
+        return cls(bits=bits, per_channel=config.per_channel)
 
     @property
     def bits(self) -> int:
         return self._bits
 
     @property
-    def delta(self) -> float:
-        """The step used by the last quantizing forward (or fixed by ``freeze``)."""
+    def delta(self) -> float | list[float]:
+        """The step used by the last quantizing forward (or fixed by ``freeze``); per channel, a list."""
+        step = self._step()
+        return step.flatten().tolist() if isinstance(step, torch.Tensor) else step
+
+    def keep_channels(self, kept: list[int]) -> None:
+        """Structured pruning kept these output channels: a per-channel step keeps theirs."""
+        if isinstance(self._delta, torch.Tensor):
+            self._delta = self._delta[kept]
+
+    def _step(self) -> float | torch.Tensor:
         if self._delta is None:
             rule = f"is not known yet: the quantizer has not quantized (step {self.current_step} < delay {self.delay}) nor been frozen"
             raise AutopruneError("delta", None, rule)
@@ -113,26 +127,31 @@ class WeightQuantizer(nn.Module, ABC):
             self.frozen = self.fix_on_first_use
         if self._bits == FLOAT_BITS:
             return weight
-        return self._fake_quantize(weight, self.delta)
+        return self._fake_quantize(weight, self._step())
 
     def extra_repr(self) -> str:
-        return f"bits={self._bits}, delay={self.delay}, delta={self._delta}, frozen={self.frozen}"
+        return f"bits={self._bits}, delay={self.delay}, per_channel={self.per_channel}, frozen={self.frozen}"
 
     @classmethod
     def grid_for(cls, bits: int) -> str:
         """The levels this quantizer produces at ``bits``, as the cost model reads them (``LayerQuant.grid``)."""
         return "midrise"
 
-    def _step_for(self, weight: torch.Tensor) -> float:
+    def _step_for(self, weight: torch.Tensor) -> float | torch.Tensor:
         # At 32 bits the step is the cost model's reading of a float layer (max|W| / 2^31).
-        return midrise_delta(weight, FLOAT_BITS) if self._bits == FLOAT_BITS else self._choose_delta(weight)
+        if self._bits == FLOAT_BITS:
+            return midrise_delta(weight, FLOAT_BITS)
+        if self.per_channel:
+            steps = [self._choose_delta(channel) for channel in weight]
+            return torch.tensor(steps, dtype=torch.float32, device=weight.device).view(-1, *([1] * (weight.dim() - 1)))
+        return self._choose_delta(weight)
 
     @abstractmethod
     def _choose_delta(self, weight: torch.Tensor) -> float:
         """The step for these weights at 1..31 bits."""
 
     @abstractmethod
-    def _fake_quantize(self, weight: torch.Tensor, delta: float) -> torch.Tensor:
+    def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         """The quantized weights with the STE gradient."""
 
 
@@ -171,8 +190,8 @@ class MidriseWeight(WeightQuantizer):
     filter can grow back while fine-tuning.
     """
 
-    def __init__(self, *, bits: int, delta: float | None = None) -> None:
-        super().__init__(bits=bits)
+    def __init__(self, *, bits: int, delta: float | None = None, per_channel: bool = False) -> None:
+        super().__init__(bits=bits, per_channel=per_channel)
         if delta is not None:
             if not delta > 0:
                 raise AutopruneError("delta", delta, "must be a positive step")
@@ -182,7 +201,7 @@ class MidriseWeight(WeightQuantizer):
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return midrise_delta(weight, self._bits)
 
-    def _fake_quantize(self, weight: torch.Tensor, delta: float) -> torch.Tensor:
+    def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         quantized = (delta * midrise_int(weight, delta, self._bits)).to(weight.dtype)
         return straight_through(weight, quantized, weight.abs() <= 2 ** (self._bits - 1) * delta)
 
@@ -199,7 +218,7 @@ class ClipUniformWeight(WeightQuantizer):
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return uniform_step(weight.abs().max().item(), bits=self._bits, signed=True)
 
-    def _fake_quantize(self, weight: torch.Tensor, delta: float) -> torch.Tensor:
+    def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         return fake_uniform(weight, step=delta, bits=self._bits, signed=True)
 
 
@@ -216,7 +235,7 @@ class DelayedWeight(ClipUniformWeight):
 
     @classmethod
     def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> WeightQuantizer:
-        return cls(bits=bits, delay=start_step + config.delay)
+        return cls(bits=bits, delay=start_step + config.delay, per_channel=config.per_channel)
 
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return mse_optimal_step(weight, bits=self._bits, signed=True, clip=weight.abs().max().item())
@@ -233,15 +252,15 @@ class SaturatedWeight(ClipUniformWeight):
 
     fix_on_first_use = True
 
-    def __init__(self, *, bits: int, delay: int = 0, quantile: float = 0.999) -> None:
-        super().__init__(bits=bits, delay=delay)
+    def __init__(self, *, bits: int, delay: int = 0, quantile: float = 0.999, per_channel: bool = False) -> None:
+        super().__init__(bits=bits, delay=delay, per_channel=per_channel)
         if not 0.5 < quantile <= 1.0:
             raise AutopruneError("quantile", quantile, "must be in (0.5, 1]")
         self.quantile = quantile
 
     @classmethod
     def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> WeightQuantizer:
-        return cls(bits=bits, delay=start_step + config.delay, quantile=config.quantile)
+        return cls(bits=bits, delay=start_step + config.delay, quantile=config.quantile, per_channel=config.per_channel)
 
     def _choose_delta(self, weight: torch.Tensor) -> float:
         limit = quantile(weight, self.quantile)

@@ -26,8 +26,9 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, Sequence
 
+from pydantic import TypeAdapter
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import nn
 
@@ -182,8 +183,10 @@ def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
             rule = {"keep_ratio": "must be in (0, 1]", "w_bits": "must be in 1..32", "a_bits": "must be in 1..32"}.get(field, "must be in [0, 1)")
             raise AutopruneError(path, value, rule) from None
         return int(value) if kind is int else float(value)
+    info = Policy.model_fields[field]
     try:
-        Policy(**{field: value})
+        # The field's own type and bounds; rules across fields (workflow pfq needs pruner pfq) are the Policy's.
+        TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation).validate_python(value)
     except Exception as exc:
         msg = str(exc).splitlines()
         raise AutopruneError(path, value, f"is not a valid {field} ({msg[2].strip() if len(msg) > 2 else msg[0]})") from None
