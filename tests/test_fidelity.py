@@ -149,3 +149,19 @@ def test_cost_command_rounds_input_bits_like_every_other_path(tmp_path, capsys) 
     model = build_model("digits_cnn", in_channels=1)
     own = static_compress(model, policy, input_shape=(1, 8, 8)).cost((1, 8, 8)).to_dict()
     assert printed["total"]["bops"] == own["total"]["bops"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_per_channel_steps_follow_structured_pruning_in_every_order(order: str) -> None:
+    """Issue 15 item 0: a per-channel step list stays one step per remaining channel when channels go."""
+    policy = Policy(
+        layers={"_default": LayerPolicy(keep_ratio=0.5, w_bits=4, a_bits=8), "classifier": LayerPolicy(w_bits=4, a_bits=8)},
+        order=order, finetune_steps=20, batch_size=32, calibration_batches=2,
+        quantizer={"kind": "delayed", "per_channel": True},
+    )
+    result = compress(tiny_model(), policy, task=tiny_task())
+    layers = compressible_layers(result.model)
+    for name, steps in result.weight_steps.items():
+        assert isinstance(steps, list) and len(steps) == layers[name].weight.shape[0], name
+    report = {row.name: row for row in result.cost(SHAPE).layers}
+    assert all(report[n].params == int(torch.count_nonzero(layers[n].weight)) for n in layers)
