@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -372,7 +372,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
     return CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
 
 
-def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Any = None) -> None:
+def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callable[[int], bool] | None = None) -> None:
     """SGD over ``steps`` (numbered, so delays and sparsity schedules count across phases), cosine learning
     rate over the phase; ``introduce(step)`` may add transforms before a step and says whether it did."""
     from autoprune.task import cycle, seeded_loader
@@ -449,6 +449,10 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
     session = _Session(model, policy, layers, input_shape=input_shape, train_data=None)
     session.introduce_pruning(at_step=0)
     session.final_weight_sparsity()
+    if policy.workflow == "pfq":
+        # Without data the BN statistics do not move, so the second PfQ finds what the first did; the weights
+        # are still quantized after folding, as the workflow quantizes them.
+        session.fold_batchnorm()
     session.attach_weight_quantizers(at_step=0)
     steps = {name: info["delta"] for name, info in bake_weights(model).items()}
     return CompressionResult(model.eval(), policy, layers, steps, session.act_bits(), session.structured)

@@ -109,3 +109,14 @@ def test_workflow_needs_the_pfq_pruner_and_no_unstructured_sparsity() -> None:
         Policy.from_dict({"workflow": "pfq"})
     with pytest.raises(AutopruneError, match="whole channels only"):
         Policy.from_dict({"workflow": "pfq", "pruner": "pfq", "layers": {"_default": {"w_sparsity": 0.5}}})
+
+
+def test_data_free_cost_path_folds_like_the_workflow() -> None:
+    from autoprune.compress import static_compress
+
+    result = static_compress(planted(), policy(), input_shape=SHAPE)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    assert DEAD not in result.structured.kept_in_base()["features.0"]
+    report = result.cost(SHAPE)
+    layers = compressible_layers(result.model)
+    assert all(row.params == int(torch.count_nonzero(layers[row.name].weight)) for row in report.layers)
