@@ -120,3 +120,18 @@ def test_data_free_cost_path_folds_like_the_workflow() -> None:
     report = result.cost(SHAPE)
     layers = compressible_layers(result.model)
     assert all(row.params == int(torch.count_nonzero(layers[row.name].weight)) for row in report.layers)
+
+
+def test_shipped_pfq_space_offers_the_workflow_beside_the_standard_path() -> None:
+    from autoprune.search.space import SpaceSpec
+    from test_space import REPO
+
+    space = SpaceSpec.load(REPO / "search_spaces" / "pfq.yaml").bind(planted(), input_shape=SHAPE)
+    assert space.distributions()["workflow"].choices == ("standard", "pfq")
+    params = {name: dim.values()[0] for name, dim in space.dimensions().items()}
+    for workflow in ("standard", "pfq"):
+        sampled = space.policy({**params, "workflow": workflow}).model_copy(update={"finetune_steps": 10, "batch_size": 32})
+        result = compress(planted(), sampled, task=tiny_task())
+        assert DEAD not in result.structured.kept_in_base()["features.0"]
+        folded = not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+        assert folded == (workflow == "pfq")
