@@ -10,9 +10,10 @@ A quantizer learns its range from data:
   sees then, the x_tq of eq. 5. ``start_now()`` moves the delay to the current step (post-training use, the
   end of a fine-tune shorter than the delay).
 
-The range is unsigned when the observed minimum is >= 0 (after a ReLU), else signed; either way the grid is
-mid-tread (``autoprune.quant.uniform``), so zero stays exactly zero and features masked before the quantizer
-stay masked. The step and the sign are buffers: a saved model loads back calibrated. 32 bits is identity.
+The range is unsigned when the observed minimum is >= 0 (after a ReLU), else signed; the grid is mid-tread
+(mid-rise for signed ranges below 3 bits, ``autoprune.quant.uniform``); zero stays exactly zero either way,
+so features masked before the quantizer stay masked. The step and the sign are buffers: a saved model loads
+back calibrated. 32 bits is identity.
 ``reset()`` forgets range and statistics, for a new calibration (after pruning, say).
 """
 
