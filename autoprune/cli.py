@@ -82,8 +82,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     model = build_model(args.model, in_channels=shape[0])
     trained = _cached_weights(args, model)
     if policy is not None:
-        result = static_compress(model, policy, input_shape=shape)
-        report = measure_cost(result.model, input_shape=shape, layers=result.cost_layers(), input_bits=policy.input_bits)
+        report = static_compress(model, policy, input_shape=shape).cost(shape)
     else:
         report = measure_cost(model, input_shape=shape)
     if args.json:

@@ -8,8 +8,13 @@ their ``order`` gives (seed 004 sec. 4.1):
 - ``quantize_then_prune``: quantization from step 0, pruning from step T/2;
 - ``joint``: both from step 0.
 
+Every quantizer hears the step number before that step's forward, so a delay of d steps means the
+forward of step ``start + d`` is the first quantized one, with ranges measured on that step's weights and
+batch (seed 004 eq. 5).
+
 With T = 0 this is post-training compression: the order then decides whether the quantization
-step sizes are computed before pruning (``quantize_then_prune``) or after it. Either way the model
+step sizes and activation ranges are computed before pruning (``quantize_then_prune``) or after it; feature
+masks are fitted on calibration batches. Either way the model
 ends with BatchNorm statistics re-estimated on unlabeled training data (seed 000 sec. 3) and its
 weights baked to their quantized values, which are what the cost model reads.
 """
@@ -22,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,25 +45,32 @@ class CompressionResult:
     model: nn.Module
     policy: Policy
     layers: dict[str, LayerPolicy]
-    weight_steps: dict[str, float] = field(default_factory=dict)
+    weight_steps: dict[str, float | list[float]] = field(default_factory=dict)
+    """Each quantized layer's weight step: one float, or one per output channel (per-channel quantizers)."""
     act_bits: dict[str, int] = field(default_factory=dict)
     structured: Any = None
     seconds: float = 0.0
 
     def cost_layers(self) -> dict[str, Any]:
+        """Each layer as the cost model reads it: its steps and the grid its weight quantizer produced."""
         from autoprune.cost import LayerQuant
+        from autoprune.quant import WEIGHT_QUANTIZERS
 
+        quantizer = WEIGHT_QUANTIZERS.lookup(self.policy.quantizer)
         return {
             name: LayerQuant(
                 w_bits=lp.w_bits,
                 a_bits=self.act_bits.get(name, FLOAT_BITS),
                 f_sparsity=lp.f_sparsity,
                 delta=self.weight_steps.get(name),
+                grid=quantizer.grid_for(lp.w_bits),
             )
             for name, lp in self.layers.items()
         }
 
     def cost(self, input_shape: tuple[int, int, int]) -> Any:
+        """The one path from a compressed model to its cost (``autoprune cost``, search, apply, export): the
+        baked weights, their steps and grids, and the input bits as the policy rounds them."""
         from autoprune.cost import measure_cost
 
         return measure_cost(self.model, input_shape=input_shape, layers=self.cost_layers(), input_bits=input_bits_of(self.policy))
@@ -107,10 +119,11 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
             if name in policy.layers:
                 raise AutopruneError(f"policy.layers[{name!r}].keep_ratio", lp.keep_ratio, "cannot apply: the layer's outputs are the model's output or cannot be pruned")
             resolved[name] = lp.model_copy(update={"keep_ratio": 1.0})
-    if policy.pruner != "signal_norm":
+    if not policy.pruner.takes_keep_ratios:
         narrowed = sorted(n for n, lp in resolved.items() if lp.keep_ratio < 1.0)
         if narrowed:
-            raise AutopruneError(f"policy.layers[{narrowed[0]!r}].keep_ratio", resolved[narrowed[0]].keep_ratio, f"must be 1 with pruner {policy.pruner!r}, which chooses channels by itself")
+            rule = f"must be 1 with pruner {policy.pruner.kind!r}, which takes no keep ratios"
+            raise AutopruneError(f"policy.layers[{narrowed[0]!r}].keep_ratio", resolved[narrowed[0]].keep_ratio, rule)
     if policy.pow2_bits:
         from autoprune.quant import pow2_bits
 
@@ -146,7 +159,7 @@ class _Session:
         from autoprune.prune import FeatureMasker, WeightMasker, prune_structured
 
         keep = {n: lp.keep_ratio for n, lp in self.layers.items()}
-        needs_structured = any(k < 1.0 for k in keep.values()) or self.policy.pruner == "pfq"
+        needs_structured = any(k < 1.0 for k in keep.values()) or self.policy.pruner.chooses_channels
         if needs_structured:
             with self._float_weights():
                 self.structured = prune_structured(
@@ -154,7 +167,6 @@ class _Session:
                     keep={n: k for n, k in keep.items() if k < 1.0},
                     example_input=torch.zeros(1, *self.input_shape),
                     method=self.policy.pruner,
-                    pfq_eps=self.policy.pfq_eps,
                 )
         schedule = {"start": at_step + self.policy.sparsity_start, "interval": self.policy.sparsity_interval, "updates": self.policy.sparsity_updates}
         w_targets = {n: lp.w_sparsity for n, lp in self.layers.items() if lp.w_sparsity > 0}
@@ -164,6 +176,20 @@ class _Session:
         if f_targets:
             self.feature_masker = FeatureMasker(self.model, f_targets, window=self.policy.feature_window, **schedule)
         self.pruned = True
+
+    def prune_again(self) -> None:
+        """A second pass of the policy's pruner on the model as it is now (PfQ workflow step 3)."""
+        from autoprune.prune import prune_structured
+
+        with self._float_weights():
+            later = prune_structured(self.model, keep={}, example_input=torch.zeros(1, *self.input_shape), method=self.policy.pruner)
+            self.structured = later if self.structured is None else self.structured.followed_by(later)
+
+    def fold_batchnorm(self) -> None:
+        """PfQ workflow step 4: every BN that follows a conv is folded into it (seed 003 eq. 5-6)."""
+        from autoprune.prune import fold_batchnorm
+
+        fold_batchnorm(self.model)
 
     def _float_weights(self) -> "_FloatWeights":
         return _FloatWeights(self)
@@ -184,25 +210,56 @@ class _Session:
         """Bits of the activations each layer reads: the input's for the layers reading the network input."""
         return {n: (self.input_bits if n in self.readers else lp.a_bits) for n, lp in self.layers.items()}
 
-    def introduce_quantization(self, *, at_step: int) -> None:
+    def introduce_quantization(self, *, at_step: int, post_training: bool = False) -> None:
+        """Attach the quantizers. Post-training they quantize at once; while fine-tuning a delayed one waits
+        for its t_q and takes its range from the batch there, the others are calibrated now."""
+        self.attach_weight_quantizers(at_step=at_step)
+        self.introduce_act_quantization(at_step=at_step, post_training=post_training)
+        self.quantized = True
+
+    def introduce_act_quantization(self, *, at_step: int, post_training: bool = False) -> None:
         from autoprune.quant import attach_act_quantizer, make_act_quantizer
 
-        self.attach_weight_quantizers(at_step=at_step)
         layers = compressible_layers(self.model)
         for name, bits in self.act_bits().items():
             if bits < FLOAT_BITS:
                 quantizer = make_act_quantizer(self.policy, bits=bits, start_step=at_step)
+                if post_training:
+                    quantizer.start_now()
                 attach_act_quantizer(layers[name], quantizer)
                 self.act_quant[name] = quantizer
-        self.calibrate_activations()
-        self.quantized = True
+        self.calibrate_activations(only_uncalibrated=False, up_front=not post_training)
 
-    def calibrate_activations(self) -> None:
-        """Observe activation ranges on unlabeled training batches, then fix them."""
+    def calibrate_activations(self, *, only_uncalibrated: bool, up_front: bool = False) -> None:
+        """Observe activation ranges on unlabeled training batches, then fix them.
+
+        ``up_front`` (fine-tune start) leaves alone the quantizers that take their range at t_q;
+        ``only_uncalibrated`` keeps every range already fixed.
+        """
         from autoprune.quant import calibrate
 
-        if self.act_quant:
-            calibrate(self.model, list(self.act_quant.values()), self._unlabeled_batches())
+        chosen = [
+            q for q in self.act_quant.values()
+            if not (up_front and q.fixes_range_at_delay) and not (only_uncalibrated and q.calibrated)
+        ]
+        if chosen:
+            calibrate(self.model, chosen, self._unlabeled_batches())
+
+    def fit_feature_masks(self) -> None:
+        """Post-training feature sparsity: the masks see calibration batches (only they run in training
+        mode, so BN statistics stay), then take their final sparsity."""
+        if self.feature_masker is None:
+            return
+        from autoprune.quant.model import run_batches
+
+        self.model.eval()
+        for mask in self.feature_masker.masks.values():
+            mask.train()
+        try:
+            run_batches(self.model, self._unlabeled_batches(), max_batches=None)
+        finally:
+            self.model.eval()
+        self.feature_masker.final()
 
     def _unlabeled_batches(self) -> Iterator[torch.Tensor]:
         from torch.utils.data import DataLoader
@@ -214,10 +271,13 @@ class _Session:
                 return
             yield x
 
-    def step_hooks(self, step: int) -> None:
+    def before_step(self, step: int) -> None:
+        """Quantizers learn the step before its forward: a delay of d makes step start + d the first quantized."""
         from autoprune.quant import advance_quantizers
 
         advance_quantizers(self.model, step=step)
+
+    def step_hooks(self, step: int) -> None:
         if self.weight_masker is not None:
             self.weight_masker.update(step)
             self.weight_masker.apply()
@@ -229,23 +289,34 @@ class _Session:
             self.weight_masker.final()
             self.weight_masker.apply()
 
-    def finish(self) -> dict[str, float]:
-        """Final sparsity, BN re-estimation, activation ranges, then quantized weights baked in."""
+    def finish(self, *, keep_ranges: bool = False, fine_tuned: bool = True) -> dict[str, float | list[float]]:
+        """Final sparsity, BN re-estimation, activation ranges, then quantized weights baked in.
+
+        After BN re-estimation the ranges are measured again, except a delayed quantizer's t_q range (seed
+        004 fixes it for good) and, with ``keep_ranges``, every range (post-training quantize_then_prune:
+        ranges were measured before pruning). A quantizer whose delay the fine-tune never reached starts now.
+        """
         from autoprune.quant import bake_weights, recalibrate_batchnorm
 
         self.final_weight_sparsity()
         if self.feature_masker is not None:
             self.feature_masker.final()
+        for quantizer in self.act_quant.values():
+            quantizer.start_now()
         if self.policy.bn_recalibration and self.train_data is not None:
             recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
-            self.calibrate_activations()
+            if not keep_ranges:
+                self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
+        if self.train_data is not None:
+            self.calibrate_activations(only_uncalibrated=True)
         baked = bake_weights(self.model)
         self.model.eval()
         return {name: info["delta"] for name, info in baked.items()}
 
 
 class _FloatWeights:
-    """Structured pruning needs plain weights: take weight quantizers off, put fresh ones back after."""
+    """Structured pruning needs plain weights: take weight quantizers off, put them back after, a per-channel
+    step keeping only the steps of the channels the pruning kept."""
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -257,8 +328,12 @@ class _FloatWeights:
 
     def __exit__(self, *exc: object) -> None:
         layers = compressible_layers(self.session.model)
+        record = self.session.structured
+        latest = (record.then[-1] if record.then else record) if record is not None else None
         for name, quantizer in self.session.weight_quant.items():
-            parametrize.register_parametrization(layers[name], "weight", quantizer.resized() if hasattr(quantizer, "resized") else quantizer)
+            if latest is not None and name in latest.layers:
+                quantizer.keep_channels(latest.layers[name].kept)
+            parametrize.register_parametrization(layers[name], "weight", quantizer)
 
 
 # --- entry points ---------------------------------------------------------------------------------
@@ -266,8 +341,6 @@ class _FloatWeights:
 
 def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool = False) -> CompressionResult:
     """A compressed copy of ``base_model``; the base model is left untouched."""
-    from autoprune.task import cycle, seeded_loader
-
     layers = check_policy(base_model, policy, input_shape=task.input_shape)
     start = time.perf_counter()
     torch.manual_seed(policy.seed)
@@ -275,38 +348,77 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
     session = _Session(model, policy, layers, input_shape=task.input_shape, train_data=task.splits.train)
     total = policy.finetune_steps
     half = total // 2
-    prune_at = half if policy.order == "quantize_then_prune" and total else 0
-    quant_at = half if policy.order == "prune_then_quantize" and total else 0
-    if total == 0:
+    if policy.workflow == "pfq":
+        _pfq_workflow(session, task)
+    elif total == 0:
         _post_training(session)
     else:
-        batches = cycle(seeded_loader(task.splits.train, batch_size=policy.batch_size, seed=policy.seed))
-        optimizer: torch.optim.Optimizer | None = None
-        loss_fn = nn.CrossEntropyLoss()
-        for step in range(total):
+        prune_at = half if policy.order == "quantize_then_prune" else 0
+        quant_at = half if policy.order == "prune_then_quantize" else 0
+
+        def introduce(step: int) -> bool:
+            arrived = False
             if step == prune_at and not session.pruned:
                 session.introduce_pruning(at_step=step)
-                optimizer = None
+                arrived = True
             if step == quant_at and not session.quantized:
                 session.introduce_quantization(at_step=step)
-                optimizer = None
-            if optimizer is None:
-                # Pruning replaces parameters, so the optimizer is rebuilt whenever a transform arrives.
-                optimizer = torch.optim.SGD(model.parameters(), lr=_cosine(policy.finetune_lr, step, total), momentum=0.9, weight_decay=5e-4)
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine(policy.finetune_lr, step, total)
-            model.train()
-            x, y = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at fine-tune step {step}")
-            loss.backward()
-            optimizer.step()
-            session.step_hooks(step)
-    steps = session.finish()
+                arrived = True
+            return arrived
+
+        _fine_tune(session, task, steps=range(total), introduce=introduce)
+    steps = session.finish(keep_ranges=total == 0 and policy.order == "quantize_then_prune", fine_tuned=total > 0)
     act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
     return CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
+
+
+def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callable[[int], bool] | None = None) -> None:
+    """SGD over ``steps`` (numbered, so delays and sparsity schedules count across phases), cosine learning
+    rate over the phase; ``introduce(step)`` may add transforms before a step and says whether it did."""
+    from autoprune.task import cycle, seeded_loader
+
+    policy, model = session.policy, session.model
+    batches = cycle(seeded_loader(task.splits.train, batch_size=policy.batch_size, seed=policy.seed + steps.start))
+    optimizer: torch.optim.Optimizer | None = None
+    loss_fn = nn.CrossEntropyLoss()
+    for step in steps:
+        if introduce is not None and introduce(step):
+            optimizer = None
+        lr = _cosine(policy.finetune_lr, step - steps.start, len(steps))
+        if optimizer is None:
+            # Pruning replaces parameters, so the optimizer is rebuilt whenever a transform arrives.
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        session.before_step(step)
+        model.train()
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at fine-tune step {step}")
+        loss.backward()
+        optimizer.step()
+        session.step_hooks(step)
+
+
+def _pfq_workflow(session: _Session, task: Any) -> None:
+    """Seed 003 sec. 3.3: (1) PfQ, (2) fine-tune with activations quantized, (3) PfQ again, (4) BN folded into
+    the weights, (5) fine-tune with activations and weights quantized, the weights quantized after folding.
+    Each fine-tune takes half of ``finetune_steps``; with none, the steps run as post-training compression."""
+    total = session.policy.finetune_steps
+    half = total // 2
+    session.introduce_pruning(at_step=0)
+    session.introduce_act_quantization(at_step=0, post_training=total == 0)
+    _fine_tune(session, task, steps=range(half))
+    session.prune_again()
+    session.fold_batchnorm()
+    session.attach_weight_quantizers(at_step=half)
+    if total == 0:
+        for quantizer in session.weight_quant.values():
+            quantizer.freeze()
+    session.quantized = True
+    _fine_tune(session, task, steps=range(half, total))
 
 
 def _cosine(lr: float, step: int, total: int) -> float:
@@ -315,14 +427,17 @@ def _cosine(lr: float, step: int, total: int) -> float:
 
 def _post_training(session: _Session) -> None:
     if session.policy.order == "quantize_then_prune":
-        session.introduce_quantization(at_step=0)
+        session.introduce_quantization(at_step=0, post_training=True)
         for quantizer in session.weight_quant.values():
             quantizer.freeze()
         session.introduce_pruning(at_step=0)
+        session.final_weight_sparsity()
+        session.fit_feature_masks()
     else:
         session.introduce_pruning(at_step=0)
         session.final_weight_sparsity()
-        session.introduce_quantization(at_step=0)
+        session.fit_feature_masks()
+        session.introduce_quantization(at_step=0, post_training=True)
 
 
 def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> CompressionResult:
@@ -334,6 +449,10 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
     session = _Session(model, policy, layers, input_shape=input_shape, train_data=None)
     session.introduce_pruning(at_step=0)
     session.final_weight_sparsity()
+    if policy.workflow == "pfq":
+        # Without data the BN statistics do not move, so the second PfQ finds what the first did; the weights
+        # are still quantized after folding, as the workflow quantizes them.
+        session.fold_batchnorm()
     session.attach_weight_quantizers(at_step=0)
     steps = {name: info["delta"] for name, info in bake_weights(model).items()}
     return CompressionResult(model.eval(), policy, layers, steps, session.act_bits(), session.structured)
@@ -391,12 +510,18 @@ def load_compressed(path: str | Path, *, task: Any) -> CompressionResult:
     compressed_layers = compressible_layers(model)
     for name, bits in act_bits.items():
         if bits < FLOAT_BITS:
-            attach_act_quantizer(compressed_layers[name], make_act_quantizer(policy, bits=bits))
+            quantizer = make_act_quantizer(policy, bits=bits)
+            quantizer.start_now()
+            attach_act_quantizer(compressed_layers[name], quantizer)
+    if policy.workflow == "pfq":
+        from autoprune.prune import fold_batchnorm
+
+        fold_batchnorm(model)
     state = load_file(str(path))
     _prepare_feature_masks(model, state, policy)
     model.load_state_dict(state, strict=True)
     model.eval()
-    steps = {k: float(v) for k, v in json.loads(meta["weight_steps"]).items()}
+    steps = {k: [float(d) for d in v] if isinstance(v, list) else float(v) for k, v in json.loads(meta["weight_steps"]).items()}
     return CompressionResult(model, policy, layers, steps, act_bits, structured)
 
 

@@ -7,6 +7,11 @@ layer the exact name wins, then the first matching pattern in file order, then `
 ``a_bits`` and ``f_sparsity`` describe the activations a layer *reads* (its input features): they are
 quantized / sparsified right before the layer, which works for any graph (residual adds included).
 A layer that reads the network input uses ``input_bits`` instead (DJPQ B.3: 8 bits by default).
+
+Operator settings are typed configs (``autoprune.operators``): ``quantizer`` (weights), ``act_quantizer``
+and ``pruner`` each take a config, its bare kind or a mapping with a kind. Version 1 files, whose operators
+were bare names beside the flat ``quant_delay`` / ``saturation_quantile`` / ``pfq_eps``, are migrated on read
+(``migrate_v1``) and replay as they did.
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from autoprune.errors import AutopruneError
+from autoprune.operators import (
+    ACT_QUANTIZER, PRUNER, WEIGHT_QUANTIZER, ActQuantizerConfig, ClipUniformAct, Midrise, PfQ, PrunerConfig, SignalNorm,
+    WeightQuantizerConfig, parse_config,
+)
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2
+WORKFLOWS = ("standard", "pfq")
+V1_PFQ_EPS = 1e-6
+"""Version 1's default PfQ threshold: a migrated v1 file keeps it so that it replays as it did."""
 ORDERS = ("prune_then_quantize", "quantize_then_prune", "joint")
 FLOAT_BITS = 32
 DEFAULT_KEY = "_default"
@@ -61,15 +73,13 @@ class Policy(_Frozen):
     order: Literal["prune_then_quantize", "quantize_then_prune", "joint"] = "prune_then_quantize"
     input_bits: int = Field(8, ge=1, le=FLOAT_BITS)
     pow2_bits: bool = Field(False, description="round every bit-width to a power of two (seed 002 Alg. 2)")
-    quantizer: str = "midrise"
-    act_quantizer: str = "clip_uniform"
-    pruner: str = "signal_norm"
-    pfq_eps: float = Field(1e-6, gt=0.0, description="BN running-variance threshold of the pfq pruner")
+    workflow: Literal["standard", "pfq"] = Field("standard", description="pfq: the five steps of seed 003 sec. 3.3")
+    quantizer: SerializeAsAny[WeightQuantizerConfig] = Field(default_factory=Midrise)
+    act_quantizer: SerializeAsAny[ActQuantizerConfig] = Field(default_factory=ClipUniformAct)
+    pruner: SerializeAsAny[PrunerConfig] = Field(default_factory=SignalNorm)
     finetune_steps: int = Field(150, ge=0, le=1_000_000)
     finetune_lr: float = Field(0.01, gt=0.0, le=10.0)
     batch_size: int = Field(64, ge=1)
-    quant_delay: int = Field(0, ge=0, description="t_q of delayed quantization (seed 004 eq. 5)")
-    saturation_quantile: float = Field(0.999, gt=0.5, le=1.0, description="seed 004 eq. 6-7")
     sparsity_start: int = Field(0, ge=0, description="step of the first sparsification (seed 004 eq. 3)")
     sparsity_interval: int = Field(10, ge=1, description="steps between sparsification updates")
     sparsity_updates: int = Field(5, ge=1, description="number of sparsification updates (eq. 4)")
@@ -78,12 +88,44 @@ class Policy(_Frozen):
     calibration_batches: int = Field(8, ge=1)
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("version") == 1:
+            return migrate_v1(data)
+        return data
+
     @field_validator("version")
     @classmethod
     def _known_version(cls, version: int) -> int:
         if version != POLICY_VERSION:
-            raise ValueError(f"must be {POLICY_VERSION}")
+            raise ValueError(f"must be {POLICY_VERSION} (or 1, migrated on read)")
         return version
+
+    @field_validator("quantizer", mode="before")
+    @classmethod
+    def _weight_quantizer(cls, value: Any) -> WeightQuantizerConfig:
+        return parse_config(WEIGHT_QUANTIZER, value)  # type: ignore[return-value]
+
+    @field_validator("act_quantizer", mode="before")
+    @classmethod
+    def _act_quantizer(cls, value: Any) -> ActQuantizerConfig:
+        return parse_config(ACT_QUANTIZER, value)  # type: ignore[return-value]
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner(cls, value: Any) -> PrunerConfig:
+        return parse_config(PRUNER, value)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _workflow_has_its_pruner(self) -> "Policy":
+        if self.workflow == "pfq" and not isinstance(self.pruner, PfQ):
+            raise ValueError(f"workflow 'pfq' prunes with PfQ: set pruner to pfq (not {self.pruner.kind!r})")
+        if self.workflow == "pfq":
+            sparse = next((k for k, lp in self.layers.items() if lp.w_sparsity > 0 or lp.f_sparsity > 0), None)
+            if sparse is not None:
+                raise ValueError(f"workflow 'pfq' prunes whole channels only: layers[{sparse!r}] asks for weight or feature sparsity")
+        return self
 
     @field_validator("layers")
     @classmethod
@@ -121,6 +163,8 @@ class Policy(_Frozen):
     def summary(self, layer_names: list[str] | None = None) -> str:
         """One line: order and each layer's settings (or each key's, without a model)."""
         head = {"prune_then_quantize": "P>Q", "quantize_then_prune": "Q>P", "joint": "P+Q"}[self.order]
+        if self.workflow == "pfq":
+            head = "PfQ-workflow"
         if layer_names is None:
             items = [(k, v) for k, v in self.layers.items()]
         else:
@@ -154,6 +198,30 @@ class Policy(_Frozen):
 
 
 POW2_BITS = (2, 4, 8, 16, 32)
+
+
+def migrate_v1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A version 1 policy mapping in version 2's shape: operator names become configs carrying the flat
+    ``quant_delay`` / ``saturation_quantile`` / ``pfq_eps`` that concerned them (a missing ``pfq_eps`` is v1's
+    default 1e-6); fields no operator reads are dropped."""
+    new = {k: v for k, v in data.items() if k not in ("quant_delay", "saturation_quantile", "pfq_eps")}
+    new["version"] = POLICY_VERSION
+    delay = data.get("quant_delay", 0)
+    quantile = data.get("saturation_quantile", 0.999)
+    for field, default in (("quantizer", "midrise"), ("act_quantizer", "clip_uniform")):
+        kind = data.get(field, default)
+        if not isinstance(kind, str):
+            continue
+        config: dict[str, Any] = {"kind": kind}
+        if kind in ("delayed", "saturated"):
+            config["delay"] = delay
+        if kind == "saturated":
+            config["quantile"] = quantile
+        new[field] = config
+    pruner = data.get("pruner", "signal_norm")
+    if isinstance(pruner, str):
+        new["pruner"] = {"kind": pruner, "eps": data.get("pfq_eps", V1_PFQ_EPS)} if pruner == "pfq" else {"kind": pruner}
+    return new
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

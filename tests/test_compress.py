@@ -118,3 +118,24 @@ def test_static_compress_cost_for_zoo_models() -> None:
         assert report.total.macs < 0.4 * full
         assert {row.w_bits for row in report.layers} == {4}
         result.model(torch.zeros(2, 3, 32, 32))
+
+
+def test_pfq_workflow_runs_through_compress_and_autoprune_apply(task: Task, base, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    policy = Policy(workflow="pfq", pruner="pfq", layers={"_default": LayerPolicy(w_bits=4, a_bits=4)}, finetune_steps=40)
+    result = compress(base.model, policy, task=task)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())  # BN folded
+    assert accuracy(result.model, task.splits.val) >= base.val_accuracy - 5.0
+    path = policy.save(tmp_path / "pfq.yaml")
+    out = tmp_path / "m.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "autoprune.cli", "apply", str(path), "--json", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    assert printed["metrics"]["accuracy"] >= base.val_accuracy - 5.0
+    assert load_compressed(out, task=task).policy.workflow == "pfq"

@@ -17,6 +17,7 @@ from autoprune.prune import (
     fold_batchnorm,
     keep_count,
     prune_structured,
+    PfQ,
     pruner,
     replay_structured,
 )
@@ -157,7 +158,7 @@ def test_conflicting_ratios_in_a_residual_group_raise_and_leave_the_model_alone(
 
 
 def test_unknown_pruner_names_the_registered_ones() -> None:
-    with pytest.raises(AutopruneError, match=r"is not registered \(registered: none, pfq, signal_norm\)"):
+    with pytest.raises(AutopruneError, match=r"is not registered \(registered: signal_norm, pfq, none\)"):
         pruner("l1")
 
 
@@ -246,7 +247,7 @@ def _chain(head: str) -> tuple[Chain, torch.Tensor]:
 def test_pfq_removes_constant_channels_without_changing_outputs(head: str) -> None:
     model, x = _chain(head)
     before = model(x)
-    record = prune_structured(model, keep={}, example_input=x, method="pfq", pfq_eps=1e-6)
+    record = prune_structured(model, keep={}, example_input=x, method=PfQ(eps=1e-6))
     assert record.layers["conv"].kept == [0, 2, 3, 5, 7]
     assert model.conv.out_channels == model.bn.num_features == 5
     assert set(record.folds) == {HEADS[head][1]}
@@ -257,7 +258,7 @@ def test_pfq_removes_constant_channels_without_changing_outputs(head: str) -> No
 def test_pfq_into_a_zero_padded_conv_changes_only_border_outputs() -> None:
     model, x = _chain("3x3_zero_padded")
     before = model(x)
-    prune_structured(model, keep={}, example_input=x, method="pfq")
+    prune_structured(model, keep={}, example_input=x, method=PfQ(eps=1e-6))
     after = model(x)
     assert model.head.in_channels == 5
     torch.testing.assert_close(after[..., 1:-1, 1:-1], before[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
@@ -267,10 +268,10 @@ def test_pfq_into_a_zero_padded_conv_changes_only_border_outputs() -> None:
 def test_pfq_threshold_is_strict() -> None:
     model, x = _chain("linear")
     var = float(model.bn.running_var[2])
-    record = prune_structured(model, keep={}, example_input=x, method="pfq", pfq_eps=var)
+    record = prune_structured(model, keep={}, example_input=x, method=PfQ(eps=var))
     assert record.layers["conv"].kept == [0, 2, 3, 5, 7]  # V < eps (eq. 17): V == eps stays
     model, x = _chain("linear")
-    record = prune_structured(model, keep={}, example_input=x, method="pfq", pfq_eps=var * 1.01)
+    record = prune_structured(model, keep={}, example_input=x, method=PfQ(eps=var * 1.01))
     assert record.layers["conv"].kept == [0, 3, 5, 7]
 
 

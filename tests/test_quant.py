@@ -15,10 +15,11 @@ from torch.nn.utils import parametrize
 from autoprune.errors import AutopruneError
 from autoprune.quant import (
     ACT_QUANT, ClipUniformWeight, DelayedWeight, MidriseWeight, act_quantizer, advance_quantizers, attach_act_quantizer, bake_weights,
-    calibrate, make_act_quantizer, make_weight_quantizer, pow2_bit_map, pow2_bits, recalibrate_batchnorm, weight_quantizer,
+    WEIGHT_QUANTIZERS, calibrate, make_act_quantizer, make_weight_quantizer, pow2_bit_map, pow2_bits, recalibrate_batchnorm, weight_quantizer,
 )
 from autoprune.policy import Policy
-from autoprune.quant.midrise import midrise_delta, midrise_int
+from autoprune.cost import LayerQuant, measure_cost
+from autoprune.quant.midrise import midrise_delta, midrise_int, tread_int
 
 
 def appendix_a(w: np.ndarray, delta: float, bits: int) -> np.ndarray:
@@ -64,16 +65,54 @@ def test_midrise_frozen_step_clamps_grown_weights_and_keeps_pruned_zeros() -> No
 
 
 @pytest.mark.parametrize("name", ["clip_uniform", "delayed", "saturated"])
-@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("bits", [3, 4, 8, 16])
 def test_cost_model_reads_mid_tread_levels_exactly(name: str, bits: int) -> None:
-    # W_q is k * delta exactly, so midrise_int(W_q, delta) is k + 0.5 for k != 0 and 0 for k == 0, in b bits.
+    # W_q is k * delta exactly from 3 bits on; the cost model reads the integers k back (grid "midtread").
     w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(bits))
     w_q, delta = quantized(name, w, bits=bits)
     k = w_q.detach().to(torch.float64) / delta
     assert torch.equal(k, k.round())
     assert k.min() >= -(2 ** (bits - 1)) and k.max() <= 2 ** (bits - 1) - 1
-    expected = torch.where(k == 0, torch.zeros_like(k), k + 0.5)
-    assert torch.equal(midrise_int(w_q, delta, bits), expected)
+    assert WEIGHT_QUANTIZERS.lookup(name).grid_for(bits) == "midtread"
+    assert torch.equal(tread_int(w_q, delta, bits), k)
+
+
+@pytest.mark.parametrize("name", ["clip_uniform", "delayed", "saturated"])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_signed_low_bit_grids_keep_both_signs(name: str, bits: int) -> None:
+    """Issue 10 bug 4: at 1 bit the old grid was {-M, 0} (every positive weight became 0), at 2 bits lopsided."""
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits))
+    w[0, 0, 0, 0] = 0.0  # a pruned weight stays pruned
+    w_q, delta = quantized(name, w, bits=bits)
+    levels = sorted(set((w_q.detach().double() / delta).flatten().tolist()))
+    expected = {1: [-0.5, 0.0, 0.5], 2: [-1.5, -0.5, 0.0, 0.5, 1.5]}[bits]
+    assert levels == expected
+    assert w_q[0, 0, 0, 0] == 0 and float((w_q == 0).double().mean()) == 1 / w.numel()
+    assert torch.equal(torch.sign(w_q[w != 0]), torch.sign(w[w != 0]))  # every weight keeps its sign
+    # The cost model reads exactly these levels: nonzero count and bits per level.
+    assert WEIGHT_QUANTIZERS.lookup(name).grid_for(bits) == "midrise"
+    assert torch.equal(midrise_int(w_q, delta, bits), (w_q.detach().double() / delta))
+    conv = nn.Conv2d(8, 16, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w_q)
+    report = measure_cost(nn.Sequential(conv).eval(), input_shape=(8, 5, 5), layers={"0": LayerQuant(w_bits=bits, delta=delta, grid="midrise")})
+    row = report.layers[0]
+    assert row.params == w.numel() - 1
+    assert row.esn_d == sum({0.5: 1, 1.5: 2}[abs(v)] for v in (w_q.double() / delta).flatten().tolist() if v != 0)
+
+
+def test_cost_model_counts_mid_tread_levels_in_twos_complement() -> None:
+    """Issue 10 bug 4: a mid-tread layer is costed on its integers k (ESN_d: bits of each k), not on k + 0.5."""
+    conv = nn.Conv2d(1, 2, (1, 4), bias=False)
+    delta = 0.25
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[[1.0, -1.0, 0.0, 0.75]]], [[[0.25, -0.25, -0.5, 0.0]]]]))
+    report = measure_cost(nn.Sequential(conv).eval(), input_shape=(1, 1, 4), layers={"0": LayerQuant(w_bits=4, delta=delta, grid="midtread")})
+    row = report.layers[0]
+    # k = [4, -4, 0, 3] and [1, -1, -2, 0]: bits 4, 3, -, 3 and 2, 1, 2, -.
+    assert row.params == 6 and row.esn_d == 4 + 3 + 3 + 2 + 1 + 2
+    assert row.esn_a == 16 + 16 + 9 + 1 + 1 + 4
+    assert row.esn_d_prime == 3 * 4 + 3 * 2  # per filter: nonzero count x widest level
 
 
 @pytest.mark.parametrize("name", ["midrise", "clip_uniform"])
@@ -149,7 +188,7 @@ def test_saturated_clips_at_the_quantile() -> None:
     w = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(3))
     w[0, 0, 0, 0] = 40.0  # an outlier that max-abs would let stretch the step
     limit = float(np.quantile(w.abs().numpy(), 0.99))
-    w_q, delta = quantized("saturated", w, bits=8, saturation_quantile=0.99)
+    w_q, delta = quantized("saturated", w, bits=8, quantile=0.99)
     assert w_q.abs().max().item() <= limit * (1 + 2**-8)
     assert w_q[0, 0, 0, 0].item() >= limit - 2 * delta  # the outlier sits at the top of the range
     assert delta < 2 * limit / 2**8 * 1.01
@@ -212,8 +251,9 @@ def test_act_quantizer_ste_passes_inside_the_range_only() -> None:
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
-def test_delayed_act_quantizer_waits_for_tq_unless_calibrated() -> None:
-    policy = Policy(act_quantizer="delayed", quant_delay=3)
+def test_delayed_act_quantizer_waits_for_tq_even_when_calibrated() -> None:
+    """Issue 10 bug 1: a calibrated delayed quantizer is still float before its t_q."""
+    policy = Policy(act_quantizer={"kind": "delayed", "delay": 3})
     q = make_act_quantizer(policy, bits=4, start_step=10)
     x = torch.randn(256, generator=torch.Generator().manual_seed(0))
     for step in range(13):
@@ -226,7 +266,10 @@ def test_delayed_act_quantizer_waits_for_tq_unless_calibrated() -> None:
     assert mse < (clip_max_abs(x) - x).square().sum().item()
     early = make_act_quantizer(policy, bits=4)
     assert calibrate(nn.Sequential(early), None, [x, 2 * x]) == 2
-    assert early.calibrated and early.current_step == 0  # calibration fixes the range before t_q
+    assert early.calibrated and early.current_step == 0  # calibration fixes the range before t_q ...
+    assert early(x) is x  # ... but the features stay float until t_q
+    early.advance(3)
+    assert len(torch.unique(early(x))) <= 16
 
 
 def test_act_quantizer_range_survives_state_dict() -> None:
@@ -244,9 +287,9 @@ def test_act_quantizer_range_survives_state_dict() -> None:
 
 
 def test_policy_factories_carry_delay_and_quantile() -> None:
-    policy = Policy(quantizer="saturated", quant_delay=7, saturation_quantile=0.98)
+    policy = Policy(quantizer={"kind": "saturated", "delay": 7, "quantile": 0.98})
     q = make_weight_quantizer(policy, bits=4, start_step=20)
-    assert q.delay == 27 and q.saturation_quantile == 0.98 and q.bits == 4
+    assert q.delay == 27 and q.quantile == 0.98 and q.bits == 4
     assert isinstance(make_weight_quantizer(Policy(), bits=8), MidriseWeight) and make_weight_quantizer(Policy(), bits=8).delay == 0
 
 
@@ -342,3 +385,51 @@ def test_batchnorm_recalibration_matches_the_data_statistics() -> None:
     with pytest.raises(AutopruneError, match="at least one batch"):
         recalibrate_batchnorm(model, [], max_batches=1)
     assert torch.allclose(bn.running_mean, channel_mean, atol=1e-5)  # untouched by the refused call
+
+
+@pytest.mark.parametrize("name", ["midrise", "clip_uniform", "delayed", "saturated"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_per_channel_steps_follow_each_channels_range(name: str, bits: int) -> None:
+    """Issue 15 item 0: one step per output channel; each channel uses its own grid fully."""
+    g = torch.Generator().manual_seed(bits)
+    scales = torch.tensor([0.01, 0.1, 1.0, 10.0]).view(-1, 1, 1, 1)
+    w = torch.randn(4, 3, 3, 3, generator=g) * scales
+    per_tensor = weight_quantizer(name, bits=bits)
+    q = weight_quantizer(name, bits=bits, per_channel=True)
+    w_q = q(w)
+    steps = q.delta
+    assert isinstance(steps, list) and len(steps) == 4
+    assert steps == sorted(steps) and steps[-1] / steps[0] > 100  # each follows its channel's scale
+    for c, step in enumerate(steps):
+        alone = weight_quantizer(name, bits=bits)
+        assert torch.equal(w_q[c], alone(w[c : c + 1])[0]) and alone.delta == step  # the per-tensor rule on the channel
+        levels = torch.unique(w_q[c].double() / step)
+        assert len(levels) <= 2**bits and (levels < 0).any() and (levels > 0).any()
+    # per tensor, the small channels collapse onto a few levels (or zero); per channel they do not
+    assert len(torch.unique(per_tensor(w)[0])) < len(torch.unique(w_q[0]))
+
+
+@pytest.mark.parametrize("name", ["midrise", "clip_uniform"])
+def test_cost_model_counts_per_channel_levels(name: str) -> None:
+    """Issue 15 item 0: LayerQuant takes a step per channel and counts the levels really produced (ESN'_d per filter)."""
+    from autoprune.compress import static_compress
+    from autoprune.cost.esn import bits_of_levels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([0.01, 0.1, 1.0, 10.0]).view(-1, 1, 1, 1))
+    policy = Policy(layers={"_default": {"w_bits": 4, "a_bits": 8}}, quantizer={"kind": name, "per_channel": True})
+    result = static_compress(model, policy, input_shape=(2, 5, 5))
+    steps = result.weight_steps["0"]
+    assert isinstance(steps, list) and len(steps) == 4 and len(result.weight_steps["3"]) == 3
+    row = next(r for r in result.cost((2, 5, 5)).layers if r.name == "0")
+    weight = result.model[0].weight.detach().double()
+    levels = weight / torch.tensor(steps, dtype=torch.float64).view(-1, 1, 1, 1)
+    grid = WEIGHT_QUANTIZERS.lookup(name).grid_for(4)
+    bits = bits_of_levels(levels, grid)
+    assert row.params == int(torch.count_nonzero(weight))
+    assert row.esn_d == float(bits.sum())
+    per_filter = (levels != 0).flatten(1).sum(1).double() * bits.flatten(1).amax(1)
+    assert row.esn_d_prime == pytest.approx(float(per_filter.sum()) * 25)
+    assert bits.flatten(1).amax(1).tolist() == [4.0] * 4  # every channel reaches its top level

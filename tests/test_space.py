@@ -137,3 +137,19 @@ def test_narrow_bits_to_prior_keeps_bits_near_the_prior() -> None:
     off = bind({"layers": {"_default": {"w_bits": {"low": 2, "high": 8}}}})
     off.narrowed_to({"features.0": 4})
     assert off.distributions()["features.0.w_bits"].low == 2
+
+
+def test_operator_configs_are_fixed_or_chosen_by_label() -> None:
+    from autoprune.quant import Delayed, Midrise, Saturated
+
+    space = bind({"policy": {"quantizer": {"choices": ["midrise", {"kind": "delayed", "delay": 50}, {"kind": "saturated", "delay": 50}]}, "pruner": "none"}})
+    dist = space.distributions()["quantizer"]
+    assert isinstance(dist, optuna.distributions.CategoricalDistribution)
+    assert dist.choices == ("midrise", "delayed(delay=50)", "saturated(delay=50)")
+    assert space.policy({"quantizer": "delayed(delay=50)"}).quantizer == Delayed(delay=50)
+    assert space.policy({"quantizer": "midrise"}).quantizer == Midrise() and space.policy({"quantizer": "midrise"}).pruner.kind == "none"
+    assert space.params_for(Policy(quantizer=Saturated(delay=50)))["quantizer"] == "saturated(delay=50)"
+    fixed = bind({"policy": {"quantizer": {"kind": "delayed", "delay": 7}}})
+    assert "quantizer" not in fixed.distributions() and fixed.policy({}).quantizer == Delayed(delay=7)
+    with pytest.raises(AutopruneError, match="'lloyd' is not registered"):
+        bind({"policy": {"quantizer": {"choices": ["midrise", "lloyd"]}}})

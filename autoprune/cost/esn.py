@@ -6,7 +6,14 @@ import math
 
 import torch
 
-from autoprune.quant.midrise import level_bits
+from autoprune.quant.midrise import level_bits, tread_level_bits
+
+GRIDS = ("midrise", "midtread")
+"""How integer weights are read: mid-rise levels {+-0.5, +-1.5, ...} (App. A) or mid-tread integers k."""
+
+
+def bits_of_levels(w_int: torch.Tensor, grid: str = "midrise") -> torch.Tensor:
+    return tread_level_bits(w_int) if grid == "midtread" else level_bits(w_int.to(torch.float64))
 
 
 def esn_a(w_int: torch.Tensor) -> float:
@@ -14,14 +21,14 @@ def esn_a(w_int: torch.Tensor) -> float:
     return float(w_int.to(torch.float64).square().sum().item())
 
 
-def esn_d(w_int: torch.Tensor) -> float:
+def esn_d(w_int: torch.Tensor, grid: str = "midrise") -> float:
     """Linear sum of the bits of every level (eq. 3 as autoprune reads it, c = 1)."""
-    return float(level_bits(w_int.to(torch.float64)).sum().item())
+    return float(bits_of_levels(w_int, grid).sum().item())
 
 
-def filter_bits(w_int: torch.Tensor) -> torch.Tensor:
-    """Bits of each output filter's largest level (dim 0 indexes filters); 0 for a pruned filter."""
-    return level_bits(w_int.to(torch.float64).flatten(1).abs().amax(dim=1))
+def filter_bits(w_int: torch.Tensor, grid: str = "midrise") -> torch.Tensor:
+    """Bits of each output filter's widest level (dim 0 indexes filters); 0 for a pruned filter."""
+    return bits_of_levels(w_int, grid).flatten(1).amax(dim=1)
 
 
 def esn_a_from_snr(weight: torch.Tensor, w_int: torch.Tensor, delta: float) -> float:

@@ -9,10 +9,10 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 from torch import nn
 
-from autoprune.cost.esn import esn_a, esn_d, filter_bits
+from autoprune.cost.esn import GRIDS, esn_a, esn_d, filter_bits
 from autoprune.errors import AutopruneError
 from autoprune.models import probing, reads_tensor
-from autoprune.quant.midrise import midrise_delta, midrise_int
+from autoprune.quant.midrise import midrise_delta, midrise_int, tread_int
 
 FLOAT_BITS = 32
 
@@ -24,20 +24,31 @@ def _check_bits(name: str, bits: Any) -> None:
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """How one layer is costed: its weight bits and the bits / sparsity of the features it reads."""
+    """How one layer is costed: its weight bits and the bits / sparsity of the features it reads.
+
+    ``delta`` is the weight step: one float, or one per output channel (per-channel quantization); ``grid``
+    says which levels the weight quantizer produced (``midrise``: App. A's, ``midtread``: integers k), so the
+    cost counts the levels really used.
+    """
 
     w_bits: int = FLOAT_BITS
     a_bits: int = FLOAT_BITS
     f_sparsity: float = 0.0
-    delta: float | None = None
+    delta: float | tuple[float, ...] | None = None
+    grid: str = "midrise"
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)
         _check_bits("a_bits", self.a_bits)
         if not 0.0 <= self.f_sparsity < 1.0:
             raise AutopruneError("f_sparsity", self.f_sparsity, "must be in [0, 1)")
-        if self.delta is not None and not (math.isfinite(self.delta) and self.delta > 0):
-            raise AutopruneError("delta", self.delta, "must be a positive finite step (or None for max|W| / 2^(b-1))")
+        if isinstance(self.delta, (list, tuple)):
+            object.__setattr__(self, "delta", tuple(float(d) for d in self.delta))
+        steps = self.delta if isinstance(self.delta, tuple) else (self.delta,)
+        if self.delta is not None and not (steps and all(math.isfinite(d) and d > 0 for d in steps)):
+            raise AutopruneError("delta", self.delta, "must be positive finite steps (or None for max|W| / 2^(b-1))")
+        if self.grid not in GRIDS:
+            raise AutopruneError("grid", self.grid, f"must be one of {', '.join(GRIDS)}")
 
 
 @dataclass(frozen=True)
@@ -159,19 +170,26 @@ def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, in
     keep_f = 1.0 - quant.f_sparsity
     a_bits = input_bits if seen.reads_input else quant.a_bits
 
-    delta = quant.delta if quant.delta is not None else midrise_delta(weight, quant.w_bits)
-    w_int = midrise_int(weight, delta, quant.w_bits)
+    delta: float | torch.Tensor = quant.delta if quant.delta is not None else midrise_delta(weight, quant.w_bits)
+    if isinstance(delta, tuple):
+        if len(delta) != weight.shape[0]:
+            raise AutopruneError(f"layers[{name!r}].delta", len(delta), f"steps given for {weight.shape[0]} output channels")
+        delta = torch.tensor(delta, dtype=torch.float64).view(-1, *([1] * (weight.dim() - 1)))
+    if quant.grid == "midtread":
+        w_int = tread_int(weight, delta, quant.w_bits)
+    else:
+        w_int = midrise_int(weight, delta, quant.w_bits)
     nonzero_per_filter = (w_int != 0).flatten(1).sum(dim=1).to(torch.float64)
     params = int(nonzero_per_filter.sum().item())
     dense = weight.numel()
 
     macs = params * positions * keep_f
-    esn_d_prime = float((nonzero_per_filter * filter_bits(w_int)).sum().item()) * positions * keep_f
+    esn_d_prime = float((nonzero_per_filter * filter_bits(w_int, quant.grid)).sum().item()) * positions * keep_f
     return LayerCost(
         name=name, kind=kind, in_channels=in_ch, out_channels=out_ch, groups=groups, kernel=kernel,
         out_hw=tuple(out_hw), in_elements=seen.in_elements, dense_params=dense, params=params,
         w_bits=quant.w_bits, a_bits=a_bits, w_sparsity=1.0 - params / dense, f_sparsity=quant.f_sparsity,
-        macs=float(macs), bops=float(macs * quant.w_bits * a_bits), esn_a=esn_a(w_int), esn_d=esn_d(w_int),
+        macs=float(macs), bops=float(macs * quant.w_bits * a_bits), esn_a=esn_a(w_int), esn_d=esn_d(w_int, quant.grid),
         esn_d_prime=esn_d_prime,
         memory_mb=(params * quant.w_bits + seen.in_elements * a_bits * keep_f) / 1e6,
     )

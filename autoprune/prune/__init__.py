@@ -1,4 +1,9 @@
-"""Pruning: structured (whole channels, registered pruners) and unstructured (weights, features)."""
+"""Pruning: structured (whole channels, pruners registered per config) and unstructured (weights, features).
+
+Pruner configs (``policy.pruner``): ``SignalNorm`` (takes keep ratios), ``PfQ`` (chooses channels itself), ``NoPruning``.
+"""
+
+from autoprune.operators import NoPruning, PfQ, SignalNorm
 
 from autoprune.prune.pfq import fold_batchnorm
 from autoprune.prune.structured import (
@@ -19,6 +24,7 @@ from autoprune.prune.structured import (
 from autoprune.prune.unstructured import FeatureMask, FeatureMasker, WeightMasker, attach_feature_mask, keep_largest, sparsity_at
 
 __all__ = [
+    "NoPruning", "PfQ", "SignalNorm",
     "ChannelGroup", "LayerPruning", "PrunePlan", "PruneRequest", "StructuredRecord", "channel_groups", "fold_batchnorm",
     "keep_count", "prune_structured", "FeatureMask", "FeatureMasker", "WeightMasker", "attach_feature_mask",
     "keep_largest", "sparsity_at", "pruner", "register_pruner", "registered_pruners", "replay_structured",

@@ -36,6 +36,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, probing
+from autoprune.operators import PfQ
 from autoprune.prune.structured import PrunePlan, PruneRequest, refuse_keep_ratios, register_pruner
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -88,10 +89,10 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
             conv.bias.copy_(folded_bias)
 
 
-@register_pruner("pfq")
+@register_pruner(PfQ)
 def pfq(request: PruneRequest) -> PrunePlan:
-    """Remove the channels whose BN running variance is below ``pfq_eps`` and fold their constant output."""
-    refuse_keep_ratios(request, "pfq")
+    """Remove the channels whose BN running variance is below the config's ``eps`` and fold their constant output."""
+    refuse_keep_ratios(request)
     model, graph = request.model, request.graph
     modules = dict(model.named_modules())
     names = {module: name for name, module in modules.items()}
@@ -104,7 +105,7 @@ def pfq(request: PruneRequest) -> PrunePlan:
         variance = _group_variance(graph, full, group.channels)
         if variance is None:
             continue
-        dead = [c for c in range(group.channels) if variance[c] < request.pfq_eps]
+        dead = [c for c in range(group.channels) if variance[c] < request.config.eps]
         if len(dead) == group.channels:  # a layer with no channel left would cut the network in two
             dead.remove(int(torch.argmax(variance)))
         if not dead:

@@ -9,7 +9,8 @@ keep ratio per group (``channel_groups``), so no sampled value is ever silently 
 channels are the model's output (the final classifier) or that hold a single channel are not listed: a
 ratio for them could do nothing.
 
-A pruner is a registered function (``register_pruner``) that, given the groups and their keep ratios, says
+A pruner is a function registered for a pruner config class (``register_pruner(SignalNorm)``, configs in
+``autoprune.operators``) that, given the groups, their keep ratios and its config, says
 which channels each group keeps and which constants to fold into the following layers (``PrunePlan``).
 ``prune_structured`` then removes the other channels with Torch-Pruning, and returns a
 ``StructuredRecord``: per layer name the kept output channel indices, and the folded constants. A record
@@ -30,6 +31,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, compressible_layers
+from autoprune.operators import PRUNER, NoPruning, PrunerConfig, SignalNorm, kinds, parse_config
 
 
 @dataclass(frozen=True)
@@ -60,18 +62,37 @@ class StructuredRecord:
     ``layers`` lists only the layers that lost channels. ``folds`` maps a tensor name (``"fc.bias"``,
     ``"layers.0.bn1.running_mean"``) to the values added to it before the channels were removed; a bias
     named there that the base layer lacks is created (PfQ folds constants into it).
+
+    ``then`` holds later prunings of the same model (the PfQ workflow prunes twice), each relative to the
+    model the one before it left; ``replay_structured`` applies them in order.
     """
 
     method: str
     layers: dict[str, LayerPruning] = field(default_factory=dict)
     folds: dict[str, list[float]] = field(default_factory=dict)
+    then: tuple["StructuredRecord", ...] = ()
+
+    def followed_by(self, later: "StructuredRecord") -> "StructuredRecord":
+        """This record with ``later`` (made on the model this one left) appended to its sequence."""
+        return StructuredRecord(method=self.method, layers=self.layers, folds=self.folds, then=(*self.then, later))
+
+    def kept_in_base(self) -> dict[str, list[int]]:
+        """Per layer that lost channels in any step, the base model's channel indices it keeps in the end."""
+        kept = {name: list(p.kept) for name, p in self.layers.items()}
+        for later in self.then:
+            for name, p in later.layers.items():
+                kept[name] = [kept[name][i] for i in p.kept] if name in kept else list(p.kept)
+        return kept
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "method": self.method,
             "layers": {n: {"kept": list(p.kept), "before": p.before, "after": p.after} for n, p in self.layers.items()},
             "folds": {n: list(v) for n, v in self.folds.items()},
         }
+        if self.then:
+            data["then"] = [later.to_dict() for later in self.then]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "StructuredRecord":
@@ -82,24 +103,26 @@ class StructuredRecord:
             }
             folds = {str(name): [float(v) for v in values] for name, values in data.get("folds", {}).items()}
             method = str(data["method"])
+            then = tuple(cls.from_dict(later) for later in data.get("then", []))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise AutopruneError("structured record", type(data).__name__, f"is not a structured pruning record ({exc!r})") from None
         for name, entry in layers.items():
             if entry.after != len(entry.kept) or len(set(entry.kept)) != entry.after or not all(0 <= i < entry.before for i in entry.kept):
                 raise AutopruneError(f"structured record: layers.{name}", entry.kept, f"are not {entry.after} distinct channel indices below {entry.before}")
-        return cls(method=method, layers=layers, folds=folds)
+        return cls(method=method, layers=layers, folds=folds, then=then)
 
 
 @dataclass(frozen=True)
 class PruneRequest:
-    """What a registered pruner sees. ``keep`` maps group names to the keep ratio given for the group."""
+    """What a registered pruner sees. ``keep`` maps group names to the keep ratio given for the group;
+    ``config`` is the pruner's own config."""
 
     model: nn.Module
     graph: tp.DependencyGraph
     groups: tuple[ChannelGroup, ...]
     keep: Mapping[str, float]
     example_input: torch.Tensor
-    pfq_eps: float
+    config: PrunerConfig
 
 
 @dataclass(frozen=True)
@@ -112,27 +135,29 @@ class PrunePlan:
 
 
 Pruner = Callable[[PruneRequest], PrunePlan]
-_PRUNERS: dict[str, Pruner] = {}
+_PRUNERS: dict[type[PrunerConfig], Pruner] = {}
 
 
-def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
-    """Register a structured pruner under ``name`` (the policy's ``pruner`` field)."""
+def register_pruner(config: type[PrunerConfig]) -> Callable[[Pruner], Pruner]:
+    """Register a structured pruner as the handler of a pruner config class (the policy's ``pruner``)."""
 
     def decorate(fn: Pruner) -> Pruner:
-        _PRUNERS[name] = fn
+        _PRUNERS[config] = fn
         return fn
 
     return decorate
 
 
-def pruner(name: str) -> Pruner:
-    if name not in _PRUNERS:
-        raise AutopruneError("policy.pruner", name, f"is not registered (registered: {', '.join(sorted(_PRUNERS))})")
-    return _PRUNERS[name]
+def pruner(config: PrunerConfig | str | Any) -> Pruner:
+    """The pruner registered for a config (or a bare kind)."""
+    config = parse_config(PRUNER, config)
+    if type(config) not in _PRUNERS:
+        raise AutopruneError("policy.pruner", config.kind, f"has no registered pruner (registered: {', '.join(kinds(PRUNER))})")
+    return _PRUNERS[type(config)]
 
 
 def registered_pruners() -> tuple[str, ...]:
-    return tuple(sorted(_PRUNERS))
+    return tuple(sorted(c.model_fields["kind"].default for c in _PRUNERS))
 
 
 def keep_count(ratio: float, channels: int) -> int:
@@ -181,26 +206,26 @@ def prune_structured(
     *,
     keep: Mapping[str, float],
     example_input: torch.Tensor,
-    method: str = "signal_norm",
-    pfq_eps: float = 1e-6,
+    method: PrunerConfig | str = "signal_norm",
 ) -> StructuredRecord:
-    """Remove output channels in place with the registered pruner ``method``.
+    """Remove output channels in place with the pruner registered for ``method`` (a config or a bare kind).
 
     ``keep`` maps layer names to keep ratios in (0, 1]; a layer not named keeps all its channels (ratio 1).
     The members of a channel group share their channels, so they must all have the same ratio: naming one
     member of a group with a ratio below 1 means naming every member with that ratio, or this raises. A
     layer outside every group (the final classifier) may only be given 1.0.
     """
-    prune_fn = pruner(method)
+    config = parse_config(PRUNER, method)
+    prune_fn = pruner(config)
     graph = dependency_graph(model, example_input)
     groups = tuple(groups_in_graph(model, graph))
     request = PruneRequest(
         model=model, graph=graph, groups=groups, keep=_group_ratios(model, groups, keep),
-        example_input=example_input, pfq_eps=pfq_eps,
+        example_input=example_input, config=config,
     )
     plan = prune_fn(request)
     record = StructuredRecord(
-        method=method,
+        method=config.kind,
         layers={
             layer: LayerPruning(kept=sorted(plan.kept[group.name]), before=group.channels, after=len(plan.kept[group.name]))
             for group in groups if group.name in plan.kept
@@ -237,6 +262,8 @@ def replay_structured(model: nn.Module, record: StructuredRecord, *, example_inp
             raise AutopruneError(f"structured record: folds.{name}", len(values), f"values do not match the tensor's {size}")
         folds[name] = torch.tensor(values, dtype=torch.float64)
     _apply(model, graph, groups, kept=kept, folds=folds)
+    for later in record.then:
+        replay_structured(model, later, example_input=example_input)
     return model
 
 
@@ -306,7 +333,7 @@ def _apply(
         graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, removed).prune()
 
 
-@register_pruner("signal_norm")
+@register_pruner(SignalNorm)
 def signal_norm(request: PruneRequest) -> PrunePlan:
     """Keep, per group, the channels with the largest signal norm (seed 000 sec. 3): the squared L2 norm of
     the output filter, summed over the group's members (eq. 5's signal ``||W||^2``, per channel)."""
@@ -323,14 +350,15 @@ def signal_norm(request: PruneRequest) -> PrunePlan:
     return PrunePlan(kept=kept)
 
 
-def refuse_keep_ratios(request: PruneRequest, method: str) -> None:
-    """A pruner that chooses channels by itself must not be handed ratios it would ignore."""
+def refuse_keep_ratios(request: PruneRequest) -> None:
+    """A pruner that takes no keep ratios must not be handed ratios it would ignore."""
     ratios = {name: ratio for name, ratio in request.keep.items() if ratio < 1.0}
-    if ratios:
-        raise AutopruneError("keep", ratios, f"are ignored by pruner {method!r}, which chooses the channels itself (use signal_norm for keep ratios)")
+    if ratios and not request.config.takes_keep_ratios:
+        rule = f"are ignored by pruner {request.config.kind!r}, which takes no keep ratios (use signal_norm for keep ratios)"
+        raise AutopruneError("keep", ratios, rule)
 
 
-@register_pruner("none")
+@register_pruner(NoPruning)
 def no_pruning(request: PruneRequest) -> PrunePlan:
-    refuse_keep_ratios(request, "none")
+    refuse_keep_ratios(request)
     return PrunePlan()

@@ -26,6 +26,7 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError
@@ -97,6 +98,10 @@ class WeightMasker(_Scheduled):
 
     Call ``update(step)`` and then ``apply()`` after each optimizer step: the optimizer moves pruned
     weights off zero (their gradient is not zero), ``apply`` puts them back.
+
+    The masks act on the trained tensor: the layer's ``weight`` parameter, or the original under a
+    parametrization (a weight quantizer), looked up at every use. ``layer.weight`` of a parametrized layer is
+    computed at each access, so editing it would change nothing.
     """
 
     def __init__(
@@ -104,17 +109,23 @@ class WeightMasker(_Scheduled):
     ) -> None:
         super().__init__(targets, kind="weight", start=start, interval=interval, updates=updates)
         modules = dict(model.named_modules())
-        self._weights: dict[str, torch.Tensor] = {}
+        self._layers: dict[str, nn.Module] = {}
         for name in self._targets:
             weight = getattr(modules.get(name), "weight", None)
             if not isinstance(weight, torch.Tensor):
                 with_weights = [n for n, m in modules.items() if isinstance(getattr(m, "weight", None), torch.Tensor)]
                 rule = f"is not a layer with weights (layers: {', '.join(with_weights)})"
                 raise AutopruneError("weight sparsity", name, rule)
-            self._weights[name] = weight
-        self._masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in self._weights.items()}
+            self._layers[name] = modules[name]
+        self._masks = {name: torch.ones_like(self._weight(name), dtype=torch.bool) for name in self._layers}
         # Where a weight is masked, the value it had when pruned: the magnitude it competes with at the next refit.
-        self._pruned_values = {name: torch.zeros_like(w.detach()) for name, w in self._weights.items()}
+        self._pruned_values = {name: torch.zeros_like(self._weight(name).detach()) for name in self._layers}
+
+    def _weight(self, name: str) -> torch.Tensor:
+        layer = self._layers[name]
+        if parametrize.is_parametrized(layer, "weight"):
+            return layer.parametrizations.weight.original
+        return layer.weight
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -124,12 +135,12 @@ class WeightMasker(_Scheduled):
     @torch.no_grad()
     def apply(self) -> None:
         """Zero every masked weight again."""
-        for name, weight in self._weights.items():
-            weight.mul_(self._masks[name])
+        for name in self._layers:
+            self._weight(name).mul_(self._masks[name])
 
     @torch.no_grad()
     def _refit(self, name: str, level: float) -> None:
-        weight = self._weights[name]
+        weight = self._weight(name)
         dense = torch.where(self._masks[name], weight, self._pruned_values[name])
         mask = keep_largest(dense.abs(), level)
         weight.copy_(dense.masked_fill(~mask, 0.0))

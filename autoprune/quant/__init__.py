@@ -1,14 +1,19 @@
 """Quantization: fake quantizers with a straight-through estimator, registered by name, and the model-level
 steps around them (calibration, delayed-quantization step counter, baking, BN recalibration).
 
-Weight quantizers (``policy.quantizer``): ``midrise`` (seed 000 App. A, the cost model's own levels),
-``clip_uniform`` (seed 003 eq. 20-21), ``delayed`` (seed 004 eq. 5), ``saturated`` (seed 004 eq. 6-7).
-Activation quantizers (``policy.act_quantizer``): ``clip_uniform``, ``delayed``, ``saturated``.
+Weight quantizers (``policy.quantizer``, configs ``Midrise``, ``ClipUniform``, ``Delayed``, ``Saturated``):
+``midrise`` (seed 000 App. A, the cost model's own levels), ``clip_uniform`` (seed 003 eq. 20-21), ``delayed``
+(seed 004 eq. 5), ``saturated`` (seed 004 eq. 6-7). Activation quantizers (``policy.act_quantizer``, configs
+``ClipUniformAct``, ``DelayedAct``, ``SaturatedAct``). Each quantizer class is registered as the handler of its
+config class.
 """
 
+from autoprune.operators import (
+    ClipUniform, ClipUniformAct, Delayed, DelayedAct, Midrise, Saturated, SaturatedAct,
+)
 from autoprune.quant.act import (
-    ACT_QUANTIZERS, ActQuantizer, ClipUniformAct, DelayedAct, SaturatedAct, act_quantizer, make_act_quantizer,
-    register_act_quantizer,
+    ACT_QUANTIZERS, ActQuantizer, ClipUniformActQuantizer, DelayedActQuantizer, SaturatedActQuantizer, act_quantizer,
+    make_act_quantizer, register_act_quantizer,
 )
 from autoprune.quant.midrise import level_bits, midrise_delta, midrise_int
 from autoprune.quant.model import (
@@ -22,7 +27,9 @@ from autoprune.quant.weight import (
 
 __all__ = [
     "ACT_QUANT", "ACT_QUANTIZERS", "WEIGHT_QUANTIZERS",
-    "ActQuantizer", "ClipUniformAct", "DelayedAct", "SaturatedAct", "act_quantizer", "make_act_quantizer",
+    "Midrise", "ClipUniform", "Delayed", "Saturated", "ClipUniformAct", "DelayedAct", "SaturatedAct",
+    "ActQuantizer", "ClipUniformActQuantizer", "DelayedActQuantizer", "SaturatedActQuantizer", "act_quantizer",
+    "make_act_quantizer",
     "register_act_quantizer",
     "WeightQuantizer", "MidriseWeight", "ClipUniformWeight", "DelayedWeight", "SaturatedWeight",
     "weight_quantizer", "make_weight_quantizer", "register_weight_quantizer",

@@ -4,25 +4,29 @@ A quantizer learns its range from data:
 
 - Calibration: while ``observing`` it records the running min / max (and a bounded sample) of what passes and
   lets it through unchanged; ``fix_range()`` then fixes the step from what it saw. ``calibrate`` does both
-  for a whole model. Calibration fixes the range whatever the step counter says.
-- Without calibration the quantizer is identity until ``advance(step)`` reaches ``delay`` and fixes its range
-  on the first batch from then on, the x_tq of seed 004 eq. 5.
+  for a whole model.
+- The quantizer is identity while ``advance(step)`` has not reached ``delay``, calibrated or not (seed 004
+  eq. 5: features stay float before t_q). At ``delay`` an uncalibrated one fixes its range on the batch it
+  sees then, the x_tq of eq. 5. ``start_now()`` moves the delay to the current step (post-training use, the
+  end of a fine-tune shorter than the delay).
 
-The range is unsigned when the observed minimum is >= 0 (after a ReLU), else signed; either way the grid is
-mid-tread (``autoprune.quant.uniform``), so zero stays exactly zero and features masked before the quantizer
-stay masked. The step and the sign are buffers: a saved model loads back calibrated. 32 bits is identity.
+The range is unsigned when the observed minimum is >= 0 (after a ReLU), else signed; the grid is mid-tread
+(mid-rise for signed ranges below 3 bits, ``autoprune.quant.uniform``); zero stays exactly zero either way,
+so features masked before the quantizer stay masked. The step and the sign are buffers: a saved model loads
+back calibrated. 32 bits is identity.
 ``reset()`` forgets range and statistics, for a new calibration (after pruning, say).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
+from autoprune.operators import ACT_QUANTIZER, ActQuantizerConfig, ClipUniformAct, DelayedAct, OperatorConfig, SaturatedAct, parse_config
 from autoprune.policy import FLOAT_BITS, Policy
 from autoprune.quant.registry import Registry
 from autoprune.quant.uniform import fake_uniform, mse_optimal_step, quantile, uniform_step
@@ -37,6 +41,9 @@ class ActQuantizer(nn.Module, ABC):
 
     step_size: torch.Tensor
     is_signed: torch.Tensor
+    config_class: ClassVar[type[OperatorConfig]]
+    fixes_range_at_delay: ClassVar[bool] = False
+    """True: the range comes from the batch at t_q (seed 004), so the fine-tune does not calibrate it up front."""
 
     def __init__(self, *, bits: int, delay: int = 0) -> None:
         super().__init__()
@@ -52,8 +59,8 @@ class ActQuantizer(nn.Module, ABC):
         self.reset()
 
     @classmethod
-    def from_options(cls, *, bits: int, delay: int, saturation_quantile: float) -> ActQuantizer:
-        """Build from the policy's options; a quantizer takes the ones it uses."""
+    def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> ActQuantizer:
+        """Build from the config it handles, introduced at ``start_step`` (a delay counts from there)."""
         return cls(bits=bits)
 
     def reset(self) -> None:
@@ -82,8 +89,12 @@ class ActQuantizer(nn.Module, ABC):
         return bool(self.is_signed)
 
     def advance(self, step: int) -> None:
-        """Tell the quantizer the training step; an uncalibrated one starts at ``step >= delay``."""
+        """Tell the quantizer the training step; it quantizes from ``step >= delay``."""
         self.current_step = step
+
+    def start_now(self) -> None:
+        """Quantize from the current step on, whatever the delay said."""
+        self.delay = min(self.delay, self.current_step)
 
     def fix_range(self) -> None:
         """Fix the step from everything observed since ``reset()``."""
@@ -98,9 +109,10 @@ class ActQuantizer(nn.Module, ABC):
         if self.observing:
             self._observe(x.detach())
             return x
+        if self.current_step < self.delay:
+            return x
         if not self.calibrated:
-            if self.current_step < self.delay:
-                return x
+            self.reset()
             self._observe(x.detach())
             self.fix_range()
         return fake_uniform(x, step=self.delta, bits=self._bits, signed=self.signed)
@@ -124,62 +136,66 @@ class ActQuantizer(nn.Module, ABC):
         """The step, from the statistics observed and a sample of the observed values."""
 
 
-ACT_QUANTIZERS: Registry[type[ActQuantizer]] = Registry("policy.act_quantizer")
+ACT_QUANTIZERS: Registry[type[ActQuantizer]] = Registry(ACT_QUANTIZER)
 
 
-def register_act_quantizer(name: str) -> Callable[[type[ActQuantizer]], type[ActQuantizer]]:
-    """Class decorator: make an ``ActQuantizer`` subclass available as ``policy.act_quantizer: <name>``."""
-    return ACT_QUANTIZERS.register(name)
+def register_act_quantizer(config: type[ActQuantizerConfig]) -> Callable[[type[ActQuantizer]], type[ActQuantizer]]:
+    """Class decorator: make an ``ActQuantizer`` subclass the handler of an activation quantizer config class."""
+    return ACT_QUANTIZERS.register(config)
 
 
-def act_quantizer(name: str, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> ActQuantizer:
-    """A new activation quantizer by registered name; ``delay`` and ``saturation_quantile`` as in the policy."""
-    return ACT_QUANTIZERS.create(name, bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+def act_quantizer(config: ActQuantizerConfig | str | Any, *, bits: int, **fields: Any) -> ActQuantizer:
+    """A new activation quantizer for a config (or a kind, with ``fields`` of its config: ``delay=5``)."""
+    if fields:
+        config = parse_config(ACT_QUANTIZER, {**ACT_QUANTIZERS.config(config).to_dict(), **fields})
+    return ACT_QUANTIZERS.create(config, bits=bits)
 
 
 def make_act_quantizer(policy: Policy, *, bits: int, start_step: int = 0) -> ActQuantizer:
-    """The policy's activation quantizer for one layer input, introduced at ``start_step``: an uncalibrated
-    ``delayed`` / ``saturated`` one starts at ``start_step + policy.quant_delay``."""
-    return act_quantizer(
-        policy.act_quantizer, bits=bits, delay=start_step + policy.quant_delay, saturation_quantile=policy.saturation_quantile
-    )
+    """The policy's activation quantizer for one layer input, introduced at ``start_step``: a ``delayed`` /
+    ``saturated`` one is float until ``start_step + delay``."""
+    return ACT_QUANTIZERS.create(policy.act_quantizer, bits=bits, start_step=start_step)
 
 
-@register_act_quantizer("clip_uniform")
-class ClipUniformAct(ActQuantizer):
+@register_act_quantizer(ClipUniformAct)
+class ClipUniformActQuantizer(ActQuantizer):
     """Seed 003 eq. 20-21 on the observed range: [-max|x|, max|x|], or [0, max x] after a ReLU."""
 
     def _choose_delta(self, sample: torch.Tensor) -> float:
         return uniform_step(self._max_abs(), bits=self._bits, signed=self.signed)
 
 
-@register_act_quantizer("delayed")
-class DelayedAct(ActQuantizer):
+@register_act_quantizer(DelayedAct)
+class DelayedActQuantizer(ActQuantizer):
     """Seed 004 eq. 5 on features: identity until ``delay``, then the MSE-optimal step (clip ranges k/100
     of the largest magnitude seen, error measured on the observed values), fixed from then on."""
 
+    fixes_range_at_delay = True
+
     @classmethod
-    def from_options(cls, *, bits: int, delay: int, saturation_quantile: float) -> ActQuantizer:
-        return cls(bits=bits, delay=delay)
+    def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> ActQuantizer:
+        return cls(bits=bits, delay=start_step + config.delay)
 
     def _choose_delta(self, sample: torch.Tensor) -> float:
         return mse_optimal_step(sample, bits=self._bits, signed=self.signed, clip=self._max_abs())
 
 
-@register_act_quantizer("saturated")
-class SaturatedAct(ActQuantizer):
+@register_act_quantizer(SaturatedAct)
+class SaturatedActQuantizer(ActQuantizer):
     """Seed 004 eq. 6-7 on features: the limit is the q-quantile of the nonzero |x|, averaged over the
     observed batches; the step minimises the error against the observed values saturated at that limit."""
 
-    def __init__(self, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> None:
-        if not 0.5 < saturation_quantile <= 1.0:
-            raise AutopruneError("policy.saturation_quantile", saturation_quantile, "must be in (0.5, 1]")
+    fixes_range_at_delay = True
+
+    def __init__(self, *, bits: int, delay: int = 0, quantile: float = 0.999) -> None:
+        if not 0.5 < quantile <= 1.0:
+            raise AutopruneError("quantile", quantile, "must be in (0.5, 1]")
         super().__init__(bits=bits, delay=delay)
-        self.saturation_quantile = saturation_quantile
+        self.quantile = quantile
 
     @classmethod
-    def from_options(cls, *, bits: int, delay: int, saturation_quantile: float) -> ActQuantizer:
-        return cls(bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+    def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> ActQuantizer:
+        return cls(bits=bits, delay=start_step + config.delay, quantile=config.quantile)
 
     def reset(self) -> None:
         super().reset()
@@ -187,7 +203,7 @@ class SaturatedAct(ActQuantizer):
 
     def _observe(self, x: torch.Tensor) -> None:
         super()._observe(x)
-        self._limits.append(quantile(x, self.saturation_quantile))
+        self._limits.append(quantile(x, self.quantile))
 
     def _choose_delta(self, sample: torch.Tensor) -> float:
         limit = sum(self._limits) / len(self._limits)

@@ -31,3 +31,18 @@ def level_bits(w_int: torch.Tensor) -> torch.Tensor:
     magnitude = w_int.abs()
     bits = torch.clamp(torch.ceil(torch.log2(magnitude.clamp_min(0.5)) + 1), min=1)
     return torch.where(magnitude == 0, torch.zeros_like(bits), bits)
+
+
+def tread_int(weight: torch.Tensor, delta: float | torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers k of a mid-tread b-bit grid (W_q = k * delta): round(W / delta) in two's complement range."""
+    w = weight.detach().to(torch.float64)
+    return torch.clamp(torch.round(w / delta), -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+
+
+def tread_level_bits(k: torch.Tensor) -> torch.Tensor:
+    """Two's complement bits of each integer level k: 1 + ceil(log2(k + 1)) for k > 0, 1 + ceil(log2(-k)) for
+    k < 0 (-1 fits 1 bit, +1 needs 2), 0 for a zero weight."""
+    k = k.to(torch.float64)
+    positive = 1 + torch.ceil(torch.log2(k.clamp_min(0) + 1))
+    negative = 1 + torch.ceil(torch.log2((-k).clamp_min(1)))
+    return torch.where(k > 0, positive, torch.where(k < 0, negative, torch.zeros_like(k)))

@@ -63,7 +63,7 @@ def calibrate(
         quantizer.observing = True
     model.eval()
     try:
-        count = _run(model, batches, max_batches=max_batches)
+        count = run_batches(model, batches, max_batches=max_batches)
     finally:
         for quantizer in chosen:
             quantizer.observing = False
@@ -128,7 +128,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], *, max_bat
         norm.momentum = None
         norm.train()
     try:
-        return _run(model, chain([first], remaining), max_batches=max_batches)
+        return run_batches(model, chain([first], remaining), max_batches=max_batches)
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
@@ -140,7 +140,7 @@ def _check_max_batches(max_batches: int) -> None:
         raise AutopruneError("max_batches", max_batches, "must be at least 1")
 
 
-def _run(model: nn.Module, batches: Iterable[Batch], *, max_batches: int | None) -> int:
+def run_batches(model: nn.Module, batches: Iterable[Batch], *, max_batches: int | None) -> int:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     count = 0
     with torch.no_grad():

@@ -1,44 +1,53 @@
-"""Name -> class tables behind ``policy.quantizer`` and ``policy.act_quantizer`` (DESIGN decision 2)."""
+"""Config class -> quantizer class tables behind ``policy.quantizer`` and ``policy.act_quantizer``.
+
+A quantizer class registers itself as the handler of one config class (``autoprune.operators``); building
+a quantizer looks the handler up by the config's type, never by comparing names.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
 
 from autoprune.errors import AutopruneError
+from autoprune.operators import OperatorConfig, parse_config
 
 T = TypeVar("T", bound=type)
 
 
 class Registry(Generic[T]):
-    """Classes registered under names; ``field`` is the policy field that names them, for error messages."""
+    """Quantizer classes registered per config class; ``family`` is the policy field that configures them."""
 
-    def __init__(self, field: str) -> None:
-        self.field = field
-        self._classes: dict[str, T] = {}
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._classes: dict[type[OperatorConfig], T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, config: type[OperatorConfig]) -> Callable[[T], T]:
         def add(cls: T) -> T:
-            if name in self._classes:
-                raise AutopruneError(self.field, name, f"is already registered (by {self._classes[name].__qualname__})")
-            self._classes[name] = cls
+            if config in self._classes:
+                raise AutopruneError(f"policy.{self.family}", config.__name__, f"already has a handler ({self._classes[config].__qualname__})")
+            self._classes[config] = cls
+            cls.config_class = config
             return cls
 
         return add
 
-    def lookup(self, name: str) -> T:
-        if name not in self._classes:
-            raise AutopruneError(self.field, name, f"is not registered (registered: {', '.join(self.names())})")
-        return self._classes[name]
+    def config(self, value: OperatorConfig | str | Any) -> OperatorConfig:
+        """A config of this family from a config, a bare kind or a mapping."""
+        return parse_config(self.family, value)
 
-    def create(self, name: str, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> Any:
-        """A new quantizer by registered name; ``delay`` and ``saturation_quantile`` as in the policy."""
-        return self.lookup(name).from_options(bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+    def lookup(self, config: OperatorConfig | str | Any) -> T:
+        config = self.config(config)
+        if type(config) not in self._classes:
+            raise AutopruneError(f"policy.{self.family}", config.kind, "has no registered quantizer")
+        return self._classes[type(config)]
 
-    def name_of(self, cls: type) -> str:
-        for name, registered in self._classes.items():
+    def create(self, config: OperatorConfig | str | Any, **options: Any) -> Any:
+        """A new quantizer for ``config`` (options: ``bits``, ``delay``, handled by the quantizer class)."""
+        config = self.config(config)
+        return self.lookup(config).from_config(config, **options)
+
+    def kind_of(self, cls: type) -> str:
+        for config, registered in self._classes.items():
             if registered is cls:
-                return name
-        raise AutopruneError(self.field, cls.__qualname__, f"is not a registered class (registered: {', '.join(self.names())})")
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._classes)
+                return config.model_fields["kind"].default
+        raise AutopruneError(f"policy.{self.family}", cls.__qualname__, "is not a registered quantizer class")

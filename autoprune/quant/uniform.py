@@ -8,6 +8,12 @@ With m = -M that is ``round(clip(x) / scale) * scale`` (m is a whole number of s
 zero is a level, so pruned weights and masked features stay exactly zero. Rounded as printed, the grid has
 2^n + 1 levels, one more than n bits hold; the integer is clamped to 2^n levels (signed -2^(n-1) .. 2^(n-1) - 1,
 unsigned 0 .. 2^n - 1), which drops the single top level M.
+
+A signed grid below ``MIDRISE_BELOW`` bits is *mid-rise* instead: two's complement at 1 bit is {-M, 0},
+which sends every positive value to zero, and at 2 bits {-2, -1, 0, 1} steps is lopsided. The mid-rise
+levels (k + 1/2) * step, k = -2^(n-1) .. 2^(n-1) - 1, keep both signs and symmetry (+-step/2 at 1 bit,
++-step/2 and +-3 step/2 at 2 bits), the form of seed 000 App. A. An exact zero stays zero there too (a pruned
+weight or a masked feature is not a value to represent).
 """
 
 from __future__ import annotations
@@ -41,15 +47,27 @@ def uniform_step(clip: float, *, bits: int, signed: bool) -> float:
     return math.ldexp(math.ceil(mantissa * 2**precision) / 2**precision, exponent)
 
 
+MIDRISE_BELOW = 3
+"""Signed grids of fewer bits are mid-rise (see the module docstring)."""
+
+
+def is_midrise(*, bits: int, signed: bool) -> bool:
+    return signed and bits < MIDRISE_BELOW
+
+
 def level_range(*, bits: int, signed: bool) -> tuple[int, int]:
     """The integers of an n-bit grid: two's complement when signed, 0 .. 2^n - 1 otherwise."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
-def uniform_values(x: torch.Tensor, *, step: float, bits: int, signed: bool) -> torch.Tensor:
-    """Eq. 20 on the n-bit grid, no gradient."""
+def uniform_values(x: torch.Tensor, *, step: float | torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Eq. 20 on the n-bit grid (mid-rise for signed grids below 3 bits), no gradient."""
     low, high = level_range(bits=bits, signed=signed)
-    return torch.clamp(torch.round(x.detach() / step), low, high) * step
+    x = x.detach()
+    if is_midrise(bits=bits, signed=signed):
+        levels = torch.clamp(torch.floor(x / step), low, high) + 0.5
+        return torch.where(x == 0, torch.zeros_like(x), levels * step)
+    return torch.clamp(torch.round(x / step), low, high) * step
 
 
 def straight_through(x: torch.Tensor, quantized: torch.Tensor, passes: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,7 +81,7 @@ def straight_through(x: torch.Tensor, quantized: torch.Tensor, passes: torch.Ten
     return quantized.detach() + through
 
 
-def fake_uniform(x: torch.Tensor, *, step: float, bits: int, signed: bool) -> torch.Tensor:
+def fake_uniform(x: torch.Tensor, *, step: float | torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Eq. 20 in float with the STE of seed 003: the gradient passes inside the clip range only."""
     top = 2 ** (bits - 1) * step if signed else 2**bits * step
     passes = (x >= -top) & (x <= top) if signed else (x >= 0) & (x <= top)

@@ -8,25 +8,28 @@ How the cost model reads them. It computes ``midrise_int(W_q, delta, bits)`` fro
 
 - ``midrise`` produces W_q = delta * midrise_int(W, delta, bits) exactly, so the cost model reads back the
   very levels used (App. A of seed 000).
-- ``clip_uniform``, ``delayed`` and ``saturated`` are mid-tread: W_q = k * delta with an integer
-  k in [-2^(b-1), 2^(b-1) - 1] (exact in float32 up to 16 bits, see ``uniform_step``). The cost model reads
-  the level k + 0.5 for k != 0 and 0 for k = 0: zeros stay pruned and every level fits b bits, but the
-  magnitudes it reads are half a step larger than |k| for k > 0 and half a step smaller for k < 0.
+- ``clip_uniform``, ``delayed`` and ``saturated`` are mid-tread from 3 bits: W_q = k * delta with an integer
+  k in [-2^(b-1), 2^(b-1) - 1] (exact in float32 up to 16 bits, see ``uniform_step``); below 3 bits they are
+  mid-rise (both signs at 1 and 2 bits, see ``autoprune.quant.uniform``). ``grid_for(bits)`` tells the cost
+  model which, so it reads back the integers k (``tread_int``) or the mid-rise levels actually produced.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
+from autoprune.operators import (
+    WEIGHT_QUANTIZER, ClipUniform, Delayed, Midrise, OperatorConfig, Saturated, WeightQuantizerConfig, parse_config,
+)
 from autoprune.policy import FLOAT_BITS, Policy
 from autoprune.quant.midrise import midrise_delta, midrise_int
 from autoprune.quant.registry import Registry
-from autoprune.quant.uniform import fake_uniform, mse_optimal_step, quantile, straight_through, uniform_step
+from autoprune.quant.uniform import fake_uniform, is_midrise, mse_optimal_step, quantile, straight_through, uniform_step
 
 
 def check_bits(bits: int) -> None:
@@ -36,7 +39,7 @@ def check_bits(bits: int) -> None:
 
 def check_delay(delay: int) -> None:
     if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
-        raise AutopruneError("policy.quant_delay", delay, "must be a step number >= 0")
+        raise AutopruneError("delay", delay, "must be a step number >= 0")
 
 
 class WeightQuantizer(nn.Module, ABC):
@@ -46,33 +49,48 @@ class WeightQuantizer(nn.Module, ABC):
     weights while they train). The quantizer is identity while ``step < delay`` (``advance(step)`` moves
     the step; the fine-tune loop calls it) unless frozen. Subclasses give ``_choose_delta`` and
     ``_fake_quantize``; ``fix_on_first_use`` freezes the first step chosen (seed 004's delayed quantization).
+
+    ``per_channel``: one step per output channel (dim 0), each chosen by the same rule from that channel's
+    weights alone; ``delta`` is then a list. The steps are kept as a float32 tensor shaped to broadcast over
+    the weight, so the quantizing code is the same as per tensor.
     """
 
     fix_on_first_use = False
+    config_class: ClassVar[type[OperatorConfig]]
 
-    def __init__(self, *, bits: int, delay: int = 0) -> None:
+    def __init__(self, *, bits: int, delay: int = 0, per_channel: bool = False) -> None:
         super().__init__()
         check_bits(bits)
         check_delay(delay)
         self._bits = bits
         self.delay = delay
+        self.per_channel = per_channel
         self.current_step = 0
         self.frozen = False
-        self._delta: float | None = None
+        self._delta: float | torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
 
     @classmethod
-    def from_options(cls, *, bits: int, delay: int, saturation_quantile: float) -> WeightQuantizer:
-        """Build from the policy's options; a quantizer takes the ones it uses."""
-        return cls(bits=bits)
+    def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> WeightQuantizer:
+        """Build from the config it handles, introduced at ``start_step`` (a delay counts from there)."""
+        return cls(bits=bits, per_channel=config.per_channel)
 
     @property
     def bits(self) -> int:
         return self._bits
 
     @property
-    def delta(self) -> float:
-        """The step used by the last quantizing forward (or fixed by ``freeze``)."""
+    def delta(self) -> float | list[float]:
+        """The step used by the last quantizing forward (or fixed by ``freeze``); per channel, a list."""
+        step = self._step()
+        return step.flatten().tolist() if isinstance(step, torch.Tensor) else step
+
+    def keep_channels(self, kept: list[int]) -> None:
+        """Structured pruning kept these output channels: a per-channel step keeps theirs."""
+        if isinstance(self._delta, torch.Tensor):
+            self._delta = self._delta[kept]
+
+    def _step(self) -> float | torch.Tensor:
         if self._delta is None:
             rule = f"is not known yet: the quantizer has not quantized (step {self.current_step} < delay {self.delay}) nor been frozen"
             raise AutopruneError("delta", None, rule)
@@ -109,50 +127,60 @@ class WeightQuantizer(nn.Module, ABC):
             self.frozen = self.fix_on_first_use
         if self._bits == FLOAT_BITS:
             return weight
-        return self._fake_quantize(weight, self.delta)
+        return self._fake_quantize(weight, self._step())
 
     def extra_repr(self) -> str:
-        return f"bits={self._bits}, delay={self.delay}, delta={self._delta}, frozen={self.frozen}"
+        return f"bits={self._bits}, delay={self.delay}, per_channel={self.per_channel}, frozen={self.frozen}"
 
-    def _step_for(self, weight: torch.Tensor) -> float:
+    @classmethod
+    def grid_for(cls, bits: int) -> str:
+        """The levels this quantizer produces at ``bits``, as the cost model reads them (``LayerQuant.grid``)."""
+        return "midrise"
+
+    def _step_for(self, weight: torch.Tensor) -> float | torch.Tensor:
         # At 32 bits the step is the cost model's reading of a float layer (max|W| / 2^31).
-        return midrise_delta(weight, FLOAT_BITS) if self._bits == FLOAT_BITS else self._choose_delta(weight)
+        if self._bits == FLOAT_BITS:
+            return midrise_delta(weight, FLOAT_BITS)
+        if self.per_channel:
+            steps = [self._choose_delta(channel) for channel in weight]
+            return torch.tensor(steps, dtype=torch.float32, device=weight.device).view(-1, *([1] * (weight.dim() - 1)))
+        return self._choose_delta(weight)
 
     @abstractmethod
     def _choose_delta(self, weight: torch.Tensor) -> float:
         """The step for these weights at 1..31 bits."""
 
     @abstractmethod
-    def _fake_quantize(self, weight: torch.Tensor, delta: float) -> torch.Tensor:
+    def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         """The quantized weights with the STE gradient."""
 
 
-WEIGHT_QUANTIZERS: Registry[type[WeightQuantizer]] = Registry("policy.quantizer")
+WEIGHT_QUANTIZERS: Registry[type[WeightQuantizer]] = Registry(WEIGHT_QUANTIZER)
 
 
-def register_weight_quantizer(name: str) -> Callable[[type[WeightQuantizer]], type[WeightQuantizer]]:
-    """Class decorator: make a ``WeightQuantizer`` subclass available as ``policy.quantizer: <name>``."""
-    return WEIGHT_QUANTIZERS.register(name)
+def register_weight_quantizer(config: type[WeightQuantizerConfig]) -> Callable[[type[WeightQuantizer]], type[WeightQuantizer]]:
+    """Class decorator: make a ``WeightQuantizer`` subclass the handler of a weight quantizer config class."""
+    return WEIGHT_QUANTIZERS.register(config)
 
 
-def weight_quantizer(name: str, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> WeightQuantizer:
-    """A new weight quantizer by registered name; ``delay`` and ``saturation_quantile`` as in the policy."""
-    return WEIGHT_QUANTIZERS.create(name, bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+def weight_quantizer(config: WeightQuantizerConfig | str | Any, *, bits: int, **fields: Any) -> WeightQuantizer:
+    """A new weight quantizer for a config (or a kind, with ``fields`` of its config: ``delay=5``)."""
+    if fields:
+        config = parse_config(WEIGHT_QUANTIZER, {**WEIGHT_QUANTIZERS.config(config).to_dict(), **fields})
+    return WEIGHT_QUANTIZERS.create(config, bits=bits)
 
 
 def make_weight_quantizer(policy: Policy, *, bits: int, start_step: int = 0) -> WeightQuantizer:
-    """The policy's weight quantizer for one layer, introduced at ``start_step``: its t_q is
-    ``start_step + policy.quant_delay``."""
-    return weight_quantizer(
-        policy.quantizer, bits=bits, delay=start_step + policy.quant_delay, saturation_quantile=policy.saturation_quantile
-    )
+    """The policy's weight quantizer for one layer, introduced at ``start_step``: a delayed one's t_q is
+    ``start_step + delay``."""
+    return WEIGHT_QUANTIZERS.create(policy.quantizer, bits=bits, start_step=start_step)
 
 
 def quantizer_name(quantizer: WeightQuantizer) -> str:
-    return WEIGHT_QUANTIZERS.name_of(type(quantizer))
+    return WEIGHT_QUANTIZERS.kind_of(type(quantizer))
 
 
-@register_weight_quantizer("midrise")
+@register_weight_quantizer(Midrise)
 class MidriseWeight(WeightQuantizer):
     """Seed 000 App. A: W_q = delta * midrise_int(W, delta, bits), delta = max|W| / 2^(b-1) of the current W.
 
@@ -162,8 +190,8 @@ class MidriseWeight(WeightQuantizer):
     filter can grow back while fine-tuning.
     """
 
-    def __init__(self, *, bits: int, delta: float | None = None) -> None:
-        super().__init__(bits=bits)
+    def __init__(self, *, bits: int, delta: float | None = None, per_channel: bool = False) -> None:
+        super().__init__(bits=bits, per_channel=per_channel)
         if delta is not None:
             if not delta > 0:
                 raise AutopruneError("delta", delta, "must be a positive step")
@@ -173,24 +201,28 @@ class MidriseWeight(WeightQuantizer):
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return midrise_delta(weight, self._bits)
 
-    def _fake_quantize(self, weight: torch.Tensor, delta: float) -> torch.Tensor:
+    def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         quantized = (delta * midrise_int(weight, delta, self._bits)).to(weight.dtype)
         return straight_through(weight, quantized, weight.abs() <= 2 ** (self._bits - 1) * delta)
 
 
-@register_weight_quantizer("clip_uniform")
+@register_weight_quantizer(ClipUniform)
 class ClipUniformWeight(WeightQuantizer):
     """Seed 003 eq. 20-21 on the range [-max|W|, max|W|] (see ``autoprune.quant.uniform``), with its STE:
     the gradient passes inside the clip range only, which matters once the step is frozen."""
 
+    @classmethod
+    def grid_for(cls, bits: int) -> str:
+        return "midrise" if bits == FLOAT_BITS or is_midrise(bits=bits, signed=True) else "midtread"
+
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return uniform_step(weight.abs().max().item(), bits=self._bits, signed=True)
 
-    def _fake_quantize(self, weight: torch.Tensor, delta: float) -> torch.Tensor:
+    def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         return fake_uniform(weight, step=delta, bits=self._bits, signed=True)
 
 
-@register_weight_quantizer("delayed")
+@register_weight_quantizer(Delayed)
 class DelayedWeight(ClipUniformWeight):
     """Seed 004 eq. 5: identity until step t_q = ``delay``; at t_q the MSE-optimal step is fixed for good.
 
@@ -202,14 +234,14 @@ class DelayedWeight(ClipUniformWeight):
     fix_on_first_use = True
 
     @classmethod
-    def from_options(cls, *, bits: int, delay: int, saturation_quantile: float) -> WeightQuantizer:
-        return cls(bits=bits, delay=delay)
+    def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> WeightQuantizer:
+        return cls(bits=bits, delay=start_step + config.delay, per_channel=config.per_channel)
 
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return mse_optimal_step(weight, bits=self._bits, signed=True, clip=weight.abs().max().item())
 
 
-@register_weight_quantizer("saturated")
+@register_weight_quantizer(Saturated)
 class SaturatedWeight(ClipUniformWeight):
     """Seed 004 eq. 6-7: delayed quantization whose MSE target is W_tq saturated at the q-quantile of |W|.
 
@@ -220,17 +252,17 @@ class SaturatedWeight(ClipUniformWeight):
 
     fix_on_first_use = True
 
-    def __init__(self, *, bits: int, delay: int = 0, saturation_quantile: float = 0.999) -> None:
-        super().__init__(bits=bits, delay=delay)
-        if not 0.5 < saturation_quantile <= 1.0:
-            raise AutopruneError("policy.saturation_quantile", saturation_quantile, "must be in (0.5, 1]")
-        self.saturation_quantile = saturation_quantile
+    def __init__(self, *, bits: int, delay: int = 0, quantile: float = 0.999, per_channel: bool = False) -> None:
+        super().__init__(bits=bits, delay=delay, per_channel=per_channel)
+        if not 0.5 < quantile <= 1.0:
+            raise AutopruneError("quantile", quantile, "must be in (0.5, 1]")
+        self.quantile = quantile
 
     @classmethod
-    def from_options(cls, *, bits: int, delay: int, saturation_quantile: float) -> WeightQuantizer:
-        return cls(bits=bits, delay=delay, saturation_quantile=saturation_quantile)
+    def from_config(cls, config: Any, *, bits: int, start_step: int = 0) -> WeightQuantizer:
+        return cls(bits=bits, delay=start_step + config.delay, quantile=config.quantile, per_channel=config.per_channel)
 
     def _choose_delta(self, weight: torch.Tensor) -> float:
-        limit = quantile(weight, self.saturation_quantile)
+        limit = quantile(weight, self.quantile)
         target = weight.clamp(-limit, limit)
         return mse_optimal_step(weight, bits=self._bits, signed=True, clip=limit, target=target)

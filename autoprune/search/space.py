@@ -12,7 +12,10 @@ A spec has three blocks::
     pin: [first, last]                            # layers left untouched (float, full width)
     policy:   {order: {choices: [prune_then_quantize, joint]}, finetune_steps: 150}
 
-A dimension is a scalar (fixed), ``{choices: [...]}`` or a range ``{low, high[, step][, log]}``.
+A dimension is a scalar (fixed), ``{choices: [...]}`` or a range ``{low, high[, step][, log]}``. An operator
+field (``quantizer``, ``act_quantizer``, ``pruner``) is fixed to a kind or a config mapping, or chooses among
+them (``{choices: [midrise, {kind: delayed, delay: 50}]}``); Optuna sees each choice as its label
+(``delayed(delay=50)``), mapped back to the config when a trial becomes a Policy.
 Keep ratios are sampled once per group of coupled channels (a residual add or a depthwise conv ties
 layers together), under the group's name, so that no sampled parameter is ignored by the pruner.
 """
@@ -23,16 +26,20 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, Sequence
 
+from pydantic import TypeAdapter
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import nn
 
 from autoprune.errors import AutopruneError
+from autoprune.operators import OperatorConfig, parse_config
 from autoprune.policy import DEFAULT_KEY, PATTERN_PREFIX, POW2_BITS, LayerPolicy, Policy, load_mapping
 
 LAYER_FIELDS: dict[str, type] = {"keep_ratio": float, "w_bits": int, "a_bits": int, "w_sparsity": float, "f_sparsity": float}
 POLICY_FIELDS = set(Policy.model_fields) - {"version", "layers"}
+CONFIG_FIELDS = ("quantizer", "act_quantizer", "pruner")
+"""Policy fields holding an operator config; the family of each config is named like its field."""
 SPEC_KEYS = {"shared", "layers", "pin", "policy", "description", "narrow_bits_to_prior"}
 PIN_ALIASES = ("first", "last")
 
@@ -49,10 +56,22 @@ class Dimension:
     step: float | None = None
     log: bool = False
     integer: bool = False
+    options: tuple[tuple[str, Any], ...] | None = None
+    """For operator configs: (label, config) per choice; ``choices`` then holds the labels."""
 
     @property
     def is_fixed(self) -> bool:
         return self.choices is None and self.low is None
+
+    def value_of(self, param: Any) -> Any:
+        """The policy value of an Optuna parameter (a config for a label)."""
+        return dict(self.options)[param] if self.options is not None else param
+
+    def param_of(self, value: Any) -> Any:
+        """The Optuna parameter of a policy value (the label of a config)."""
+        if self.options is None:
+            return value
+        return next((label for label, config in self.options if config == value), value.label() if isinstance(value, OperatorConfig) else value)
 
     def distribution(self) -> BaseDistribution:
         if self.choices is not None:
@@ -129,6 +148,31 @@ def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool 
     return Dimension(field, fixed=value, integer=kind is int)
 
 
+def parse_config_dimension(raw: Any, *, field: str, where: str) -> Dimension:
+    """An operator field: one config (a kind or a mapping with ``kind``) or ``{choices: [...]}`` of them."""
+    path = f"{where}.{field}"
+    if isinstance(raw, Mapping) and "choices" in raw:
+        if set(raw) != {"choices"}:
+            raise AutopruneError(path, dict(raw), "mixes choices with config fields")
+        if not isinstance(raw["choices"], list) or not raw["choices"]:
+            raise AutopruneError(f"{path}.choices", raw["choices"], "must be a non-empty list")
+        configs = [_config_at(choice, field=field, path=f"{path}.choices") for choice in raw["choices"]]
+        labels = [config.label() for config in configs]
+        if len(set(labels)) != len(labels):
+            raise AutopruneError(f"{path}.choices", labels, "name the same config twice")
+        if len(configs) == 1:
+            return Dimension(field, fixed=configs[0])
+        return Dimension(field, choices=tuple(labels), options=tuple(zip(labels, configs)))
+    return Dimension(field, fixed=_config_at(raw, field=field, path=path))
+
+
+def _config_at(raw: Any, *, field: str, path: str) -> OperatorConfig:
+    try:
+        return parse_config(field, raw)
+    except AutopruneError as exc:
+        raise AutopruneError(path, exc.value, f"{exc.rule} ({exc.field})") from None
+
+
 def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
     if field in LAYER_FIELDS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -139,8 +183,10 @@ def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
             rule = {"keep_ratio": "must be in (0, 1]", "w_bits": "must be in 1..32", "a_bits": "must be in 1..32"}.get(field, "must be in [0, 1)")
             raise AutopruneError(path, value, rule) from None
         return int(value) if kind is int else float(value)
+    info = Policy.model_fields[field]
     try:
-        Policy(**{field: value})
+        # The field's own type and bounds; rules across fields (workflow pfq needs pruner pfq) are the Policy's.
+        TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation).validate_python(value)
     except Exception as exc:
         msg = str(exc).splitlines()
         raise AutopruneError(path, value, f"is not a valid {field} ({msg[2].strip() if len(msg) > 2 else msg[0]})") from None
@@ -178,6 +224,9 @@ class SpaceSpec:
         for name, raw in policy_raw.items():
             if name not in POLICY_FIELDS:
                 raise AutopruneError(f"{source}.policy", name, f"is not a policy field (fields: {', '.join(sorted(POLICY_FIELDS))})")
+            if name in CONFIG_FIELDS:
+                policy[name] = parse_config_dimension(raw, field=name, where=f"{source}.policy")
+                continue
             kind = type(Policy.model_fields[name].default)
             policy[name] = parse_dimension(raw, field=name, where=f"{source}.policy", kind=kind)
         pow2_dim = policy.get("pow2_bits")
@@ -334,7 +383,7 @@ class SearchSpace:
                 if dim is not None and dim.is_fixed:
                     values[field] = dim.fixed
             layers[layer] = LayerPolicy(**values)
-        globals_ = {f: (params[f] if not d.is_fixed else d.fixed) for f, d in self.spec.policy.items()}
+        globals_ = {f: (d.value_of(params[f]) if not d.is_fixed else d.fixed) for f, d in self.spec.policy.items()}
         return Policy(layers=layers, **globals_)
 
     def params_for(self, policy: Policy) -> dict[str, Any]:
@@ -349,7 +398,7 @@ class SearchSpace:
                     params[name] = dims[name].clip(getattr(resolved[layer], field))
         for field, dim in self.spec.policy.items():
             if not dim.is_fixed:
-                params[field] = dim.clip(getattr(policy, field))
+                params[field] = dim.clip(dim.param_of(getattr(policy, field)))
         return params
 
     def narrowed_to(self, prior_bits: Mapping[str, int]) -> "SearchSpace":
