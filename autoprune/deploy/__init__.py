@@ -6,12 +6,12 @@ use. The MLflow model functions live in ``autoprune.deploy.mlflow_model`` (not i
 
 from autoprune.deploy.levels import WeightLevels, layer_levels, weight_levels
 from autoprune.deploy.onnx_export import ActQdq, LayerQdq, OnnxExport, export_onnx, float_copy
-from autoprune.deploy.packed import PackedLayer, PackedReport, pack_weights, unpack_weights
+from autoprune.deploy.packed import PackedLayer, PackedReport, pack_weights, unpack_weights, write_packed_weights
 from autoprune.deploy.verify import Latency, OnnxComparison, compare_onnx, measure_latency, onnx_session
 
 __all__ = [
     "export_onnx", "OnnxExport", "LayerQdq", "ActQdq", "float_copy",
-    "pack_weights", "unpack_weights", "PackedReport", "PackedLayer",
+    "pack_weights", "write_packed_weights", "unpack_weights", "PackedReport", "PackedLayer",
     "compare_onnx", "measure_latency", "onnx_session", "OnnxComparison", "Latency",
     "WeightLevels", "weight_levels", "layer_levels",
 ]

@@ -65,11 +65,12 @@ def steps_per_channel(steps: float | Sequence[float], out_channels: int, *, name
 
 def weight_levels(weight: torch.Tensor, steps: float | Sequence[float], *, bits: int, midrise: bool, name: str) -> WeightLevels:
     """The levels of one baked weight tensor; an AutopruneError when the weights are not on that grid."""
+    weight = weight.detach().cpu()
     step, per_channel = steps_per_channel(steps, weight.shape[0], name=name)
     if not bool((step > 0).all()):
         raise AutopruneError(f"weight_steps[{name!r}]", steps, "must be positive")
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    ratio = weight.detach().to(torch.float64) / step.view(shape)
+    ratio = weight.to(torch.float64) / step.view(shape)
     if midrise:
         scale = step / 2
         levels = torch.where(weight == 0, torch.zeros_like(ratio), 2 * torch.round(ratio - 0.5) + 1).to(torch.int64)
@@ -80,7 +81,7 @@ def weight_levels(weight: torch.Tensor, steps: float | Sequence[float], *, bits:
         low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if levels.numel() and (int(levels.min()) < low or int(levels.max()) > high):
         raise AutopruneError("weights", name, f"have levels outside {low}..{high} of {bits} bits at their step")
-    if not torch.equal(rebuild(levels, scale), weight.detach().to(torch.float32)):
+    if not torch.equal(rebuild(levels, scale), weight.to(torch.float32)):
         raise AutopruneError("weights", name, "are not on their quantizer's grid (step * level does not give them back)")
     return WeightLevels(levels, scale, bits, midrise, per_channel)
 

@@ -88,12 +88,12 @@ class OnnxExport:
 
 
 def float_copy(result: CompressionResult) -> nn.Module:
-    """The compressed model with its input quantizers and feature masks made identities: the float graph.
+    """The compressed model (on the CPU) with its input quantizers and feature masks made identities.
 
     The baked weights stay: only what the forward pre-hooks do is taken out (the hooks call the children,
     which become ``nn.Identity``), for the exporter to put back as ONNX nodes.
     """
-    model = copy.deepcopy(result.model).eval()
+    model = copy.deepcopy(result.model).cpu().eval()
     for layer in compressible_layers(model).values():
         for child in (ACT_QUANT, FEATURE_MASK):
             if hasattr(layer, child):
@@ -197,6 +197,7 @@ def _insert_qdq(graph: Any, layers: dict[str, nn.Module], levels: dict[str, Weig
                 [weight_name], name=f"{name}/weight_dequantize", **axis,
             ))
         mask = getattr(getattr(layer, FEATURE_MASK, None), "mask", None)
+        mask = None if mask is None else mask.cpu()
         chain = _input_chain(graph, name, consumer.input[0], mask, acts[name])
         if chain:
             consumer.input[0] = chain[-1].output[0]

@@ -120,14 +120,14 @@ def _encode(values: np.ndarray, nonzero: np.ndarray, width: int, *, dense_allowe
     return "bitmask", np.packbits(nonzero).tobytes() + payload(values[nonzero])
 
 
-def pack_weights(result: CompressionResult, path: str | Path, *, input_shape: tuple[int, int, int]) -> PackedReport:
-    """Write the packed weights of a compressed model; the report compares them with ``result.cost``."""
+def write_packed_weights(result: CompressionResult, path: str | Path) -> dict[str, PackedLayer]:
+    """Write the packed weights of a compressed model; the header's record of each layer."""
     modules = compressible_layers(result.model)
     records: list[PackedLayer] = []
     chunks: list[bytes] = []
     offset = 0
     for name, level in layer_levels(result).items():
-        weight = modules[name].weight.detach().to(torch.float32)
+        weight = modules[name].weight.detach().cpu().to(torch.float32)
         if level is None:
             values = weight.reshape(-1).numpy()
             nonzero = values != 0
@@ -155,12 +155,19 @@ def pack_weights(result: CompressionResult, path: str | Path, *, input_shape: tu
         for chunk in chunks:
             handle.write(chunk)
     os.replace(tmp, path)
+    return {r.name: r for r in records}
+
+
+def pack_weights(result: CompressionResult, path: str | Path, *, input_shape: tuple[int, int, int]) -> PackedReport:
+    """Write the packed weights of a compressed model; the report compares them with ``result.cost``."""
+    records = write_packed_weights(result, path)
     cost = result.cost(input_shape)
+    path = Path(path)
     return PackedReport(
         path=path,
         file_bytes=path.stat().st_size,
-        layers={r.name: r for r in records},
-        measured_weight_mbit=8 * offset / 1e6,
+        layers=records,
+        measured_weight_mbit=8 * sum(r.nbytes for r in records.values()) / 1e6,
         cost_weight_mbit=sum(layer.params * layer.w_bits for layer in cost.layers) / 1e6,
         cost_memory_mbit=cost.total.memory_mb,
     )
