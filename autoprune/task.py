@@ -191,7 +191,7 @@ class Task:
 
 # Zoo models whose dataset and base training differ from the digits defaults.
 MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
-MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=30)}
+MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
 
 
 def task_for(model: str, *, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None) -> Task:

@@ -238,3 +238,26 @@ def test_mnist1d_is_generated_deterministically_and_split_8000_2000_2000() -> No
     assert not torch.equal(load_dataset("mnist1d", seed=1).test.tensors[1], splits.test.tensors[1]), "the seed moves the split"
     task = task_for("mnist1d_cnn")
     assert task.spec.dataset == "mnist1d" and task_for("mnist1d_cnn", epochs=3).spec.train.epochs == 3
+
+
+@pytest.mark.e2e
+def test_mnist1d_cnn_has_a_slope_float_93_and_w2a2_ptq_losing_5_points() -> None:
+    from autoprune.compress import compress
+    from autoprune.policy import Policy
+    from autoprune.task import accuracy, task_for
+
+    task = task_for("mnist1d_cnn")
+    start = time.process_time()
+    base = task.base(progress=False)
+    cpu_seconds = time.process_time() - start
+    ptq = {}
+    for bits in (2, 4):
+        policy = Policy.from_dict({"layers": {"_default": {"w_bits": bits, "a_bits": bits}}, "finetune_steps": 0})
+        ptq[bits] = accuracy(compress(base.model, policy, task=task).model, task.splits.test)
+    print(
+        f"\nmnist1d_cnn: float val {base.val_accuracy:.2f}% test {base.test_accuracy:.2f}%, "
+        f"W2A2 PTQ test {ptq[2]:.2f}%, W4A4 PTQ test {ptq[4]:.2f}%, "
+        f"training {base.train_seconds:.1f} s wall, {cpu_seconds:.1f} s CPU (cached: {base.from_cache})"
+    )
+    assert base.test_accuracy >= 93.0
+    assert base.test_accuracy - ptq[2] >= 5.0

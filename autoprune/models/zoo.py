@@ -42,8 +42,9 @@ class DigitsCNN(nn.Module):
 class MNIST1DCNN(nn.Module):
     """Four Conv1d layers for MNIST-1D's 1x40 signals (about 25k weights).
 
-    Sized so compression has a price: about 98% float test accuracy, while uniform 2-bit weights and
-    activations lose several points, unlike the digits CNN, which keeps its accuracy at W2.
+    Sized so compression has a price: about 99% float test accuracy after 20 epochs on 8,000 signals, which
+    uniform W4A4 post-training quantization keeps to half a point, W3A3 loses 2 points and W2A2 about 30
+    (the digits CNN keeps about 97% at W2).
     """
 
     def __init__(self, *, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
