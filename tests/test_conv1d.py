@@ -227,9 +227,7 @@ def test_mnist1d_is_generated_deterministically_and_split_8000_2000_2000() -> No
     expected_py, expected_np = random.random(), np.random.rand()
     random.seed(7)
     np.random.seed(7)
-    start = time.process_time()
     splits = load_dataset("mnist1d", seed=0)
-    assert time.process_time() - start < 15
     assert (random.random(), np.random.rand()) == (expected_py, expected_np), "the caller's random streams are untouched"
     assert splits.sizes() == (8000, 2000, 2000) and splits.input_shape == (1, 40) == default_input_shape("mnist1d_cnn")
     assert splits.num_classes == 10 and torch.bincount(splits.test.tensors[1]).tolist() == [200] * 10
