@@ -34,12 +34,13 @@ def shipped(kind: str, value: str) -> Path:
     raise AutopruneError(f"--{'space' if kind == 'search_spaces' else 'objectives'}", value, f"is neither a file nor a shipped spec in {PROJECT_ROOT / kind}")
 
 
-def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """CxHxW for images, CxL for sequences (Conv1d models)."""
     if text is None:
         return None
     parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise AutopruneError("--input", text, "must be CxHxW with positive integers, e.g. 3x32x32")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise AutopruneError("--input", text, "must be CxHxW or CxL with positive integers, e.g. 3x32x32 or 1x40")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cost", help="per-layer MACs, BOPs, ESN and memory of a model (optionally under a policy)")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", default=None, help="CxHxW, e.g. 3x32x32 (zoo models know theirs)")
+    p.add_argument("--input", default=None, help="CxHxW or CxL, e.g. 3x32x32 or 1x40 (zoo models know theirs)")
     p.add_argument("--policy", default=None, help="policy file (JSON or YAML)")
     p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task-seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -64,6 +64,7 @@ class CompressionResult:
                 f_sparsity=lp.f_sparsity,
                 delta=self.weight_steps.get(name),
                 grid=quantizer.grid_for(lp.w_bits),
+                masked=lp.w_sparsity > 0,
             )
             for name, lp in self.layers.items()
         }
@@ -90,7 +91,7 @@ class CompressionResult:
 
 
 def _out_channels(layer: nn.Module) -> int:
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def input_bits_of(policy: Policy) -> int:

@@ -1,6 +1,7 @@
 """Datasets as train / validation / test splits of tensors.
 
-The default is scikit-learn's bundled digits (1,797 8x8 images, no download). Real datasets go
+The default is scikit-learn's bundled digits (1,797 8x8 images, no download). MNIST-1D (Greydanus and Kobak,
+ICML 2024) is generated procedurally by the ``mnist1d`` package, also without a download. Real datasets go
 through torchvision (``autoprune.vision``), imported only when asked for.
 """
 
@@ -23,14 +24,14 @@ class Splits:
     val: TensorDataset
     test: TensorDataset
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
 
     def sizes(self) -> tuple[int, int, int]:
         return len(self.train), len(self.val), len(self.test)
 
 
 def split_arrays(x: np.ndarray, y: np.ndarray, *, seed: int, val_fraction: float, test_fraction: float) -> Splits:
-    """A stratified, seeded split of images (N, C, H, W) and labels into train / val / test."""
+    """A stratified, seeded split of samples (N, C, H, W) or (N, C, L) and labels into train / val / test."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
@@ -54,9 +55,38 @@ def load_digits(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
     return split_arrays(images, bunch.target.astype(np.int64), seed=seed, val_fraction=0.2, test_fraction=0.2)
 
 
-# Loaders beyond digits live in autoprune.vision, which imports torchvision on first use.
+MNIST1D_SAMPLES = 12_000
+# The generator's own default seed: every task seed sees the same 12,000 signals, split differently, as digits does.
+MNIST1D_GENERATOR_SEED = 42
+
+
+def load_mnist1d(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
+    """MNIST-1D: 12,000 signals of length 40 (one channel) from ``make_dataset``, split 8,000 / 2,000 / 2,000.
+
+    Generated in about two seconds, deterministically, so nothing is cached; the package's ``get_dataset``
+    would download a pickle and is never called. ``make_dataset`` reseeds Python's and NumPy's global random
+    generators, whose states are restored afterwards so a caller's random streams do not depend on it.
+    """
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = MNIST1D_SAMPLES, 1.0, MNIST1D_GENERATOR_SEED
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    signals = data["x"].astype(np.float32)[:, None, :]
+    return split_arrays(signals, data["y"].astype(np.int64), seed=seed, val_fraction=1 / 6, test_fraction=1 / 6)
+
+
+# Loaders beyond digits and MNIST-1D live in autoprune.vision, which imports torchvision on first use.
 DATASETS: dict[str, str] = {
     "digits": "autoprune.data:load_digits",
+    "mnist1d": "autoprune.data:load_mnist1d",
     "cifar10": "autoprune.vision:load_cifar10",
     "cifar100": "autoprune.vision:load_cifar100",
     "mnist": "autoprune.vision:load_mnist",

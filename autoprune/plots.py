@@ -20,6 +20,8 @@ LABELS = {
     "esn_a": "ESN_a",
     "esn_d": "ESN_d",
     "esn_d_prime": "ESN'_d",
+    "esn_a_comp": "ESN_a (c = computations)",
+    "esn_d_comp": "ESN_d (c = computations)",
     "memory_mb": "memory (Mb)",
     "params": "parameters",
     "performance_density": "performance density (%/Mb)",

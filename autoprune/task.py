@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -137,7 +137,7 @@ class Task:
         return load_dataset(self.spec.dataset, seed=self.spec.seed, data_dir=data_dir)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return self.splits.input_shape
 
     def build(self) -> nn.Module:
@@ -189,10 +189,17 @@ class Task:
         return BaseModel(model, val_acc, test_acc, seconds, directory, False, extras)
 
 
+# Zoo models whose dataset and base training differ from the digits defaults.
+MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
+MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
+
+
 def task_for(model: str, *, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None) -> Task:
-    """The task a CLI user means: digits for the digits CNN, CIFAR-10 for the 32x32 zoo models."""
+    """The task a CLI user means: MNIST-1D for its CNN, digits for the digits CNN, CIFAR-10 for the 32x32 zoo models."""
     if dataset is None:
         shape = default_input_shape(model)
-        dataset = "cifar10" if shape == (3, 32, 32) else "digits"
-    train_settings = TrainSettings() if epochs is None else TrainSettings(epochs=epochs)
+        dataset = MODEL_DATASETS.get(model) or ("cifar10" if shape == (3, 32, 32) else "digits")
+    train_settings = MODEL_TRAINING.get(model, TrainSettings())
+    if epochs is not None:
+        train_settings = replace(train_settings, epochs=epochs)
     return Task(TaskSpec(dataset=dataset, model=model, data_dir=data_dir, seed=seed, train=train_settings))

@@ -22,14 +22,6 @@ def _set(layer: nn.Module, weight: list) -> nn.Module:
     return layer
 
 
-def _no_exact_zeros(model: nn.Module) -> nn.Module:
-    # Random init can draw an exact 0.0, which the ideal hardware skips; dense-shape counts need none.
-    with torch.no_grad():
-        for p in model.parameters():
-            p[p == 0] = 1e-3
-    return model
-
-
 def _linear_net(weight: list) -> nn.Module:
     out_f, in_f = len(weight), len(weight[0])
     return nn.Sequential(nn.Flatten(), _set(nn.Linear(in_f, out_f, bias=False), weight))
@@ -82,10 +74,10 @@ def test_esn_d_prime_is_macs_times_bits_when_every_filter_reaches_the_top_level(
 
 
 def test_float_bops_are_macs_times_1024_on_zoo_models() -> None:
-    vgg = measure_cost(_no_exact_zeros(build_model("vgg7")), input_shape=(3, 32, 32))
+    vgg = measure_cost(build_model("vgg7"), input_shape=(3, 32, 32))
     assert vgg.total.macs == 607_600_640
     # digits_cnn by hand: 16*1*9*64 + 32*16*9*64 + 64*32*9*16 + 10*256
-    digits = measure_cost(_no_exact_zeros(build_model("digits_cnn")), input_shape=(1, 8, 8))
+    digits = measure_cost(build_model("digits_cnn"), input_shape=(1, 8, 8))
     assert digits.total.macs == 9_216 + 294_912 + 294_912 + 2_560
     for name in ("resnet20", "mobilenetv2"):
         report = measure_cost(build_model(name), input_shape=(3, 32, 32))
@@ -97,7 +89,7 @@ def test_float_bops_are_macs_times_1024_on_zoo_models() -> None:
 
 
 def _two_convs(mid: int) -> nn.Module:
-    return _no_exact_zeros(nn.Sequential(nn.Conv2d(3, mid, 3, padding=1), nn.ReLU(), nn.Conv2d(mid, 5, 3, padding=1)))
+    return nn.Sequential(nn.Conv2d(3, mid, 3, padding=1), nn.ReLU(), nn.Conv2d(mid, 5, 3, padding=1))
 
 
 def test_a_removed_output_channel_leaves_this_layer_and_the_next() -> None:
@@ -109,10 +101,10 @@ def test_a_removed_output_channel_leaves_this_layer_and_the_next() -> None:
 
 
 def test_grouped_and_depthwise_conv_macs() -> None:
-    grouped = _no_exact_zeros(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2)))
+    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2))
     layer = measure_cost(grouped, input_shape=(4, 5, 5)).layers[0]
     assert (layer.groups, layer.out_hw, layer.macs) == (2, (5, 5), 6 * (4 // 2) * 9 * 25)
-    depthwise = _no_exact_zeros(nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)))
+    depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4))
     layer = measure_cost(depthwise, input_shape=(4, 6, 6)).layers[0]
     assert (layer.groups, layer.out_hw, layer.macs) == (4, (3, 3), 4 * 1 * 9 * 9)
 
@@ -147,16 +139,46 @@ def test_weight_and_feature_sparsity_scale_macs() -> None:
     dense = 5 * 4 * 9 * 36
     with torch.no_grad():
         net[2].weight[:, :, :, 1:] = 0.0  # keeps one kernel column of three
-    sparse = measure_cost(net, input_shape=(3, 6, 6)).layers[1]
+    sparse = measure_cost(net, input_shape=(3, 6, 6), layers={"2": LayerQuant(masked=True)}).layers[1]
     assert sparse.w_sparsity == pytest.approx(2 / 3)
     assert sparse.macs == dense / 3
-    both = measure_cost(net, input_shape=(3, 6, 6), layers={"2": LayerQuant(f_sparsity=0.25)}).layers[1]
+    both = measure_cost(net, input_shape=(3, 6, 6), layers={"2": LayerQuant(masked=True, f_sparsity=0.25)}).layers[1]
     assert both.macs == dense / 3 * 0.75
     assert both.bops == both.macs * 1024
 
 
+def test_a_float_weight_that_happens_to_be_zero_is_not_pruned() -> None:
+    # Issue 10 bug 6: random init draws exact zeros (3 of 20 seeded VGG7 builds); only a mask or a quantizer prunes.
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.uniform_(0.1, 1.0)
+        conv.weight[0, 0, 0, 0] = 0.0
+        conv.weight[1] = 0.0  # a whole float filter of zeros is still a float filter
+    net = nn.Sequential(conv)
+    dense = 3 * 2 * 9 * 25
+    float_layer = measure_cost(net, input_shape=(2, 5, 5)).layers[0]
+    assert (float_layer.params, float_layer.macs, float_layer.w_sparsity) == (54, dense, 0.0)
+    assert float_layer.bops == dense * 1024
+    masked = measure_cost(net, input_shape=(2, 5, 5), layers={"0": LayerQuant(masked=True)}).layers[0]
+    assert masked.macs == dense - 19 * 25
+    quantized = measure_cost(net, input_shape=(2, 5, 5), layers={"0": LayerQuant(w_bits=8)}).layers[0]
+    assert quantized.macs == dense - 19 * 25, "a quantized layer's zeros are pruned weights"
+
+
+def test_a_float_policy_with_weight_sparsity_is_charged_what_its_mask_removed() -> None:
+    from autoprune.compress import static_compress
+    from autoprune.policy import Policy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 25, 3, bias=False))
+    result = static_compress(net, Policy.from_dict({"layers": {"0": {"w_sparsity": 0.5}}}), input_shape=(2, 5, 5))
+    conv, linear = result.cost((2, 5, 5)).layers
+    assert (conv.w_bits, conv.params, conv.macs) == (32, 36, 36 * 25)
+    assert (linear.params, linear.macs) == (300, 300)
+
+
 def test_memory_by_hand_on_two_layers() -> None:
-    net = _no_exact_zeros(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(100, 10, bias=False)))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(100, 10, bias=False))
     quant = {"0": LayerQuant(w_bits=4, a_bits=6), "2": LayerQuant(w_bits=2, a_bits=4, f_sparsity=0.5)}
     report = measure_cost(net, input_shape=(3, 5, 5), layers=quant, input_bits=8)
     conv_mb = (4 * 3 * 9 * 4 + 3 * 25 * 8) / 1e6  # weights at 4 bits + the 8-bit network input
@@ -167,7 +189,7 @@ def test_memory_by_hand_on_two_layers() -> None:
 
 
 def test_report_serialises_and_renders() -> None:
-    report = measure_cost(_no_exact_zeros(build_model("digits_cnn")), input_shape=(1, 8, 8))
+    report = measure_cost(build_model("digits_cnn"), input_shape=(1, 8, 8))
     data = json.loads(json.dumps(report.to_dict()))
     assert [layer["name"] for layer in data["layers"]] == ["features.0", "features.3", "features.7", "classifier"]
     assert data["layers"][1]["out_hw"] == [8, 8]

@@ -149,7 +149,7 @@ def test_conflicting_ratios_in_a_residual_group_raise_and_leave_the_model_alone(
         prune_structured(model, keep={"conv1": 0.5, "layers.1.conv2": 0.5, "layers.2.conv2": 0.5}, example_input=x)
     with pytest.raises(AutopruneError, match="model's output"):
         prune_structured(model, keep={"fc": 0.5}, example_input=x)
-    with pytest.raises(AutopruneError, match="not a Conv2d / Linear layer"):
+    with pytest.raises(AutopruneError, match="not a Conv1d / Conv2d / Linear layer"):
         prune_structured(model, keep={"layers.0.bn1": 0.5}, example_input=x)
     with pytest.raises(AutopruneError, match=r"\(0, 1\]"):
         prune_structured(model, keep={"conv1": 0.0}, example_input=x)

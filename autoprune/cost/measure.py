@@ -11,7 +11,7 @@ from torch import nn
 
 from autoprune.cost.esn import GRIDS, esn_a, esn_d, filter_bits
 from autoprune.errors import AutopruneError
-from autoprune.models import probing, reads_tensor
+from autoprune.models import COMPRESSIBLE, CONVS, probing, reads_tensor
 from autoprune.quant.midrise import midrise_delta, midrise_int, tread_int
 
 FLOAT_BITS = 32
@@ -28,7 +28,10 @@ class LayerQuant:
 
     ``delta`` is the weight step: one float, or one per output channel (per-channel quantization); ``grid``
     says which levels the weight quantizer produced (``midrise``: App. A's, ``midtread``: integers k), so the
-    cost counts the levels really used.
+    cost counts the levels really used. ``masked`` says that an unstructured mask zeroed some of the weights,
+    so the exact zeros of a float (``w_bits`` 32) layer are pruned weights; without it a float layer's exact
+    zeros are weights like any other. A quantized layer's zeros are always pruned (by a mask, or by the
+    quantizer mapping them to 0).
     """
 
     w_bits: int = FLOAT_BITS
@@ -36,6 +39,7 @@ class LayerQuant:
     f_sparsity: float = 0.0
     delta: float | tuple[float, ...] | None = None
     grid: str = "midrise"
+    masked: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)
@@ -53,7 +57,7 @@ class LayerQuant:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One Conv2d / Linear layer's cost. ``params`` and ``w_sparsity`` count the nonzero mid-rise levels."""
+    """One Conv1d / Conv2d / Linear layer's cost. ``params`` and ``w_sparsity`` count the nonzero mid-rise levels."""
 
     name: str
     kind: Literal["conv", "linear"]
@@ -74,6 +78,8 @@ class LayerCost:
     esn_a: float
     esn_d: float
     esn_d_prime: float
+    esn_a_comp: float
+    esn_d_comp: float
     memory_mb: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +95,8 @@ class CostTotal:
     esn_a: float = 0.0
     esn_d: float = 0.0
     esn_d_prime: float = 0.0
+    esn_a_comp: float = 0.0
+    esn_d_comp: float = 0.0
     memory_mb: float = 0.0
     params: int = 0
     dense_params: int = 0
@@ -156,7 +164,7 @@ def _trace(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: tupl
 
 def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, input_bits: int) -> LayerCost:
     weight = module.weight.detach()
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVS):
         kind: Literal["conv", "linear"] = "conv"
         in_ch, out_ch, groups = module.in_channels, module.out_channels, module.groups
         kernel = tuple(module.kernel_size)
@@ -179,18 +187,24 @@ def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, in
         w_int = tread_int(weight, delta, quant.w_bits)
     else:
         w_int = midrise_int(weight, delta, quant.w_bits)
+        if quant.w_bits == FLOAT_BITS and not quant.masked:
+            # Nothing removed these zeros (no mask, no quantizer): mid-rise has no zero level, so they read as +-0.5.
+            w_int = torch.where(w_int == 0, torch.floor(weight.to(torch.float64) / delta) + 0.5, w_int)
     nonzero_per_filter = (w_int != 0).flatten(1).sum(dim=1).to(torch.float64)
     params = int(nonzero_per_filter.sum().item())
     dense = weight.numel()
 
-    macs = params * positions * keep_f
-    esn_d_prime = float((nonzero_per_filter * filter_bits(w_int, quant.grid)).sum().item()) * positions * keep_f
+    # c^l of eq. 1 for the computation-weighted ESN: the MACs each nonzero weight takes part in.
+    computations = positions * keep_f
+    macs = params * computations
+    esn_d_prime = float((nonzero_per_filter * filter_bits(w_int, quant.grid)).sum().item()) * computations
+    layer_esn_a, layer_esn_d = esn_a(w_int), esn_d(w_int, quant.grid)
     return LayerCost(
         name=name, kind=kind, in_channels=in_ch, out_channels=out_ch, groups=groups, kernel=kernel,
         out_hw=tuple(out_hw), in_elements=seen.in_elements, dense_params=dense, params=params,
         w_bits=quant.w_bits, a_bits=a_bits, w_sparsity=1.0 - params / dense, f_sparsity=quant.f_sparsity,
-        macs=float(macs), bops=float(macs * quant.w_bits * a_bits), esn_a=esn_a(w_int), esn_d=esn_d(w_int, quant.grid),
-        esn_d_prime=esn_d_prime,
+        macs=float(macs), bops=float(macs * quant.w_bits * a_bits), esn_a=layer_esn_a, esn_d=layer_esn_d,
+        esn_d_prime=esn_d_prime, esn_a_comp=layer_esn_a * computations, esn_d_comp=layer_esn_d * computations,
         memory_mb=(params * quant.w_bits + seen.in_elements * a_bits * keep_f) / 1e6,
     )
 
@@ -198,11 +212,12 @@ def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, in
 def measure_cost(
     model: nn.Module,
     *,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     layers: Mapping[str, LayerQuant] | None = None,
     input_bits: int = FLOAT_BITS,
 ) -> CostReport:
-    """Cost of every Conv2d / Linear layer that runs in one forward pass of one ``input_shape`` sample.
+    """Cost of every Conv1d / Conv2d / Linear layer that runs in one forward pass of one ``input_shape``
+    sample, (C, H, W) for images or (C, L) for sequences.
 
     ``layers`` maps module names to their settings; a layer not named is float (``LayerQuant()``). A layer
     that reads the network input (or a view of it) counts ``input_bits`` activation bits instead of its
@@ -211,14 +226,14 @@ def measure_cost(
     """
     _check_bits("input_bits", input_bits)
     if not input_shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
-        raise AutopruneError("input_shape", input_shape, "must be positive integer sizes of one sample, e.g. (3, 32, 32)")
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        raise AutopruneError("input_shape", input_shape, "must be positive integer sizes of one sample, e.g. (3, 32, 32) or (1, 40)")
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
     layers = dict(layers or {})
     for key, quant in layers.items():
         if not isinstance(quant, LayerQuant):
             raise AutopruneError(f"layers[{key!r}]", type(quant).__name__, "must be a LayerQuant")
         if key not in modules:
-            raise AutopruneError("layers", key, f"is not a Conv2d/Linear layer of the model (layers: {', '.join(modules)})")
+            raise AutopruneError("layers", key, f"is not a Conv1d/Conv2d/Linear layer of the model (layers: {', '.join(modules)})")
     seen = _trace(model, modules, tuple(input_shape))
     return CostReport(tuple(
         _layer_cost(name, m, seen[name], layers.get(name, LayerQuant()), input_bits)

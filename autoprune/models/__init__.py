@@ -10,13 +10,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
-from autoprune.models.zoo import MODELS, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
+from autoprune.models.zoo import MODELS, MNIST1DCNN, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
 
 # Layers autoprune compresses; modules that only reshape, pool, normalise or activate pass through.
-COMPRESSIBLE = (nn.Conv2d, nn.Linear)
+COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+CONVS = (nn.Conv1d, nn.Conv2d)
 PASSIVE = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
-    nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Sigmoid, nn.Tanh, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict,
 )
 
@@ -42,12 +44,12 @@ def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = N
     return model
 
 
-def default_input_shape(spec: str) -> tuple[int, int, int] | None:
+def default_input_shape(spec: str) -> tuple[int, ...] | None:
     return MODELS[spec][1] if spec in MODELS else None
 
 
 def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d and Linear layers by module name, in definition order."""
+    """Conv1d, Conv2d and Linear layers by module name, in definition order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
 
 
@@ -73,7 +75,7 @@ def reads_tensor(tensor: Any, model_input: Any) -> bool:
     return tensor is model_input or (tensor.data_ptr() == model_input.data_ptr() and tensor.numel() == model_input.numel())
 
 
-def input_readers(model: nn.Module, *, input_shape: tuple[int, int, int]) -> set[str]:
+def input_readers(model: nn.Module, *, input_shape: tuple[int, ...]) -> set[str]:
     """Names of the layers that read the network input itself: their activation bits are the input's."""
     import torch
 
@@ -95,10 +97,10 @@ def check_supported(model: nn.Module) -> None:
             continue
         own_params = [p for p_name, p in module.named_parameters(recurse=False)]
         if own_params:
-            raise UnsupportedLayerError(f"model.{name}", type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv2d, Linear, BatchNorm)")
+            raise UnsupportedLayerError(f"model.{name}", type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear, BatchNorm)")
 
 
 __all__ = [
-    "MODELS", "DigitsCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
-    "compressible_layers", "check_supported", "input_readers", "probing", "reads_tensor", "COMPRESSIBLE",
+    "MODELS", "DigitsCNN", "MNIST1DCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
+    "compressible_layers", "check_supported", "input_readers", "probing", "reads_tensor", "COMPRESSIBLE", "CONVS",
 ]

@@ -42,8 +42,13 @@ from autoprune.prune.structured import PrunePlan, PruneRequest, refuse_keep_rati
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
+# The BN kind that normalises each conv kind's output, channel by channel.
+_FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d that directly follows a Conv2d into it (seed 003 eq. 5-6), in place.
+    """Fold every BatchNorm1d / BatchNorm2d that directly follows a Conv1d / Conv2d into it (seed 003 eq. 5-6), in place.
 
     ``w <- gamma / sqrt(V + eps) * w`` and ``b <- gamma / sqrt(V + eps) * (b - M) + beta``; the BN becomes an
     Identity. Inference outputs are unchanged up to float rounding. A BN is left alone when its conv also
@@ -53,16 +58,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # fx signals an untraceable forward with many exception types
-        raise AutopruneError("model", type(model).__name__, f"cannot be traced by torch.fx to find Conv2d -> BatchNorm2d pairs ({exc})") from None
+        raise AutopruneError("model", type(model).__name__, f"cannot be traced by torch.fx to find Conv -> BatchNorm pairs ({exc})") from None
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(modules[node.target], tuple(_FOLDABLE.values())):
             continue
         source = node.args[0]
         if not (
             isinstance(source, torch.fx.Node) and source.op == "call_module"
-            and isinstance(modules[source.target], nn.Conv2d) and len(source.users) == 1
+            and type(modules[node.target]) is _FOLDABLE.get(type(modules[source.target])) and len(source.users) == 1
             and calls[source.target] == 1 and calls[node.target] == 1
             and modules[node.target].track_running_stats
         ):
@@ -73,7 +78,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
     with torch.no_grad():
         # float64 so that the folded layer differs from conv + BN by one float32 rounding, not several.
         inv_std = (bn.running_var.double() + bn.eps).rsqrt()
@@ -81,7 +86,7 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_std)
         scale = gamma * inv_std
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-        conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+        conv.weight.copy_((conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
         folded_bias = ((bias - bn.running_mean.double()) * scale + beta).to(conv.weight.dtype)
         if conv.bias is None:
             conv.bias = nn.Parameter(folded_bias)
@@ -180,11 +185,12 @@ def _constant_response(layer: nn.Module, sample_input: torch.Tensor, idxs: list[
         x[idxs] = sample_input.reshape(-1, layer.in_features)[0, idxs]
         return F.linear(x.unsqueeze(0), weight).squeeze(0)
     # Read at the centre: a padded pooling between the BN and this layer can bend a pinned channel at the border.
-    h, w = sample_input.shape[-2] // 2, sample_input.shape[-1] // 2
+    centre = tuple(size // 2 for size in sample_input.shape[1:])
     span = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
     x = torch.zeros(1, layer.in_channels, *span, dtype=weight.dtype, device=weight.device)
-    x[0, idxs] = sample_input[idxs, h, w].reshape(-1, 1, 1)
-    return F.conv2d(x, weight, None, stride=1, padding=0, dilation=layer.dilation, groups=layer.groups).flatten()
+    x[0, idxs] = sample_input[(idxs, *centre)].reshape(-1, *[1] * len(span))
+    conv = _CONV_FN[type(layer)]
+    return conv(x, weight, None, stride=1, padding=0, dilation=layer.dilation, groups=layer.groups).flatten()
 
 
 def _fold_target(graph: tp.DependencyGraph, consumer: nn.Module, names: dict[nn.Module, str]) -> str:

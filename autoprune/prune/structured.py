@@ -1,4 +1,4 @@
-"""Structured pruning: remove whole output channels of Conv2d / Linear layers, physically, in place.
+"""Structured pruning: remove whole output channels of Conv1d / Conv2d / Linear layers, physically, in place.
 
 Channels that must be removed together form a *channel group* (found with Torch-Pruning's dependency
 graph): the outputs of layers summed by a residual add, and a depthwise conv with the layer that feeds it
@@ -273,7 +273,7 @@ def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapp
     given: dict[str, dict[str, float]] = {}
     for name, ratio in keep.items():
         if name not in layers:
-            raise AutopruneError("keep", name, f"is not a Conv2d / Linear layer of the model (layers: {', '.join(layers)})")
+            raise AutopruneError("keep", name, f"is not a Conv1d / Conv2d / Linear layer of the model (layers: {', '.join(layers)})")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
             raise AutopruneError(f"keep[{name!r}]", ratio, "must be a keep ratio in (0, 1]")
         group = member_of.get(name)
@@ -297,14 +297,14 @@ def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapp
 
 
 def _fold_owner(model: nn.Module, name: str) -> tuple[nn.Module, str, int]:
-    """The module, attribute and length of a fold target: a Conv2d / Linear bias or a BN running_mean."""
+    """The module, attribute and length of a fold target: a conv / Linear bias or a BN running_mean."""
     owner_name, _, attr = name.rpartition(".")
     owner = dict(model.named_modules()).get(owner_name)
     if attr == "bias" and isinstance(owner, COMPRESSIBLE):
         return owner, attr, owner.weight.shape[0]
     if attr == "running_mean" and isinstance(owner, nn.modules.batchnorm._BatchNorm) and owner.running_mean is not None:
         return owner, attr, owner.running_mean.numel()
-    raise AutopruneError("fold target", name, "is not a Conv2d / Linear bias or a BatchNorm running_mean of the model")
+    raise AutopruneError("fold target", name, "is not a Conv1d / Conv2d / Linear bias or a BatchNorm running_mean of the model")
 
 
 def _apply(

@@ -24,11 +24,13 @@ METRICS: dict[str, str] = {
     "esn_a": "minimize",
     "esn_d": "minimize",
     "esn_d_prime": "minimize",
+    "esn_a_comp": "minimize",
+    "esn_d_comp": "minimize",
     "memory_mb": "minimize",
     "params": "minimize",
     "performance_density": "maximize",
 }
-COST_METRICS = ("macs", "bops", "esn_a", "esn_d", "esn_d_prime", "memory_mb", "params")
+COST_METRICS = ("macs", "bops", "esn_a", "esn_d", "esn_d_prime", "esn_a_comp", "esn_d_comp", "memory_mb", "params")
 _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
