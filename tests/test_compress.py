@@ -28,7 +28,6 @@ def base(task: Task):
 
 def test_base_model_trains_to_95_percent(base) -> None:
     assert base.val_accuracy >= 95.0
-    assert base.train_seconds < 60.0
 
 
 def test_w4a4_half_width_qat_keeps_accuracy_within_two_points(task: Task, base) -> None:
