@@ -14,7 +14,7 @@ from autoprune.cli import parse_input_shape
 from autoprune.cost import LayerQuant, measure_cost
 from autoprune.errors import AutopruneError
 from autoprune.models import build_model, check_supported, compressible_layers, default_input_shape
-from autoprune.prune import FeatureMasker, channel_groups, fold_batchnorm, keep_largest, prune_structured
+from autoprune.prune import FeatureMasker, PfQ, channel_groups, fold_batchnorm, keep_largest, prune_structured
 from autoprune.quant import act_quantizer, weight_quantizer
 from autoprune.signals import SignalTracker, layer_priors
 
@@ -135,7 +135,7 @@ def test_pfq_removes_constant_conv1d_channels_and_folds_their_response() -> None
             model[1].bias[c] = beta
     x = torch.randn(3, 2, 8)
     before = model(x)
-    record = prune_structured(model, keep={}, example_input=x, method="pfq", pfq_eps=1e-5)
+    record = prune_structured(model, keep={}, example_input=x, method=PfQ(eps=1e-5))
     assert record.layers["0"].kept == [0, 2, 3, 5]
     assert model[0].out_channels == model[1].num_features == model[3].in_channels == 4
     assert set(record.folds) == {"4.running_mean"} and max(abs(v) for v in record.folds["4.running_mean"]) > 0.1
