@@ -30,8 +30,8 @@ BASELINES = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A2": (2, 2), "W4A8": (4, 8)}
 
 def search(workdir: Path, *, sampler: str, seed: int, trials: int):
     config = SearchConfig(
-        space_path=REPO / "search_spaces/default.yaml",
-        objectives_path=REPO / "objectives/accuracy_bops.yaml",
+        space_path=REPO / "autoprune/specs/search_spaces/default.yaml",
+        objectives_path=REPO / "autoprune/specs/objectives/accuracy_bops.yaml",
         study_name=f"{sampler}-{seed}",
         storage=f"sqlite:///{workdir / 'bench.db'}",
         trials=trials,
