@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_apply)
 
     from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
-    from autoprune.search.runner import SAMPLERS
+    from autoprune.search.record import SAMPLERS
 
     p = sub.add_parser("search", help="run (or resume) a multi-objective search")
     _task_args(p)

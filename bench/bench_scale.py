@@ -87,11 +87,12 @@ def main() -> None:
     stub = StubEvaluator()
     ctx.evaluator = stub
     runner.record_base(ctx, stub)
-    tracker = runner._open_tracker(ctx, config.tracking_uri)
+    reporter = runner.Reporter(ctx, tracker=runner.open_tracker(ctx, config.tracking_uri), progress=False)
+    ctx.notify = reporter.told
     start = time.perf_counter()
-    runner.run_trials(ctx, deadline=None, progress=False, tracker=tracker)
+    runner.run_trials(ctx, deadline=None)
     wall = time.perf_counter() - start
-    tracker.close(status="FINISHED")
+    reporter.close(status="FINISHED")
 
     # The gap between two evaluations is one whole trial cycle of the framework; the stub's own time is ~0.
     gaps = [b - a for a, b in zip(stub.calls, stub.calls[1:])]
@@ -105,9 +106,9 @@ def main() -> None:
 
 
 def _shipped(kind: str, name: str) -> Path:
-    """The shipped spec inside the package when it is there, else at the checkout's root (older layout)."""
-    inside = REPO / "autoprune" / "specs" / kind / name
-    return inside if inside.is_file() else REPO / kind / name
+    from autoprune.specs import shipped
+
+    return shipped(kind, name)
 
 
 if __name__ == "__main__":

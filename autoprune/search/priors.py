@@ -21,7 +21,6 @@ from typing import Any, Callable, Sequence
 
 from autoprune.policy import LayerPolicy, Policy
 from autoprune.search.record import enqueue, read_meta, write_meta
-from autoprune.signals import KAPPAS
 
 A_FLOOR = 8
 
@@ -48,11 +47,14 @@ def prior_tag(kinds: Sequence[str], kappa: float) -> str:
     return f"{'+'.join(k for k in PRIOR_KINDS if k in kinds)}:kappa={kappa:g}"
 
 
-def prior_policies(evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS, kappas: tuple[float, ...] = KAPPAS) -> dict[float, Policy]:
-    """kappa -> the prior policy of the named kinds; empty without a training-time S/N record.
-    The bit prior (``snr``) is what kappa varies: without it there is one policy, under the first kappa."""
-    from autoprune.signals import layer_priors, plateau_epoch
+def prior_policies(evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS, kappas: tuple[float, ...] | None = None) -> dict[float, Policy]:
+    """kappa -> the prior policy of the named kinds (kappas: ``signals.KAPPAS``); empty without a
+    training-time S/N record. The bit prior (``snr``) is what kappa varies: without it there is one
+    policy, under the first kappa."""
+    # signals needs torch: imported here, so that the CLI can list the prior kinds without it
+    from autoprune.signals import KAPPAS, layer_priors, plateau_epoch
 
+    kappas = KAPPAS if kappas is None else kappas
     signals = evaluator.base.extras.get("signals")
     if not signals or not kinds:
         return {}

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 META_KEY = "autoprune"
 RECORD_VERSION = 1
+# the samplers a study may be created with (runner.make_sampler builds them)
+SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 
 
 class BaseSummary(BaseModel):
@@ -136,6 +138,6 @@ def sampler_constraints(trial: "FrozenTrial") -> list[float]:
 
 
 __all__ = [
-    "StudyMeta", "TrialRecord", "BaseSummary", "META_KEY", "RECORD_VERSION",
+    "StudyMeta", "TrialRecord", "BaseSummary", "META_KEY", "SAMPLERS", "RECORD_VERSION",
     "read_meta", "write_meta", "read_trial", "write_trial", "enqueue", "sampler_constraints",
 ]

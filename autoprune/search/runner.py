@@ -21,7 +21,7 @@ from autoprune.errors import AutopruneError
 from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
-from autoprune.search.record import BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
+from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, TrainSettings
 
@@ -32,7 +32,6 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
-SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 
 
 @dataclass(frozen=True)
