@@ -40,22 +40,25 @@ class Outcome:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     failure: str | None = None
     interrupted: bool = False
+    worker: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"failure": self.failure} if self.failure else {"metrics": self.metrics, "layers": self.layers}
+        sent = {"failure": self.failure} if self.failure else {"metrics": self.metrics, "layers": self.layers}
+        return {**sent, "worker": self.worker}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Outcome":
-        return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"))
+        return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"))
 
     @classmethod
-    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any]]]) -> "Outcome":
+    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any]]], *, worker: str = "") -> "Outcome":
         """Run an evaluation; any failure of the policy becomes a failed outcome with its reason."""
+        worker = worker or OWNER
         try:
             metrics, layers = evaluate()
         except Exception as exc:  # noqa: BLE001 - one trial's failure is recorded, the study goes on
-            return cls(failure=failure_reason(exc))
-        return cls(metrics=metrics, layers=layers)
+            return cls(failure=failure_reason(exc), worker=worker)
+        return cls(metrics=metrics, layers=layers, worker=worker)
 
 
 def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> AbstractContextManager[Any]:
@@ -84,6 +87,8 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
     """Record the outcome, tell the study, notify; returns the told trial. A result whose objective is
     not finite is a failure. ``interrupted``: cut short, not the policy's fault, run again on resume."""
     failure = outcome.failure
+    if outcome.worker:
+        write_trial(ctx.study, trial, worker=outcome.worker)
     if failure is None:
         values = ctx.objectives.values(outcome.metrics)
         bad = [m for m, v in zip(ctx.objectives.metrics, values) if not math.isfinite(v)]

@@ -106,7 +106,8 @@ def run_trial(config: dict[str, Any], job: WorkerJob) -> None:
 
     torch.set_num_threads(job.threads)
     # the driver records a failure's reason and the search goes on
-    outcome = Outcome.of(lambda: _evaluator(job).evaluate(Policy.from_dict(config["policy"])))
+    node = f"ray:{ray.get_runtime_context().get_node_id()}"
+    outcome = Outcome.of(lambda: _evaluator(job).evaluate(Policy.from_dict(config["policy"])), worker=node)
     # Tune flattens nested results into "a/b" keys; one JSON string comes back as it was sent.
     tune.report({RESULT_KEY: json.dumps(outcome.to_dict())})
 
