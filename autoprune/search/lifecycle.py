@@ -51,9 +51,9 @@ class Outcome:
         return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"))
 
     @classmethod
-    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any]]], *, worker: str = "") -> "Outcome":
-        """Run an evaluation; any failure of the policy becomes a failed outcome with its reason."""
-        worker = worker or OWNER
+    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any]]], *, worker: str | None = None) -> "Outcome":
+        """Run an evaluation; any failure of the policy becomes a failed outcome with its reason.
+        ``worker``: where it ran, when not in the owner's process."""
         try:
             metrics, layers = evaluate()
         except Exception as exc:  # noqa: BLE001 - one trial's failure is recorded, the study goes on

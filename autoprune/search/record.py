@@ -68,7 +68,7 @@ class TrialRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
     version: int = RECORD_VERSION
     owner: str | None = None
-    # where the evaluation ran: ``host:pid`` of the process, or ``ray:<node id>`` of a Ray node
+    # where the evaluation ran when not in the owner's process: ``ray:<node id>`` of a Ray node
     worker: str | None = None
     strategy: str = "sampled"
     # the prior's name and settings as tagged in MLflow, e.g. "snr:kappa=1"
