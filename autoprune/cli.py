@@ -18,7 +18,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and exit status 2 like every other input error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        # a value refused by its type reads as every other input error: "error: --flag: 'value' rule"
+        flag, sep, rule = message.removeprefix("argument ").partition(": ")
+        if message.startswith("argument ") and sep and rule.startswith("'"):
+            print(f"error: {flag.split('/')[0]}: {rule}", file=sys.stderr)
+        else:
+            print(f"error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -343,7 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A shell that starts a command in the background hands it SIGINT ignored; Ctrl-C (or a supervisor's
     # SIGINT) must still stop a search or the UI cleanly, so KeyboardInterrupt is restored explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad argument (status 2, already printed) or --help (0)
+        return int(exc.code or 0)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
