@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -76,7 +77,7 @@ def refresh(tracker: Tracker, study: optuna.Study) -> None:
     """What the search's Reporter hands the tracker after a trial: the front, here rebuilt from the study."""
     front = Front(study, read_meta(study))
     snapshot = front.snapshot()
-    tracker.refresh(type(snapshot)(**{**snapshot.__dict__, "changed": snapshot.ranks}))
+    tracker.refresh(dataclasses.replace(snapshot, changed=snapshot.ranks))
 
 
 def parent_of(study: optuna.Study) -> str | None:

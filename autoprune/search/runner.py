@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -335,7 +335,8 @@ class Reporter:
         self.tracker.reconcile(finished_events(self.ctx.study))
         self.front.sync(force=True)
         full = self.front.snapshot()
-        self.tracker.refresh(type(full)(**{**full.__dict__, "changed": full.ranks}))
+        # every rank, so that trials other processes told get their tags too
+        self.tracker.refresh(replace(full, changed=full.ranks))
         if status is not None:
             self.tracker.close(status=status)
 
