@@ -6,12 +6,12 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: run test install browser
+.PHONY: run test install browser postgres
 
 run: $(VENV)/.installed
 	$(BIN)/autoprune search --trials 60 --export exports/default
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed browser postgres
 	$(BIN)/python -m pytest -q -rs
 
 install: $(VENV)/.installed
@@ -26,3 +26,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The MLflow UI test drives Debian's chromium (never `playwright install`: nothing can be downloaded).
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+# The many-machines test runs a real PostgreSQL server on 127.0.0.1 (Debian's package; the test starts and
+# stops its own cluster in a temp folder).
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }

@@ -11,27 +11,61 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from autoprune.errors import AutopruneError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from autoprune.specs import shipped
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and exit status 2 like every other input error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        # a value refused by its type reads as every other input error: "error: --flag: 'value' rule"
+        flag, sep, rule = message.removeprefix("argument ").partition(": ")
+        if message.startswith("argument ") and sep and rule.startswith("'"):
+            print(f"error: {flag.split('/')[0]}: {rule}", file=sys.stderr)
+        else:
+            print(f"error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
-def shipped(kind: str, value: str) -> Path:
-    """A spec path as given, or the name of a shipped spec (``default`` -> search_spaces/default.yaml)."""
-    path = Path(value)
-    if path.is_file():
-        return path
-    candidate = PROJECT_ROOT / kind / (value if value.endswith((".yaml", ".yml")) else f"{value}.yaml")
-    if candidate.is_file():
-        return candidate
-    raise AutopruneError(f"--{'space' if kind == 'search_spaces' else 'objectives'}", value, f"is neither a file nor a shipped spec in {PROJECT_ROOT / kind}")
+def _number(kind: type, *, low: float | None = None, above: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type for a bounded, finite number: a bad one is refused with the flag's name before any work."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        rule = None
+        if value != value or value in (float("inf"), float("-inf")):
+            rule = "must be a finite number"
+        elif low is not None and value < low:
+            rule = f"must be at least {low:g}"
+        elif above is not None and not value > above:
+            rule = f"must be greater than {above:g}"
+        elif high is not None and value > high:
+            rule = f"must be at most {high:g}"
+        if rule:
+            raise argparse.ArgumentTypeError(f"{text!r} {rule}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, low=1)
+NATURAL_INT = _number(int, low=0)
+POSITIVE_FLOAT = _number(float, above=0)
+NATURAL_FLOAT = _number(float, low=0)
+PORT = _number(int, low=1, high=65535)
+
+
+def _priors(text: str) -> tuple[str, ...]:
+    from autoprune.search.priors import PRIOR_KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in PRIOR_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r} names no prior kind of {', '.join(PRIOR_KINDS)}")
+    return kinds
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -48,8 +82,8 @@ def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn")
     p.add_argument("--model", default=default_model, help="zoo name (digits_cnn, vgg7, vgg7_x0.5, vgg7_x0.25, resnet20, mobilenetv2) or package.module:factory")
     p.add_argument("--dataset", default=None, help="digits (default for digits_cnn), cifar10, cifar100, mnist, fashion_mnist, imagefolder")
     p.add_argument("--data-dir", default=None, help="where torchvision datasets live")
-    p.add_argument("--epochs", type=int, default=None, help="base-model training epochs (default 30)")
-    p.add_argument("--task-seed", type=int, default=0, help="seed of the data split and base-model training")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="base-model training epochs (default 30)")
+    p.add_argument("--task-seed", type=NATURAL_INT, default=0, help="seed of the data split and base-model training")
 
 
 def _task(args: argparse.Namespace):  # noqa: ANN202 - returns autoprune.task.Task, imported lazily
@@ -141,28 +175,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _search_config(args: argparse.Namespace):  # noqa: ANN202
+    """The search's flags are named after SearchConfig's (and RayOptions') fields: they go across as they are."""
     from autoprune.search.runner import SearchConfig
 
-    return SearchConfig(
+    values = vars(args)
+    return SearchConfig.from_values(
+        values,
         task=_task(args).spec,
-        space_path=shipped("search_spaces", args.space),
-        objectives_path=shipped("objectives", args.objectives),
-        study_name=args.study,
-        storage=args.storage,
-        trials=args.trials,
-        timeout=args.timeout,
-        sampler=args.sampler,
-        seed=args.seed,
-        jobs=args.jobs,
-        tracking_uri=args.tracking_uri,
-        priors=not args.no_priors,
-        executor=args.executor,
-        address=args.address,
-        workers=args.workers,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        retries=args.retries,
-        progress=not args.quiet,
+        space_path=shipped("search_spaces", args.space_path),
+        objectives_path=shipped("objectives", args.objectives_path),
+        priors=() if args.no_priors else args.priors,
     )
 
 
@@ -249,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, help="CxHxW or CxL, e.g. 3x32x32 or 1x40 (zoo models know theirs)")
     p.add_argument("--policy", default=None, help="policy file (JSON or YAML)")
     p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--task-seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--task-seed", type=NATURAL_INT, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_cost)
 
@@ -260,34 +282,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_apply)
 
+    from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
+    from autoprune.search.record import SAMPLERS
+
     p = sub.add_parser("search", help="run (or resume) a multi-objective search")
     _task_args(p)
-    p.add_argument("--space", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2)")
-    p.add_argument("--objectives", default="accuracy_bops", help="objective YAML or a shipped name")
-    p.add_argument("--trials", type=int, default=60, help="trial budget of the study (resuming counts earlier trials)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds")
-    p.add_argument("--study", default="autoprune", help="study name; the same name resumes")
+    p.add_argument("--space", dest="space_path", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2)")
+    p.add_argument("--objectives", dest="objectives_path", default="accuracy_bops", help="objective YAML or a shipped name")
+    p.add_argument("--trials", type=POSITIVE_INT, default=60, help="trial budget of the study (resuming counts earlier trials)")
+    p.add_argument("--timeout", type=POSITIVE_FLOAT, default=None, help="seconds")
+    p.add_argument("--study", dest="study_name", default="autoprune", help="study name; the same name resumes")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///autoprune.db)")
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "qmc"])
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--jobs", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--sampler", default="tpe", choices=list(SAMPLERS))
+    p.add_argument("--seed", type=NATURAL_INT, default=0, help="sampler seed")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local worker processes sharing the study")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default ./mlruns)")
-    p.add_argument("--no-priors", action="store_true", help="do not enqueue the S/N prior policies")
+    p.add_argument("--priors", type=_priors, default=DEFAULT_PRIORS, help=f"prior kinds enqueued first, comma-separated ({', '.join(PRIOR_KINDS)}; default all)")
+    p.add_argument("--no-priors", action="store_true", help="do not enqueue any prior policy")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:PORT); default: start a local one")
-    p.add_argument("--workers", type=int, default=None, help="concurrent Ray trials")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--retries", type=int, default=0, help="Ray retries of a trial whose worker died")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="concurrent Ray trials")
+    p.add_argument("--cpus-per-trial", type=POSITIVE_FLOAT, default=1.0)
+    p.add_argument("--gpus-per-trial", type=NATURAL_FLOAT, default=0.0)
+    p.add_argument("--retries", type=NATURAL_INT, default=0, help="Ray retries of a trial whose worker died")
     p.add_argument("--export", default=None, help="export the front's policies to this folder at the end")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", dest="progress", action="store_false")
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("worker", help="join an existing study and run trials until its budget is spent")
     p.add_argument("--study", required=True)
     p.add_argument("--storage", required=True)
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (give cores / workers when several share a machine)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (give cores / workers when several share a machine)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_worker)
 
@@ -305,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 over the tracking store")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=PORT, default=5000)
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(handler=cmd_ui)
 
@@ -322,7 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A shell that starts a command in the background hands it SIGINT ignored; Ctrl-C (or a supervisor's
     # SIGINT) must still stop a search or the UI cleanly, so KeyboardInterrupt is restored explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad argument (status 2, already printed) or --help (0)
+        return int(exc.code or 0)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -6,10 +6,7 @@ report's accuracies prove that the file replays (fine-tuning is seeded: they mat
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,11 +18,11 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoprune.errors import AutopruneError
+from autoprune.metrics import BY_NAME, front_csv, parse_bound
 from autoprune.policy import Policy
-from autoprune.search.objectives import METRICS
 from autoprune.search.pareto import front_trials, normalised_losses, study_spec_and_base
-
-_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+from autoprune.search.record import read_meta, read_trial
+from autoprune.search.report import front_table
 
 
 @dataclass(frozen=True)
@@ -42,13 +39,14 @@ def select_trials(study: optuna.Study, select: str) -> list[FrozenTrial]:
         return front
     if select == "knee":
         return [knee(study, front)]
-    match = _CONDITION.match(select)
-    if not match:
-        raise AutopruneError("--select", select, 'must be pareto, knee, or "metric<=X" / "metric>=Y"')
-    metric, op, bound = match.group(1), match.group(2), float(match.group(3))
-    if metric not in METRICS and metric != "bops_reduction":
-        raise AutopruneError("--select", select, f"names no metric (metrics: {', '.join(METRICS)})")
-    chosen = [t for t in front if (t.user_attrs["metrics"][metric] <= bound if op == "<=" else t.user_attrs["metrics"][metric] >= bound)]
+    try:
+        metric, op, bound = parse_bound(select, names=BY_NAME)
+    except ValueError as exc:
+        if "names no metric" in str(exc):
+            raise AutopruneError("--select", select, f"names no metric (metrics: {', '.join(BY_NAME)})") from None
+        raise AutopruneError("--select", select, 'must be pareto, knee, or "metric<=X" / "metric>=Y"') from None
+    values = [(t, (read_trial(t).metrics or {})[metric]) for t in front]
+    chosen = [t for t, v in values if (v <= bound if op == "<=" else v >= bound)]
     if not chosen:
         raise AutopruneError("--select", select, "matches no point of the Pareto front")
     return chosen
@@ -57,20 +55,10 @@ def select_trials(study: optuna.Study, select: str) -> list[FrozenTrial]:
 def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
     """The front point closest to the ideal point in the normalised objective space."""
     spec, base = study_spec_and_base(study)
-    losses = np.array([normalised_losses(t.user_attrs["metrics"], spec, base) for t in front])
+    losses = np.array([normalised_losses(read_trial(t).metrics or {}, spec, base) for t in front])
     low, high = losses.min(axis=0), losses.max(axis=0)
     scaled = (losses - low) / np.where(high > low, high - low, 1.0)
     return front[int(np.argmin(np.linalg.norm(scaled, axis=1)))]
-
-
-def front_table(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
-    rows = []
-    for t in trials:
-        row = {"trial": t.number, "prior": t.user_attrs.get("prior", "")}
-        row.update(t.user_attrs["metrics"])
-        row["policy"] = Policy.from_dict(t.user_attrs["policy"]).summary(list(t.user_attrs["policy"]["layers"]))
-        rows.append(row)
-    return rows
 
 
 def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", replay: bool = True) -> Exported:
@@ -88,12 +76,13 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
     try:
         policies, report_rows = [], []
         for trial in chosen:
-            policy = Policy.from_dict(trial.user_attrs["policy"])
+            record = read_trial(trial)
+            policy = Policy.from_dict(record.policy or {})
             stem = f"trial_{trial.number:04d}"
             policy.save(staging / "policies" / f"{stem}.yaml")
             json_path = policy.save(staging / "policies" / f"{stem}.json")
             policies.append(out / "policies" / f"{stem}.json")
-            recorded = trial.user_attrs["metrics"]
+            recorded = record.metrics or {}
             row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded["accuracy"]}
             if evaluator is not None:
                 from autoprune.compress import compress
@@ -111,15 +100,13 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
                     esn_d_prime=metrics["esn_d_prime"],
                 )
             report_rows.append(row)
-        table = front_table(front_trials(study))
-        (staging / "front.json").write_text(json.dumps(table, indent=2, default=str))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-        (staging / "front.csv").write_text(buffer.getvalue())
-        meta = study.user_attrs.get("autoprune", {})
-        report = {"study": study.study_name, "select": select, "base": meta.get("base"), "task": meta.get("task"), "exported": report_rows}
+        table = front_table(study)
+        rows = [{"trial": r.trial, "prior": r.prior or "", **r.metrics, "policy": r.summary} for r in table]
+        (staging / "front.json").write_text(json.dumps(rows, indent=2, default=str))
+        (staging / "front.csv").write_text(front_csv(table, ctx.objectives.metrics))
+        meta = read_meta(study)
+        base = meta.base.model_dump() if meta and meta.base else None
+        report = {"study": study.study_name, "select": select, "base": base, "task": meta.task if meta else None, "exported": report_rows}
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (staging / "report.md").write_text(_markdown(report))
         if out.exists():

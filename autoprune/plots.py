@@ -12,24 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-LABELS = {
-    "accuracy": "accuracy (%)",
-    "accuracy_drop": "accuracy drop (points)",
-    "macs": "MACs",
-    "bops": "BOPs",
-    "esn_a": "ESN_a",
-    "esn_d": "ESN_d",
-    "esn_d_prime": "ESN'_d",
-    "esn_a_comp": "ESN_a (c = computations)",
-    "esn_d_comp": "ESN_d (c = computations)",
-    "memory_mb": "memory (Mb)",
-    "params": "parameters",
-    "performance_density": "performance density (%/Mb)",
-    "trial": "trial",
-}
+from autoprune.metrics import label
+from autoprune.policy import FLOAT_BITS
+
 # More rows make the per-layer chart unreadable; the rows are spread evenly along the front.
 MAX_LAYER_ROWS = 6
-FLOAT_BITS = 32
 # Bars for float (32-bit) tensors are cut here so that 2..8-bit layers stay readable.
 BITS_AXIS_TOP = 16
 
@@ -113,8 +100,8 @@ def pareto_png(
             ax.set_xscale("log")
         if _log_axis(_axis_values(points, base, y)):
             ax.set_yscale("log")
-        ax.set_xlabel(LABELS.get(x, x))
-        ax.set_ylabel(LABELS.get(y, y))
+        ax.set_xlabel(label(x))
+        ax.set_ylabel(label(y))
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(loc="best", fontsize=8)
     fig.suptitle(title or f"Pareto front ({len(front)} of {len(points)} trials)")
@@ -175,8 +162,8 @@ def pareto_html(
                 row=1,
                 col=col,
             )
-        fig.update_xaxes(title_text=LABELS.get(x, x), type="log" if _log_axis(_axis_values(points, base, x)) else "linear", row=1, col=col)
-        fig.update_yaxes(title_text=LABELS.get(y, y), type="log" if _log_axis(_axis_values(points, base, y)) else "linear", row=1, col=col)
+        fig.update_xaxes(title_text=label(x), type="log" if _log_axis(_axis_values(points, base, x)) else "linear", row=1, col=col)
+        fig.update_yaxes(title_text=label(y), type="log" if _log_axis(_axis_values(points, base, y)) else "linear", row=1, col=col)
     fig.update_layout(title=title or f"Pareto front ({len(front)} of {len(points)} trials)", height=520, width=max(700, 560 * len(pairs)))
     fig.write_html(path, include_plotlyjs=True, full_html=True)
     return path

@@ -22,6 +22,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from autoprune.policy import LayerPolicy, Policy  # noqa: E402
 from autoprune.search.pareto import front_trials, hypervolume, scored_trials  # noqa: E402
+from autoprune.search.record import read_trial  # noqa: E402
 from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +31,8 @@ BASELINES = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A2": (2, 2), "W4A8": (4, 8)}
 
 def search(workdir: Path, *, sampler: str, seed: int, trials: int):
     config = SearchConfig(
-        space_path=REPO / "search_spaces/default.yaml",
-        objectives_path=REPO / "objectives/accuracy_bops.yaml",
+        space_path=REPO / "autoprune/specs/search_spaces/default.yaml",
+        objectives_path=REPO / "autoprune/specs/objectives/accuracy_bops.yaml",
         study_name=f"{sampler}-{seed}",
         storage=f"sqlite:///{workdir / 'bench.db'}",
         trials=trials,
@@ -61,7 +62,7 @@ def main() -> None:
         for sampler in args.samplers:
             study, wall = search(workdir, sampler=sampler, seed=seed, trials=args.trials)
             studies[sampler].append(study)
-            inside = sum(t.user_attrs["metrics"]["trial_seconds"] for t in scored_trials(study))
+            inside = sum(read_trial(t).metrics["trial_seconds"] for t in scored_trials(study))
             walls.append((wall, inside))
             print(f"  {sampler:>6} seed {seed}: hypervolume {hypervolume(study):.4f}, front {len(front_trials(study))}, {wall:.0f} s", flush=True)
 
@@ -78,7 +79,7 @@ def main() -> None:
     from autoprune.task import Task
 
     evaluator = Evaluator.for_task(Task(), progress=False)
-    default_front = [t.user_attrs["metrics"] for st in studies[best] for t in front_trials(st)]
+    default_front = [read_trial(t).metrics for st in studies[best] for t in front_trials(st)]
     print(f"\n2. Front of {best} (all seeds pooled) against uniform-precision baselines at full width (150 QAT steps)")
     covered = 0
     for label, (w, a) in BASELINES.items():
@@ -91,7 +92,7 @@ def main() -> None:
     print(f"   baselines dominated or matched: {covered}/{len(BASELINES)}")
 
     print("\n3. Largest BOPs reduction vs the float model at <= 1.5 points validation accuracy drop (all trials)")
-    feasible = [t.user_attrs["metrics"] for sts in studies.values() for st in sts for t in scored_trials(st) if t.user_attrs["metrics"]["accuracy_drop"] <= 1.5]
+    feasible = [m for sts in studies.values() for st in sts for t in scored_trials(st) if (m := read_trial(t).metrics)["accuracy_drop"] <= 1.5]
     if feasible:
         top = max(feasible, key=lambda m: m["bops_reduction"])
         print(f"   {top['bops_reduction']:.1f}x at {top['accuracy']:.2f}% ({-top['accuracy_drop']:+.2f} points; base {evaluator.base.val_accuracy:.2f}%)")

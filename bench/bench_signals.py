@@ -93,8 +93,8 @@ def print_overheads(timings: dict[str, dict[str, float]]) -> None:
 
 def search(*, seed: int, trials: int, priors: bool):
     config = SearchConfig(
-        space_path=REPO / "search_spaces/default.yaml",
-        objectives_path=REPO / "objectives/accuracy_bops.yaml",
+        space_path=REPO / "autoprune/specs/search_spaces/default.yaml",
+        objectives_path=REPO / "autoprune/specs/objectives/accuracy_bops.yaml",
         study_name=f"{'warm' if priors else 'cold'}-{seed}",
         storage=f"sqlite:///{WORKDIR / 'bench.db'}",
         trials=trials,

@@ -96,3 +96,37 @@ def test_bad_argument_is_one_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--trials", "many"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--trials" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["search", "--timeout", "-1"], "--timeout"),
+        (["search", "--timeout", "0"], "--timeout"),
+        (["search", "--timeout", "nan"], "--timeout"),
+        (["search", "--timeout", "inf"], "--timeout"),
+        (["search", "--trials", "0"], "--trials"),
+        (["search", "--trials", "-5"], "--trials"),
+        (["search", "--jobs", "0"], "--jobs"),
+        (["search", "--seed", "-1"], "--seed"),
+        (["search", "--workers", "0"], "--workers"),
+        (["search", "--cpus-per-trial", "0"], "--cpus-per-trial"),
+        (["search", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
+        (["search", "--retries", "-1"], "--retries"),
+        (["search", "--epochs", "0"], "--epochs"),
+        (["search", "--task-seed", "-1"], "--task-seed"),
+        (["search", "--priors", "bits"], "--priors"),
+        (["search", "--space", "no_such_space"], "--space"),
+        (["search", "--objectives", "no_such_objectives"], "--objectives"),
+        (["apply", "p.yaml", "--epochs", "-3"], "--epochs"),
+        (["signals", "--epochs", "zero"], "--epochs"),
+        (["worker", "--study", "s", "--storage", "sqlite:///x.db", "--threads", "0"], "--threads"),
+        (["ui", "--port", "0"], "--port"),
+        (["ui", "--port", "70000"], "--port"),
+        (["cost", "--model", "digits_cnn", "--task-seed", "-2"], "--task-seed"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str], flag: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    expect_error(capsys, args, flag)
+    assert not list(tmp_path.iterdir()), "nothing may be written on bad input"

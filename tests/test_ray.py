@@ -242,8 +242,8 @@ def test_searcher_asks_and_tells_the_study_also_as_a_shipped_copy(tmp_path: Path
 
 
 def test_searcher_stops_at_the_deadline_and_abandons_as_interrupted(tmp_path: Path) -> None:
+    from autoprune.search.lifecycle import spent
     from autoprune.search.ray_executor import StudySearcher
-    from autoprune.search.runner import spent
 
     ctx = prepared(tmp_path, trials=4)
     late = StudySearcher(ctx, storage=storage_of(tmp_path), tracking_uri=None, deadline=time.monotonic() - 1, on_result=lambda t: None)
@@ -264,10 +264,10 @@ def test_worker_on_a_node_without_the_cache_uses_the_shipped_base_model(tmp_path
     import dataclasses
 
     from autoprune.search import ray_executor
-    from autoprune.search.runner import SearchConfig
+    from autoprune.search.runner import RayOptions
 
     ctx = prepared(tmp_path, trials=1)
-    job = ray_executor._worker_job(ctx, SearchConfig())
+    job = ray_executor._worker_job(ctx, RayOptions())
     node_cache = tmp_path / "node-cache"
     monkeypatch.setenv("AUTOPRUNE_CACHE", str(node_cache))  # restored after the test; the worker sets it
     monkeypatch.setattr(ray_executor, "_EVALUATORS", {})

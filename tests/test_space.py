@@ -21,7 +21,7 @@ def bind(spec: dict, model: str = "digits_cnn", shape: tuple[int, int, int] = (1
     return SpaceSpec.from_dict(spec).bind(build_model(model, in_channels=shape[0]), input_shape=shape)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((REPO / "autoprune/specs/search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_spaces_sample_valid_policies(path: Path) -> None:
     space = SpaceSpec.load(path).bind(build_model("digits_cnn"), input_shape=(1, 8, 8))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -52,7 +52,7 @@ def test_keep_ratio_is_one_parameter_per_residual_group() -> None:
 
 
 def test_every_sampled_parameter_changes_the_policy() -> None:
-    space = bind(yaml.safe_load((REPO / "search_spaces/default.yaml").read_text()))
+    space = bind(yaml.safe_load((REPO / "autoprune/specs/search_spaces/default.yaml").read_text()))
     dists = space.distributions()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     base = study.ask(dists).params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -17,11 +18,13 @@ import pytest
 from optuna.trial import TrialState
 
 from autoprune import plots
+from autoprune.search.front import Front, event_of
 from autoprune.search.pareto import front_trials, pareto_ranks
+from autoprune.search.record import StudyMeta, read_meta, write_meta
+from autoprune.search.runner import finished_events, start_tracker
 from autoprune.tracking import (
     FAILED_REASON,
     FAILURE_TAG,
-    PARENT_RUN_ATTR,
     PARENT_TAG,
     TRIAL_TAG,
     Tracker,
@@ -62,8 +65,23 @@ def client_of(folder: Path) -> Any:
 
 def new_study(name: str, storage: str | None = None) -> optuna.Study:
     study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
-    study.set_user_attr("autoprune", {"task": {"name": "digits", "model": "tiny_cnn", "seed": 0}, "space": SPACE, "objectives": OBJECTIVES, "base": BASE})
+    write_meta(study, StudyMeta(task={"dataset": "digits", "model": "tiny_cnn", "seed": 0}, space=SPACE, objectives=OBJECTIVES, budget=12, base=BASE))
     return study
+
+
+def start(tracker: Tracker, study: optuna.Study) -> None:
+    start_tracker(tracker, study)
+
+
+def refresh(tracker: Tracker, study: optuna.Study) -> None:
+    """What the search's Reporter hands the tracker after a trial: the front, here rebuilt from the study."""
+    front = Front(study, read_meta(study))
+    snapshot = front.snapshot()
+    tracker.refresh(dataclasses.replace(snapshot, changed=snapshot.ranks))
+
+
+def parent_of(study: optuna.Study) -> str | None:
+    return read_meta(study).mlflow_parent_run_id
 
 
 def toy_evaluate(layers: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -100,7 +118,7 @@ def run_trial(study: optuna.Study, tracker: Tracker | None, rng: random.Random, 
     if prior:
         trial.set_user_attr("prior", prior)
     if tracker:
-        tracker.log_trial(trial)
+        tracker.log_trial(event_of(trial))
     if fail:
         trial.set_user_attr("failure", "RuntimeError: loss became NaN")
         frozen = study.tell(trial, state=TrialState.FAIL)
@@ -110,8 +128,8 @@ def run_trial(study: optuna.Study, tracker: Tracker | None, rng: random.Random, 
         trial.set_user_attr("constraints", [metrics["accuracy_drop"] - 20])
         frozen = study.tell(trial, [metrics["accuracy"], metrics["bops"]])
     if tracker:
-        tracker.log_trial(frozen)
-        tracker.refresh(study=study)
+        tracker.log_trial(event_of(frozen))
+        refresh(tracker, study)
     return frozen
 
 
@@ -133,7 +151,7 @@ def artifact_names(client: Any, run_id: str) -> set[str]:
 def test_a_small_search_is_mirrored_in_mlflow(store: Path) -> None:
     study = new_study("small-search")
     tracker = Tracker(study_name="small-search", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     rng = random.Random(0)
     for i in range(12):
         run_trial(study, tracker, rng, fail=i == 5, prior="kappa=1" if i == 0 else None)
@@ -144,7 +162,7 @@ def test_a_small_search_is_mirrored_in_mlflow(store: Path) -> None:
     experiment = client.get_experiment_by_name("small-search")
     assert experiment.artifact_location == (store / "artifacts" / "small-search").resolve().as_uri()
     assert [p.info.run_id for p in parents(client, tracker)] == [tracker.parent_run_id]
-    assert study.user_attrs[PARENT_RUN_ATTR] == tracker.parent_run_id
+    assert parent_of(study) == tracker.parent_run_id
     runs = children(client, tracker)
     assert sorted(runs) == [t.number for t in study.trials]
 
@@ -199,14 +217,14 @@ def test_a_small_search_is_mirrored_in_mlflow(store: Path) -> None:
 def test_pareto_tags_follow_the_front(store: Path) -> None:
     study = new_study("moving-front")
     tracker = Tracker(study_name="moving-front", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     weak = {name: {"keep_ratio": 1.0, "w_bits": 8, "a_bits": 8, "w_sparsity": 0.0, "f_sparsity": 0.0} for name in LAYERS}
     for accuracy, bops in ((90.0, 1e6), (95.0, 5e5)):
         metrics = {**toy_evaluate(weak), "accuracy": accuracy, "bops": bops}
         frozen = optuna.trial.create_trial(values=[accuracy, bops], user_attrs={"policy": policy_of(weak), "layers": weak, "metrics": metrics})
         study.add_trial(frozen)
-        tracker.log_trial(study.trials[-1])
-        tracker.refresh(study=study)
+        tracker.log_trial(event_of(study.trials[-1]))
+        refresh(tracker, study)
         runs = children(client_of(store), tracker)
         assert {n: r.data.tags["pareto"] for n, r in runs.items()} == {t.number: str(t.number == len(study.trials) - 1).lower() for t in study.trials}
     assert runs[0].data.tags["pareto_rank"] == "1"
@@ -215,11 +233,11 @@ def test_pareto_tags_follow_the_front(store: Path) -> None:
 def test_params_are_batched_and_long_values_become_an_artifact(store: Path) -> None:
     study = new_study("wide-policy")
     tracker = Tracker(study_name="wide-policy", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     layers = {f"blocks.{i}.conv": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 8, "w_sparsity": 0.1, "f_sparsity": 0.0} for i in range(40)}
     policy = {**policy_of(layers), "re:blocks\\.\\d+": "pattern keys keep their meaning in policy.json", "calibration": list(range(2000))}
     study.add_trial(optuna.trial.create_trial(values=[90.0, 1e6], user_attrs={"policy": policy, "layers": layers, "metrics": {"accuracy": 90.0, "bops": 1e6}}))
-    tracker.log_trial(study.trials[0])
+    tracker.log_trial(event_of(study.trials[0]))
     run = children(client_of(store), tracker)[0]
     assert len(run.data.params) == 40 * 5 + 3  # 203 params: three batches of at most 100
     assert run.data.params["re:blocks_._d_"] == "pattern keys keep their meaning in policy.json"
@@ -231,15 +249,15 @@ def test_params_are_batched_and_long_values_become_an_artifact(store: Path) -> N
 def test_logging_is_idempotent_and_a_resume_reuses_the_parent(store: Path) -> None:
     study = new_study("resumed")
     first = Tracker(study_name="resumed", tracking_uri=str(store))
-    first.start(study=study)
+    start(first, study)
     rng = random.Random(1)
     frozen = run_trial(study, first, rng)
-    first.log_trial(frozen)
+    first.log_trial(event_of(frozen))
     first.close(status="KILLED")
 
     again = Tracker(study_name="resumed", tracking_uri=str(store))
-    again.start(study=study)
-    again.reconcile(study=study)
+    start(again, study)
+    again.reconcile(finished_events(study))
     run_trial(study, again, rng)
     client = client_of(store)
     assert again.parent_run_id == first.parent_run_id
@@ -249,29 +267,30 @@ def test_logging_is_idempotent_and_a_resume_reuses_the_parent(store: Path) -> No
 
     client.delete_run(first.parent_run_id)  # a parent gone from the store is replaced, not resurrected
     third = Tracker(study_name="resumed", tracking_uri=str(store))
-    third.start(study=study)
-    third.reconcile(study=study)
+    start(third, study)
+    third.reconcile(finished_events(study))
     assert third.parent_run_id != first.parent_run_id
-    assert study.user_attrs[PARENT_RUN_ATTR] == third.parent_run_id
+    assert parent_of(study) == third.parent_run_id
     assert sorted(children(client, third)) == [0, 1]
 
 
 KILLED_WORKER = """
 import os, random, signal, sys
 sys.path.insert(0, {tests!r})
-from test_tracking import new_study, run_trial
+from test_tracking import new_study, run_trial, start
+from autoprune.search.front import event_of
 from autoprune.tracking import Tracker
 
 study = new_study("killed", storage={storage!r})
 tracker = Tracker(study_name="killed", tracking_uri={store!r})
-tracker.start(study=study)
+start(tracker, study)
 rng = random.Random(2)
 for _ in range(3):
     run_trial(study, tracker, rng)
 for _ in range(2):  # two trials in flight when the process dies
     trial = study.ask()
     trial.set_user_attr("policy", {{"version": 1, "layers": {{}}, "order": "joint"}})
-    tracker.log_trial(trial)
+    tracker.log_trial(event_of(trial))
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -295,11 +314,11 @@ def test_resuming_a_killed_search_leaves_no_running_child(store: Path, tmp_path:
     study.add_trial(late)  # finished while MLflow could not see it
 
     tracker = Tracker(study_name="killed", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     assert sum(r.info.status == "RUNNING" for r in children(client_of(store), tracker).values()) == 2
     live = study.ask()  # a trial another live process of the study is running: left alone
-    tracker.log_trial(live)
-    tracker.reconcile(study=study)
+    tracker.log_trial(event_of(live))
+    tracker.reconcile(finished_events(study))
     runs = children(client_of(store), tracker)
     assert sorted(runs) == [t.number for t in study.trials]
     assert [n for n, r in runs.items() if r.info.status == "RUNNING"] == [live.number]
@@ -309,20 +328,20 @@ def test_resuming_a_killed_search_leaves_no_running_child(store: Path, tmp_path:
     assert runs[orphans[1].number].data.tags[FAILURE_TAG] == FAILED_REASON
     assert runs[study.trials[-2].number].info.status == "FINISHED"
 
-    tracker.log_trial(study.tell(live, state=TrialState.FAIL))
+    tracker.log_trial(event_of(study.tell(live, state=TrialState.FAIL)))
     assert not [n for n, r in children(client_of(store), tracker).items() if r.info.status == "RUNNING"]
 
 
 CONCURRENT_WORKER = """
 import random, sys
 sys.path.insert(0, {tests!r})
-from test_tracking import run_trial
+from test_tracking import run_trial, start
 import optuna
 from autoprune.tracking import Tracker
 
 study = optuna.load_study(study_name="crowd", storage={storage!r})
 tracker = Tracker(study_name="crowd", tracking_uri={store!r})
-tracker.start(study=study)
+start(tracker, study)
 rng = random.Random({seed})
 for _ in range({count}):
     run_trial(study, tracker, rng)
@@ -334,14 +353,14 @@ def test_concurrent_workers_lose_no_runs(store: Path, tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = new_study("crowd", storage=storage)
     coordinator = Tracker(study_name="crowd", tracking_uri=str(store))
-    coordinator.start(study=study)
+    start(coordinator, study)
     workers = [
         subprocess.Popen([sys.executable, "-c", CONCURRENT_WORKER.format(tests=str(Path(__file__).parent), storage=storage, store=str(store), seed=seed, count=4)], stderr=subprocess.PIPE, text=True)
         for seed in range(3)
     ]
     for worker in workers:
         assert worker.wait(timeout=120) == 0, worker.stderr.read() if worker.stderr else ""
-    coordinator.refresh(study=study)
+    refresh(coordinator, study)
     runs = children(client_of(store), coordinator)
     assert sorted(runs) == list(range(12))
     assert len(parents(client_of(store), coordinator)) == 1
@@ -359,7 +378,7 @@ def test_a_tracking_server_that_is_down_does_not_stop_the_search(monkeypatch: py
     study = new_study("offline")
     tracker = Tracker(study_name="offline", tracking_uri=f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    tracker.start(study=study)
+    start(tracker, study)
     rng = random.Random(3)
     for _ in range(3):
         run_trial(study, tracker, rng)
@@ -375,7 +394,7 @@ def test_a_tracking_server_that_is_down_does_not_stop_the_search(monkeypatch: py
 def test_one_bad_call_is_reported_once_and_tracking_goes_on(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     study = new_study("bad-call")
     tracker = Tracker(study_name="bad-call", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     tracker.close(status="NOT_A_STATUS")
     tracker.close(status="NOT_A_STATUS")
     run_trial(study, tracker, random.Random(5))
@@ -398,7 +417,7 @@ def test_the_default_store_is_one_folder_under_mlruns(tmp_path: Path, monkeypatc
 def test_training_signals_are_parent_metrics_by_epoch(store: Path) -> None:
     study = new_study("signals")
     tracker = Tracker(study_name="signals", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     epochs = [0, 1, 2]
     signals = {
         "epochs": epochs,

@@ -22,7 +22,7 @@ import pytest
 
 from autoprune.search.pareto import front_trials
 from autoprune.tracking import Tracker
-from test_tracking import free_port, new_study, run_trial
+from test_tracking import free_port, new_study, run_trial, start
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_the_mlflow_ui_lists_the_trials_and_shows_the_pareto_plot(tmp_path: Path
     store = tmp_path / "mlruns"
     study = new_study("browser")
     tracker = Tracker(study_name="browser", tracking_uri=str(store))
-    tracker.start(study=study)
+    start(tracker, study)
     rng = random.Random(4)
     for i in range(TRIALS):
         run_trial(study, tracker, rng, fail=i == 3)

@@ -7,31 +7,13 @@ enter the front.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from autoprune.metrics import COST_METRICS, METRICS, parse_bound
 from autoprune.policy import load_mapping, parse_model
-
-# metric -> the direction in which it improves
-METRICS: dict[str, str] = {
-    "accuracy": "maximize",
-    "accuracy_drop": "minimize",
-    "macs": "minimize",
-    "bops": "minimize",
-    "esn_a": "minimize",
-    "esn_d": "minimize",
-    "esn_d_prime": "minimize",
-    "esn_a_comp": "minimize",
-    "esn_d_comp": "minimize",
-    "memory_mb": "minimize",
-    "params": "minimize",
-    "performance_density": "maximize",
-}
-COST_METRICS = ("macs", "bops", "esn_a", "esn_d", "esn_d_prime", "esn_a_comp", "esn_d_comp", "memory_mb", "params")
-_CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
 class Objective(BaseModel):
@@ -61,13 +43,11 @@ class Constraint(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> "Constraint":
-        match = _CONSTRAINT.match(str(text))
-        if not match:
-            raise ValueError(f"constraint {text!r} is not of the form 'metric <= number' or 'metric >= number'")
-        metric, op, bound = match.groups()
-        if metric not in METRICS:
-            raise ValueError(f"constraint {text!r} names no metric (metrics: {', '.join(METRICS)})")
-        return cls(metric=metric, op=op, bound=float(bound))
+        try:
+            metric, op, bound = parse_bound(text, names=METRICS)
+        except ValueError as exc:
+            raise ValueError(f"constraint {exc}") from None
+        return cls(metric=metric, op=op, bound=bound)
 
     def violation(self, metrics: Mapping[str, float]) -> float:
         value = metrics[self.metric]
@@ -75,6 +55,9 @@ class Constraint(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.bound:g}"
+
+
+__all__ = ["Objective", "Constraint", "ObjectiveSpec", "METRICS", "COST_METRICS"]
 
 
 class ObjectiveSpec(BaseModel):

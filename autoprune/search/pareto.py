@@ -16,13 +16,14 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.errors import AutopruneError
 from autoprune.search.objectives import ObjectiveSpec
+from autoprune.search.record import read_meta, read_trial
 
 
 def feasible(trial: FrozenTrial) -> bool:
     """Constraint violations are stored by the runner on every trial, whatever the sampler (<= 0 is feasible)."""
-    constraints = trial.user_attrs.get("constraints")
-    return constraints is None or all(c <= 0 for c in constraints)
+    return read_trial(trial).feasible
 
 
 def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -99,17 +100,16 @@ def hypervolume_of(points: Sequence[Sequence[float]]) -> float:
 
 
 def study_spec_and_base(study: optuna.Study) -> tuple[ObjectiveSpec, dict[str, Any]]:
-    meta = study.user_attrs["autoprune"]
-    base = dict(meta["base"]["cost"])
-    base["accuracy"] = meta["base"]["val_accuracy"]
-    base["performance_density"] = meta["base"].get("performance_density", 1.0)
-    return ObjectiveSpec.from_dict(meta["objectives"]), base
+    meta = read_meta(study)
+    if meta is None or meta.base is None:
+        raise AutopruneError("--study", study.study_name, "has no base model recorded (it was not created by autoprune search)")
+    return ObjectiveSpec.from_dict(meta.objectives), meta.base.reference()
 
 
 def hypervolume(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> float:
     spec, base = study_spec_and_base(study)
     chosen = scored_trials(study) if trials is None else [t for t in trials if t.state == TrialState.COMPLETE and feasible(t)]
-    return hypervolume_of([normalised_losses(t.user_attrs["metrics"], spec, base) for t in chosen])
+    return hypervolume_of([normalised_losses(read_trial(t).metrics or {}, spec, base) for t in chosen])
 
 
 def hypervolume_history(study: optuna.Study) -> list[float]:
@@ -118,8 +118,9 @@ def hypervolume_history(study: optuna.Study) -> list[float]:
     history: list[float] = []
     points: list[list[float]] = []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if trial.state == TrialState.COMPLETE and feasible(trial) and "metrics" in trial.user_attrs:
-            points.append(normalised_losses(trial.user_attrs["metrics"], spec, base))
+        record = read_trial(trial)
+        if trial.state == TrialState.COMPLETE and record.feasible and record.metrics:
+            points.append(normalised_losses(record.metrics, spec, base))
             history.append(hypervolume_of(points))
         else:
             history.append(history[-1] if history else 0.0)

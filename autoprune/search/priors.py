@@ -1,51 +1,89 @@
-"""Warm start: policies implied by the base model's training-time S/N, enqueued before any sampling.
+"""Warm start: policies implied by the base model's training, enqueued before any sampling.
 
-A layer that tolerated weight noise at S/N_l while it trained should tolerate quantization noise of a
-similar size (seed 000 sec. 2.7): its prior bit-width is the least b whose quantization S/N reaches
-kappa x S/N_l, read at the first epoch that reached the final accuracy (``plateau_epoch``). One policy
-per kappa is enqueued, clipped into the search space, and tagged
-``prior=kappa=<k>`` so the trials can be told apart in Optuna and MLflow.
+Three separable prior kinds, each one small function of a layer's training record, combined per kappa:
+
+- ``snr``: the bit prior. A layer that tolerated weight noise at S/N_l while it trained should tolerate
+  quantization noise of a similar size (seed 000 sec. 2.7): its bit-width is the least b whose
+  quantization S/N reaches kappa x S/N_l, read at the first epoch that reached the final accuracy
+  (``plateau_epoch``). Alone, it sets weight and activation bits and keeps every channel.
+- ``keep``: the keep-ratio hint of the layer's weights (``signals.keep_hint``).
+- ``a_floor``: activations at no fewer than ``A_FLOOR`` bits (activation noise is not what the weight
+  S/N measures).
+
+One policy per kappa is enqueued, clipped into the search space, tagged ``prior=<kinds>:kappa=<k>``
+(``snr:kappa=1``, ``snr+keep+a_floor:kappa=0.5``), so a bench can enqueue the bit prior alone and the
+trials are told apart in Optuna and MLflow.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from autoprune.policy import LayerPolicy, Policy
+from autoprune.search.record import enqueue, read_meta, write_meta
 
-KAPPAS = (0.5, 1.0, 2.0)
+A_FLOOR = 8
 
 
-def prior_policies(evaluator: Any, *, kappas: tuple[float, ...] = KAPPAS) -> dict[float, Policy]:
-    from autoprune.signals import layer_priors, plateau_epoch
+def _snr(layer: LayerPolicy, prior: Any, kappa: float) -> LayerPolicy:
+    bits = prior.bits_by_kappa[kappa]
+    return layer.model_copy(update={"w_bits": bits, "a_bits": bits})
 
+
+def _keep(layer: LayerPolicy, prior: Any, kappa: float) -> LayerPolicy:
+    return layer.model_copy(update={"keep_ratio": max(prior.keep_hint, 1e-3)})
+
+
+def _a_floor(layer: LayerPolicy, prior: Any, kappa: float) -> LayerPolicy:
+    return layer.model_copy(update={"a_bits": max(layer.a_bits, A_FLOOR)})
+
+
+# applied in this order, whatever order a caller names them in
+PRIOR_KINDS: dict[str, Callable[[LayerPolicy, Any, float], LayerPolicy]] = {"snr": _snr, "keep": _keep, "a_floor": _a_floor}
+DEFAULT_PRIORS: tuple[str, ...] = ("snr", "keep", "a_floor")
+
+
+def prior_tag(kinds: Sequence[str], kappa: float) -> str:
+    return f"{'+'.join(k for k in PRIOR_KINDS if k in kinds)}:kappa={kappa:g}"
+
+
+def prior_policies(evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS, kappas: tuple[float, ...] | None = None) -> dict[float, Policy]:
+    """kappa -> the prior policy of the named kinds (kappas: ``signals.KAPPAS``); empty without a
+    training-time S/N record. The bit prior (``snr``) is what kappa varies: without it there is one
+    policy, under the first kappa."""
+    # signals needs torch: imported here, so that the CLI can list the prior kinds without it
+    from autoprune.signals import KAPPAS, layer_priors, plateau_epoch
+
+    kappas = KAPPAS if kappas is None else kappas
     signals = evaluator.base.extras.get("signals")
-    if not signals:
+    if not signals or not kinds:
         return {}
     # The last epoch's S/N reflects a learning rate annealed to ~0, not the noise the model tolerates.
     priors = layer_priors(evaluator.base.model, signals, kappas=kappas, epoch=plateau_epoch(signals))
+    chosen = [PRIOR_KINDS[k] for k in PRIOR_KINDS if k in kinds]
     policies = {}
-    for kappa in kappas:
-        layers = {
-            name: LayerPolicy(keep_ratio=max(prior.keep_hint, 1e-3), w_bits=prior.bits_by_kappa[kappa], a_bits=max(prior.bits_by_kappa[kappa], 8))
-            for name, prior in priors.items()
-        }
+    for kappa in kappas if "snr" in kinds else kappas[:1]:
+        layers = {}
+        for name, prior in priors.items():
+            layer = LayerPolicy()
+            for apply in chosen:
+                layer = apply(layer, prior, kappa)
+            layers[name] = layer
         policies[kappa] = Policy(layers=layers)
     return policies
 
 
-def enqueue_priors(ctx: Any, evaluator: Any) -> list[int]:
-    """Enqueue the prior policies on a study that has no trials yet; returns how many were enqueued."""
+def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS) -> list[int]:
+    """Enqueue the prior policies on a study that has no trials yet; returns their indices."""
     if ctx.study.get_trials(deepcopy=False):
         return []
-    policies = prior_policies(evaluator)
+    policies = prior_policies(evaluator, kinds=kinds)
     if not policies:
         return []
-    if ctx.space.spec.narrow_bits_to_prior is not None:
+    if ctx.space.spec.narrow_bits_to_prior is not None and "snr" in kinds:
         centre = {name: lp.w_bits for name, lp in policies[1.0].layers.items()}
-        meta = dict(ctx.study.user_attrs["autoprune"])
-        meta["prior_bits"] = centre
-        ctx.study.set_user_attr("autoprune", meta)
+        meta = read_meta(ctx.study)
+        write_meta(ctx.study, meta.model_copy(update={"prior_bits": centre}))
         ctx.space.narrowed_to(centre)
     seen: list[dict[str, Any]] = []
     for kappa, policy in policies.items():
@@ -53,5 +91,8 @@ def enqueue_priors(ctx: Any, evaluator: Any) -> list[int]:
         if params in seen:
             continue
         seen.append(params)
-        ctx.study.enqueue_trial(params, user_attrs={"prior": f"kappa={kappa:g}"})
+        enqueue(ctx.study, params, prior=prior_tag(kinds, kappa), strategy="prior")
     return list(range(len(seen)))
+
+
+__all__ = ["PRIOR_KINDS", "DEFAULT_PRIORS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag"]

@@ -1,8 +1,8 @@
 """The Ray Tune executor: Ray schedules and runs the trials, the Optuna study stays the one source of truth.
 
-Ray Tune only sees ``StudySearcher``: its ``suggest`` asks the study for a trial and hands the worker the
-trial's policy, its ``on_trial_complete`` tells the study the outcome (through the same ``record_result`` /
-``record_failure`` as the local executor) and logs the trial to MLflow. Ray's own Optuna searcher is not
+Ray Tune only sees ``StudySearcher``: its ``suggest`` asks the study for a trial and begins it (the same
+``lifecycle.begin`` as the local executors) and hands the worker the trial's policy; its
+``on_trial_complete`` finishes it (``lifecycle.finish``), which tells the study and reports the trial. Ray's own Optuna searcher is not
 used: it keeps a private study, and trials would land somewhere ``pareto``, ``export`` and the UI never look.
 
 A worker process builds the task's ``Evaluator`` once, from the base model the driver trained, and reuses
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from autoprune.errors import AutopruneError
+from autoprune.search.lifecycle import Outcome, begin, failure_reason, finish, heartbeat, spent
 
 try:  # this module is imported only for --executor ray, so Ray loads only then (design decision 4)
     import ray
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from autoprune.search.evaluate import Evaluator
-    from autoprune.search.runner import SearchConfig, SearchContext
+    from autoprune.search.runner import RayOptions, SearchConfig, SearchContext
 
 RESULT_KEY = "autoprune"
 _RAY_ENV = {
@@ -102,16 +103,13 @@ def run_trial(config: dict[str, Any], job: WorkerJob) -> None:
     import torch
 
     from autoprune.policy import Policy
-    from autoprune.search.runner import failure_reason
 
     torch.set_num_threads(job.threads)
-    try:
-        metrics, layers = _evaluator(job).evaluate(Policy.from_dict(config["policy"]))
-        outcome: dict[str, Any] = {"metrics": metrics, "layers": layers}
-    except Exception as exc:  # noqa: BLE001 - the driver records the reason and the search goes on
-        outcome = {"failure": failure_reason(exc)}
+    # the driver records a failure's reason and the search goes on
+    node = f"ray:{ray.get_runtime_context().get_node_id()}"
+    outcome = Outcome.of(lambda: _evaluator(job).evaluate(Policy.from_dict(config["policy"])), worker=node)
     # Tune flattens nested results into "a/b" keys; one JSON string comes back as it was sent.
-    tune.report({RESULT_KEY: json.dumps(outcome)})
+    tune.report({RESULT_KEY: json.dumps(outcome.to_dict())})
 
 
 def trial_dirname(trial: Any) -> str:
@@ -152,7 +150,7 @@ class StudySearcher(Searcher):
 
     def _live(self, ctx: "SearchContext", on_result: Callable[["FrozenTrial"], None]) -> None:
         self._ctx = ctx
-        self._on_result = on_result
+        ctx.notify = on_result
         self._distributions = ctx.space.distributions()
         self._pending: dict[str, tuple["optuna.Trial", ExitStack]] = {}
 
@@ -165,93 +163,63 @@ class StudySearcher(Searcher):
 
     def _context(self) -> "SearchContext":
         if self._ctx is None:
-            from autoprune.search.runner import _open_tracker, context_from_study, load_study
+            from autoprune.search.runner import Reporter, context_from_study, load_study, open_tracker
 
             ctx = context_from_study(load_study(self._recipe["study"], self._recipe["storage"]))
-            tracker = _open_tracker(ctx, self._recipe["tracking_uri"]) if self._recipe["tracking_uri"] else None
-
-            def on_result(frozen: "FrozenTrial") -> None:
-                if tracker is not None:
-                    tracker.log_trial(frozen)
-                    tracker.refresh(study=ctx.study)
-
-            self._live(ctx, on_result)
+            tracker = open_tracker(ctx, self._recipe["tracking_uri"]) if self._recipe["tracking_uri"] else None
+            self._live(ctx, Reporter(ctx, tracker=tracker, progress=False).told)
         return self._ctx
 
     def finished(self) -> bool:
         """The budget is spent or the deadline passed: no more trials to suggest."""
-        from autoprune.search.runner import spent
-
         ctx, deadline = self._context(), self._recipe["deadline"]
         return (deadline is not None and time.time() >= deadline) or spent(ctx.study) >= ctx.budget
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        from optuna.storages._heartbeat import get_heartbeat_thread
-
-        from autoprune.search.runner import _OWNER, failure_reason, over_budget, record_failure
+        from autoprune.search.lifecycle import SKIPPED
+        from autoprune.search.runner import over_budget
 
         ctx = self._context()
         while not self.finished():
             trial = ctx.study.ask(self._distributions)
             if over_budget(ctx, trial.number):
-                record_failure(ctx, trial, "skipped: another worker took the last trial of the budget", interrupted=True)
+                finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
                 break
             # The driver tells the study, so it owns the trial: if it dies, a resume fails the trial.
-            trial.set_user_attr("owner", _OWNER)
-            try:
-                policy = ctx.space.policy(trial.params)
-            except Exception as exc:  # noqa: BLE001 - as in the local executor, a bad point is a failed trial
-                record_failure(ctx, trial, failure_reason(exc))
-                self._on_result(ctx.study._storage.get_trial(trial._trial_id))
-                continue
-            trial.set_user_attr("policy", policy.to_dict())
+            policy = begin(ctx, trial)
+            if policy is None:
+                continue  # as in the local executors, a bad point is a failed trial
             beat = ExitStack()
-            beat.enter_context(get_heartbeat_thread(trial._trial_id, ctx.study._storage))
+            beat.enter_context(heartbeat(ctx, trial))
             self._pending[trial_id] = (trial, beat)
             return {"policy": policy.to_dict(), "number": trial.number}
         return self.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        from autoprune.search.evaluate import TrialFailed
-        from autoprune.search.runner import failure_reason, record_failure, record_result
-
         if error or trial_id not in self._pending:
             return  # an error is told by TrialErrors, which Tune calls next with the error itself
         ctx = self._context()
         trial, beat = self._pending.pop(trial_id)
         with beat:
-            outcome = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result else {"failure": "Ray Tune ended it without a result"}
-            if "failure" in outcome:
-                record_failure(ctx, trial, outcome["failure"])
-            else:
-                try:
-                    record_result(ctx, trial, outcome["metrics"], outcome["layers"])
-                except TrialFailed as exc:
-                    record_failure(ctx, trial, failure_reason(exc))
-        self._on_result(ctx.study._storage.get_trial(trial._trial_id))
+            sent = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result else {"failure": "Ray Tune ended it without a result"}
+            finish(ctx, trial, Outcome.from_dict(sent))
 
     def fail(self, trial_id: str, reason: str) -> None:
         """A trial Ray gave up on (its worker died, after any --retries): failed, and it spends the budget."""
-        from autoprune.search.runner import record_failure
-
         if trial_id not in self._pending:
             return
         ctx = self._context()
         trial, beat = self._pending.pop(trial_id)
         with beat:
-            record_failure(ctx, trial, reason)
-        self._on_result(ctx.study._storage.get_trial(trial._trial_id))
+            finish(ctx, trial, Outcome(failure=reason))
 
     def abandon(self, reason: str) -> None:
         """Trials Tune started but never finished (the driver was interrupted): failed as interrupted,
         so they do not count toward the budget and a resume runs them again."""
-        from autoprune.search.runner import record_failure
-
         for trial_id in list(self._pending):
             trial, beat = self._pending.pop(trial_id)
             with beat:
-                record_failure(self._context(), trial, reason, interrupted=True)
-            self._on_result(self._context().study._storage.get_trial(trial._trial_id))
+                finish(self._context(), trial, Outcome(failure=reason, interrupted=True))
 
 
 class TrialErrors(tune.Callback):
@@ -262,8 +230,6 @@ class TrialErrors(tune.Callback):
         self._searcher = searcher
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        from autoprune.search.runner import failure_reason
-
         # Tune has written the error next to the trial, not yet to its storage, where get_pickled_error looks.
         path = Path(trial.pickled_error_file) if trial.pickled_error_file else None
         error = ray.cloudpickle.loads(path.read_bytes()) if path is not None and path.is_file() else None
@@ -308,29 +274,22 @@ def _environment(*, local: bool) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def cluster_address(config: "SearchConfig") -> str | None:
+def cluster_address(opts: "RayOptions") -> str | None:
     """--address, else RAY_ADDRESS (set by ``ray job submit`` on a cluster), else None: start a local instance."""
-    return config.address or os.environ.get("RAY_ADDRESS") or None
+    return opts.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _source(config: "SearchConfig") -> str:
+def _source(opts: "RayOptions") -> str:
     """What an address error names: the flag, or the environment variable the address came from."""
-    return "--address" if config.address else "RAY_ADDRESS"
+    return "--address" if opts.address else "RAY_ADDRESS"
 
 
 def preflight(config: "SearchConfig") -> None:
-    """Every check that needs no training, so a bad flag or an unreachable cluster fails in seconds."""
+    """Every check that needs no training, so an unreachable cluster fails in seconds (the numbers of
+    RayOptions are checked when it is built)."""
     from autoprune.search.runner import storage_url
 
-    if config.workers is not None and config.workers < 1:
-        raise AutopruneError("--workers", config.workers, "must be at least 1")
-    if config.cpus_per_trial <= 0:
-        raise AutopruneError("--cpus-per-trial", config.cpus_per_trial, "must be positive")
-    if config.gpus_per_trial < 0:
-        raise AutopruneError("--gpus-per-trial", config.gpus_per_trial, "must not be negative")
-    if config.retries < 0:
-        raise AutopruneError("--retries", config.retries, "must not be negative")
-    address, source = cluster_address(config), _source(config)
+    address, source = cluster_address(config.ray), _source(config.ray)
     if address is None:
         return
     if address.startswith("ray://"):
@@ -389,7 +348,7 @@ def ray_session(address: str | None) -> Iterator[bool]:
                 ray.shutdown()
 
 
-def _slots(config: "SearchConfig", resources: dict[str, float]) -> int:
+def _slots(config: "RayOptions", resources: dict[str, float]) -> int:
     """Trials run at once: --workers, else as many as the cluster's CPUs (and GPUs) hold."""
     if config.workers is not None:
         return config.workers
@@ -399,7 +358,7 @@ def _slots(config: "SearchConfig", resources: dict[str, float]) -> int:
     return max(1, int(fits))
 
 
-def _check_fits(config: "SearchConfig", resources: dict[str, float]) -> None:
+def _check_fits(config: "RayOptions", resources: dict[str, float]) -> None:
     """On the local instance a trial that cannot fit would wait forever (a cluster may scale up)."""
     for flag, wanted, kind in (("--cpus-per-trial", config.cpus_per_trial, "CPU"), ("--gpus-per-trial", config.gpus_per_trial, "GPU")):
         have = resources.get(kind, 0.0)
@@ -407,7 +366,7 @@ def _check_fits(config: "SearchConfig", resources: dict[str, float]) -> None:
             raise AutopruneError(flag, wanted, f"is more than the {have:g} {kind}s of this machine's Ray instance")
 
 
-def _worker_job(ctx: "SearchContext", config: "SearchConfig") -> WorkerJob:
+def _worker_job(ctx: "SearchContext", config: "RayOptions") -> WorkerJob:
     from autoprune.task import cache_root
 
     evaluator = ctx.ensure_evaluator(progress=False)
@@ -421,32 +380,39 @@ def _worker_job(ctx: "SearchContext", config: "SearchConfig") -> WorkerJob:
     )
 
 
-def _shared_tracking_uri(tracker: Any) -> str | None:
+def _shared_tracking_uri(tracking_uri: str | None) -> str | None:
     """The MLflow store a copy of the searcher on the head node may log to live. A SQLite file of this
     machine is not one: those trials reach MLflow when the driver reconciles at the end."""
-    uri = getattr(tracker, "tracking_uri", None)
-    return None if uri is None or uri.startswith(("sqlite:", "file:")) else uri
+    from autoprune.tracking.store import resolve_store
+
+    uri = resolve_store(tracking_uri)[0]
+    return None if uri.startswith(("sqlite:", "file:")) else uri
 
 
-def run_ray(ctx: "SearchContext", config: "SearchConfig", *, tracker: Any, deadline: float | None) -> int:
-    """Run the study's remaining budget on Ray Tune; returns how many trials Tune ran."""
-    from autoprune.search.runner import reporting, storage_url
+class RayExecutor:
+    """Trials on Ray Tune: a local instance, or the cluster at ``--address``."""
 
-    preflight(config)
-    with ray_session(cluster_address(config)) as started:
-        resources = ray.cluster_resources()
-        if started:
-            _check_fits(config, resources)
-        with reporting(ctx, tracker=tracker, progress=config.progress) as on_result:
+    def preflight(self, config: "SearchConfig") -> None:
+        preflight(config)
+
+    def run(self, ctx: "SearchContext", config: "SearchConfig", *, deadline: float | None) -> int:
+        """Run the study's remaining budget on Ray Tune; returns how many trials Tune ran."""
+        from autoprune.search.runner import storage_url
+
+        opts = config.ray
+        with ray_session(cluster_address(opts)) as started:
+            resources = ray.cluster_resources()
+            if started:
+                _check_fits(opts, resources)
             searcher = StudySearcher(
                 ctx,
                 storage=storage_url(config.storage),
-                tracking_uri=_shared_tracking_uri(tracker),
+                tracking_uri=_shared_tracking_uri(config.tracking_uri),
                 deadline=deadline,
-                on_result=on_result,
+                on_result=ctx.notify or (lambda frozen: None),
             )
             try:
-                ran = _fit(searcher, _worker_job(ctx, config), config, slots=_slots(config, resources), name=ctx.study.study_name)
+                ran = _fit(searcher, _worker_job(ctx, opts), opts, slots=_slots(opts, resources), name=ctx.study.study_name)
                 if not searcher.finished():
                     # Tune's Ctrl-C handler stops its trials and returns from fit() as if it were done
                     raise KeyboardInterrupt
@@ -458,7 +424,7 @@ def run_ray(ctx: "SearchContext", config: "SearchConfig", *, tracker: Any, deadl
                 searcher.abandon("interrupted: Ray Tune stopped before the trial finished")
 
 
-def _fit(searcher: StudySearcher, job: WorkerJob, config: "SearchConfig", *, slots: int, name: str) -> int:
+def _fit(searcher: StudySearcher, job: WorkerJob, config: "RayOptions", *, slots: int, name: str) -> int:
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial})
     with tempfile.TemporaryDirectory(prefix="autoprune-tune-") as storage:
         tuner = tune.Tuner(
@@ -481,4 +447,4 @@ def _fit(searcher: StudySearcher, job: WorkerJob, config: "SearchConfig", *, slo
         return len(tuner.fit())
 
 
-__all__ = ["run_ray", "ray_session", "preflight", "StudySearcher", "TrialErrors", "WorkerJob", "run_trial", "RESULT_KEY"]
+__all__ = ["RayExecutor", "ray_session", "preflight", "StudySearcher", "TrialErrors", "WorkerJob", "run_trial", "RESULT_KEY"]

@@ -6,37 +6,50 @@ from typing import Any
 
 import optuna
 
-from autoprune.policy import Policy
-from autoprune.search.objectives import COST_METRICS
+from autoprune.metrics import COST_METRICS, TABLE_METRICS, FrontRow
 from autoprune.search.pareto import front_trials, hypervolume, scored_trials
+from autoprune.search.record import read_meta, read_trial
 
-TABLE_METRICS = ("accuracy", "accuracy_drop", "bops", "macs", "esn_a", "esn_d", "esn_d_prime", "memory_mb", "performance_density")
+
+def front_table(study: optuna.Study) -> list[FrontRow]:
+    """The front as rows, best first objective first: the one table behind the printed report,
+    ``pareto --json`` and export's front.csv/front.json."""
+    from autoprune.policy import Policy
+
+    rows = []
+    for trial in front_trials(study):
+        record = read_trial(trial)
+        policy = Policy.from_dict(record.policy or {})
+        summary = policy.summary(list(policy.layers))
+        rows.append(FrontRow(trial.number, record.metrics or {}, record.prior, summary, tuple(trial.values), record.policy, record.layers))
+    return rows
 
 
 def front_rows(study: optuna.Study) -> dict[str, Any]:
-    rows = []
-    for trial in front_trials(study):
-        metrics = trial.user_attrs["metrics"]
-        policy = Policy.from_dict(trial.user_attrs["policy"])
-        rows.append(
-            {
-                "trial": trial.number,
-                "prior": trial.user_attrs.get("prior"),
-                **{m: metrics[m] for m in TABLE_METRICS if m in metrics},
-                "bops_reduction": metrics.get("bops_reduction"),
-                "policy": policy.summary(list(policy.layers)),
-            }
-        )
-    meta = study.user_attrs.get("autoprune", {})
+    rows = [
+        {
+            "trial": row.trial,
+            "prior": row.prior,
+            **{m: row.metrics[m] for m in TABLE_METRICS if m in row.metrics},
+            "bops_reduction": row.metrics.get("bops_reduction"),
+            "policy": row.summary,
+        }
+        for row in front_table(study)
+    ]
+    meta = read_meta(study)
     return {
         "study": study.study_name,
-        "objectives": meta.get("objectives"),
-        "base": meta.get("base"),
+        "objectives": meta.objectives if meta else None,
+        "base": meta.base.model_dump() if meta and meta.base else None,
         "trials": len(study.trials),
         "scored": len(scored_trials(study)),
-        "hypervolume": hypervolume(study) if "base" in meta else None,
+        "hypervolume": hypervolume(study) if meta and meta.base else None,
         "front": rows,
     }
+
+
+# short column headers where the metric's name would widen the table
+_HEADERS = {"performance_density": "acc/Mb", "accuracy_drop": "drop"}
 
 
 def _fmt(value: Any) -> str:
@@ -61,7 +74,7 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
     table = Table(title=f"Pareto front of study {data['study']!r} ({objectives})")
     table.add_column("trial", justify="right")
     for metric in TABLE_METRICS:
-        table.add_column(metric.replace("performance_density", "acc/Mb").replace("accuracy_drop", "drop"), justify="right")
+        table.add_column(_HEADERS.get(metric, metric), justify="right")
     table.add_column("BOPs x", justify="right")
     table.add_column("policy (order, layer:k<keep>W<bits>A<bits>)", overflow="fold")
     for row in data["front"]:
@@ -80,4 +93,4 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
     )
 
 
-__all__ = ["front_rows", "print_front", "COST_METRICS"]
+__all__ = ["front_rows", "front_table", "print_front", "COST_METRICS", "TABLE_METRICS"]

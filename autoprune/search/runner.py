@@ -1,28 +1,27 @@
 """The study runner: the Optuna study is the one source of truth, driven by ask/tell.
 
-Trials run in this process (default), in worker processes sharing the study's storage (``--jobs``,
-``autoprune worker``), or on Ray Tune (``--executor ray``); all of them evaluate with ``Evaluator.evaluate``
-and tell the study through ``record_result`` / ``record_failure``, so a trial means the same thing everywhere.
+``run_search`` validates every input, creates or resumes the study, enqueues the priors, and hands the
+remaining budget to the executor the config names (``executors``). Every executor runs a trial through
+the same lifecycle (``lifecycle.begin``/``finish``) and every told trial goes to one ``Reporter``, which
+updates the front once and shares its snapshot with the progress bar and the tracker.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
+from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
+from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
+from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, TrainSettings
 
@@ -33,12 +32,33 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
-SAMPLERS = ("tpe", "nsga2", "random", "qmc")
-META_KEY = "autoprune"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray executor places trials; read by it alone."""
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    retries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise AutopruneError("--workers", self.workers, "must be at least 1")
+        if not self.cpus_per_trial > 0:
+            raise AutopruneError("--cpus-per-trial", self.cpus_per_trial, "must be positive")
+        if not self.gpus_per_trial >= 0:
+            raise AutopruneError("--gpus-per-trial", self.gpus_per_trial, "must not be negative")
+        if self.retries < 0:
+            raise AutopruneError("--retries", self.retries, "must not be negative")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """One search, validated when built: a bad number fails here, before any work."""
+
     task: TaskSpec = field(default_factory=TaskSpec)
     space_path: Path | None = None
     objectives_path: Path | None = None
@@ -50,14 +70,40 @@ class SearchConfig:
     seed: int = 0
     jobs: int = 1
     tracking_uri: str | None = None
-    priors: bool = True
+    # prior kinds enqueued before sampling (see priors.PRIOR_KINDS); True/False: the default set or none
+    priors: tuple[str, ...] | bool = DEFAULT_PRIORS
     executor: str = "local"
-    address: str | None = None
-    workers: int | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    retries: int = 0
+    ray: RayOptions = field(default_factory=RayOptions)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise AutopruneError("--trials", self.trials, "must be at least 1")
+        if self.jobs < 1:
+            raise AutopruneError("--jobs", self.jobs, "must be at least 1")
+        if self.timeout is not None and not self.timeout > 0:
+            raise AutopruneError("--timeout", self.timeout, "must be a positive number of seconds")
+        if self.seed < 0:
+            raise AutopruneError("--seed", self.seed, "must not be negative")
+        if self.sampler not in SAMPLERS:
+            raise AutopruneError("--sampler", self.sampler, f"is not a sampler ({', '.join(SAMPLERS)})")
+        kinds = DEFAULT_PRIORS if self.priors is True else () if self.priors is False else tuple(self.priors)
+        unknown = [k for k in kinds if k not in PRIOR_KINDS]
+        if unknown:
+            raise AutopruneError("--priors", ",".join(kinds), f"names an unknown prior kind {unknown[0]!r} (kinds: {', '.join(PRIOR_KINDS)})")
+        object.__setattr__(self, "priors", kinds)
+        from autoprune.search.executors import EXECUTORS
+
+        if self.executor not in EXECUTORS:
+            raise AutopruneError("--executor", self.executor, f"is not an executor ({', '.join(EXECUTORS)})")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], **overrides: Any) -> "SearchConfig":
+        """A config from a mapping of field names (say, parsed arguments); Ray's options are taken from
+        the same mapping by their own field names, unknown keys are ignored."""
+        ray = RayOptions(**{f.name: values[f.name] for f in fields(RayOptions) if f.name in values})
+        own = {f.name: values[f.name] for f in fields(cls) if f.name in values and f.name != "ray"}
+        return cls(**{**own, "ray": ray, **overrides})
 
 
 @dataclass
@@ -101,7 +147,7 @@ def load_study(name: str, storage: str | None) -> optuna.Study:
 
 
 def make_sampler(name: str, *, seed: int, objectives: ObjectiveSpec) -> optuna.samplers.BaseSampler:
-    constraints = _constraints_func if objectives.constraints else None
+    constraints = sampler_constraints if objectives.constraints else None
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraints, n_startup_trials=10)
     if name == "nsga2":
@@ -111,10 +157,6 @@ def make_sampler(name: str, *, seed: int, objectives: ObjectiveSpec) -> optuna.s
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     raise AutopruneError("--sampler", name, f"is not a sampler ({', '.join(SAMPLERS)})")
-
-
-def _constraints_func(trial: FrozenTrial) -> list[float]:
-    return list(trial.user_attrs.get("constraints", [1.0]))
 
 
 # --- study set-up ---------------------------------------------------------------------------------
@@ -130,6 +172,8 @@ class SearchContext:
     objectives: ObjectiveSpec
     budget: int
     evaluator: Any = None
+    # called with every told trial (the Reporter's ``told``)
+    notify: Callable[[FrozenTrial], None] | None = None
 
     def ensure_evaluator(self, *, progress: bool) -> Any:
         if self.evaluator is None:
@@ -138,17 +182,25 @@ class SearchContext:
             self.evaluator = Evaluator.for_task(self.task, progress=progress)
         return self.evaluator
 
+    @property
+    def meta(self) -> StudyMeta:
+        meta = read_meta(self.study)
+        assert meta is not None, "a SearchContext is built from an autoprune study"
+        return meta
 
-def _task_from_dict(data: dict[str, Any]) -> TaskSpec:
+
+def _task_from_dict(data: Mapping[str, Any]) -> TaskSpec:
     return TaskSpec(**{**data, "train": TrainSettings(**data["train"])})
+
+
+def _task_dict(spec: TaskSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(spec)
 
 
 def prepare(config: SearchConfig) -> SearchContext:
     """Validate every input, then create or resume the study. No training happens before this passes."""
-    if config.trials < 1:
-        raise AutopruneError("--trials", config.trials, "must be at least 1")
-    if config.jobs < 1:
-        raise AutopruneError("--jobs", config.jobs, "must be at least 1")
     space_spec = SpaceSpec.load(config.space_path) if config.space_path else SpaceSpec.from_dict({})
     objectives = ObjectiveSpec.load(config.objectives_path) if config.objectives_path else ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]})
     task = Task(config.task)
@@ -159,16 +211,20 @@ def prepare(config: SearchConfig) -> SearchContext:
     study = optuna.create_study(
         study_name=config.study_name, storage=storage, sampler=sampler, directions=objectives.directions, load_if_exists=True
     )
-    meta = study.user_attrs.get(META_KEY)
-    wanted = {"task": asdict(config.task), "space": space_spec.raw, "objectives": objectives.to_dict()}
+    wanted = StudyMeta(
+        task=_task_dict(config.task), space=space_spec.raw, objectives=objectives.to_dict(), budget=config.trials, sampler=config.sampler, seed=config.seed
+    )
+    meta = read_meta(study)
     if meta is None:
-        study.set_user_attr(META_KEY, {**wanted, "budget": config.trials, "sampler": config.sampler, "seed": config.seed})
+        write_meta(study, wanted)
+        # optuna-dashboard and Optuna's own tools show "accuracy", "bops" instead of "Objective 0/1"
+        study.set_metric_names(objectives.metrics)
     else:
-        for key, value in wanted.items():
-            if _normalised(meta.get(key)) != _normalised(value):
+        for key, value in wanted.identity().items():
+            if _normalised(meta.identity()[key]) != _normalised(value):
                 raise AutopruneError("--study", config.study_name, f"exists with a different {key}; resume it with the same arguments or pick a new --study")
-        if meta.get("budget") != config.trials:
-            study.set_user_attr(META_KEY, {**meta, "budget": config.trials})
+        if meta.budget != config.trials:
+            write_meta(study, meta.model_copy(update={"budget": config.trials}))
     return SearchContext(study, task, space, objectives, config.trials)
 
 
@@ -179,201 +235,156 @@ def _normalised(value: Any) -> Any:
 
 
 def context_from_study(study: optuna.Study) -> SearchContext:
-    meta = study.user_attrs.get(META_KEY)
+    meta = read_meta(study)
     if meta is None:
         raise AutopruneError("--study", study.study_name, "was not created by autoprune search")
-    task = Task(_task_from_dict(meta["task"]))
-    space = SpaceSpec.from_dict(meta["space"]).bind(task.build(), input_shape=task.input_shape)
-    if "prior_bits" in meta:
-        space.narrowed_to(meta["prior_bits"])
-    objectives = ObjectiveSpec.from_dict(meta["objectives"])
-    return SearchContext(study, task, space, objectives, int(meta["budget"]))
+    task = Task(_task_from_dict(meta.task))
+    space = SpaceSpec.from_dict(meta.space).bind(task.build(), input_shape=task.input_shape)
+    if meta.prior_bits:
+        space.narrowed_to(meta.prior_bits)
+    objectives = ObjectiveSpec.from_dict(meta.objectives)
+    return SearchContext(study, task, space, objectives, meta.budget)
 
 
 def record_base(ctx: SearchContext, evaluator: Any) -> None:
-    meta = dict(ctx.study.user_attrs[META_KEY])
-    if "base" not in meta:
-        meta["base"] = evaluator.base_summary()
-        ctx.study.set_user_attr(META_KEY, meta)
+    meta = ctx.meta
+    if meta.base is None:
+        write_meta(ctx.study, meta.model_copy(update={"base": BaseSummary.model_validate(evaluator.base_summary())}))
 
 
-# --- budget and liveness --------------------------------------------------------------------------
-
-_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+# --- what follows every told trial ------------------------------------------------------------------
 
 
-def counts_toward_budget(trial: FrozenTrial) -> bool:
-    if trial.state in (TrialState.COMPLETE, TrialState.RUNNING):
-        return True
-    return trial.state == TrialState.FAIL and "failure" in trial.user_attrs and not trial.user_attrs.get("interrupted")
+def study_info(study: optuna.Study) -> Any:
+    """The tracker's view of an autoprune study."""
+    from autoprune.tracking import StudyInfo
+
+    meta = read_meta(study)
+    assert meta is not None, "tracking needs a study created by autoprune search"
+    objectives = ObjectiveSpec.from_dict(meta.objectives)
+    return StudyInfo(
+        name=study.study_name,
+        objectives=tuple(zip(objectives.metrics, objectives.directions)),
+        constraints=tuple(str(c) for c in objectives.constraints),
+        task=meta.task,
+        space=meta.space,
+        base=meta.base.model_dump() if meta.base else {},
+        parent_run_id=meta.mlflow_parent_run_id,
+    )
 
 
-def spent(study: optuna.Study) -> int:
-    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+def start_tracker(tracker: Any, study: optuna.Study) -> None:
+    """Start the tracker on the study and record its parent run, which a resume then reuses."""
+    info = study_info(study)
+    parent = tracker.start(study=info)
+    if parent is not None and parent != info.parent_run_id:
+        write_meta(study, read_meta(study).model_copy(update={"mlflow_parent_run_id": parent}))
 
 
-def completed(study: optuna.Study) -> int:
-    return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+def open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:
+    """Start the MLflow mirror of the study and log what it missed."""
+    from autoprune.tracking import Tracker
+
+    tracker = Tracker(study_name=ctx.study.study_name, tracking_uri=tracking_uri)
+    start_tracker(tracker, ctx.study)
+    tracker.reconcile(finished_events(ctx.study))
+    return tracker
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A dead child its parent has not reaped yet (a worker of `search --jobs`) still takes signals.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:  # no procfs: trust the signal
-        return True
+def finished_events(study: optuna.Study) -> list[Any]:
+    from autoprune.search.front import event_of
+
+    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    return [event_of(t) for t in study.get_trials(deepcopy=False, states=states)]
 
 
-def fail_orphaned_trials(study: optuna.Study) -> list[int]:
-    """RUNNING trials whose process is gone become FAIL (interrupted), so a resume redoes them.
+class Reporter:
+    """Takes every told trial once: updates the front, then the tracker and the progress bar from the
+    same snapshot. Nothing here reads the whole study per trial."""
 
-    A trial owned by a dead process on this host is failed at once; one on another host waits for
-    Optuna's heartbeat grace period.
-    """
-    host = socket.gethostname()
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("owner", "")
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_user_attr(trial._trial_id, "failure", f"interrupted: process {owner} died")
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            study.tell(trial.number, state=TrialState.FAIL)
-            failed.append(trial.number)
-    try:
-        failed += [t.number for t in optuna.storages.fail_stale_trials(study) or []]
-    except Exception:  # noqa: BLE001 - fail_stale_trials is best effort on storages without heartbeats
-        pass
-    return failed
+    def __init__(self, ctx: SearchContext, *, tracker: Any, progress: bool) -> None:
+        from tqdm.auto import tqdm
 
+        from autoprune.search.front import Front
 
-# --- one trial ------------------------------------------------------------------------------------
+        self.ctx = ctx
+        self.tracker = tracker
+        self.front = Front(ctx.study, ctx.meta)
+        self.snapshot = self.front.snapshot()
+        self.bar = tqdm(total=ctx.budget, initial=min(spent(ctx.study), ctx.budget), desc="trials", disable=not progress, unit="trial")
 
+    def told(self, frozen: FrozenTrial) -> None:
+        from autoprune.search.front import event_of
 
-def failure_reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        record = read_trial(frozen)
+        self.snapshot = self.front.add(frozen, record)
+        if self.tracker is not None:
+            self.tracker.log_trial(event_of(frozen, record))
+            self.tracker.refresh(self.snapshot)
+        if not self.bar.disable:
+            self.bar.n = min(counted_before(self.ctx.study, frozen.number + 1), self.ctx.budget)
+            hv = self.snapshot.hypervolume
+            self.bar.set_postfix(front=len(self.snapshot.front), hv=f"{hv:.4f}" if hv is not None else "-", failed=self.snapshot.failed)
+            self.bar.refresh()
 
-
-def record_result(ctx: SearchContext, trial: optuna.Trial, metrics: dict[str, float], layers: dict[str, Any]) -> None:
-    """Tell the study an evaluated trial; raises TrialFailed (telling nothing) when an objective is not finite."""
-    import math
-
-    from autoprune.search.evaluate import TrialFailed
-
-    values = ctx.objectives.values(metrics)
-    bad = [m for m, v in zip(ctx.objectives.metrics, values) if not math.isfinite(v)]
-    if bad:
-        raise TrialFailed(f"{bad[0]} is {metrics[bad[0]]}")
-    trial.set_user_attr("metrics", metrics)
-    trial.set_user_attr("layers", layers)
-    trial.set_user_attr("constraints", ctx.objectives.violations(metrics))
-    ctx.study.tell(trial, values)
+    def close(self, *, status: str | None) -> None:
+        """Final state: MLflow reconciled with the study, every rank tagged; ``status`` ends the parent run."""
+        self.bar.close()
+        if self.tracker is None:
+            return
+        self.tracker.reconcile(finished_events(self.ctx.study))
+        self.front.sync(force=True)
+        full = self.front.snapshot()
+        # every rank, so that trials other processes told get their tags too
+        self.tracker.refresh(replace(full, changed=full.ranks))
+        if status is not None:
+            self.tracker.close(status=status)
 
 
-def record_failure(ctx: SearchContext, trial: optuna.Trial, reason: str, *, interrupted: bool = False) -> None:
-    """Tell the study a failed trial. An ``interrupted`` one (cut short, not the policy's fault) does not
-    count toward the budget, so a resume runs it again."""
-    trial.set_user_attr("failure", reason)
-    if interrupted:
-        trial.set_user_attr("interrupted", True)
-    ctx.study.tell(trial, state=TrialState.FAIL)
-
-
-def run_one_trial(ctx: SearchContext, trial: optuna.Trial, *, on_result: Callable[[FrozenTrial], None] | None = None) -> FrozenTrial:
-    """Evaluate an asked trial and tell the study; failures are recorded with their reason."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    evaluator = ctx.ensure_evaluator(progress=False)
-    trial.set_user_attr("owner", _OWNER)
-    with get_heartbeat_thread(trial._trial_id, ctx.study._storage):
-        try:
-            policy = ctx.space.policy(trial.params)
-            trial.set_user_attr("policy", policy.to_dict())
-            record_result(ctx, trial, *evaluator.evaluate(policy))
-        except KeyboardInterrupt:
-            record_failure(ctx, trial, "interrupted: Ctrl-C", interrupted=True)
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure of one trial is recorded, the study goes on
-            record_failure(ctx, trial, failure_reason(exc))
-    frozen = ctx.study._storage.get_trial(trial._trial_id)
-    if on_result is not None:
-        on_result(frozen)
-    return frozen
-
-
-@contextmanager
-def reporting(ctx: SearchContext, *, tracker: Any, progress: bool) -> Iterator[Callable[[FrozenTrial], None]]:
-    """What follows every told trial, whichever executor ran it: its MLflow run, the front, the progress bar."""
-    from tqdm.auto import tqdm
-
-    from autoprune.search.pareto import front_trials, hypervolume
-
-    bar = tqdm(total=ctx.budget, initial=min(spent(ctx.study), ctx.budget), desc="trials", disable=not progress, unit="trial")
-
-    def on_result(frozen: FrozenTrial) -> None:
-        if tracker is not None:
-            tracker.log_trial(frozen)
-            tracker.refresh(study=ctx.study)
-        bar.n = min(spent(ctx.study), ctx.budget)
-        bar.set_postfix(front=len(front_trials(ctx.study)), hv=f"{hypervolume(ctx.study):.4f}", failed=sum(t.state == TrialState.FAIL for t in ctx.study.get_trials(deepcopy=False)))
-        bar.refresh()
-
-    try:
-        yield on_result
-    finally:
-        bar.close()
-
-
-def run_trials(ctx: SearchContext, *, deadline: float | None, progress: bool, tracker: Any = None) -> int:
+def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
     """Ask/tell until the budget is spent (by every process of the study) or the deadline passes."""
     distributions = ctx.space.distributions()
     ran = 0
-    with reporting(ctx, tracker=tracker, progress=progress) as on_result:
-        while deadline is None or time.monotonic() < deadline:
-            # A worker process that died mid-trial left it RUNNING, holding a slot of the budget: fail it
-            # (as interrupted) so that the remaining workers run a trial in its place.
-            fail_orphaned_trials(ctx.study)
-            if spent(ctx.study) >= ctx.budget:
-                break
-            trial = ctx.study.ask(distributions)
-            if over_budget(ctx, trial.number):
-                record_failure(ctx, trial, "skipped: another worker took the last trial of the budget", interrupted=True)
-                break
-            run_one_trial(ctx, trial, on_result=on_result)
-            ran += 1
+    asked = counted_before(ctx.study, _next_number(ctx.study))
+    while deadline is None or time.monotonic() < deadline:
+        # A worker process that died mid-trial left it RUNNING, holding a slot of the budget: fail it
+        # (as interrupted) so that the remaining workers run a trial in its place.
+        fail_orphaned_trials(ctx.study)
+        if asked >= ctx.budget:
+            break
+        trial = ctx.study.ask(distributions)
+        asked = counted_before(ctx.study, trial.number)
+        if asked >= ctx.budget:
+            from autoprune.search.lifecycle import SKIPPED, Outcome, finish
+
+            finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
+            break
+        run_in_process(ctx, trial)
+        ran += 1
+        asked += 1
     return ran
+
+
+def _next_number(study: optuna.Study) -> int:
+    """The number the next asked trial would get: one read of the study, once per process."""
+    trials = study.get_trials(deepcopy=False)
+    return max((t.number for t in trials), default=-1) + 1
 
 
 def over_budget(ctx: SearchContext, number: int) -> bool:
     """Whether the budget was already taken by trials asked before this one (by any process)."""
-    earlier = [t for t in ctx.study.get_trials(deepcopy=False) if t.number < number and counts_toward_budget(t)]
-    return len(earlier) >= ctx.budget
+    return counted_before(ctx.study, number) >= ctx.budget
 
 
 # --- entry points ---------------------------------------------------------------------------------
 
 
-def _open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:
-    from autoprune.tracking import Tracker
-
-    tracker = Tracker(study_name=ctx.study.study_name, tracking_uri=tracking_uri)
-    tracker.start(study=ctx.study)
-    tracker.reconcile(study=ctx.study)
-    return tracker
-
-
 def run_search(config: SearchConfig) -> SearchOutcome:
-    start = time.monotonic()
-    if config.executor == "ray":
-        from autoprune.search.ray_executor import preflight
+    from autoprune.search.executors import executor_for
 
-        preflight(config)  # a bad Ray flag or an unreachable cluster fails before any training
+    start = time.monotonic()
+    executor = executor_for(config)
+    executor.preflight(config)  # a bad executor flag or an unreachable cluster fails before any training
     ctx = prepare(config)
     fail_orphaned_trials(ctx.study)
     evaluator = ctx.ensure_evaluator(progress=config.progress)
@@ -381,64 +392,31 @@ def run_search(config: SearchConfig) -> SearchOutcome:
     if config.priors:
         from autoprune.search.priors import enqueue_priors
 
-        enqueue_priors(ctx, evaluator)
-    tracker = _open_tracker(ctx, config.tracking_uri)
+        enqueue_priors(ctx, evaluator, kinds=config.priors)
+    tracker = open_tracker(ctx, config.tracking_uri)
     signals = evaluator.base.extras.get("signals")
     if signals:
         tracker.log_signals(signals)
     deadline = start + config.timeout if config.timeout else None
+    reporter = Reporter(ctx, tracker=tracker, progress=config.progress)
+    ctx.notify = reporter.told
     status = "FAILED"
     try:
-        if config.executor == "ray":
-            from autoprune.search.ray_executor import run_ray
-
-            ran = run_ray(ctx, config, tracker=tracker, deadline=deadline)
-        else:
-            ran = _run_local(ctx, config, tracker=tracker, deadline=deadline)
+        ran = executor.run(ctx, config, deadline=deadline)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracker.reconcile(study=ctx.study)
-        tracker.refresh(study=ctx.study)
-        tracker.close(status=status)
+        reporter.close(status=status)
     return SearchOutcome(ctx.study, ran, time.monotonic() - start)
-
-
-def share_cores(processes: int) -> int:
-    """Torch threads per process when ``processes`` share this machine: oversubscribed cores make small
-    models many times slower (measured here: 2 processes x 2 threads on 2 cores ran 15x slower per trial)."""
-    import torch
-
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def _run_local(ctx: SearchContext, config: SearchConfig, *, tracker: Any, deadline: float | None) -> int:
-    threads = share_cores(config.jobs) if config.jobs > 1 else None
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "autoprune.cli", "worker", "--study", ctx.study.study_name, "--storage", storage_url(config.storage), "--quiet", "--threads", str(threads)]
-            + (["--tracking-uri", config.tracking_uri] if config.tracking_uri else []),
-        )
-        for _ in range(config.jobs - 1)
-    ]
-    try:
-        ran = run_trials(ctx, deadline=deadline, progress=config.progress, tracker=tracker)
-    finally:
-        for proc in workers:
-            if deadline is not None:
-                proc.terminate()
-            proc.wait()
-        fail_orphaned_trials(ctx.study)  # trials of a worker that died after this loop's last look
-    return ran
 
 
 def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progress: bool, threads: int | None = None) -> int:
     """Join a study created by `autoprune search` and run trials until its budget is spent."""
     if threads is not None:
+        if threads < 1:
+            raise AutopruneError("--threads", threads, "must be at least 1")
         import torch
 
         torch.set_num_threads(threads)
@@ -449,14 +427,17 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
         return 0
     ctx.ensure_evaluator(progress=progress)
     # The parent run belongs to the coordinating `search`: a worker logs its trials but never ends it.
-    tracker = _open_tracker(ctx, tracking_uri)
-    ran = run_trials(ctx, deadline=None, progress=progress, tracker=tracker)
-    print(f"worker {_OWNER} ran {ran} trials of {study_name}")
+    reporter = Reporter(ctx, tracker=open_tracker(ctx, tracking_uri), progress=progress)
+    ctx.notify = reporter.told
+    try:
+        ran = run_trials(ctx, deadline=None)
+    finally:
+        reporter.close(status=None)
+    print(f"worker {OWNER} ran {ran} trials of {study_name}")
     return 0
 
 
 __all__ = [
-    "SearchConfig", "SearchOutcome", "SearchContext", "run_search", "run_worker", "load_study", "prepare",
-    "context_from_study", "run_one_trial", "run_trials", "fail_orphaned_trials", "spent", "completed",
-    "record_result", "record_failure", "failure_reason", "reporting", "over_budget",
+    "SearchConfig", "RayOptions", "SearchOutcome", "SearchContext", "Reporter", "run_search", "run_worker", "load_study",
+    "prepare", "context_from_study", "record_base", "open_tracker", "start_tracker", "study_info", "finished_events", "run_trials", "over_budget", "storage_url",
 ]

@@ -22,7 +22,6 @@ layers together), under the group's name, so that no sampled parameter is ignore
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,11 +411,3 @@ class SearchSpace:
                 self.layer_dims[layer]["w_bits"] = dim.narrowed(bits, width)
         return self
 
-    def size(self) -> float:
-        """Number of distinct points (inf when a dimension is continuous)."""
-        total = 1.0
-        for dim in self.dimensions().values():
-            if dim.choices is None and not dim.integer and not dim.step:
-                return math.inf
-            total *= len(dim.values())
-        return total

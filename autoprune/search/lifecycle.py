@@ -1,0 +1,190 @@
+"""One trial's life, the same under every executor: begin (owner, policy, heartbeat), evaluate somewhere,
+finish (record the result or the failure, tell the study, fetch the told trial, notify).
+
+Also the budget: which trials count toward it, and failing the trials of processes that died.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune.search.evaluate import TrialFailed
+from autoprune.search.record import TrialRecord, read_trial, write_trial
+
+if TYPE_CHECKING:
+    from autoprune.policy import Policy
+    from autoprune.search.runner import SearchContext
+
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+SKIPPED = "skipped: another worker took the last trial of the budget"
+
+
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an evaluation sends back, across a process or a Ray worker: metrics and layers, or a failure."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failure: str | None = None
+    interrupted: bool = False
+    worker: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        sent = {"failure": self.failure} if self.failure else {"metrics": self.metrics, "layers": self.layers}
+        return {**sent, "worker": self.worker}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Outcome":
+        return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"))
+
+    @classmethod
+    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any]]], *, worker: str | None = None) -> "Outcome":
+        """Run an evaluation; any failure of the policy becomes a failed outcome with its reason.
+        ``worker``: where it ran, when not in the owner's process."""
+        try:
+            metrics, layers = evaluate()
+        except Exception as exc:  # noqa: BLE001 - one trial's failure is recorded, the study goes on
+            return cls(failure=failure_reason(exc), worker=worker)
+        return cls(metrics=metrics, layers=layers, worker=worker)
+
+
+def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> AbstractContextManager[Any]:
+    """Optuna's heartbeat thread for a running trial, so a resume fails it if its owner dies silently."""
+    # Optuna exposes heartbeats only through Study.optimize; ask/tell needs its thread directly.
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    storage = ctx.study._storage
+    return get_heartbeat_thread(trial._trial_id, storage) if isinstance(storage, optuna.storages.RDBStorage) else nullcontext()
+
+
+def begin(ctx: "SearchContext", trial: optuna.Trial) -> "Policy | None":
+    """Own the trial and record its policy; a point the space cannot turn into a policy fails the trial
+    at once (returns None)."""
+    trial.set_user_attr("owner", OWNER)
+    try:
+        policy = ctx.space.policy(trial.params)
+    except Exception as exc:  # noqa: BLE001 - a bad point is a failed trial, as any other
+        finish(ctx, trial, Outcome(failure=failure_reason(exc)))
+        return None
+    write_trial(ctx.study, trial, policy=policy.to_dict())
+    return policy
+
+
+def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> FrozenTrial:
+    """Record the outcome, tell the study, notify; returns the told trial. A result whose objective is
+    not finite is a failure. ``interrupted``: cut short, not the policy's fault, run again on resume."""
+    failure = outcome.failure
+    if outcome.worker:
+        write_trial(ctx.study, trial, worker=outcome.worker)
+    if failure is None:
+        values = ctx.objectives.values(outcome.metrics)
+        bad = [m for m, v in zip(ctx.objectives.metrics, values) if not math.isfinite(v)]
+        if bad:
+            failure = failure_reason(TrialFailed(f"{bad[0]} is {outcome.metrics[bad[0]]}"))
+    if failure is None:
+        record = TrialRecord(metrics=outcome.metrics, layers=outcome.layers, constraints=ctx.objectives.violations(outcome.metrics))
+        write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints)
+        frozen = ctx.study.tell(trial, values)
+    else:
+        fields: dict[str, Any] = {"failure": failure}
+        if outcome.interrupted:
+            fields["interrupted"] = True
+        write_trial(ctx.study, trial, **fields)
+        frozen = ctx.study.tell(trial, state=TrialState.FAIL)
+    if ctx.notify is not None:
+        ctx.notify(frozen)
+    return frozen
+
+
+def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | None:
+    """The whole lifecycle in this process (the in-process and multi-process executors)."""
+    evaluator = ctx.ensure_evaluator(progress=False)
+    with heartbeat(ctx, trial):
+        policy = begin(ctx, trial)
+        if policy is None:
+            return None
+        try:
+            outcome = Outcome.of(lambda: evaluator.evaluate(policy))
+        except KeyboardInterrupt:
+            finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
+            raise
+        return finish(ctx, trial, outcome)
+
+
+# --- the budget ---------------------------------------------------------------------------------------
+
+
+def counts_toward_budget(state: TrialState, record: TrialRecord) -> bool:
+    if state in (TrialState.COMPLETE, TrialState.RUNNING):
+        return True
+    return state == TrialState.FAIL and record.failure is not None and not record.interrupted
+
+
+def counted_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below ``number`` that count toward the budget. Trial numbers are dense, so this
+    reads only the trials that do not count (waiting, interrupted, pruned: few), not the whole study."""
+    others = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.FAIL, TrialState.PRUNED))
+    return number - sum(1 for t in others if t.number < number and not counts_toward_budget(t.state, read_trial(t)))
+
+
+def spent(study: optuna.Study) -> int:
+    """Trials of the whole study that count toward its budget."""
+    return sum(counts_toward_budget(t.state, read_trial(t)) for t in study.get_trials(deepcopy=False))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A dead child its parent has not reaped yet (a worker of `search --jobs`) still takes signals.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:  # no procfs: trust the signal
+        return True
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """RUNNING trials whose process is gone become FAIL (interrupted), so a resume redoes them.
+
+    A trial owned by a dead process on this host is failed at once; one on another host waits for
+    Optuna's heartbeat grace period.
+    """
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = read_trial(trial).owner or ""
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            write_trial(study, trial, failure=f"interrupted: process {owner} died", interrupted=True)
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # another process failed it a moment ago
+                continue
+            failed.append(trial.number)
+    try:
+        failed += [t.number for t in optuna.storages.fail_stale_trials(study) or []]
+    except Exception:  # noqa: BLE001 - fail_stale_trials is best effort on storages without heartbeats
+        pass
+    return failed
+
+
+__all__ = [
+    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process",
+    "counts_toward_budget", "counted_before", "spent", "fail_orphaned_trials",
+]

@@ -1,0 +1,145 @@
+"""The study's record: what autoprune keeps in an Optuna study, typed and versioned.
+
+``StudyMeta`` (one study user attribute, ``autoprune``) and ``TrialRecord`` (one user attribute per
+field, so a trial's owner and policy are visible while it runs and optuna-dashboard shows each field)
+are the only schema; ``read_meta``/``write_meta`` and ``read_trial``/``write_trial`` are the only code
+that touches Optuna's user attributes. A field added here is read back as its default from studies
+written before it, so old studies keep loading.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+META_KEY = "autoprune"
+RECORD_VERSION = 1
+# the samplers a study may be created with (runner.make_sampler builds them)
+SAMPLERS = ("tpe", "nsga2", "random", "qmc")
+
+
+class BaseSummary(BaseModel):
+    """The float base model the study compresses: its accuracy and its cost, the reference of every ratio."""
+
+    model_config = ConfigDict(extra="allow")
+    val_accuracy: float
+    test_accuracy: float | None = None
+    train_seconds: float | None = None
+    cost: dict[str, float]
+    performance_density: float = 1.0
+
+    def reference(self) -> dict[str, float]:
+        """Metric -> the base model's value, as hypervolume and knee normalise against it."""
+        return {**self.cost, "accuracy": self.val_accuracy, "performance_density": self.performance_density}
+
+
+class StudyMeta(BaseModel):
+    """What a study was created with, so a worker or a resume rebuilds the same search from the study alone."""
+
+    model_config = ConfigDict(extra="ignore")
+    version: int = RECORD_VERSION
+    task: dict[str, Any]
+    space: dict[str, Any]
+    objectives: dict[str, Any]
+    budget: int
+    sampler: str = "tpe"
+    seed: int = 0
+    base: BaseSummary | None = None
+    prior_bits: dict[str, int] | None = None
+    mlflow_parent_run_id: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed search must repeat exactly."""
+        return {"task": self.task, "space": self.space, "objectives": self.objectives}
+
+
+Strategy = Literal["sampled", "prior"]
+
+
+class TrialRecord(BaseModel):
+    """One trial as autoprune records it. ``failure`` set and ``interrupted`` false: the policy's fault
+    (counts toward the budget); ``interrupted``: cut short (Ctrl-C, a dead process), run again on resume."""
+
+    model_config = ConfigDict(extra="ignore")
+    version: int = RECORD_VERSION
+    owner: str | None = None
+    # where the evaluation ran when not in the owner's process: ``ray:<node id>`` of a Ray node
+    worker: str | None = None
+    strategy: str = "sampled"
+    # the prior's name and settings as tagged in MLflow, e.g. "snr:kappa=1"
+    prior: str | None = None
+    policy: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None
+    layers: dict[str, dict[str, Any]] | None = None
+    constraints: list[float] | None = None
+    failure: str | None = None
+    interrupted: bool = False
+    # fraction of the full evaluation the metrics come from (1: full fine-tuning), for multi-fidelity
+    fidelity: float = 1.0
+    # metric -> (low, high) confidence interval, when the evaluator estimates one
+    metric_interval: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return self.constraints is None or all(c <= 0 for c in self.constraints)
+
+
+_LEGACY_PARENT_ATTR = "mlflow_parent_run_id"
+
+
+def read_meta(study: "optuna.Study") -> StudyMeta | None:
+    """The study's metadata; None for a study autoprune did not create."""
+    attrs = study.user_attrs
+    raw = attrs.get(META_KEY)
+    if raw is None:
+        return None
+    if "mlflow_parent_run_id" not in raw and _LEGACY_PARENT_ATTR in attrs:
+        raw = {**raw, "mlflow_parent_run_id": attrs[_LEGACY_PARENT_ATTR]}
+    return StudyMeta.model_validate(raw)
+
+
+def write_meta(study: "optuna.Study", meta: StudyMeta) -> None:
+    study.set_user_attr(META_KEY, meta.model_dump(exclude_none=True))
+
+
+# TrialRecord fields stored as their own user attribute; defaults are not written.
+_TRIAL_FIELDS = tuple(f for f in TrialRecord.model_fields if f != "version")
+
+
+def read_trial(trial: "FrozenTrial | optuna.Trial") -> TrialRecord:
+    attrs = trial.user_attrs
+    return TrialRecord.model_validate({k: attrs[k] for k in _TRIAL_FIELDS if k in attrs})
+
+
+def write_trial(study: "optuna.Study", trial: "optuna.Trial | FrozenTrial | int", **fields: Any) -> None:
+    """Set some fields of a trial's record (validated, each its own user attribute). ``trial`` is a live
+    trial, a FrozenTrial or a storage trial id."""
+    unknown = set(fields) - set(_TRIAL_FIELDS)
+    if unknown:
+        raise TypeError(f"TrialRecord has no field {sorted(unknown)}")
+    checked = TrialRecord.model_validate(fields).model_dump(include=set(fields))
+    trial_id = trial if isinstance(trial, int) else trial._trial_id
+    for key, value in checked.items():
+        study._storage.set_trial_user_attr(trial_id, key, value)
+
+
+def enqueue(study: "optuna.Study", params: dict[str, Any], **fields: Any) -> None:
+    """Enqueue a point with its record fields (a prior's name and strategy) already set."""
+    checked = TrialRecord.model_validate(fields).model_dump(include=set(fields))
+    study.enqueue_trial(params, user_attrs=checked)
+
+
+def sampler_constraints(trial: "FrozenTrial") -> list[float]:
+    """Optuna's constraints_func: the violations the record holds (<= 0 feasible)."""
+    return list(trial.user_attrs.get("constraints", [1.0]))
+
+
+__all__ = [
+    "StudyMeta", "TrialRecord", "BaseSummary", "META_KEY", "SAMPLERS", "RECORD_VERSION",
+    "read_meta", "write_meta", "read_trial", "write_trial", "enqueue", "sampler_constraints",
+]

@@ -1,0 +1,108 @@
+"""Where MLflow's data lives, and a client that survives SQLite's lock and keeps MLflow's INFO lines quiet.
+
+By default everything lives under ``./mlruns`` (``mlruns/mlflow.db`` and ``mlruns/artifacts``), so one
+folder holds a project's history. ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere: a database
+or server URI as MLflow knows them, or a plain folder, which gets the same layout as ``./mlruns``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = "mlruns"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+# SQLite already waits 20 s for a lock (MLflow sets busy_timeout); these retries cover longer bursts of
+# several worker processes writing at once.
+LOCK_RETRIES = 6
+# MLflow and alembic log schema creation and migrations at INFO ("Creating initial MLflow database
+# tables..."): bookkeeping of the store, not something a user of the search acts on.
+_CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.sqlalchemy_store", "alembic", "alembic.runtime.migration")
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the SQLite store under ``./mlruns``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(Path.cwd() / DEFAULT_DIR / DB_FILE)
+
+
+def sqlite_uri(db: Path) -> str:
+    return f"sqlite:///{db.expanduser().resolve()}"
+
+
+def resolve_store(tracking_uri: str | None = None) -> tuple[str, Path | None]:
+    """(tracking URI, artifact folder); the folder is None where the store chooses (servers, other databases).
+
+    SQLite paths become absolute, so that worker processes and the UI find the same file whatever their
+    working directory, and the artifacts sit next to the database.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return sqlite_uri(db), db.expanduser().resolve().parent / ARTIFACTS_DIR
+    if "://" not in uri and not uri.startswith(("file:", "sqlite:", "databricks")):
+        folder = Path(uri).expanduser().resolve()
+        return sqlite_uri(folder / DB_FILE), folder / ARTIFACTS_DIR
+    return uri, None
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def quiet_mlflow() -> None:
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def open_client(tracking_uri: str) -> Any:
+    """An MlflowClient on ``tracking_uri`` whose calls retry while SQLite reports a lock."""
+    from mlflow import MlflowClient
+
+    quiet_mlflow()
+    if is_server(tracking_uri):
+        # MLflow retries an unreachable server for minutes by default; a search should not wait that long.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    return _RetryOnLock(MlflowClient(tracking_uri=tracking_uri))
+
+
+def _is_locked(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if "database is locked" in text or "database is busy" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _RetryOnLock:
+    """Wraps an MlflowClient: every call retries, with jittered backoff, while SQLite reports a lock."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            attempt = 0
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    attempt += 1
+                    if attempt >= LOCK_RETRIES or not _is_locked(exc):
+                        raise
+                    time.sleep(min(5.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+
+        return call
+
+
+__all__ = ["default_tracking_uri", "resolve_store", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]

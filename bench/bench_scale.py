@@ -1,0 +1,115 @@
+"""Does the framework's cost per trial stay flat as a study grows?
+
+A study of ``--trials`` trials (default 2,000) whose evaluation is instant: a stub evaluator, defined
+here and nowhere else, scores a policy from its bits and keep ratios in microseconds, so every second
+measured is the framework's (ask, policy, record, tell, front, progress, MLflow). MLflow tracking is on,
+on a SQLite store, as in a default search. Prints the median framework seconds per trial over the first
+100 and the last 100 trials, and their ratio (target <= 1.5).
+
+The sampler defaults to ``random``: TPE's own cost grows with the trials it models (that is Optuna's
+algorithm, not this framework's bookkeeping); ``--sampler tpe`` measures it anyway.
+
+    python bench/bench_scale.py --trials 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+WINDOW = 100
+
+
+class _StubBase:
+    val_accuracy = 90.0
+    test_accuracy = 90.0
+    train_seconds = 0.0
+    extras: dict[str, Any] = {}
+
+
+class StubEvaluator:
+    """Metrics from the policy alone: accuracy rises with bits and width, BOPs with their product."""
+
+    base = _StubBase()
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []
+
+    def base_summary(self) -> dict[str, Any]:
+        cost = {"macs": 1e6, "bops": 1.024e9, "esn_a": 1e6, "esn_d": 1e6, "esn_d_prime": 1e6, "memory_mb": 1.0, "params": 1e4}
+        return {"val_accuracy": 90.0, "test_accuracy": 90.0, "train_seconds": 0.0, "cost": cost, "performance_density": 90.0}
+
+    def evaluate(self, policy: Any) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+        self.calls.append((time.perf_counter(), time.process_time()))
+        layers = {name: lp.model_dump() for name, lp in policy.layers.items()}
+        bits = [(lp.w_bits, lp.a_bits, lp.keep_ratio) for lp in policy.layers.values()] or [(8, 8, 1.0)]
+        bops = sum(w * a * k * k for w, a, k in bits) / len(bits) * 1e6
+        accuracy = 90.0 - sum(8.0 / w + 4.0 / a + (1.0 - k) * 5 for w, a, k in bits) / len(bits)
+        metrics = {
+            "accuracy": accuracy, "accuracy_drop": 90.0 - accuracy, "macs": 1e6, "bops": bops, "esn_a": 1e6, "esn_d": 1e6,
+            "esn_d_prime": 1e6, "memory_mb": 1.0, "params": 1e4, "performance_density": accuracy, "bops_reduction": 1.024e9 / bops,
+            "compress_seconds": 0.0, "trial_seconds": 0.0,
+        }
+        return metrics, layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=2000)
+    parser.add_argument("--sampler", default="random")
+    args = parser.parse_args()
+    if args.trials < 2 * WINDOW:
+        parser.error(f"--trials must be at least {2 * WINDOW}")
+
+    from autoprune.search import runner
+
+    workdir = Path(tempfile.mkdtemp(prefix="autoprune-scale-"))
+    config = runner.SearchConfig(
+        space_path=_shipped("search_spaces", "default.yaml"),
+        objectives_path=_shipped("objectives", "accuracy_bops.yaml"),
+        study_name="scale",
+        storage=f"sqlite:///{workdir / 'scale.db'}",
+        trials=args.trials,
+        sampler=args.sampler,
+        tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+        priors=False,
+        progress=False,
+    )
+    ctx = runner.prepare(config)
+    stub = StubEvaluator()
+    ctx.evaluator = stub
+    runner.record_base(ctx, stub)
+    reporter = runner.Reporter(ctx, tracker=runner.open_tracker(ctx, config.tracking_uri), progress=False)
+    ctx.notify = reporter.told
+    start = time.perf_counter()
+    runner.run_trials(ctx, deadline=None)
+    wall = time.perf_counter() - start
+    reporter.close(status="FINISHED")
+
+    # The gap between two evaluations is one whole trial cycle of the framework; the stub's own time is ~0.
+    # CPU seconds of this process are printed too: on a shared machine, wall time also measures the neighbours.
+    n = len(stub.calls)
+    print(f"{n} trials, sampler {args.sampler}, MLflow on (SQLite), {wall:.0f} s in all")
+    for clock, name in ((0, "wall"), (1, "CPU")):
+        gaps = [b[clock] - a[clock] for a, b in zip(stub.calls, stub.calls[1:])]
+        first, last = statistics.median(gaps[:WINDOW]), statistics.median(gaps[-WINDOW:])
+        print(f"median framework {name} seconds per trial, trials 1-{WINDOW}: {first:.4f}; trials {n - WINDOW + 1}-{n}: {last:.4f}; "
+              f"ratio {last / first:.2f} (target <= 1.5)")
+
+
+def _shipped(kind: str, name: str) -> Path:
+    from autoprune.specs import shipped
+
+    return shipped(kind, name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Prior kinds are separable: the S/N bit prior alone, the keep-ratio hint, the activation floor."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from autoprune.search import priors
+from autoprune.signals import LayerPrior
+
+LAYERS = {"conv1": LayerPrior(snr=30.0, esn_a_train=1.0, bits_by_kappa={0.5: 3, 1.0: 4, 2.0: 5}, keep_hint=0.6),
+          "fc": LayerPrior(snr=10.0, esn_a_train=1.0, bits_by_kappa={0.5: 2, 1.0: 2, 2.0: 3}, keep_hint=0.9)}
+
+
+@pytest.fixture
+def evaluator(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    import autoprune.signals as signals
+
+    monkeypatch.setattr(signals, "layer_priors", lambda model, record, *, kappas, epoch: LAYERS)
+    monkeypatch.setattr(signals, "plateau_epoch", lambda record: 0)
+    return SimpleNamespace(base=SimpleNamespace(model=None, extras={"signals": {"epochs": [0]}}))
+
+
+def test_the_bit_prior_alone_sets_bits_and_nothing_else(evaluator: SimpleNamespace) -> None:
+    policies = priors.prior_policies(evaluator, kinds=("snr",))
+    assert sorted(policies) == [0.5, 1.0, 2.0]
+    for kappa, policy in policies.items():
+        for name, layer in policy.layers.items():
+            bits = LAYERS[name].bits_by_kappa[kappa]
+            assert (layer.w_bits, layer.a_bits, layer.keep_ratio) == (bits, bits, 1.0)
+    assert priors.prior_tag(("snr",), 1.0) == "snr:kappa=1"
+
+
+def test_kinds_combine_in_a_fixed_order_whatever_order_they_are_named_in(evaluator: SimpleNamespace) -> None:
+    policy = priors.prior_policies(evaluator, kinds=("a_floor", "keep", "snr"))[1.0]
+    assert policy.layers["conv1"].model_dump(include={"w_bits", "a_bits", "keep_ratio"}) == {"w_bits": 4, "a_bits": priors.A_FLOOR, "keep_ratio": 0.6}
+    assert policy.layers["fc"].keep_ratio == 0.9
+    assert priors.prior_tag(("a_floor", "snr", "keep"), 0.5) == "snr+keep+a_floor:kappa=0.5"
+
+
+def test_the_keep_hint_alone_keeps_float_bits(evaluator: SimpleNamespace) -> None:
+    policies = priors.prior_policies(evaluator, kinds=("keep",))
+    assert list(policies) == [0.5]  # kappa only varies the bit prior: one policy
+    layer = policies[0.5].layers["conv1"]
+    assert (layer.keep_ratio, layer.w_bits, layer.a_bits) == (0.6, 32, 32)
+    assert priors.prior_policies(evaluator, kinds=()) == {}
