@@ -110,9 +110,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from autoprune.models import build_model, default_input_shape
     from autoprune.policy import Policy
 
-    shape = parse_input_shape(args.input) or default_input_shape(args.model)
+    known = default_input_shape(args.model)
+    shape = parse_input_shape(args.input) or known
     if shape is None:
-        raise AutopruneError("--input", None, f"is required for model {args.model!r} (give CxHxW)")
+        raise AutopruneError("--input", None, f"is required for model {args.model!r} (give CxHxW or CxL)")
+    if known is not None and len(shape) != len(known):
+        raise AutopruneError("--input", args.input, f"has {len(shape)} sizes, but {args.model} reads {'x'.join(map(str, known))}")
     policy = Policy.load(args.policy) if args.policy else None
     model = build_model(args.model, in_channels=shape[0])
     trained = _cached_weights(args, model)

@@ -284,7 +284,7 @@ def test_registered_model_loads_back_through_mlflow_onnx(digits: SimpleNamespace
     import mlflow
     from mlflow import MlflowClient
 
-    from autoprune.deploy.mlflow_model import load_registered_onnx, log_onnx_model, register_onnx_model, registry_tags
+    from autoprune.tracking.models import load_registered_onnx, log_onnx_model, register_onnx_model, registry_tags
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -14,6 +14,7 @@ from autoprune.compress import compress, load_compressed, save_compressed
 from autoprune.errors import AutopruneError
 from autoprune.models import compressible_layers
 from autoprune.policy import LayerPolicy, Policy
+from autoprune.specs import shipped
 from test_fidelity import SHAPE, tiny_model, tiny_task
 
 DEAD = 2
@@ -126,7 +127,7 @@ def test_shipped_pfq_space_offers_the_workflow_beside_the_standard_path() -> Non
     from autoprune.search.space import SpaceSpec
     from test_space import REPO
 
-    space = SpaceSpec.load(REPO / "search_spaces" / "pfq.yaml").bind(planted(), input_shape=SHAPE)
+    space = SpaceSpec.load(shipped("search_spaces", "pfq")).bind(planted(), input_shape=SHAPE)
     assert space.distributions()["workflow"].choices == ("standard", "pfq")
     params = {name: dim.values()[0] for name, dim in space.dimensions().items()}
     for workflow in ("standard", "pfq"):

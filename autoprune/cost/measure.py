@@ -155,7 +155,11 @@ def _trace(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: tupl
         return record
 
     with probing(model, [m.register_forward_hook(hook(name)) for name, m in modules.items()]):
-        model(x)
+        try:
+            model(x)
+        except (RuntimeError, ValueError) as exc:  # a shape the model cannot take: bad input, not a crash
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise AutopruneError("input_shape", "x".join(map(str, input_shape)), f"does not fit the model ({first})") from None
     for name, s in seen.items():
         if s.calls > 1:
             raise AutopruneError(f"model.{name}", s.calls, "calls per forward pass: a layer shared by several calls cannot be costed")

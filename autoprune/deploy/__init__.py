@@ -1,7 +1,7 @@
 """From a compressed model to deployable files: ONNX with QDQ nodes, packed weights, checks against PyTorch.
 
 onnx and onnxruntime are the optional extra ``deploy`` (``pip install 'autoprune[deploy]'``), imported on first
-use. The MLflow model functions live in ``autoprune.deploy.mlflow_model`` (not imported here: mlflow is heavy).
+use. The MLflow model functions live in ``autoprune.tracking.models``, with the rest of what talks to MLflow.
 """
 
 from autoprune.deploy.levels import WeightLevels, layer_levels, weight_levels

@@ -1,7 +1,7 @@
 """An exported ONNX file as an MLflow model of its trial's run, and in the Model Registry.
 
-Plain arguments only (a tracking URI, a run id, a file, tags), so the functions can move into the tracking
-package as they are. The registry works on any store MLflow's registry supports, the default SQLite file
+Plain arguments only (a tracking URI, a run id, a file, tags): the tracker and export call them with what
+they have. The registry works on any store MLflow's registry supports, the default SQLite file
 included. mlflow's fluent API holds the tracking URI globally: each call sets it for its own duration only.
 """
 
