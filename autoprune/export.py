@@ -77,6 +77,7 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
     from autoprune.search.runner import context_from_study
 
     chosen = select_trials(study, select)
+    name = (study.user_attrs.get("autoprune", {}).get("base") or {}).get("metric", "accuracy")
     ctx = context_from_study(study)
     evaluator = ctx.ensure_evaluator(progress=False) if replay else None
     out = Path(out)
@@ -94,7 +95,7 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
             json_path = policy.save(staging / "policies" / f"{stem}.json")
             policies.append(out / "policies" / f"{stem}.json")
             recorded = trial.user_attrs["metrics"]
-            row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded["accuracy"]}
+            row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded[name]}
             if evaluator is not None:
                 from autoprune.compress import compress
 
@@ -102,9 +103,10 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
                 result = compress(evaluator.base.model, replayed, task=ctx.task)
                 metrics = evaluator.score(result, test=True)
                 row.update(
-                    val_accuracy=metrics["accuracy"],
-                    test_accuracy=metrics["test_accuracy"],
-                    replay_matches=abs(metrics["accuracy"] - recorded["accuracy"]) < 1e-6,
+                    val_accuracy=metrics[name],
+                    full_val_accuracy=metrics[f"full_val_{name}"],
+                    test_accuracy=metrics[f"test_{name}"],
+                    replay_matches=abs(metrics[name] - recorded[name]) < 1e-6,
                     bops=metrics["bops"],
                     bops_reduction=metrics["bops_reduction"],
                     memory_mb=metrics["memory_mb"],

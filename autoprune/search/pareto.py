@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.search.objectives import ObjectiveSpec
+from autoprune.search.objectives import METRICS, ObjectiveSpec
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -81,6 +81,11 @@ def normalised_losses(metrics: Mapping[str, float], spec: ObjectiveSpec, base: M
     for metric, direction in zip(spec.metrics, spec.directions):
         if metric in ("accuracy", "accuracy_drop"):
             losses.append(1.0 - float(metrics["accuracy"]) / 100.0)
+        elif metric not in METRICS:
+            # A task's own metric (or its drop) has no known scale: the loss is its drop relative to the base's size.
+            name = metric.removesuffix("_drop") if metric.endswith("_drop") and metric not in base else metric
+            drop = float(base[name]) - float(metrics[name])
+            losses.append(min(1.0, max(0.0, drop / max(abs(float(base[name])), 1e-30))))
         elif direction == "minimize":
             losses.append(_log_ratio_loss(float(metrics[metric]) / max(float(base[metric]), 1e-30)))
         else:
@@ -101,7 +106,7 @@ def hypervolume_of(points: Sequence[Sequence[float]]) -> float:
 def study_spec_and_base(study: optuna.Study) -> tuple[ObjectiveSpec, dict[str, Any]]:
     meta = study.user_attrs["autoprune"]
     base = dict(meta["base"]["cost"])
-    base["accuracy"] = meta["base"]["val_accuracy"]
+    base[meta["base"].get("metric", "accuracy")] = meta["base"]["val_accuracy"]
     base["performance_density"] = meta["base"].get("performance_density", 1.0)
     return ObjectiveSpec.from_dict(meta["objectives"]), base
 

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.errors import AutopruneError
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.space import SearchSpace, SpaceSpec
-from autoprune.task import Task, TaskSpec, TrainSettings
+from autoprune.task import Task, TaskSpec, task_from_record
 
 # Heartbeats are what let a resume fail the trials of a dead worker; Optuna calls them experimental and
 # expects them with Study.optimize, while we drive ask/tell ourselves. Its INFO lines duplicate our bar.
@@ -139,19 +139,20 @@ class SearchContext:
         return self.evaluator
 
 
-def _task_from_dict(data: dict[str, Any]) -> TaskSpec:
-    return TaskSpec(**{**data, "train": TrainSettings(**data["train"])})
+def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec | None = None, objectives: ObjectiveSpec | None = None) -> SearchContext:
+    """Validate every input, then create or resume the study. No training happens before this passes.
 
-
-def prepare(config: SearchConfig) -> SearchContext:
-    """Validate every input, then create or resume the study. No training happens before this passes."""
+    ``task``, ``space`` and ``objectives``, when given (the Python API), replace config.task and the spec paths.
+    """
     if config.trials < 1:
         raise AutopruneError("--trials", config.trials, "must be at least 1")
     if config.jobs < 1:
         raise AutopruneError("--jobs", config.jobs, "must be at least 1")
-    space_spec = SpaceSpec.load(config.space_path) if config.space_path else SpaceSpec.from_dict({})
-    objectives = ObjectiveSpec.load(config.objectives_path) if config.objectives_path else ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]})
-    task = Task(config.task)
+    space_spec = space or (SpaceSpec.load(config.space_path) if config.space_path else SpaceSpec.from_dict({}))
+    if objectives is None:
+        objectives = ObjectiveSpec.load(config.objectives_path) if config.objectives_path else ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]})
+    task = task or Task(config.task)
+    objectives = objectives.for_metric(task.metric_name)
     model = task.build()
     space = space_spec.bind(model, input_shape=task.input_shape)
     sampler = make_sampler(config.sampler, seed=config.seed, objectives=objectives)
@@ -160,7 +161,7 @@ def prepare(config: SearchConfig) -> SearchContext:
         study_name=config.study_name, storage=storage, sampler=sampler, directions=objectives.directions, load_if_exists=True
     )
     meta = study.user_attrs.get(META_KEY)
-    wanted = {"task": asdict(config.task), "space": space_spec.raw, "objectives": objectives.to_dict()}
+    wanted = {"task": task.record(), "space": space_spec.raw, "objectives": objectives.to_dict()}
     if meta is None:
         study.set_user_attr(META_KEY, {**wanted, "budget": config.trials, "sampler": config.sampler, "seed": config.seed})
     else:
@@ -182,7 +183,7 @@ def context_from_study(study: optuna.Study) -> SearchContext:
     meta = study.user_attrs.get(META_KEY)
     if meta is None:
         raise AutopruneError("--study", study.study_name, "was not created by autoprune search")
-    task = Task(_task_from_dict(meta["task"]))
+    task = task_from_record(meta["task"])
     space = SpaceSpec.from_dict(meta["space"]).bind(task.build(), input_shape=task.input_shape)
     if "prior_bits" in meta:
         space.narrowed_to(meta["prior_bits"])
@@ -368,13 +369,13 @@ def _open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:
     return tracker
 
 
-def run_search(config: SearchConfig) -> SearchOutcome:
+def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec | None = None, objectives: ObjectiveSpec | None = None) -> SearchOutcome:
     start = time.monotonic()
     if config.executor == "ray":
         from autoprune.search.ray_executor import preflight
 
         preflight(config)  # a bad Ray flag or an unreachable cluster fails before any training
-    ctx = prepare(config)
+    ctx = prepare(config, task=task, space=space, objectives=objectives)
     fail_orphaned_trials(ctx.study)
     evaluator = ctx.ensure_evaluator(progress=config.progress)
     record_base(ctx, evaluator)
