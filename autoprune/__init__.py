@@ -17,8 +17,8 @@ _EXPORTS: dict[str, str] = {
     "LayerPolicy": "autoprune.policy",
     "AutopruneError": "autoprune.errors",
     "apply": "autoprune.api",
-    "cost": "autoprune.api",
-    # `search` is the subpackage autoprune.search, which is callable: autoprune.search(task, ...) is api.search.
+    "cost": "autoprune.cost",
+    # `search` and `cost` are subpackages made callable (autoprune._callable): they forward to the API.
     "search": "autoprune.search",
     "SearchResult": "autoprune.api",
     "FrontPoint": "autoprune.api",
