@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +97,8 @@ def regression_task() -> Task:
     torch.manual_seed(1)
     x = torch.randn(512, 1, 4, 4)
     y = x.flatten(1) @ torch.linspace(-1, 1, 16)[:, None]
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    # A conv first: torch_pruning's tracer fails on a model of Linear layers only (an unbind it cannot map).
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 1))
 
     @torch.no_grad()
     def neg_mse(m: nn.Module, loader: DataLoader) -> float:
@@ -112,7 +115,7 @@ def regression_task() -> Task:
 
 
 def _search_args(tmp_path: Path, name: str) -> dict[str, object]:
-    return {"study": name, "storage": f"sqlite:///{tmp_path}/study.db", "tracking_uri": f"file:{tmp_path}/mlruns", "device": DEVICE}
+    return {"study": name, "storage": f"sqlite:///{tmp_path}/study.db", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "device": DEVICE}
 
 
 # --- the user's CNN, end to end ---------------------------------------------------------------------
@@ -171,7 +174,7 @@ def test_signal_finetune_records_sn_per_layer_and_leaves_the_weights() -> None:
     before = {k: v.clone() for k, v in task.build().state_dict().items()}
     base = task.base()
     signals = base.extras["signals"]
-    assert set(signals["layers"]) == {"1", "3"} and len(signals["epochs"]) == 4
+    assert set(signals["layers"]) == {"0", "3"} and len(signals["epochs"]) == 4
     assert all(v > 0 for curves in signals["layers"].values() for v in curves["snr"])
     assert base.extras["priors"] == {"source": "finetune", "steps": 20, "lr": 1e-3, "epochs": 4}
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
@@ -292,15 +295,23 @@ def test_task_reference_and_record_rebuild_the_task() -> None:
 
 
 @pytest.mark.e2e
-def test_a_worker_process_rebuilds_a_referenced_task_and_joins_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("AUTOPRUNE_TEST_DEVICE", DEVICE)
+def test_a_worker_process_rebuilds_a_referenced_task_and_joins_the_study(tmp_path: Path) -> None:
     task = task_from_reference("tests.test_task_api:regression_task")
-    space = {"layers": {"_default": {"keep_ratio": 1.0, "w_bits": {"low": 4, "high": 8}, "a_bits": 8}}, "policy": {"finetune_steps": 200}}
-    result = autoprune.search(task, space=space, objectives={"objectives": [{"metric": "neg_mse"}, {"metric": "bops"}]}, trials=4, jobs=2, priors=False, **_search_args(tmp_path, "joined"))
-    owners = {t.user_attrs["owner"] for t in result.study.get_trials() if t.state.name == "COMPLETE"}
-    assert len(owners) == 2, owners
-    assert result.priors["source"] == "none"
+    space = {"layers": {"_default": {"keep_ratio": 1.0, "w_bits": {"low": 4, "high": 8}, "a_bits": 8}}, "policy": {"finetune_steps": 10}}
+    args = _search_args(tmp_path, "joined")
+    result = autoprune.search(task, space=space, objectives={"objectives": [{"metric": "neg_mse"}, {"metric": "bops"}]}, trials=2, priors=False, **args)
+    assert result.priors["source"] == "none" and "priors=False" in result.priors["reason"]
+    # Widen the study as a resume with more trials would, and let `autoprune worker` run the rest.
+    meta = result.study.user_attrs["autoprune"]
+    result.study.set_user_attr("autoprune", {**meta, "budget": 4})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AUTOPRUNE_TEST_DEVICE": DEVICE}
+    subprocess.run(
+        [sys.executable, "-m", "autoprune.cli", "worker", "--study", "joined", "--storage", str(args["storage"]), "--quiet"],
+        cwd=tmp_path, env=env, check=True, timeout=300,
+    )
+    complete = [t for t in result.study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(complete) == 4
+    assert len({t.user_attrs["owner"] for t in complete}) == 2
 
 
 # --- streaming data ----------------------------------------------------------------------------------
