@@ -198,6 +198,8 @@ class _UserParts:
     signal_steps: int
     signal_lr: float
     no_signals_reason: str = "signal_steps=0: no S/N fine-tune was asked for, so no S/N prior is enqueued"
+    # How another process rebuilds the task when no reference does (``weights_task``'s model, weights, dataset).
+    description: dict[str, Any] | None = None
 
 
 # Tasks built in this process without a reference, by their record's key: a study's export or resume in
@@ -361,6 +363,8 @@ class Task:
         if self._user is None:
             assert self.spec is not None
             return asdict(self.spec)
+        if self._user.description is not None:
+            return dict(self._user.description)
         return {"reference": self._user.reference, "session": self.key(), "metric": self.metric_name, "input_shape": list(self.input_shape)}
 
     def cache_dir(self) -> Path:
@@ -497,6 +501,8 @@ def task_from_reference(reference: str) -> Task:
 
 def task_from_record(data: dict[str, Any]) -> Task:
     """The task a study's record describes: a built-in spec, a reference to import, or a task of this session."""
+    if "weights" in data:
+        return weights_task(data["model"], weights=data["weights"], dataset=data["dataset"], data_dir=data["data_dir"], seed=data["seed"], signal_steps=data["signal_steps"])
     if "session" in data:
         if data.get("reference"):
             return task_from_reference(data["reference"])
@@ -508,7 +514,7 @@ def task_from_record(data: dict[str, Any]) -> Task:
 
 
 def model_task(model: str, *, weights: str | Path, train: Any, val: Any, test: Any = None, num_classes: int = 10, input_shape: Sequence[int] | None = None, **kwargs: Any) -> Task:
-    """A user task for a zoo or ``package.module:factory`` model with the user's weights file (CLI ``--model --weights``)."""
+    """A user task for a zoo or ``package.module:factory`` model with the user's weights file and data."""
     from autoprune.weights import load_weights
 
     if input_shape is None:
@@ -517,6 +523,44 @@ def model_task(model: str, *, weights: str | Path, train: Any, val: Any, test: A
     net = build_model(model, num_classes=num_classes, in_channels=in_channels)
     load_weights(net, weights)
     return Task.from_model(net, train=train, val=val, test=test, input_shape=input_shape, **kwargs)
+
+
+def weights_task(model: str, *, weights: str | Path, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, signal_steps: int = SIGNAL_STEPS, device: str | None = None) -> Task:
+    """CLI ``--model M --weights FILE``: the user's weights on a built-in dataset's splits, nothing trained.
+
+    The task's record names the model, the weights file (absolute) and its SHA-256, so a worker rebuilds it
+    and a study refuses to resume on other weights.
+    """
+    spec = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed).spec
+    assert spec is not None
+    splits = Task(spec, device="cpu").splits
+    path = Path(weights).resolve()
+    task = model_task(model, weights=path, train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes or 10, input_shape=splits.input_shape, signal_steps=signal_steps, device=device)
+    assert task._user is not None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    task._user.description = {"model": model, "weights": str(path), "sha256": digest, "dataset": spec.dataset, "data_dir": data_dir, "seed": seed, "signal_steps": signal_steps}
+    return task
+
+
+def cli_task(*, model: str, weights: str | Path | None = None, task: str | None = None, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None, device: str | None = None, val_samples: int | None = None) -> Task:
+    """The task the CLI's flags describe: ``--task module:function``, ``--model --weights``, or a built-in one.
+
+    The device is checked here (``--device``), before any data is read or any model trained.
+    """
+    resolve_device(device, field="--device")
+    if task is not None:
+        if weights is not None:
+            raise AutopruneError("--weights", str(weights), "cannot go with --task (the task brings its own weights)")
+        built = task_from_reference(task)
+        built.device = resolve_device(device, field="--device") if device is not None else built.device
+    elif weights is not None:
+        built = weights_task(model, weights=weights, dataset=dataset, data_dir=data_dir, seed=seed, device=device)
+    else:
+        built = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs)
+        built.device = resolve_device(device, field="--device")
+    if val_samples is not None:
+        built.configure(device=str(built.device), val_samples=val_samples, bf16=built.bf16, num_workers=built.num_workers)
+    return built
 
 
 def task_for(model: str, *, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None) -> Task:

@@ -368,3 +368,29 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     exec(code, {})
     assert (tmp_path / "exports" / "mine" / "report.json").is_file()
     assert sqlite3.connect(tmp_path / "study.db").execute("select count(*) from trials").fetchone()[0] == 3
+
+
+# --- what the CLI's --task / --model --weights / --device will call ------------------------------------
+
+
+def test_cli_task_builds_each_kind_and_checks_the_device_first(tmp_path: Path) -> None:
+    from autoprune.task import cli_task
+
+    net = Task().build()
+    path = tmp_path / "digits.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    with_weights = cli_task(model="digits_cnn", weights=path, device="cpu", val_samples=20)
+    assert with_weights.is_user and with_weights.val_samples == 20 and with_weights.input_shape == (1, 8, 8)
+    record = with_weights.record()
+    assert record["weights"] == str(path.resolve()) and len(record["sha256"]) == 64
+    rebuilt = task_from_record(json.loads(json.dumps(record)))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in rebuilt.build().state_dict().items())
+
+    referenced = cli_task(model="digits_cnn", task="tests.test_task_api:regression_task", device="cpu")
+    assert referenced.metric_name == "neg_mse"
+    builtin = cli_task(model="digits_cnn", device="cpu", epochs=1)
+    assert builtin.spec is not None and builtin.spec.train.epochs == 1 and not builtin.is_user
+    with pytest.raises(AutopruneError, match="^--weights: .* cannot go with --task"):
+        cli_task(model="digits_cnn", task="tests.test_task_api:regression_task", weights=path)
+    with pytest.raises(AutopruneError, match="^--device: 'tpu' is not a device"):
+        cli_task(model="digits_cnn", task="no.such:module", device="tpu")  # the device fails before the import
