@@ -69,12 +69,14 @@ class CompressionResult:
             for name, lp in self.layers.items()
         }
 
-    def cost(self, input_shape: tuple[int, int, int]) -> Any:
+    def cost(self, input_shape: tuple[int, ...]) -> Any:
         """The one path from a compressed model to its cost (``autoprune cost``, search, apply, export): the
         baked weights, their steps and grids, and the input bits as the policy rounds them."""
         from autoprune.cost import measure_cost
 
-        return measure_cost(self.model, input_shape=input_shape, layers=self.cost_layers(), input_bits=input_bits_of(self.policy))
+        # The cost model reads weights and shapes only: a CPU copy of a model on a GPU gives the same numbers.
+        model = self.model if _on_cpu(self.model) else copy.deepcopy(self.model).cpu()
+        return measure_cost(model, input_shape=input_shape, layers=self.cost_layers(), input_bits=input_bits_of(self.policy))
 
     def summary(self) -> dict[str, Any]:
         layers = compressible_layers(self.model)
@@ -88,6 +90,10 @@ class CompressionResult:
             }
             for name, lp in self.layers.items()
         }
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in model.state_dict().values())
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -138,13 +144,15 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
 class _Session:
     """One compression run: the model copy, its data, and the transforms introduced so far."""
 
-    def __init__(self, model: nn.Module, policy: Policy, layers: dict[str, LayerPolicy], *, input_shape: tuple[int, int, int], train_data: Any) -> None:
+    def __init__(self, model: nn.Module, policy: Policy, layers: dict[str, LayerPolicy], *, input_shape: tuple[int, int, int], task: Any, device: torch.device | None = None) -> None:
         self.model = model
         self.policy = policy
         self.layers = layers
         self.input_shape = input_shape
-        self.train_data = train_data
+        self.task = task
+        self.device = device or torch.device("cpu")
         self.readers = input_readers(model, input_shape=input_shape)
+        model.to(self.device)
         self.input_bits = input_bits_of(policy)
         self.weight_masker: Any = None
         self.feature_masker: Any = None
@@ -166,7 +174,7 @@ class _Session:
                 self.structured = prune_structured(
                     self.model,
                     keep={n: k for n, k in keep.items() if k < 1.0},
-                    example_input=torch.zeros(1, *self.input_shape),
+                    example_input=torch.zeros(1, *self.input_shape, device=self.device),
                     method=self.policy.pruner,
                 )
         schedule = {"start": at_step + self.policy.sparsity_start, "interval": self.policy.sparsity_interval, "updates": self.policy.sparsity_updates}
@@ -176,6 +184,7 @@ class _Session:
         f_targets = {n: lp.f_sparsity for n, lp in self.layers.items() if lp.f_sparsity > 0 and n not in self.readers}
         if f_targets:
             self.feature_masker = FeatureMasker(self.model, f_targets, window=self.policy.feature_window, **schedule)
+        self.model.to(self.device)  # masks and replaced parameters land on the session's device
         self.pruned = True
 
     def prune_again(self) -> None:
@@ -204,7 +213,7 @@ class _Session:
         for name, lp in self.layers.items():
             if lp.w_bits < FLOAT_BITS:
                 quantizer = make_weight_quantizer(self.policy, bits=lp.w_bits, start_step=at_step)
-                parametrize.register_parametrization(layers[name], "weight", quantizer)
+                parametrize.register_parametrization(layers[name], "weight", quantizer.to(self.device))
                 self.weight_quant[name] = quantizer
 
     def act_bits(self) -> dict[str, int]:
@@ -227,7 +236,7 @@ class _Session:
                 quantizer = make_act_quantizer(self.policy, bits=bits, start_step=at_step)
                 if post_training:
                     quantizer.start_now()
-                attach_act_quantizer(layers[name], quantizer)
+                attach_act_quantizer(layers[name], quantizer.to(self.device))
                 self.act_quant[name] = quantizer
         self.calibrate_activations(only_uncalibrated=False, up_front=not post_training)
 
@@ -263,14 +272,13 @@ class _Session:
         self.feature_masker.final()
 
     def _unlabeled_batches(self) -> Iterator[torch.Tensor]:
-        from torch.utils.data import DataLoader
+        from autoprune.task import batch_inputs
 
-        generator = torch.Generator().manual_seed(self.policy.seed + 1)
-        loader = DataLoader(self.train_data, batch_size=self.policy.batch_size, shuffle=True, generator=generator)
-        for i, (x, _) in enumerate(loader):
+        loader = self.task.loader("train", batch_size=self.policy.batch_size, shuffle=True, seed=self.policy.seed + 1)
+        for i, batch in enumerate(loader):
             if i >= self.policy.calibration_batches:
                 return
-            yield x
+            yield batch_inputs(batch)
 
     def before_step(self, step: int) -> None:
         """Quantizers learn the step before its forward: a delay of d makes step start + d the first quantized."""
@@ -304,11 +312,11 @@ class _Session:
             self.feature_masker.final()
         for quantizer in self.act_quant.values():
             quantizer.start_now()
-        if self.policy.bn_recalibration and self.train_data is not None:
+        if self.policy.bn_recalibration and self.task is not None:
             recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
             if not keep_ranges:
                 self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
-        if self.train_data is not None:
+        if self.task is not None:
             self.calibrate_activations(only_uncalibrated=True)
         baked = bake_weights(self.model)
         self.model.eval()
@@ -334,19 +342,23 @@ class _FloatWeights:
         for name, quantizer in self.session.weight_quant.items():
             if latest is not None and name in latest.layers:
                 quantizer.keep_channels(latest.layers[name].kept)
-            parametrize.register_parametrization(layers[name], "weight", quantizer)
+            parametrize.register_parametrization(layers[name], "weight", quantizer.to(self.session.device))
 
 
 # --- entry points ---------------------------------------------------------------------------------
 
 
 def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool = False) -> CompressionResult:
-    """A compressed copy of ``base_model``; the base model is left untouched."""
+    """A compressed copy of ``base_model`` on the task's device; the base model is left untouched.
+
+    Fine-tuning reads the task's train loader and minimises the task's loss (bf16 autocast if the task asks).
+    """
     layers = check_policy(base_model, policy, input_shape=task.input_shape)
     start = time.perf_counter()
     torch.manual_seed(policy.seed)
     model = copy.deepcopy(base_model)
-    session = _Session(model, policy, layers, input_shape=task.input_shape, train_data=task.splits.train)
+    device = task.device
+    session = _Session(model, policy, layers, input_shape=task.input_shape, task=task, device=device)
     total = policy.finetune_steps
     half = total // 2
     if policy.workflow == "pfq":
@@ -376,12 +388,11 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
 def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callable[[int], bool] | None = None) -> None:
     """SGD over ``steps`` (numbered, so delays and sparsity schedules count across phases), cosine learning
     rate over the phase; ``introduce(step)`` may add transforms before a step and says whether it did."""
-    from autoprune.task import cycle, seeded_loader
+    from autoprune.task import cycle
 
     policy, model = session.policy, session.model
-    batches = cycle(seeded_loader(task.splits.train, batch_size=policy.batch_size, seed=policy.seed + steps.start))
+    batches = cycle(task.loader("train", batch_size=policy.batch_size, shuffle=True, seed=policy.seed + steps.start))
     optimizer: torch.optim.Optimizer | None = None
-    loss_fn = nn.CrossEntropyLoss()
     for step in steps:
         if introduce is not None and introduce(step):
             optimizer = None
@@ -393,9 +404,10 @@ def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callabl
             group["lr"] = lr
         session.before_step(step)
         model.train()
-        x, y = next(batches)
+        batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device_type=session.device.type, dtype=torch.bfloat16, enabled=task.bf16):
+            loss = task.loss(model, batch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at fine-tune step {step}")
         loss.backward()
@@ -447,7 +459,7 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
     model = copy.deepcopy(model)
     from autoprune.quant import bake_weights
 
-    session = _Session(model, policy, layers, input_shape=input_shape, train_data=None)
+    session = _Session(model, policy, layers, input_shape=input_shape, task=None)
     session.introduce_pruning(at_step=0)
     session.final_weight_sparsity()
     if policy.workflow == "pfq":
@@ -473,9 +485,9 @@ def save_compressed(result: CompressionResult, path: str | Path, *, task: Any) -
         "weight_steps": json.dumps(result.weight_steps),
         "act_bits": json.dumps(result.act_bits),
         "structured": json.dumps(result.structured.to_dict() if result.structured is not None else None),
-        "task": json.dumps({"dataset": task.spec.dataset, "model": task.spec.model, "key": task.spec.key()}),
+        "task": json.dumps(task.record()),
     }
-    state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)

@@ -1,8 +1,10 @@
-"""Datasets as train / validation / test splits of tensors.
+"""Datasets as train / validation / test splits, read through DataLoaders.
 
 The default is scikit-learn's bundled digits (1,797 8x8 images, no download). MNIST-1D (Greydanus and Kobak,
 ICML 2024) is generated procedurally by the ``mnist1d`` package, also without a download. Real datasets go
-through torchvision (``autoprune.vision``), imported only when asked for.
+through torchvision (``autoprune.vision``), imported only when asked for; an ImageFolder streams
+from disk. A split is any map-style ``Dataset`` (or a user's ``DataLoader``): nothing downstream
+needs the whole split as one tensor.
 """
 
 from __future__ import annotations
@@ -10,24 +12,30 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from autoprune.errors import AutopruneError
 
 
 @dataclass(frozen=True)
 class Splits:
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    num_classes: int
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int | None
     input_shape: tuple[int, ...]
 
     def sizes(self) -> tuple[int, int, int]:
-        return len(self.train), len(self.val), len(self.test)
+        return _size(self.train), _size(self.val), _size(self.test)
+
+
+def _size(split: Any) -> int:
+    # A user's DataLoader counts batches; its dataset counts samples.
+    return len(getattr(split, "dataset", split))
 
 
 def split_arrays(x: np.ndarray, y: np.ndarray, *, seed: int, val_fraction: float, test_fraction: float) -> Splits:

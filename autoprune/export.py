@@ -65,6 +65,8 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
     from autoprune.search.runner import context_from_study
 
     chosen = select_trials(study, select)
+    meta = read_meta(study)
+    name = meta.base.metric if meta and meta.base else "accuracy"
     ctx = context_from_study(study)
     evaluator = ctx.ensure_evaluator(progress=False) if replay else None
     out = Path(out)
@@ -83,7 +85,7 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
             json_path = policy.save(staging / "policies" / f"{stem}.json")
             policies.append(out / "policies" / f"{stem}.json")
             recorded = record.metrics or {}
-            row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded["accuracy"]}
+            row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded[name]}
             if evaluator is not None:
                 from autoprune.compress import compress
 
@@ -91,9 +93,10 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
                 result = compress(evaluator.base.model, replayed, task=ctx.task)
                 metrics = evaluator.score(result, test=True)
                 row.update(
-                    val_accuracy=metrics["accuracy"],
-                    test_accuracy=metrics["test_accuracy"],
-                    replay_matches=abs(metrics["accuracy"] - recorded["accuracy"]) < 1e-6,
+                    val_accuracy=metrics[name],
+                    full_val_accuracy=metrics[f"full_val_{name}"],
+                    test_accuracy=metrics[f"test_{name}"],
+                    replay_matches=abs(metrics[name] - recorded[name]) < 1e-6,
                     bops=metrics["bops"],
                     bops_reduction=metrics["bops_reduction"],
                     memory_mb=metrics["memory_mb"],
@@ -104,7 +107,6 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
         rows = [{"trial": r.trial, "prior": r.prior or "", **r.metrics, "policy": r.summary} for r in table]
         (staging / "front.json").write_text(json.dumps(rows, indent=2, default=str))
         (staging / "front.csv").write_text(front_csv(table, ctx.objectives.metrics))
-        meta = read_meta(study)
         base = meta.base.model_dump() if meta and meta.base else None
         report = {"study": study.study_name, "select": select, "base": base, "task": meta.task if meta else None, "exported": report_rows}
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -59,19 +59,20 @@ def label(name: str) -> str:
     return f"{metric.label} ({metric.unit})" if metric.unit and metric.unit != "x" else metric.label
 
 
-_BOUND = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+_BOUND = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
-def parse_bound(text: str, *, names: Sequence[str] | Mapping[str, Any] = BY_NAME) -> tuple[str, str, float]:
+def parse_bound(text: str, *, names: Sequence[str] | Mapping[str, Any] | None = BY_NAME) -> tuple[str, str, float]:
     """``"accuracy_drop <= 1.5"`` -> ("accuracy_drop", "<=", 1.5): constraints and ``export --select``.
 
-    Raises ValueError naming what is wrong; callers turn it into their field's error.
+    ``names=None`` takes any metric name (a task's own metric, checked against the task later). Raises
+    ValueError naming what is wrong; callers turn it into their field's error.
     """
     match = _BOUND.match(str(text))
     if not match:
         raise ValueError(f"{text!r} is not of the form 'metric <= number' or 'metric >= number'")
     metric, op, bound = match.groups()
-    if metric not in names:
+    if names is not None and metric not in names:
         raise ValueError(f"{text!r} names no metric (metrics: {', '.join(names)})")
     try:
         value = float(bound)

@@ -1,22 +1,43 @@
-"""A task bundles a dataset's splits with a model factory, and trains the base model once (cached)."""
+"""A task: a model with its weights, its data, its metric and loss, and the device it runs on.
+
+Two kinds share one type. A built-in task (``Task(TaskSpec(...))``) names a dataset and a zoo model and
+trains its base model once (cached under the spec's key). A user task (``Task.from_model``) wraps a model
+*with its trained weights*: nothing is trained, the base metric is the metric of those weights, and the
+training-time S/N the priors need comes from a short, recorded fine-tune of a copy (or is recorded as absent).
+
+Every split is read through a DataLoader, so a split never needs to fit in memory as one tensor.
+"""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib
 import json
+import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoprune.data import Splits, load_dataset
+from autoprune.device import device_of, resolve_device, to_device
+from autoprune.errors import AutopruneError
 from autoprune.models import build_model, check_supported, default_input_shape
+
+Metric = Callable[[nn.Module, Iterable[Any]], float]
+Loss = Callable[[nn.Module, Any], torch.Tensor]
+# The short fine-tune that measures a given model's S/N: few steps, small lr, so the weights barely move.
+SIGNAL_STEPS = 200
+SIGNAL_LR = 1e-3
+SIGNAL_EPOCHS = 4
 
 CACHE_ENV = "AUTOPRUNE_CACHE"
 
@@ -54,41 +75,81 @@ class TrainingCallback(Protocol):
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None: ...
 
 
-def seeded_loader(dataset: TensorDataset, *, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+def seeded_loader(dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool = True, device: torch.device | None = None, num_workers: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    pin = device is not None and device.type == "cuda"
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, pin_memory=pin)
 
 
-def cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def cycle(loader: Iterable[Any]) -> Iterator[Any]:
     while True:
         yield from loader
 
 
+class DeviceLoader:
+    """A loader whose batches arrive on the task's device, so a user's metric or loss never moves data itself."""
+
+    def __init__(self, loader: Iterable[Any], device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+        self.dataset = getattr(loader, "dataset", None)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield to_device(batch, self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The model input of a batch: the first item of an ``(x, y, ...)`` batch, else the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset: TensorDataset, *, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
+def top1_accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
+    """Top-1 accuracy in percent over ``(x, y)`` batches: the default metric."""
+    correct = total = 0
+    device = device_of(model)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
         correct += (model(x).argmax(1) == y).sum().item()
-    return 100.0 * correct / max(1, len(dataset))
+        total += len(y)
+    return 100.0 * correct / max(1, total)
+
+
+def cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The default fine-tuning loss, on ``(x, y)`` batches."""
+    x, y = batch[0], batch[1]
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def accuracy(model: nn.Module, data: Dataset | Iterable[Any], *, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent of a dataset (read in batches) or of a loader, on the model's device."""
+    model.eval()
+    loader = DataLoader(data, batch_size=batch_size) if isinstance(data, Dataset) else data
+    return top1_accuracy(model, loader)
 
 
 def train(
     model: nn.Module,
-    dataset: TensorDataset,
+    dataset: Dataset,
     settings: TrainSettings,
     *,
     seed: int,
     callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
     description: str = "train",
+    device: torch.device | None = None,
 ) -> nn.Module:
-    """SGD with momentum and cosine annealing (the schedule of seed 000 sec. 2.3)."""
+    """SGD with momentum and cosine annealing (the schedule of seed 000 sec. 2.3), on ``device``; returns on the CPU."""
     from tqdm.auto import tqdm
 
+    device = device or torch.device("cpu")
     torch.manual_seed(seed)
-    loader = seeded_loader(dataset, batch_size=settings.batch_size, seed=seed)
+    model.to(device)
+    loader = seeded_loader(dataset, batch_size=settings.batch_size, seed=seed, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
@@ -97,7 +158,8 @@ def train(
         model.train()
         for cb in callbacks:
             cb.on_epoch_start(model, epoch)
-        for step, (x, y) in enumerate(loader):
+        for step, batch in enumerate(loader):
+            x, y = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -109,30 +171,126 @@ def train(
             cb.on_epoch_end(model, epoch)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return model
+    return model.cpu()
 
 
 @dataclass
 class BaseModel:
-    """The trained base model of a task and what is known about it."""
+    """The base model of a task (on the CPU) and what is known about it; the metric is the task's."""
 
     model: nn.Module
     val_accuracy: float
     test_accuracy: float
     train_seconds: float
-    cache_path: Path
+    cache_path: Path | None
     from_cache: bool
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class Task:
-    """Dataset splits + model factory. ``base()`` trains once and caches under the spec's key."""
+@dataclass
+class _UserParts:
+    """What a user task brings instead of a spec: the model with its weights, metric and loss."""
 
-    def __init__(self, spec: TaskSpec | None = None) -> None:
-        self.spec = spec or TaskSpec()
+    model: nn.Module
+    metric: Metric
+    loss: Loss
+    reference: str | None
+    signal_steps: int
+    signal_lr: float
+    no_signals_reason: str = "signal_steps=0: no S/N fine-tune was asked for, so no S/N prior is enqueued"
+    # How another process rebuilds the task when no reference does (``weights_task``'s model, weights, dataset).
+    description: dict[str, Any] | None = None
+
+
+# Tasks built in this process without a reference, by their record's key: a study's export or resume in
+# the same Python session finds them; another process cannot, and says so.
+_SESSION_TASKS: dict[str, "Task"] = {}
+
+
+class Task:
+    """A model with its weights, data splits, metric, loss and device.
+
+    ``Task(spec)`` is a built-in task whose ``base()`` trains once and caches under the spec's key;
+    ``Task.from_model(...)`` wraps a trained model of the user's, whose ``base()`` is those weights.
+    """
+
+    def __init__(self, spec: TaskSpec | None = None, *, device: str | torch.device | None = None, val_samples: int | None = None, bf16: bool = False, num_workers: int = 0) -> None:
+        self.spec: TaskSpec | None = spec or TaskSpec()
+        self.metric_name = "accuracy"
+        self._user: _UserParts | None = None
+        self._base: BaseModel | None = None
+        self.configure(device=device, val_samples=val_samples, bf16=bf16, num_workers=num_workers)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        *,
+        train: Dataset | DataLoader,
+        val: Dataset | DataLoader,
+        test: Dataset | DataLoader | None = None,
+        input_shape: Sequence[int] | None = None,
+        metric: Metric | None = None,
+        metric_name: str = "accuracy",
+        loss: Loss | None = None,
+        example_input: torch.Tensor | None = None,
+        reference: str | None = None,
+        signal_steps: int = SIGNAL_STEPS,
+        signal_lr: float = SIGNAL_LR,
+        device: str | torch.device | None = None,
+    ) -> "Task":
+        """A task around a trained model: nothing is trained, the given weights are the base model.
+
+        ``metric(model, loader) -> float`` is higher-is-better (default top-1 accuracy in percent), and
+        ``loss(model, batch) -> Tensor`` drives fine-tuning (default cross-entropy on ``(x, y)``); both get
+        batches already on the task's device. ``reference`` (``package.module:function`` returning this
+        task) lets worker processes and Ray nodes rebuild it. ``signal_steps`` fine-tune steps at
+        ``signal_lr`` measure the training-time S/N for the priors; 0 records that there are none.
+        """
+        if not isinstance(model, nn.Module):
+            raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module")
+        if not metric_name.isidentifier() or not metric_name.islower():
+            raise AutopruneError("metric_name", metric_name, "must be a lower-case identifier (it names objectives and constraints)")
+        if signal_steps < 0:
+            raise AutopruneError("signal_steps", signal_steps, "must be 0 (no priors) or a positive number of steps")
+        if signal_lr <= 0:
+            raise AutopruneError("signal_lr", signal_lr, "must be positive")
+        task = cls.__new__(cls)
+        task.spec = None
+        task.metric_name = metric_name
+        task._base = None
+        # A CPU copy: the user's module is never moved or changed, and the cost model reads the copy.
+        base = copy.deepcopy(model).cpu().eval()
+        check_supported(base)
+        task._user = _UserParts(base, metric or top1_accuracy, loss or cross_entropy, reference, signal_steps, signal_lr)
+        test = val if test is None else test
+        shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(example_input, train)
+        task.__dict__["splits"] = Splits(train, val, test, None, shape)  # type: ignore[arg-type]
+        task.configure(device=device)
+        _SESSION_TASKS[task.key()] = task
+        return task
+
+    def configure(self, *, device: str | torch.device | None = None, val_samples: int | None = None, bf16: bool = False, num_workers: int = 0) -> "Task":
+        """Where and how the task runs; none of it changes results beyond floating-point order."""
+        if val_samples is not None and val_samples < 1:
+            raise AutopruneError("val_samples", val_samples, "must be a positive number of samples (or None for the whole split)")
+        if num_workers < 0:
+            raise AutopruneError("num_workers", num_workers, "must be 0 or more")
+        self.device = resolve_device(device)
+        self.val_samples = val_samples
+        self.bf16 = bf16
+        self.num_workers = num_workers
+        return self
+
+    @property
+    def is_user(self) -> bool:
+        return self._user is not None
+
+    # --- data -----------------------------------------------------------------------------------
 
     @cached_property
     def splits(self) -> Splits:
+        assert self.spec is not None
         data_dir = Path(self.spec.data_dir) if self.spec.data_dir else None
         return load_dataset(self.spec.dataset, seed=self.spec.seed, data_dir=data_dir)
 
@@ -140,23 +298,137 @@ class Task:
     def input_shape(self) -> tuple[int, ...]:
         return self.splits.input_shape
 
+    def loader(self, split: str, *, batch_size: int = 64, shuffle: bool = False, seed: int = 0, full: bool = True) -> DeviceLoader:
+        """Batches of a split on the task's device; ``full=False`` limits val to its fixed search subset.
+
+        A user's DataLoader keeps its own batching and order; a dataset is batched here, with pinned memory on CUDA.
+        """
+        source = getattr(self.splits, split)
+        if isinstance(source, DataLoader):
+            if full or self.val_samples is None or split != "val":
+                return DeviceLoader(source, self.device)
+            subset = Subset(source.dataset, self._subset_indices(len(source.dataset)))  # type: ignore[arg-type]
+            return DeviceLoader(DataLoader(subset, batch_size=source.batch_size, collate_fn=source.collate_fn, num_workers=source.num_workers, pin_memory=source.pin_memory), self.device)
+        if not full and self.val_samples is not None and split == "val":
+            source = Subset(source, self._subset_indices(len(source)))
+        return DeviceLoader(seeded_loader(source, batch_size=batch_size, seed=seed, shuffle=shuffle, device=self.device, num_workers=self.num_workers), self.device)
+
+    def _subset_indices(self, size: int) -> list[int]:
+        # Fixed by the seed alone, so every trial and every process scores on the same samples.
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(0))
+        return sorted(order[: self.val_samples].tolist())
+
+    # --- model, metric, loss --------------------------------------------------------------------
+
     def build(self) -> nn.Module:
+        """A fresh model of the task's architecture (a copy with the given weights, for a user task)."""
+        if self._user is not None:
+            return copy.deepcopy(self._user.model)
+        assert self.spec is not None
         torch.manual_seed(self.spec.seed)
-        model = build_model(self.spec.model, num_classes=self.splits.num_classes, in_channels=self.input_shape[0])
+        model = build_model(self.spec.model, num_classes=self.splits.num_classes or 10, in_channels=self.input_shape[0])
         check_supported(model)
         return model
 
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self._user.loss(model, batch) if self._user is not None else cross_entropy(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "val", *, full: bool = False) -> float:
+        """The task's metric of ``model`` on a split, on the task's device; the model returns where it was.
+
+        ``full=False`` scores val on the fixed search subset (``val_samples``); export scores the full split.
+        """
+        home = device_of(model)
+        was_training = model.training
+        model.to(self.device).eval()
+        try:
+            metric = self._user.metric if self._user is not None else top1_accuracy
+            return float(metric(model, self.loader(split, batch_size=512, full=full)))
+        finally:
+            model.train(was_training)
+            model.to(home)
+
+    # --- identity -------------------------------------------------------------------------------
+
+    def key(self) -> str:
+        if self._user is None:
+            assert self.spec is not None
+            return self.spec.key()
+        model = type(self._user.model)
+        return self._user.reference or f"python:{model.__module__}.{model.__qualname__}:{self.metric_name}"
+
+    def record(self) -> dict[str, Any]:
+        """A JSON description from which another process rebuilds the task (``task_from_record``)."""
+        if self._user is None:
+            assert self.spec is not None
+            return asdict(self.spec)
+        if self._user.description is not None:
+            return dict(self._user.description)
+        return {"reference": self._user.reference, "session": self.key(), "metric": self.metric_name, "input_shape": list(self.input_shape)}
+
     def cache_dir(self) -> Path:
+        assert self.spec is not None
         return cache_root() / f"{self.spec.dataset}-{self.spec.model.replace(':', '_')}-{self.spec.key()}"
 
-    def base(self, *, progress: bool = True, callbacks: Sequence[TrainingCallback] = ()) -> BaseModel:
-        """The trained base model, from the cache or trained now.
+    # --- the base model -------------------------------------------------------------------------
 
-        Training always records the training-time S/N (seed 000 eq. 5) with the validation accuracy per
-        epoch, so every cached model carries what the warm-start priors need, whoever trained it first.
+    def base(self, *, progress: bool = True, callbacks: Sequence[TrainingCallback] = ()) -> BaseModel:
+        """The base model: the given weights of a user task, or the built-in model from the cache or trained now.
+
+        Built-in training always records the training-time S/N (seed 000 eq. 5) with the validation accuracy
+        per epoch, so every cached model carries what the warm-start priors need, whoever trained it first.
         """
+        if self._user is not None:
+            if self._base is None:
+                self._base = self._given_base()
+            return self._base
+        return self._trained_base(progress=progress, callbacks=callbacks)
+
+    def skip_signals(self, *, reason: str) -> None:
+        """No S/N fine-tune for a user task: its base record then says the priors are absent, and why."""
+        if self._user is not None and self._base is None:
+            self._user.signal_steps = 0
+            self._user.no_signals_reason = reason
+
+    def _given_base(self) -> BaseModel:
+        assert self._user is not None
+        model = self._user.model
+        val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
+        return BaseModel(model, val, test, 0.0, None, False, self.signal_record(model))
+
+    def signal_record(self, model: nn.Module) -> dict[str, Any]:
+        """S/N per layer from a short fine-tune of a copy of ``model`` (seed 000 eq. 5), or why there is none."""
+        from autoprune.signals import SignalTracker
+
+        assert self._user is not None
+        steps, lr = self._user.signal_steps, self._user.signal_lr
+        if steps == 0:
+            return {"priors": {"source": "none", "reason": self._user.no_signals_reason}}
+        tuned = copy.deepcopy(model).to(self.device)
+        tracker = SignalTracker(every=1, val_accuracy=lambda m: self.evaluate(m, "val"))
+        optimizer = torch.optim.SGD(tuned.parameters(), lr=lr, momentum=0.9)
+        batches = cycle(self.loader("train", shuffle=True, seed=0))
+        per_epoch = math.ceil(steps / SIGNAL_EPOCHS)
+        torch.manual_seed(0)
+        for epoch in range(SIGNAL_EPOCHS):
+            tuned.train()
+            tracker.on_epoch_start(tuned, epoch)
+            for step in range(min(per_epoch, steps - epoch * per_epoch)):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.loss(tuned, next(batches))
+                if not math.isfinite(loss.item()):
+                    raise AutopruneError("signal_lr", lr, f"makes the S/N fine-tune diverge (loss {loss.item()} at step {epoch * per_epoch + step})")
+                loss.backward()
+                optimizer.step()
+                tracker.on_step(tuned, epoch, step)
+            tracker.on_epoch_end(tuned, epoch)
+        return {**tracker.export(), "priors": {"source": "finetune", "steps": steps, "lr": lr, "epochs": SIGNAL_EPOCHS}}
+
+    def _trained_base(self, *, progress: bool, callbacks: Sequence[TrainingCallback]) -> BaseModel:
         from safetensors.torch import load_file, save_file
 
+        assert self.spec is not None
         directory = self.cache_dir()
         weights, meta_path = directory / "model.safetensors", directory / "meta.json"
         model = self.build()
@@ -169,7 +441,7 @@ class Task:
 
         callbacks = [SignalTracker(every=1, val_accuracy=lambda m: accuracy(m, self.splits.val)), *callbacks]
         start = time.perf_counter()
-        train(model, self.splits.train, self.spec.train, seed=self.spec.seed, callbacks=callbacks, progress=progress, description=f"train {self.spec.model}")
+        train(model, self.splits.train, self.spec.train, seed=self.spec.seed, callbacks=callbacks, progress=progress, description=f"train {self.spec.model}", device=self.device)
         seconds = time.perf_counter() - start
         extras: dict[str, Any] = {}
         for cb in callbacks:
@@ -192,6 +464,108 @@ class Task:
 # Zoo models whose dataset and base training differ from the digits defaults.
 MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
 MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
+
+
+def _infer_input_shape(example_input: torch.Tensor | None, train: Any) -> tuple[int, ...]:
+    """The shape of one sample: from ``example_input`` (a batch of one or more) or the first training batch."""
+    if example_input is None:
+        first = next(iter(train))
+        x = batch_inputs(first)
+        if not isinstance(x, torch.Tensor):
+            raise AutopruneError("input_shape", None, "cannot be inferred: a batch's input is not a tensor (pass input_shape=)")
+        # A dataset yields one sample, a DataLoader a batch.
+        return tuple(x.shape[1:]) if isinstance(train, DataLoader) else tuple(x.shape)
+    return tuple(example_input.shape[1:])
+
+
+def load_reference(reference: str, *, field: str = "--task") -> Any:
+    """The object a ``package.module:attribute`` reference names, imported now."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise AutopruneError(field, reference, "is not of the form package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AutopruneError(field, reference, f"cannot be imported ({exc})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise AutopruneError(field, reference, f"names nothing: {module_name} has no {attr!r}") from None
+
+
+def task_from_reference(reference: str) -> Task:
+    """Call ``package.module:function`` and check that it returned a Task; the reference is kept for workers."""
+    factory = load_reference(reference)
+    task = factory()
+    if not isinstance(task, Task):
+        raise AutopruneError("--task", reference, f"returned {type(task).__name__}, not an autoprune.Task")
+    if task._user is not None and task._user.reference is None:
+        task._user.reference = reference
+    return task
+
+
+def task_from_record(data: dict[str, Any]) -> Task:
+    """The task a study's record describes: a built-in spec, a reference to import, or a task of this session."""
+    if "weights" in data:
+        return weights_task(data["model"], weights=data["weights"], dataset=data["dataset"], data_dir=data["data_dir"], seed=data["seed"], signal_steps=data["signal_steps"])
+    if "session" in data:
+        if data.get("reference"):
+            return task_from_reference(data["reference"])
+        task = _SESSION_TASKS.get(data["session"])
+        if task is None:
+            raise AutopruneError("task", data["session"], "was defined in another Python session without reference=; pass reference='package.module:function' so other processes can rebuild it")
+        return task
+    return Task(TaskSpec(**{**data, "train": TrainSettings(**data["train"])}))
+
+
+def model_task(model: str, *, weights: str | Path, train: Any, val: Any, test: Any = None, num_classes: int = 10, input_shape: Sequence[int] | None = None, **kwargs: Any) -> Task:
+    """A user task for a zoo or ``package.module:factory`` model with the user's weights file and data."""
+    from autoprune.weights import load_weights
+
+    if input_shape is None:
+        input_shape = default_input_shape(model)
+    in_channels = input_shape[0] if input_shape else None
+    net = build_model(model, num_classes=num_classes, in_channels=in_channels)
+    load_weights(net, weights)
+    return Task.from_model(net, train=train, val=val, test=test, input_shape=input_shape, **kwargs)
+
+
+def weights_task(model: str, *, weights: str | Path, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, signal_steps: int = SIGNAL_STEPS, device: str | None = None) -> Task:
+    """CLI ``--model M --weights FILE``: the user's weights on a built-in dataset's splits, nothing trained.
+
+    The task's record names the model, the weights file (absolute) and its SHA-256, so a worker rebuilds it
+    and a study refuses to resume on other weights.
+    """
+    spec = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed).spec
+    assert spec is not None
+    splits = Task(spec, device="cpu").splits
+    path = Path(weights).resolve()
+    task = model_task(model, weights=path, train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes or 10, input_shape=splits.input_shape, signal_steps=signal_steps, device=device)
+    assert task._user is not None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    task._user.description = {"model": model, "weights": str(path), "sha256": digest, "dataset": spec.dataset, "data_dir": data_dir, "seed": seed, "signal_steps": signal_steps}
+    return task
+
+
+def cli_task(*, model: str, weights: str | Path | None = None, task: str | None = None, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None, device: str | None = None, val_samples: int | None = None) -> Task:
+    """The task the CLI's flags describe: ``--task module:function``, ``--model --weights``, or a built-in one.
+
+    The device is checked here (``--device``), before any data is read or any model trained.
+    """
+    resolve_device(device, field="--device")
+    if task is not None:
+        if weights is not None:
+            raise AutopruneError("--weights", str(weights), "cannot go with --task (the task brings its own weights)")
+        built = task_from_reference(task)
+        built.device = resolve_device(device, field="--device") if device is not None else built.device
+    elif weights is not None:
+        built = weights_task(model, weights=weights, dataset=dataset, data_dir=data_dir, seed=seed, device=device)
+    else:
+        built = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs)
+        built.device = resolve_device(device, field="--device")
+    if val_samples is not None:
+        built.configure(device=str(built.device), val_samples=val_samples, bf16=built.bf16, num_workers=built.num_workers)
+    return built
 
 
 def task_for(model: str, *, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None) -> Task:

@@ -4,7 +4,7 @@ torchvision is an optional extra (``pip install 'autoprune[vision]'``) and is im
 so that ``import autoprune`` stays lean. Each loader reads the dataset's standard on-disk format under
 ``data_dir`` (default ``./data``) and returns :class:`autoprune.data.Splits`: the official training set,
 less a seeded, stratified 10 % validation split, for train and val, and the official test set for test.
-Images become normalised float tensors (N, C, H, W). Nothing is downloaded unless the environment
+Images become normalised float tensors (N, C, H, W); an ImageFolder streams its files from disk instead. Nothing is downloaded unless the environment
 variable ``AUTOPRUNE_DOWNLOAD=1`` is set.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from autoprune.data import Splits
 from autoprune.errors import AutopruneError
@@ -28,6 +28,8 @@ from autoprune.errors import AutopruneError
 VAL_FRACTION = 0.1
 DEFAULT_DATA_DIR = Path("data")
 PIP_HINT = "pip install 'autoprune[vision]'"
+# Images an ImageFolder's normalisation statistics are estimated on: enough for stable means, bounded time.
+STATS_SAMPLES = 2000
 
 # Per-channel mean and std of each official training set, on pixel values scaled to [0, 1].
 STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -216,32 +218,40 @@ def load_fashion_mnist(*, seed: int = 0, data_dir: Path | None = None) -> Splits
     return _load_mnist_like("fashion_mnist", "FashionMNIST", seed=seed, data_dir=data_dir)
 
 
-def _read_folder(
-    tv: ModuleType, directory: Path, class_to_idx: dict[str, int], image_size: int
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Every image of one split, RGB, resized to image_size x image_size, as uint8 (N, H, W, C)."""
-    folder = tv.datasets.folder
-    resize = tv.transforms.Resize((image_size, image_size))
-    samples = folder.make_dataset(
-        str(directory), class_to_idx, extensions=folder.IMG_EXTENSIONS, allow_empty=True
-    )
-    images = torch.empty((len(samples), image_size, image_size, 3), dtype=torch.uint8)
-    for i, (path, _) in enumerate(samples):
-        images[i] = torch.from_numpy(np.array(resize(folder.default_loader(path)), dtype=np.uint8))
-    return images, np.asarray([target for _, target in samples], dtype=np.int64)
+class ImageFiles(Dataset):
+    """Image files read from disk one at a time (RGB, resized, normalised): a split of any size streams.
+
+    Module-level and built from plain data, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Any], torch.Tensor], loader: Callable[[str], Any]) -> None:
+        self.samples = list(samples)
+        self.targets = [target for _, target in self.samples]
+        self.transform = transform
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        return self.transform(self.loader(path)), target
 
 
-def _channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std, on [0, 1], of uint8 (N, H, W, C), in chunks so no float copy of all is made."""
-    total = torch.zeros(images.shape[-1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].to(torch.float64).flatten(0, 2) / 255.0
-        total += block.sum(dim=0)
-        total_sq += (block * block).sum(dim=0)
-    count = images.numel() // images.shape[-1]
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+def _channel_stats(images: Dataset, *, limit: int, seed: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, on [0, 1], of up to ``limit`` images read one at a time (a seeded sample)."""
+    count = len(images)  # type: ignore[arg-type]
+    chosen = range(count) if count <= limit else torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+    total = total_sq = None
+    pixels = 0
+    for i in chosen:
+        block = images[i][0].to(torch.float64).flatten(1)
+        total = block.sum(dim=1) if total is None else total + block.sum(dim=1)
+        total_sq = (block * block).sum(dim=1) if total_sq is None else total_sq + (block * block).sum(dim=1)
+        pixels += block.shape[1]
+    assert total is not None and total_sq is not None
+    mean = total / pixels
+    std = (total_sq / pixels - mean * mean).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
 
 
@@ -250,11 +260,12 @@ def load_imagefolder(*, seed: int = 0, data_dir: Path | None = None, image_size:
 
     Class indices come from train/ (sorted folder names), so val/ and test/ may lack classes but not add
     any. A missing val/ or test/ is split off train/ (seeded, stratified, 10 % each). Pixels are normalised
-    with the per-channel mean and std of the final train split, as an arbitrary folder has no known stats.
-    All images are held in memory: this suits small and medium datasets.
+    with the per-channel mean and std of the final train split (of a seeded sample of STATS_SAMPLES images),
+    as an arbitrary folder has no known stats. Images stream from disk: only their paths are held.
     """
     name = "imagefolder"
     tv = import_torchvision(name)
+    folder = tv.datasets.folder
     root = _root(data_dir)
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -262,11 +273,11 @@ def load_imagefolder(*, seed: int = 0, data_dir: Path | None = None, image_size:
             "dataset", name, f"needs {train_dir}/<class>/<image> files (and optional val/ and test/ folders)"
         )
     try:
-        classes, class_to_idx = tv.datasets.folder.find_classes(str(train_dir))
+        classes, class_to_idx = folder.find_classes(str(train_dir))
     except FileNotFoundError:
         raise AutopruneError("dataset", name, f"found no class folders in {train_dir}") from None
 
-    parts: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+    parts: dict[str, list[tuple[str, int]]] = {}
     for split in ("train", "val", "test"):
         directory = root / split
         if not directory.is_dir():
@@ -275,20 +286,23 @@ def load_imagefolder(*, seed: int = 0, data_dir: Path | None = None, image_size:
         unknown = sorted(c for c in found if c not in class_to_idx)
         if unknown:
             raise AutopruneError("dataset", name, f"{directory} has classes missing from train/: {', '.join(unknown)}")
-        parts[split] = _read_folder(tv, directory, class_to_idx, image_size)
-    if len(parts["train"][1]) == 0:
+        parts[split] = folder.make_dataset(str(directory), class_to_idx, extensions=folder.IMG_EXTENSIONS, allow_empty=True)
+    if len(parts["train"]) == 0:
         raise AutopruneError("dataset", name, f"found no images in {train_dir}")
 
     for split in ("test", "val"):
         if split in parts:
             continue
-        images, labels = parts["train"]
-        if len(labels) < 3:
+        samples = parts["train"]
+        if len(samples) < 3:
             raise AutopruneError("dataset", name, f"has too few images in {train_dir} to split off {split}/")
-        kept, out = _holdout(labels, seed=seed, fraction=VAL_FRACTION)
-        parts["train"] = images[torch.as_tensor(kept)], labels[kept]
-        parts[split] = images[torch.as_tensor(out)], labels[out]
+        kept, out = _holdout(np.asarray([t for _, t in samples], dtype=np.int64), seed=seed, fraction=VAL_FRACTION)
+        parts["train"] = [samples[i] for i in kept]
+        parts[split] = [samples[i] for i in out]
 
-    mean, std = _channel_stats(parts["train"][0])
-    train, val, test = (_tensors(*parts[split], mean, std) for split in ("train", "val", "test"))
+    transforms = tv.transforms
+    resize = [transforms.Resize((image_size, image_size)), transforms.ToTensor()]
+    mean, std = _channel_stats(ImageFiles(parts["train"], transforms.Compose(resize), folder.default_loader), limit=STATS_SAMPLES, seed=seed)
+    transform = transforms.Compose([*resize, transforms.Normalize(mean, std)])
+    train, val, test = (ImageFiles(parts[split], transform, folder.default_loader) for split in ("train", "val", "test"))
     return Splits(train, val, test, len(classes), (3, image_size, image_size))

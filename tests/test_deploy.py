@@ -125,7 +125,7 @@ def test_random_weight_models_export_with_pruning_and_mixed_bits(arch: str, tmp_
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 3, 32, 32, generator=generator), torch.randint(0, 10, (48,), generator=generator)
     # Random weights with re-estimated BN statistics blow the logits up to 1e8: the BN layers keep their init.
-    fake_task = SimpleNamespace(input_shape=(3, 32, 32), splits=SimpleNamespace(train=TensorDataset(x, y)))
+    fake_task = Task.from_model(base, train=TensorDataset(x, y), val=TensorDataset(x, y), input_shape=(3, 32, 32), signal_steps=0, device="cpu")
     policy = Policy.from_dict({
         "finetune_steps": 0, "bn_recalibration": False, "batch_size": 16, "calibration_batches": 2,
         "layers": {

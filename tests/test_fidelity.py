@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from autoprune.models import compressible_layers
 from autoprune.policy import ORDERS, LayerPolicy, Policy
 from autoprune.quant import DelayedActQuantizer
 from autoprune.quant.uniform import mse_optimal_step
+from autoprune.task import Task
 
 SHAPE = (2, 6, 6)
 
@@ -32,11 +32,12 @@ class Tiny(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def tiny_task(samples: int = 256) -> SimpleNamespace:
+def tiny_task(samples: int = 256) -> Task:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(samples, *SHAPE, generator=g)
     y = (x[:, 0].mean(dim=(1, 2)) > 0).long() + (x[:, 1].mean(dim=(1, 2)) > 0.2).long()
-    return SimpleNamespace(input_shape=SHAPE, splits=SimpleNamespace(train=TensorDataset(x, y)))
+    data = TensorDataset(x, y)
+    return Task.from_model(tiny_model(), train=data, val=data, input_shape=SHAPE, signal_steps=0, device="cpu")
 
 
 def tiny_model() -> Tiny:

@@ -20,6 +20,9 @@ CANDIDATES = (
     "autoprune.models",
     "autoprune.data",
     "autoprune.vision",
+    "autoprune.api",
+    "autoprune.device",
+    "autoprune.weights",
     "autoprune.cli",
 )
 

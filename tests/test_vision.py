@@ -13,6 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
 from autoprune.data import Splits, load_dataset
 from autoprune.errors import AutopruneError
@@ -144,9 +145,17 @@ def _check_official(
     assert np.array_equal(labels_all, y[ids_all])
 
 
+def _tensors(split: Dataset) -> tuple[torch.Tensor, ...]:
+    """A split's images and labels, stacked here from its items (an ImageFolder holds none in memory)."""
+    if isinstance(split, TensorDataset):
+        return split.tensors
+    images, labels = zip(*(split[i] for i in range(len(split))))
+    return torch.stack(images), torch.as_tensor(labels)
+
+
 def _assert_same(a: Splits, b: Splits) -> None:
     for pa, pb in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
-        for ta, tb in zip(pa.tensors, pb.tensors):
+        for ta, tb in zip(_tensors(pa), _tensors(pb)):
             assert torch.equal(ta, tb)
 
 
@@ -205,9 +214,10 @@ def test_imagefolder_splits_train_when_alone(tmp_path: Path) -> None:
     assert splits.num_classes == 3
     assert splits.input_shape == (3, 32, 32)
     assert splits.sizes() == (24, 3, 3)
-    assert sorted(splits.val.tensors[1].tolist()) == [0, 1, 2]
-    assert sorted(splits.test.tensors[1].tolist()) == [0, 1, 2]
-    train_x = splits.train.tensors[0]
+    assert sorted(_tensors(splits.val)[1].tolist()) == [0, 1, 2]
+    assert sorted(_tensors(splits.test)[1].tolist()) == [0, 1, 2]
+    assert not isinstance(splits.train, TensorDataset)
+    train_x = _tensors(splits.train)[0]
     assert train_x.shape == (24, 3, 32, 32)
     # Normalised with the train split's own statistics.
     assert torch.allclose(train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
@@ -222,8 +232,8 @@ def test_imagefolder_uses_val_and_test_folders_with_train_class_indices(tmp_path
     _write_pngs(tmp_path / "test", {"c": 2}, seed=3)
     splits = load_dataset("imagefolder", data_dir=tmp_path, seed=0)
     assert splits.sizes() == (12, 3, 2)
-    assert splits.val.tensors[1].tolist() == [1, 1, 2]
-    assert splits.test.tensors[1].tolist() == [2, 2]
+    assert _tensors(splits.val)[1].tolist() == [1, 1, 2]
+    assert _tensors(splits.test)[1].tolist() == [2, 2]
 
     _write_pngs(tmp_path / "test", {"zebra": 1}, seed=4)
     with pytest.raises(AutopruneError, match="classes missing from train/: zebra"):

@@ -56,3 +56,8 @@ __all__ = [
     "CostReport", "CostTotal", "LayerCost", "LayerQuant", "measure_cost", "format_cost_table", "format_count",
     "esn_a", "esn_d", "filter_bits", "esn_a_from_snr",
 ]
+
+from autoprune._callable import make_callable  # noqa: E402 - after the package's own names
+
+# autoprune.cost(model, input_shape=...) is the API's cost, though autoprune.cost is also this package.
+make_callable(__name__, "autoprune.api:cost")

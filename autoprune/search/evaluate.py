@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from autoprune.policy import Policy
-from autoprune.task import BaseModel, Task, accuracy
+from autoprune.task import BaseModel, Task
 
 
 class TrialFailed(Exception):
@@ -33,12 +33,16 @@ class Evaluator:
 
     def base_summary(self) -> dict[str, Any]:
         total = self.base_cost.to_dict()["total"]
+        extras = self.base.extras
+        priors = extras.get("priors") or {"source": "training" if extras.get("signals") else "none"}
         return {
+            "metric": self.task.metric_name,
             "val_accuracy": self.base.val_accuracy,
             "test_accuracy": self.base.test_accuracy,
             "train_seconds": self.base.train_seconds,
             "cost": total,
             "performance_density": self.base.val_accuracy / total["memory_mb"],
+            "priors": priors,
         }
 
     def validate(self, policy: Policy) -> None:
@@ -48,21 +52,24 @@ class Evaluator:
         check_policy(self.base.model, policy, input_shape=self.task.input_shape)
 
     def score(self, result: Any, *, test: bool = False) -> dict[str, float]:
-        acc = accuracy(result.model, self.task.splits.val)
+        """The task's metric (named as the task names it) on the val search subset, and the cost."""
+        name = self.task.metric_name
+        acc = self.task.evaluate(result.model, "val")
         if not math.isfinite(acc):
-            raise TrialFailed(f"accuracy is {acc}")
+            raise TrialFailed(f"{name} is {acc}")
         total = result.cost(self.task.input_shape).to_dict()["total"]
         base_total = self.base_cost.to_dict()["total"]
         metrics = {
-            "accuracy": acc,
-            "accuracy_drop": self.base.val_accuracy - acc,
+            name: acc,
+            f"{name}_drop": self.base.val_accuracy - acc,
             **{k: float(v) for k, v in total.items()},
             "performance_density": acc / total["memory_mb"] if total["memory_mb"] > 0 else math.inf,
             "bops_reduction": base_total["bops"] / total["bops"] if total["bops"] > 0 else math.inf,
             "compress_seconds": result.seconds,
         }
         if test:
-            metrics["test_accuracy"] = accuracy(result.model, self.task.splits.test)
+            metrics[f"test_{name}"] = self.task.evaluate(result.model, "test", full=True)
+            metrics[f"full_val_{name}"] = self.task.evaluate(result.model, "val", full=True)
         return metrics
 
     def evaluate(self, policy: Policy) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:

@@ -3,10 +3,15 @@
 Every trial records all metrics whatever the objectives; the spec only picks the study's axes.
 Constraints go to Optuna as ``constraints_func`` values (<= 0 is feasible), so infeasible trials never
 enter the front.
+
+A task may name its own metric (``miou``): objectives and constraints may then name it and ``miou_drop``,
+checked against the task by ``for_metric`` before any work; ``accuracy`` in a shipped spec means the task's
+metric, whatever its name.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -14,6 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autoprune.metrics import COST_METRICS, METRICS, parse_bound
 from autoprune.policy import load_mapping, parse_model
+
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def direction_of(metric: str) -> str:
+    """A task's own metric is higher-is-better and its drop lower-is-better; the rest are in the metric table."""
+    return METRICS.get(metric) or ("minimize" if metric.endswith("_drop") else "maximize")
 
 
 class Objective(BaseModel):
@@ -24,13 +36,13 @@ class Objective(BaseModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
-        if metric not in METRICS:
-            raise ValueError(f"is not a metric (metrics: {', '.join(METRICS)})")
+        if not _NAME.match(metric):
+            raise ValueError(f"is not a metric (metrics: {', '.join(METRICS)}, or the task's metric)")
         return metric
 
     @property
     def resolved_direction(self) -> str:
-        return self.direction or METRICS[self.metric]
+        return self.direction or direction_of(self.metric)
 
 
 class Constraint(BaseModel):
@@ -44,7 +56,7 @@ class Constraint(BaseModel):
     @classmethod
     def parse(cls, text: str) -> "Constraint":
         try:
-            metric, op, bound = parse_bound(text, names=METRICS)
+            metric, op, bound = parse_bound(text, names=None)
         except ValueError as exc:
             raise ValueError(f"constraint {exc}") from None
         return cls(metric=metric, op=op, bound=bound)
@@ -101,6 +113,22 @@ class ObjectiveSpec(BaseModel):
             "objectives": [{"metric": o.metric, "direction": o.resolved_direction} for o in self.objectives],
             "constraints": [str(c) for c in self.constraints],
         }
+
+    def for_metric(self, name: str) -> "ObjectiveSpec":
+        """This spec for a task whose metric is ``name``: ``accuracy[_drop]`` become ``name[_drop]``, and any
+        metric neither built in nor the task's is an error."""
+        from autoprune.errors import AutopruneError
+
+        renamed = {"accuracy": name, "accuracy_drop": f"{name}_drop"}
+        known = {*METRICS, name, f"{name}_drop"} - ({"accuracy", "accuracy_drop"} - {name, f"{name}_drop"})
+        spec = self.model_copy(update={
+            "objectives": [o.model_copy(update={"metric": renamed.get(o.metric, o.metric)}) for o in self.objectives],
+            "constraints": [c.model_copy(update={"metric": renamed.get(c.metric, c.metric)}) for c in self.constraints],
+        })
+        for metric in [*spec.metrics, *(c.metric for c in spec.constraints)]:
+            if metric not in known:
+                raise AutopruneError("objectives", metric, f"is not a metric (metrics: {', '.join(sorted(known))})")
+        return spec
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "objectives") -> "ObjectiveSpec":

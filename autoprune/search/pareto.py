@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
-from autoprune.search.objectives import ObjectiveSpec
+from autoprune.search.objectives import METRICS, ObjectiveSpec
 from autoprune.search.record import read_meta, read_trial
 
 
@@ -82,6 +82,11 @@ def normalised_losses(metrics: Mapping[str, float], spec: ObjectiveSpec, base: M
     for metric, direction in zip(spec.metrics, spec.directions):
         if metric in ("accuracy", "accuracy_drop"):
             losses.append(1.0 - float(metrics["accuracy"]) / 100.0)
+        elif metric not in METRICS:
+            # A task's own metric (or its drop) has no known scale: the loss is its drop relative to the base's size.
+            name = metric.removesuffix("_drop") if metric.endswith("_drop") and metric not in base else metric
+            drop = float(base[name]) - float(metrics[name])
+            losses.append(min(1.0, max(0.0, drop / max(abs(float(base[name])), 1e-30))))
         elif direction == "minimize":
             losses.append(_log_ratio_loss(float(metrics[metric]) / max(float(base[metric]), 1e-30)))
         else:

@@ -69,14 +69,14 @@ class WorkerJob:
 
 def _evaluator(job: WorkerJob) -> "Evaluator":
     from autoprune.search.evaluate import Evaluator
-    from autoprune.search.runner import _task_from_dict
-    from autoprune.task import CACHE_ENV, Task
+    from autoprune.task import CACHE_ENV, task_from_record
 
     key = json.dumps(job.task, sort_keys=True)
     if key not in _EVALUATORS:
         os.environ[CACHE_ENV] = job.cache_dir
-        task = Task(_task_from_dict(job.task))
-        _install_base(task.cache_dir(), job.base_files)
+        task = task_from_record(job.task)
+        if not task.is_user:
+            _install_base(task.cache_dir(), job.base_files)
         _EVALUATORS[key] = Evaluator.for_task(task, progress=False)
     return _EVALUATORS[key]
 
@@ -370,10 +370,11 @@ def _worker_job(ctx: "SearchContext", config: "RayOptions") -> WorkerJob:
     from autoprune.task import cache_root
 
     evaluator = ctx.ensure_evaluator(progress=False)
-    folder = Path(evaluator.base.cache_path)
-    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    folder = evaluator.base.cache_path
+    # A user task's node rebuilds it from its reference: there is no trained base to ship.
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} if folder else {}
     return WorkerJob(
-        task=asdict(ctx.task.spec),
+        task=ctx.task.record(),
         cache_dir=str(cache_root().resolve()),
         base_files=files,
         threads=max(1, int(config.cpus_per_trial)),

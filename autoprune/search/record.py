@@ -27,15 +27,19 @@ class BaseSummary(BaseModel):
     """The float base model the study compresses: its accuracy and its cost, the reference of every ratio."""
 
     model_config = ConfigDict(extra="allow")
+    # the task's metric (``val_accuracy`` holds its value, whatever its name: accuracy, miou, neg_mse...)
+    metric: str = "accuracy"
     val_accuracy: float
     test_accuracy: float | None = None
     train_seconds: float | None = None
     cost: dict[str, float]
     performance_density: float = 1.0
+    # where the S/N record behind the priors came from: {"source": "training" | "finetune" | "none", ...}
+    priors: dict[str, Any] | None = None
 
     def reference(self) -> dict[str, float]:
         """Metric -> the base model's value, as hypervolume and knee normalise against it."""
-        return {**self.cost, "accuracy": self.val_accuracy, "performance_density": self.performance_density}
+        return {**self.cost, self.metric: self.val_accuracy, "performance_density": self.performance_density}
 
 
 class StudyMeta(BaseModel):

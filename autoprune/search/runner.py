@@ -23,7 +23,7 @@ from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
 from autoprune.search.space import SearchSpace, SpaceSpec
-from autoprune.task import Task, TaskSpec, TrainSettings
+from autoprune.task import Task, TaskSpec, task_from_record
 
 # Heartbeats are what let a resume fail the trials of a dead worker; Optuna calls them experimental and
 # expects them with Study.optimize, while we drive ask/tell ourselves. Its INFO lines duplicate our bar.
@@ -189,21 +189,16 @@ class SearchContext:
         return meta
 
 
-def _task_from_dict(data: Mapping[str, Any]) -> TaskSpec:
-    return TaskSpec(**{**data, "train": TrainSettings(**data["train"])})
+def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec | None = None, objectives: ObjectiveSpec | None = None) -> SearchContext:
+    """Validate every input, then create or resume the study. No training happens before this passes.
 
-
-def _task_dict(spec: TaskSpec) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(spec)
-
-
-def prepare(config: SearchConfig) -> SearchContext:
-    """Validate every input, then create or resume the study. No training happens before this passes."""
-    space_spec = SpaceSpec.load(config.space_path) if config.space_path else SpaceSpec.from_dict({})
-    objectives = ObjectiveSpec.load(config.objectives_path) if config.objectives_path else ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]})
-    task = Task(config.task)
+    ``task``, ``space`` and ``objectives``, when given (the Python API), replace config.task and the spec paths.
+    """
+    space_spec = space or (SpaceSpec.load(config.space_path) if config.space_path else SpaceSpec.from_dict({}))
+    if objectives is None:
+        objectives = ObjectiveSpec.load(config.objectives_path) if config.objectives_path else ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]})
+    task = task or Task(config.task)
+    objectives = objectives.for_metric(task.metric_name)
     model = task.build()
     space = space_spec.bind(model, input_shape=task.input_shape)
     sampler = make_sampler(config.sampler, seed=config.seed, objectives=objectives)
@@ -212,7 +207,7 @@ def prepare(config: SearchConfig) -> SearchContext:
         study_name=config.study_name, storage=storage, sampler=sampler, directions=objectives.directions, load_if_exists=True
     )
     wanted = StudyMeta(
-        task=_task_dict(config.task), space=space_spec.raw, objectives=objectives.to_dict(), budget=config.trials, sampler=config.sampler, seed=config.seed
+        task=task.record(), space=space_spec.raw, objectives=objectives.to_dict(), budget=config.trials, sampler=config.sampler, seed=config.seed
     )
     meta = read_meta(study)
     if meta is None:
@@ -238,7 +233,7 @@ def context_from_study(study: optuna.Study) -> SearchContext:
     meta = read_meta(study)
     if meta is None:
         raise AutopruneError("--study", study.study_name, "was not created by autoprune search")
-    task = Task(_task_from_dict(meta.task))
+    task = task_from_record(meta.task)
     space = SpaceSpec.from_dict(meta.space).bind(task.build(), input_shape=task.input_shape)
     if meta.prior_bits:
         space.narrowed_to(meta.prior_bits)
@@ -379,13 +374,15 @@ def over_budget(ctx: SearchContext, number: int) -> bool:
 # --- entry points ---------------------------------------------------------------------------------
 
 
-def run_search(config: SearchConfig) -> SearchOutcome:
+def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec | None = None, objectives: ObjectiveSpec | None = None) -> SearchOutcome:
+    """Run (or resume) a search; ``task``, ``space`` and ``objectives`` objects (the Python API) replace the
+    config's built-in task and spec paths."""
     from autoprune.search.executors import executor_for
 
     start = time.monotonic()
     executor = executor_for(config)
     executor.preflight(config)  # a bad executor flag or an unreachable cluster fails before any training
-    ctx = prepare(config)
+    ctx = prepare(config, task=task, space=space, objectives=objectives)
     fail_orphaned_trials(ctx.study)
     evaluator = ctx.ensure_evaluator(progress=config.progress)
     record_base(ctx, evaluator)

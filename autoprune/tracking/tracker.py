@@ -510,8 +510,9 @@ def _base_point(base: Mapping[str, Any]) -> dict[str, float] | None:
         return None
     point = {k: float(v) for k, v in base.get("cost", {}).items() if isinstance(v, (int, float))}
     if isinstance(base.get("val_accuracy"), (int, float)):
-        point["accuracy"] = float(base["val_accuracy"])
-        point["accuracy_drop"] = 0.0
+        name = base.get("metric", "accuracy")  # the task's own metric, when it names one
+        point[name] = float(base["val_accuracy"])
+        point[f"{name}_drop"] = 0.0
     return point
 
 
