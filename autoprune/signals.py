@@ -63,8 +63,10 @@ class SignalTracker:
             self.layers.setdefault(name, {"S": [], "N": [], "snr": [], "esn_a": []})
         self._weights = [layer.weight for layer in layers.values()]
         self._inits = [w.detach().clone() for w in self._weights]
-        self._s = torch.zeros(len(self._weights), dtype=torch.float64)
-        self._n = torch.zeros(len(self._weights), dtype=torch.float64)
+        # Sums live where the weights do: a CUDA model's per-step norms never leave the device.
+        device = self._weights[0].device if self._weights else None
+        self._s = torch.zeros(len(self._weights), dtype=torch.float64, device=device)
+        self._n = torch.zeros(len(self._weights), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def on_step(self, model: nn.Module, epoch: int, step: int) -> None:

@@ -12,7 +12,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 ML
 "$PYTHON" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(), "torch", torch.__version__)'
 
 echo "== device tests on cuda"
-AUTOPRUNE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_task_api.py
+# The bench below runs whatever the tests say; the script's status is the tests'.
+status=0
+AUTOPRUNE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_task_api.py || status=$?
 
 echo "== trials per minute, ResNet-20 on random 3x32x32 data"
 "$PYTHON" bench/bench_device.py --devices cuda cpu --trials "$TRIALS"
+exit $status

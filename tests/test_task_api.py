@@ -304,7 +304,7 @@ def test_a_worker_process_rebuilds_a_referenced_task_and_joins_the_study(tmp_pat
     # Widen the study as a resume with more trials would, and let `autoprune worker` run the rest.
     meta = result.study.user_attrs["autoprune"]
     result.study.set_user_attr("autoprune", {**meta, "budget": 4})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AUTOPRUNE_TEST_DEVICE": DEVICE}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "AUTOPRUNE_TEST_DEVICE": DEVICE}
     subprocess.run(
         [sys.executable, "-m", "autoprune.cli", "worker", "--study", "joined", "--storage", str(args["storage"]), "--quiet"],
         cwd=tmp_path, env=env, check=True, timeout=300,
