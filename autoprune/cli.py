@@ -416,6 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        if getattr(args, "device", None) is not None:
+            from autoprune.device import resolve_device
+
+            # before any file is read or written: a missing GPU is an input error, not a fallback
+            resolve_device(args.device, field="--device")
         return handler(args)
     except AutopruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
