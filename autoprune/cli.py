@@ -105,6 +105,14 @@ def _task(args: argparse.Namespace):  # noqa: ANN202 - returns autoprune.task.Ta
     )
 
 
+def _task_name(task: Any) -> str:
+    """The zoo model or factory of a built-in task, else the user task's reference (or its model's class)."""
+    if task.spec is not None:
+        return task.spec.model
+    record = task.record()
+    return record.get("model") or record.get("reference") or task.key()
+
+
 def console() -> Any:
     """A rich console that does not squeeze tables to 80 columns when the output is a file or pipe."""
     from rich.console import Console
@@ -206,7 +214,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         _print_json({"metrics": metrics, "cost": result.cost(task.input_shape).to_dict(), "out": args.out, "deploy": deployed.model_dump() if deployed else None})
         return 0
     out = console()
-    out.print(format_cost_table(result.cost(task.input_shape), title=f"{args.policy} on {task.spec.model if task.spec else task.key()}"))
+    out.print(format_cost_table(result.cost(task.input_shape), title=f"{args.policy} on {_task_name(task)}"))
     out.print(
         f"validation accuracy {metrics['accuracy']:.2f}% (base {evaluator.base.val_accuracy:.2f}%), "
         f"test accuracy {metrics['test_accuracy']:.2f}% (base {evaluator.base.test_accuracy:.2f}%), "
@@ -309,7 +317,7 @@ def cmd_signals(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {task.spec.model}")
+    table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {_task_name(task)}")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "name" else "right")
     for row in rows:
