@@ -184,3 +184,20 @@ def test_the_cli_steps_of_docs_deploy_md_run(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "exports" / "onnx" / "report.json").read_text())
     assert all(r["deploy"]["registered"]["name"] == "digits-cnn" for r in report["exported"])
     assert (tmp_path / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("gpus, device", [(0.0, "cpu"), (0.5, "cuda")])
+def test_a_ray_trial_runs_on_cuda_when_given_a_gpu(gpus: float, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.search import ray_executor
+    from autoprune.search.runner import RayOptions, SearchConfig, prepare
+    from autoprune.task import Task
+
+    task = Task(device="cpu", val_samples=100)
+    ctx = prepare(SearchConfig(storage=f"sqlite:///{tmp_path / 'study.db'}", trials=1), task=task)
+    job = ray_executor._worker_job(ctx, RayOptions(gpus_per_trial=gpus))
+    assert job.device == device and job.task["val_samples"] == 100
+    if device == "cuda" and not torch.cuda.is_available():
+        return  # Ray gives such a trial a GPU only where there is one
+    monkeypatch.setattr(ray_executor, "_EVALUATORS", {})
+    evaluator = ray_executor._evaluator(job)
+    assert evaluator.task.device.type == device and evaluator.task.val_samples == 100
