@@ -86,10 +86,6 @@ def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn")
     p.add_argument("--task-seed", type=NATURAL_INT, default=0, help="seed of the data split and base-model training")
     p.add_argument("--weights", default=None, help="the model's trained weights (.safetensors, or a state dict torch loads with weights_only=True): nothing is trained")
     p.add_argument("--task", dest="task_ref", default=None, help="package.module:function returning an autoprune.Task (your model, data, metric, loss)")
-    _device_args(p)
-
-
-def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--val-samples", type=POSITIVE_INT, default=None, help="score on a fixed subset of N validation samples (export scores the whole split)")
     p.add_argument("--bf16", action="store_true", help="fine-tune the float parts under bf16 autocast")
@@ -195,7 +191,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if onnx_out:
         from autoprune.deploy.deps import require
 
-        require("onnx"), require("onnxruntime")
+        for package in ("onnx", "onnxruntime"):
+            require(package)
     policy = Policy.load(args.policy)
     task = _task(args)
     evaluator = Evaluator.for_task(task, progress=not args.json)
@@ -395,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--select", default="pareto", help='pareto, knee, "bops<=X", "accuracy>=Y" (any metric)')
-    p.add_argument("--format", default="policy", choices=["policy", "onnx"], help="onnx: also each point's model.onnx (QDQ) and packed weights, measured in the report and logged in MLflow")
+    from autoprune.export import FORMATS
+
+    p.add_argument("--format", default="policy", choices=list(FORMATS), help="onnx: also each point's model.onnx (QDQ) and packed weights, measured in the report and logged in MLflow")
     p.add_argument("--register", default=None, metavar="NAME", help="register the exported ONNX models under NAME in the MLflow Model Registry (needs --format onnx)")
     p.add_argument("--tracking-uri", default=None, help="the search's MLflow tracking URI (default ./mlruns)")
     p.set_defaults(handler=cmd_export)

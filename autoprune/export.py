@@ -80,7 +80,8 @@ def export_study(
     if format == "onnx":
         from autoprune.deploy.deps import require
 
-        require("onnx"), require("onnxruntime")
+        for package in ("onnx", "onnxruntime"):  # a missing extra fails before the replay's minutes
+            require(package)
         if not replay:
             raise AutopruneError("--format", format, "needs the replay: the ONNX file is the replayed compressed model")
     chosen = select_trials(study, select)

@@ -53,7 +53,9 @@ def _cpu_batches(task: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def example_input(task: Any, *, samples: int = 4) -> Any:
     """A few test inputs as a float32 array: the MLflow model's input example."""
-    x, *_ = next(iter(task.loader("test", batch_size=samples)))
+    from autoprune.task import batch_inputs
+
+    x = batch_inputs(next(iter(task.loader("test", batch_size=samples))))
     return x[:samples].cpu().float().numpy()
 
 
