@@ -113,11 +113,15 @@ class SearchResult:
         records = [(t.number, read_trial(t)) for t in sorted(front_trials(self.study), key=lambda t: t.number)]
         return [FrontPoint(number, Policy.from_dict(r.policy or {}), dict(r.metrics or {})) for number, r in records]
 
-    def export(self, directory: str | Path, *, select: str = "pareto", replay: bool = True) -> Any:
-        """Write what ``autoprune export`` writes: policies, front.csv/json, report.json/md."""
+    def export(
+        self, directory: str | Path, *, select: str = "pareto", replay: bool = True, format: str = "policy",
+        register: str | None = None, tracking_uri: str | None = None,
+    ) -> Any:
+        """Write what ``autoprune export`` writes: policies, front.csv/json, report.json/md; with
+        ``format="onnx"`` each point's ONNX file and packed weights too (``register``: Model Registry name)."""
         from autoprune.export import export_study
 
-        return export_study(self.study, out=Path(directory), select=select, replay=replay)
+        return export_study(self.study, out=Path(directory), select=select, replay=replay, format=format, register=register, tracking_uri=tracking_uri)
 
 
 def search(

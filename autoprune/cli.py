@@ -84,12 +84,29 @@ def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn")
     p.add_argument("--data-dir", default=None, help="where torchvision datasets live")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="base-model training epochs (default 30)")
     p.add_argument("--task-seed", type=NATURAL_INT, default=0, help="seed of the data split and base-model training")
+    p.add_argument("--weights", default=None, help="the model's trained weights (.safetensors, or a state dict torch loads with weights_only=True): nothing is trained")
+    p.add_argument("--task", dest="task_ref", default=None, help="package.module:function returning an autoprune.Task (your model, data, metric, loss)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--val-samples", type=POSITIVE_INT, default=None, help="score on a fixed subset of N validation samples (export scores the whole split)")
+    p.add_argument("--bf16", action="store_true", help="fine-tune the float parts under bf16 autocast")
 
 
 def _task(args: argparse.Namespace):  # noqa: ANN202 - returns autoprune.task.Task, imported lazily
-    from autoprune.task import task_for
+    """The task the flags name (``--task``, ``--model --weights``, or a built-in one); the device is checked first."""
+    from autoprune.task import cli_task
 
-    return task_for(args.model, dataset=args.dataset, data_dir=args.data_dir, seed=args.task_seed, epochs=args.epochs)
+    return cli_task(
+        model=args.model, weights=args.weights, task=args.task_ref, dataset=args.dataset, data_dir=args.data_dir, seed=args.task_seed,
+        epochs=args.epochs, device=args.device, val_samples=args.val_samples, bf16=args.bf16,
+    )
+
+
+def _task_name(task: Any) -> str:
+    """The zoo model or factory of a built-in task, else the user task's reference (or its model's class)."""
+    if task.spec is not None:
+        return task.spec.model
+    record = task.record()
+    return record.get("model") or record.get("reference") or task.key()
 
 
 def console() -> Any:
@@ -110,15 +127,31 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from autoprune.models import build_model, default_input_shape
     from autoprune.policy import Policy
 
-    known = default_input_shape(args.model)
+    if args.task_ref is not None:
+        from autoprune.task import task_from_reference
+
+        if args.weights is not None:
+            raise AutopruneError("--weights", args.weights, "cannot go with --task (the task brings its own weights)")
+        task = task_from_reference(args.task_ref)
+        known, model_name = tuple(task.input_shape), args.task_ref
+    else:
+        known, model_name = default_input_shape(args.model), args.model
     shape = parse_input_shape(args.input) or known
     if shape is None:
-        raise AutopruneError("--input", None, f"is required for model {args.model!r} (give CxHxW or CxL)")
+        raise AutopruneError("--input", None, f"is required for model {model_name!r} (give CxHxW or CxL)")
     if known is not None and len(shape) != len(known):
-        raise AutopruneError("--input", args.input, f"has {len(shape)} sizes, but {args.model} reads {'x'.join(map(str, known))}")
+        raise AutopruneError("--input", args.input, f"has {len(shape)} sizes, but {model_name} reads {'x'.join(map(str, known))}")
     policy = Policy.load(args.policy) if args.policy else None
-    model = build_model(args.model, in_channels=shape[0])
-    trained = _cached_weights(args, model)
+    if args.task_ref is not None:
+        model, trained = task.build(), True
+    elif args.weights is not None:
+        from autoprune.weights import load_weights
+
+        model = load_weights(build_model(args.model, in_channels=shape[0]), args.weights)
+        trained = True
+    else:
+        model = build_model(args.model, in_channels=shape[0])
+        trained = _cached_weights(args, model)
     if policy is not None:
         report = static_compress(model, policy, input_shape=shape).cost(shape)
     else:
@@ -127,7 +160,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return 0
     source = "trained weights" if trained else "untrained weights (no cached base model: ESN uses random init)"
-    console().print(format_cost_table(report, title=f"{args.model} {'x'.join(map(str, shape))} - {source}"))
+    console().print(format_cost_table(report, title=f"{model_name} {'x'.join(map(str, shape))} - {source}"))
     return 0
 
 
@@ -154,37 +187,57 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoprune.policy import Policy
     from autoprune.search.evaluate import Evaluator
 
+    onnx_out = args.out is not None and Path(args.out).suffix == ".onnx"
+    if onnx_out:
+        from autoprune.deploy.deps import require
+
+        for package in ("onnx", "onnxruntime"):
+            require(package)
     policy = Policy.load(args.policy)
     task = _task(args)
     evaluator = Evaluator.for_task(task, progress=not args.json)
     evaluator.validate(policy)
     result = compress(evaluator.base.model, policy, task=task)
     metrics = evaluator.score(result, test=True)
-    if args.out:
+    deployed = None
+    if onnx_out:
+        from autoprune.deploy.point import deploy_point
+
+        out_path = Path(args.out)
+        deployed = deploy_point(result, task=task, base_model=evaluator.base.model, onnx_path=out_path, packed_path=out_path.with_suffix(".apw"))
+    elif args.out:
         save_compressed(result, args.out, task=task)
     if args.json:
-        _print_json({"metrics": metrics, "cost": result.cost(task.input_shape).to_dict(), "out": args.out})
+        _print_json({"metrics": metrics, "cost": result.cost(task.input_shape).to_dict(), "out": args.out, "deploy": deployed.model_dump() if deployed else None})
         return 0
     out = console()
-    out.print(format_cost_table(result.cost(task.input_shape), title=f"{args.policy} on {task.spec.model}"))
+    out.print(format_cost_table(result.cost(task.input_shape), title=f"{args.policy} on {_task_name(task)}"))
     out.print(
         f"validation accuracy {metrics['accuracy']:.2f}% (base {evaluator.base.val_accuracy:.2f}%), "
         f"test accuracy {metrics['test_accuracy']:.2f}% (base {evaluator.base.test_accuracy:.2f}%), "
         f"BOPs {metrics['bops']:.4g} ({metrics['bops_reduction']:.1f}x smaller)"
     )
-    if args.out:
+    if deployed is not None:
+        out.print(
+            f"saved {deployed.onnx_file} and {deployed.packed_file}: test accuracy PyTorch {deployed.torch_test_accuracy:.2f}%, "
+            f"onnxruntime {deployed.onnx_test_accuracy:.2f}%, top-1 agreement {deployed.top1_agreement:.2f}%; packed weights "
+            f"{deployed.packed_weight_mbit:.4f} Mb (cost model {deployed.cost_weight_mbit:.4f} Mb, ratio {deployed.packed_over_cost_weight:.3f})"
+        )
+    elif args.out:
         out.print(f"saved {args.out}")
     return 0
 
 
-def _search_config(args: argparse.Namespace):  # noqa: ANN202
+def _search_config(args: argparse.Namespace, task: Any):  # noqa: ANN202
     """The search's flags are named after SearchConfig's (and RayOptions') fields: they go across as they are."""
     from autoprune.search.runner import SearchConfig
+    from autoprune.task import TaskSpec
 
     values = vars(args)
     return SearchConfig.from_values(
         values,
-        task=_task(args).spec,
+        # a user task has no spec: run_search takes the task itself
+        task=task.spec or TaskSpec(),
         space_path=shipped("search_spaces", args.space_path),
         objectives_path=shipped("objectives", args.objectives_path),
         priors=() if args.no_priors else args.priors,
@@ -194,7 +247,11 @@ def _search_config(args: argparse.Namespace):  # noqa: ANN202
 def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.search.runner import run_search
 
-    outcome = run_search(_search_config(args))
+    task = _task(args)
+    config = _search_config(args, task)
+    if args.no_priors:
+        task.skip_signals(reason="--no-priors: no S/N prior is enqueued")
+    outcome = run_search(config, task=task)
     from autoprune.search.report import print_front
 
     print_front(outcome.study, console=console())
@@ -209,7 +266,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from autoprune.search.runner import run_worker
 
-    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet, threads=args.threads)
+    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet, threads=args.threads, device=args.device)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -229,8 +286,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autoprune.search.runner import load_study
 
     study = load_study(args.study, args.storage)
-    written = export_study(study, out=Path(args.out), select=args.select)
-    print(f"exported {len(written.policies)} policies to {args.out} (report: {written.report})")
+    written = export_study(study, out=Path(args.out), select=args.select, format=args.format, register=args.register, tracking_uri=args.tracking_uri)
+    what = "policies and ONNX models" if args.format == "onnx" else "policies"
+    print(f"exported {len(written.policies)} {what} to {args.out} (report: {written.report})")
     return 0
 
 
@@ -256,7 +314,7 @@ def cmd_signals(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {task.spec.model}")
+    table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {_task_name(task)}")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "name" else "right")
     for row in rows:
@@ -273,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--input", default=None, help="CxHxW or CxL, e.g. 3x32x32 or 1x40 (zoo models know theirs)")
     p.add_argument("--policy", default=None, help="policy file (JSON or YAML)")
+    p.add_argument("--weights", default=None, help="the model's weights (ESN depends on them; default: the cached trained base model)")
+    p.add_argument("--task", dest="task_ref", default=None, help="package.module:function returning an autoprune.Task")
     p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task-seed", type=NATURAL_INT, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
@@ -281,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="apply a policy file to the task's trained base model")
     p.add_argument("policy")
     _task_args(p)
-    p.add_argument("--out", default=None, help="save the compressed model (safetensors + policy) here")
+    p.add_argument("--out", default=None, help="save the compressed model here: FILE.onnx (ONNX with QDQ, plus FILE.apw packed weights), else safetensors + policy")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_apply)
 
@@ -306,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:PORT); default: start a local one")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="concurrent Ray trials")
     p.add_argument("--cpus-per-trial", type=POSITIVE_FLOAT, default=1.0)
-    p.add_argument("--gpus-per-trial", type=NATURAL_FLOAT, default=0.0)
+    p.add_argument("--gpus-per-trial", type=NATURAL_FLOAT, default=0.0, help="GPUs of each Ray trial (above 0 the trial runs on cuda)")
     p.add_argument("--retries", type=NATURAL_INT, default=0, help="Ray retries of a trial whose worker died")
     p.add_argument("--export", default=None, help="export the front's policies to this folder at the end")
     p.add_argument("--quiet", dest="progress", action="store_false")
@@ -317,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (give cores / workers when several share a machine)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); the task comes from the study")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_worker)
 
@@ -331,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--select", default="pareto", help='pareto, knee, "bops<=X", "accuracy>=Y" (any metric)')
+    from autoprune.export import FORMATS
+
+    p.add_argument("--format", default="policy", choices=list(FORMATS), help="onnx: also each point's model.onnx (QDQ) and packed weights, measured in the report and logged in MLflow")
+    p.add_argument("--register", default=None, metavar="NAME", help="register the exported ONNX models under NAME in the MLflow Model Registry (needs --format onnx)")
+    p.add_argument("--tracking-uri", default=None, help="the search's MLflow tracking URI (default ./mlruns)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 over the tracking store")
@@ -357,6 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        if getattr(args, "device", None) is not None:
+            from autoprune.device import resolve_device
+
+            # before any file is read or written: a missing GPU is an input error, not a fallback
+            resolve_device(args.device, field="--device")
         return handler(args)
     except AutopruneError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,9 +61,29 @@ def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
     return front[int(np.argmin(np.linalg.norm(scaled, axis=1)))]
 
 
-def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", replay: bool = True) -> Exported:
+FORMATS = ("policy", "onnx")
+
+
+def export_study(
+    study: optuna.Study, *, out: Path, select: str = "pareto", replay: bool = True, format: str = "policy",
+    register: str | None = None, tracking_uri: str | None = None,
+) -> Exported:
+    """Policies, front and replay report; ``format="onnx"`` adds each point's ONNX file and packed weights
+    (``points/trial_NNNN/``), measured in the report and logged as an MLflow model in the trial's run;
+    ``register`` also registers them under that name in the Model Registry."""
     from autoprune.search.runner import context_from_study
 
+    if format not in FORMATS:
+        raise AutopruneError("--format", format, f"is not an export format ({', '.join(FORMATS)})")
+    if register is not None and format != "onnx":
+        raise AutopruneError("--register", register, "needs --format onnx (the registry holds ONNX models)")
+    if format == "onnx":
+        from autoprune.deploy.deps import require
+
+        for package in ("onnx", "onnxruntime"):  # a missing extra fails before the replay's minutes
+            require(package)
+        if not replay:
+            raise AutopruneError("--format", format, "needs the replay: the ONNX file is the replayed compressed model")
     chosen = select_trials(study, select)
     meta = read_meta(study)
     name = meta.base.metric if meta and meta.base else "accuracy"
@@ -102,6 +122,14 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
                     memory_mb=metrics["memory_mb"],
                     esn_d_prime=metrics["esn_d_prime"],
                 )
+                if format == "onnx":
+                    from autoprune.deploy.point import deploy_point
+
+                    point = deploy_point(
+                        result, task=ctx.task, base_model=evaluator.base.model,
+                        onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw",
+                    )
+                    row["deploy"] = {**point.model_dump(), "onnx_file": f"points/{stem}/model.onnx", "packed_file": f"points/{stem}/model.apw"}
             report_rows.append(row)
         table = front_table(study)
         rows = [{"trial": r.trial, "prior": r.prior or "", **r.metrics, "policy": r.summary} for r in table]
@@ -122,7 +150,51 @@ def export_study(study: optuna.Study, *, out: Path, select: str = "pareto", repl
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if format == "onnx":
+        _log_models(study, out=out, rows=report_rows, task=ctx.task, register=register, tracking_uri=tracking_uri)
     return Exported(policies, out / "report.json")
+
+
+def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], task: Any, register: str | None, tracking_uri: str | None) -> None:
+    """Each point's ONNX file as an MLflow model of its trial's run; registered under ``register`` when given.
+
+    A point whose trial has no run in the store (a search tracked elsewhere) is said so on stderr and, when
+    it is to be registered, logged in a run of its own in the study's experiment.
+    """
+    import sys
+
+    from autoprune.deploy.point import example_input
+    from autoprune.tracking.models import log_onnx_model, register_onnx_model, registry_tags, trial_run_id
+    from autoprune.tracking.store import open_client, resolve_store
+
+    uri, _ = resolve_store(tracking_uri)
+    meta = read_meta(study)
+    parent = meta.mlflow_parent_run_id if meta else None
+    example = example_input(task)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for row in rows:
+        number = row["trial"]
+        run_id = trial_run_id(tracking_uri=uri, parent_run_id=parent, trial=number)
+        if run_id is None:
+            print(f"note: {uri} holds no MLflow run of trial {number} of study {study.study_name}; its ONNX model is not logged there", file=sys.stderr)
+            if register is None:
+                continue
+            client = open_client(uri)
+            experiment = client.get_experiment_by_name(study.study_name)
+            run_id = client.create_run(experiment.experiment_id if experiment else client.create_experiment(study.study_name), run_name=f"export trial {number}").info.run_id
+            client.set_terminated(run_id)
+        model_uri = log_onnx_model(tracking_uri=uri, run_id=run_id, onnx_path=out / row["deploy"]["onnx_file"], input_example=example)
+        row["deploy"]["mlflow_model_uri"] = model_uri
+        if register is not None:
+            record = read_trial(by_number[number])
+            measured = {**(record.metrics or {}), **{k: v for k, v in row.items() if k.startswith("test_")}}
+            metrics = {k: v for k, v in measured.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            tags = registry_tags(study=study.study_name, policy_json=json.dumps(record.policy or {}), metrics=metrics)
+            row["deploy"]["registered"] = {"name": register, "version": register_onnx_model(tracking_uri=uri, model_uri=model_uri, name=register, tags=tags)}
+    report = json.loads((out / "report.json").read_text())
+    report["exported"] = rows
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(_markdown(report))
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -140,4 +212,22 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {r['trial']} | {r['policy_file']} | {r['recorded_val_accuracy']:.2f} | {r.get('val_accuracy', float('nan')):.2f} | "
             f"{r.get('test_accuracy', float('nan')):.2f} | {r.get('bops_reduction', float('nan')):.1f}x | {r.get('memory_mb', float('nan')):.4f} | {r.get('replay_matches', '-')} |"
         )
+    deployed = [r for r in report["exported"] if "deploy" in r]
+    if deployed:
+        lines += [
+            "",
+            "## Deployable files (ONNX with QDQ, packed weights)",
+            "",
+            "Test split; latency is the median CPU time per batch, onnxruntime and PyTorch's float base model timed side by side (1 thread each).",
+            "",
+            "| trial | ONNX file | PyTorch acc | onnxruntime acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | onnxruntime ms | PyTorch float base ms | MLflow model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in deployed:
+            d = r["deploy"]
+            lines.append(
+                f"| {r['trial']} | {d['onnx_file']} | {d['torch_test_accuracy']:.2f} | {d['onnx_test_accuracy']:.2f} | {d['top1_agreement']:.2f} | "
+                f"{d['packed_weight_mbit']:.4f} | {d['cost_weight_mbit']:.4f} | {d['packed_over_cost_weight']:.3f} | {d['cost_memory_mbit']:.4f} | "
+                f"{d['onnx_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
+            )
     return "\n".join(lines) + "\n"

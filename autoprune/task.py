@@ -359,13 +359,20 @@ class Task:
         return self._user.reference or f"python:{model.__module__}.{model.__qualname__}:{self.metric_name}"
 
     def record(self) -> dict[str, Any]:
-        """A JSON description from which another process rebuilds the task (``task_from_record``)."""
+        """A JSON description from which another process rebuilds the task (``task_from_record``).
+
+        It carries the scoring subset and bf16 when set (they change trial metrics, so every worker must
+        share them), never the device, which is each process's own.
+        """
         if self._user is None:
             assert self.spec is not None
-            return asdict(self.spec)
-        if self._user.description is not None:
-            return dict(self._user.description)
-        return {"reference": self._user.reference, "session": self.key(), "metric": self.metric_name, "input_shape": list(self.input_shape)}
+            data = asdict(self.spec)
+        elif self._user.description is not None:
+            data = dict(self._user.description)
+        else:
+            data = {"reference": self._user.reference, "session": self.key(), "metric": self.metric_name, "input_shape": list(self.input_shape)}
+        # only when set, so that a study recorded without them resumes with the same identity
+        return {**data, **({"val_samples": self.val_samples} if self.val_samples is not None else {}), **({"bf16": True} if self.bf16 else {})}
 
     def cache_dir(self) -> Path:
         assert self.spec is not None
@@ -504,8 +511,19 @@ def task_from_reference(reference: str) -> Task:
     return task
 
 
-def task_from_record(data: dict[str, Any]) -> Task:
-    """The task a study's record describes: a built-in spec, a reference to import, or a task of this session."""
+def task_from_record(data: dict[str, Any], *, device: str | None = None) -> Task:
+    """The task a study's record describes: a built-in spec, a reference to import, or a task of this session.
+
+    ``device`` is this process's (default: the task's own, CUDA when available); the scoring subset and bf16
+    come from the record.
+    """
+    data = dict(data)
+    val_samples, bf16 = data.pop("val_samples", None), bool(data.pop("bf16", False))
+    task = _task_of_record(data)
+    return task.configure(device=device if device is not None else task.device, val_samples=val_samples, bf16=bf16, num_workers=task.num_workers)
+
+
+def _task_of_record(data: dict[str, Any]) -> Task:
     if "weights" in data:
         return weights_task(data["model"], weights=data["weights"], dataset=data["dataset"], data_dir=data["data_dir"], seed=data["seed"], signal_steps=data["signal_steps"])
     if "session" in data:
@@ -547,7 +565,7 @@ def weights_task(model: str, *, weights: str | Path, dataset: str | None = None,
     return task
 
 
-def cli_task(*, model: str, weights: str | Path | None = None, task: str | None = None, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None, device: str | None = None, val_samples: int | None = None) -> Task:
+def cli_task(*, model: str, weights: str | Path | None = None, task: str | None = None, dataset: str | None = None, data_dir: str | None = None, seed: int = 0, epochs: int | None = None, device: str | None = None, val_samples: int | None = None, bf16: bool = False) -> Task:
     """The task the CLI's flags describe: ``--task module:function``, ``--model --weights``, or a built-in one.
 
     The device is checked here (``--device``), before any data is read or any model trained.
@@ -563,8 +581,8 @@ def cli_task(*, model: str, weights: str | Path | None = None, task: str | None 
     else:
         built = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs)
         built.device = resolve_device(device, field="--device")
-    if val_samples is not None:
-        built.configure(device=str(built.device), val_samples=val_samples, bf16=built.bf16, num_workers=built.num_workers)
+    if val_samples is not None or bf16:
+        built.configure(device=str(built.device), val_samples=val_samples if val_samples is not None else built.val_samples, bf16=bf16 or built.bf16, num_workers=built.num_workers)
     return built
 
 

@@ -65,6 +65,8 @@ class WorkerJob:
     cache_dir: str
     base_files: dict[str, bytes]
     threads: int
+    # cuda where the trial was given a GPU (Ray makes only that one visible to it), else cpu
+    device: str = "cpu"
 
 
 def _evaluator(job: WorkerJob) -> "Evaluator":
@@ -74,7 +76,7 @@ def _evaluator(job: WorkerJob) -> "Evaluator":
     key = json.dumps(job.task, sort_keys=True)
     if key not in _EVALUATORS:
         os.environ[CACHE_ENV] = job.cache_dir
-        task = task_from_record(job.task)
+        task = task_from_record(job.task, device=job.device)
         if not task.is_user:
             _install_base(task.cache_dir(), job.base_files)
         _EVALUATORS[key] = Evaluator.for_task(task, progress=False)
@@ -378,6 +380,7 @@ def _worker_job(ctx: "SearchContext", config: "RayOptions") -> WorkerJob:
         cache_dir=str(cache_root().resolve()),
         base_files=files,
         threads=max(1, int(config.cpus_per_trial)),
+        device="cuda" if config.gpus_per_trial > 0 else "cpu",
     )
 
 

@@ -229,11 +229,11 @@ def _normalised(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def context_from_study(study: optuna.Study) -> SearchContext:
+def context_from_study(study: optuna.Study, *, device: str | None = None) -> SearchContext:
     meta = read_meta(study)
     if meta is None:
         raise AutopruneError("--study", study.study_name, "was not created by autoprune search")
-    task = task_from_record(meta.task)
+    task = task_from_record(meta.task, device=device)
     space = SpaceSpec.from_dict(meta.space).bind(task.build(), input_shape=task.input_shape)
     if meta.prior_bits:
         space.narrowed_to(meta.prior_bits)
@@ -409,8 +409,15 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     return SearchOutcome(ctx.study, ran, time.monotonic() - start)
 
 
-def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progress: bool, threads: int | None = None) -> int:
-    """Join a study created by `autoprune search` and run trials until its budget is spent."""
+def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progress: bool, threads: int | None = None, device: str | None = None) -> int:
+    """Join a study created by `autoprune search` and run trials until its budget is spent.
+
+    The task is rebuilt from the study's record (a built-in spec, ``--model --weights``, or a ``--task`` /
+    ``reference=`` function), on ``device`` (default: CUDA when available).
+    """
+    from autoprune.device import resolve_device
+
+    resolve_device(device, field="--device")
     if threads is not None:
         if threads < 1:
             raise AutopruneError("--threads", threads, "must be at least 1")
@@ -418,7 +425,7 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
 
         torch.set_num_threads(threads)
     study = load_study(study_name, storage)
-    ctx = context_from_study(study)
+    ctx = context_from_study(study, device=device)
     if spent(study) >= ctx.budget:
         print(f"study {study_name} has spent its budget of {ctx.budget} trials: nothing to do")
         return 0

@@ -42,6 +42,22 @@ def registry_tags(*, study: str, policy_json: str, metrics: Mapping[str, float])
     return tags
 
 
+def trial_run_id(*, tracking_uri: str, parent_run_id: str | None, trial: int) -> str | None:
+    """The MLflow run of a study's trial (a child of the study's parent run), or None where the store has none."""
+    from autoprune.tracking.store import open_client
+    from autoprune.tracking.tracker import PARENT_TAG, TRIAL_TAG
+
+    if not parent_run_id:
+        return None
+    client = open_client(tracking_uri)
+    try:
+        experiment = client.get_run(parent_run_id).info.experiment_id
+    except Exception:  # MLflow raises its own error for a run this store does not hold
+        return None
+    runs = client.search_runs([experiment], filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def log_onnx_model(
     *, tracking_uri: str, run_id: str, onnx_path: str | Path, input_example: np.ndarray, name: str = ARTIFACT_NAME,
     tags: Mapping[str, str] | None = None,
@@ -63,7 +79,7 @@ def log_onnx_model(
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)), name=name, input_example=example, signature=infer_signature(example, output),
-                save_as_external_data=False, tags=dict(tags or {}),
+                save_as_external_data=False, tags=dict(tags or {}), onnx_execution_providers=["CPUExecutionProvider"],
             )
     return info.model_uri
 
