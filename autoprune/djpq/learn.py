@@ -89,6 +89,20 @@ class DJPQResult:
         """Eq. 16 summed at the learned integer bits and the kept channels."""
         return float(self.model.bops(soft=False))
 
+    def cost(self, input_shape: tuple[int, ...]) -> Any:
+        """The cost model on the learned model as it is: the pruned model's MACs at the learned bits (its latent
+        weights read at those bits), the input at ``input_bits``; the same report a compressed policy gets."""
+        from autoprune.cost import measure_cost
+        from autoprune.device import device_of
+
+        # The hooks hold the DJPQ model's own gates and quantizers, so the model is traced where it is, on the CPU.
+        home = device_of(self.model)
+        self.model.cpu()
+        try:
+            return measure_cost(self.model.model, input_shape=input_shape, layers=self.model.cost_layers(), input_bits=self.model.layout.input_bits)
+        finally:
+            self.model.to(home)
+
 
 def train_batches(task: "Task", *, batch_size: int, seed: int) -> Iterator[Any]:
     """Endless shuffled batches of the task's training split, on its device: the only place data is read."""
