@@ -3,7 +3,8 @@
 For every seed, three studies of the same task run for ``--budget-seconds`` each (the base model is trained
 once before, outside the budget): ``djpq`` (each trial one DJPQ run, beta and gamma sampled log-uniformly),
 ``two_stage`` (VIBNet pruning, then the quantizers learned on the pruned model; sec. 4.2) and ``tpe`` (the
-shipped default space). Printed per strategy:
+shipped default space). A study starts no trial after its budget but finishes the one it runs, so each may
+overrun by one trial. Printed per strategy:
 
 1. hypervolume of each seed's front (``autoprune.search.pareto``: accuracy and log BOPs normalised against
    the float base model, so every study has the same reference point);
@@ -121,13 +122,18 @@ def main() -> None:
         "two_stage": learned_space("two_stage", steps=args.djpq_steps, bops_at_init=bops_at_init, finetune_steps=args.finetune_steps),
         "tpe": sampled_space(finetune_steps=args.finetune_steps),
     }
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    # The MLflow store is created here, not inside the first study's budget.
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking).search_experiments()
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
     for seed in args.seeds:
         for name in STRATEGIES:
             config = SearchConfig(
                 task=spec, study_name=f"{name}-{seed}", storage=f"sqlite:///{workdir / 'bench.db'}", trials=10_000,
                 timeout=args.budget_seconds, sampler="tpe", seed=seed, priors=False, progress=False,
-                tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+                tracking_uri=tracking,
             )
             start = time.perf_counter()
             study = run_search(config, task=task, space=spaces[name]).study
