@@ -2,6 +2,12 @@
 
 Each exported policy is read back from its own file and applied again to the base model, so the
 report's accuracies prove that the file replays (fine-tuning is seeded: they match the trial's).
+
+A trial of a learned strategy (DJPQ) exports its learned policy the same way (replayed with our quantizers,
+fine-tuned: its accuracy is that of the replay, not the trial's), and beside it the exact DJPQ model the trial
+kept (``djpq/trial_NNNN.safetensors``, ``DJPQModel.load(path, base_model)``); loaded again, that model gives
+the trial's recorded metric (``replay_matches``). A model file that is gone (a trial run on another machine)
+is learned again from the recorded config and seed.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ def export_study(
             policies.append(out / "policies" / f"{stem}.json")
             recorded = record.metrics or {}
             row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded[name]}
+            if record.learn is not None:
+                row.update(strategy=record.strategy, **_export_learned(record, staging / "djpq" / f"{stem}.safetensors", evaluator, name))
             if evaluator is not None:
                 from autoprune.compress import compress
 
@@ -116,7 +124,7 @@ def export_study(
                     val_accuracy=metrics[name],
                     full_val_accuracy=metrics[f"full_val_{name}"],
                     test_accuracy=metrics[f"test_{name}"],
-                    replay_matches=abs(metrics[name] - recorded[name]) < 1e-6,
+                    replay_matches=row.get("replay_matches", abs(metrics[name] - recorded[name]) < 1e-6),
                     bops=metrics["bops"],
                     bops_reduction=metrics["bops_reduction"],
                     memory_mb=metrics["memory_mb"],
@@ -132,7 +140,7 @@ def export_study(
                     row["deploy"] = {**point.model_dump(), "onnx_file": f"points/{stem}/model.onnx", "packed_file": f"points/{stem}/model.apw"}
             report_rows.append(row)
         table = front_table(study)
-        rows = [{"trial": r.trial, "prior": r.prior or "", **r.metrics, "policy": r.summary} for r in table]
+        rows = [{"trial": r.trial, "prior": r.prior or "", "strategy": r.strategy, **r.metrics, "policy": r.summary} for r in table]
         (staging / "front.json").write_text(json.dumps(rows, indent=2, default=str))
         (staging / "front.csv").write_text(front_csv(table, ctx.objectives.metrics))
         base = meta.base.model_dump() if meta and meta.base else None
@@ -197,6 +205,30 @@ def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], t
     (out / "report.md").write_text(_markdown(report))
 
 
+def _export_learned(record: Any, path: Path, evaluator: Any, name: str) -> dict[str, Any]:
+    """Copy (or learn again) the trial's DJPQ model into the export and score it as loaded from there."""
+    from autoprune.djpq import DJPQConfig, DJPQModel, learn_policy, learn_two_stage
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    relearned = not (record.artifact and Path(record.artifact).is_file())
+    fields: dict[str, Any] = {"djpq_model_file": f"djpq/{path.name}", "djpq_model_relearned": relearned}
+    if not relearned:
+        shutil.copyfile(record.artifact, path)
+    elif evaluator is None:
+        return {"djpq_model_file": None, "djpq_model_missing": record.artifact}
+    else:
+        learn = learn_policy if record.strategy == "djpq" else learn_two_stage
+        learn(evaluator.base.model, task=evaluator.task, config=DJPQConfig.from_dict(record.learn)).model.save(path)
+    if evaluator is not None:
+        loaded = DJPQModel.load(path, evaluator.base.model)
+        fields["djpq_model_val_accuracy"] = evaluator.task.evaluate(loaded, "val")
+        fields["djpq_model_test_accuracy"] = evaluator.task.evaluate(loaded, "test", full=True)
+        fields["replay_matches"] = abs(fields["djpq_model_val_accuracy"] - (record.metrics or {})[name]) < 1e-6
+    # DJPQModel.save writes its own policy file next to the model; the export's policy is under policies/
+    path.with_suffix(".policy.json").unlink(missing_ok=True)
+    return fields
+
+
 def _markdown(report: dict[str, Any]) -> str:
     base = report.get("base") or {}
     lines = [
@@ -229,5 +261,14 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"| {r['trial']} | {d['onnx_file']} | {d['torch_test_accuracy']:.2f} | {d['onnx_test_accuracy']:.2f} | {d['top1_agreement']:.2f} | "
                 f"{d['packed_weight_mbit']:.4f} | {d['cost_weight_mbit']:.4f} | {d['packed_over_cost_weight']:.3f} | {d['cost_memory_mbit']:.4f} | "
                 f"{d['onnx_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
+            )
+    learned = [r for r in report["exported"] if r.get("djpq_model_file")]
+    if learned:
+        lines += ["", "Learned (DJPQ) trials: the policy row is its replay with our quantizers; the exact DJPQ model, loaded again:", ""]
+        lines += ["| trial | strategy | model file | val acc (loaded) | test acc (loaded) | reproduces the trial |", "|---|---|---|---|---|---|"]
+        for r in learned:
+            lines.append(
+                f"| {r['trial']} | {r['strategy']} | {r['djpq_model_file']} | {r.get('djpq_model_val_accuracy', float('nan')):.2f} | "
+                f"{r.get('djpq_model_test_accuracy', float('nan')):.2f} | {r.get('replay_matches', '-')} |"
             )
     return "\n".join(lines) + "\n"

@@ -92,19 +92,21 @@ class FrontRow:
     values: tuple[float, ...] = ()
     policy: Mapping[str, Any] | None = None
     layers: Mapping[str, Mapping[str, Any]] | None = None
+    # how the trial got its policy (TrialRecord.strategy): sampled, prior, djpq, two_stage
+    strategy: str = "sampled"
 
 
 def front_csv(rows: Sequence[FrontRow], objectives: Sequence[str]) -> str:
-    """The front as CSV: trial, the objectives, every other recorded metric, prior, policy summary.
+    """The front as CSV: trial, the objectives, every other recorded metric, prior, strategy, policy summary.
 
     Export's ``front.csv`` and the tracker's ``pareto_front.csv`` are this same text; the MLflow run id
     of each row is in the tracker's ``pareto_front.json``."""
     names = list(objectives) + sorted({m for row in rows for m in row.metrics} - set(objectives))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["trial", *names, "prior", "policy"])
+    writer.writerow(["trial", *names, "prior", "strategy", "policy"])
     for row in rows:
-        writer.writerow([row.trial, *(row.metrics.get(m, "") for m in names), row.prior or "", row.summary])
+        writer.writerow([row.trial, *(row.metrics.get(m, "") for m in names), row.prior or "", row.strategy, row.summary])
     return buffer.getvalue()
 
 

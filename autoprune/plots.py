@@ -19,6 +19,8 @@ from autoprune.policy import FLOAT_BITS
 MAX_LAYER_ROWS = 6
 # Bars for float (32-bit) tensors are cut here so that 2..8-bit layers stay readable.
 BITS_AXIS_TOP = 16
+# trials whose policy a strategy learned (DJPQ) are ringed, so that they stand out among sampled policies
+LEARNED_MARKERS = {"djpq": "D", "two_stage": "s"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class TrialPoint:
     rank: int | None
     prior: str | None = None
     label: str = ""
+    strategy: str = "sampled"
 
     @property
     def values(self) -> dict[str, float]:
@@ -80,10 +83,15 @@ def pareto_png(
             return [p.values[x] for p in kept], [p.values[y] for p in kept]
 
         priors = [p for p in points if p.prior and p.rank is not None]
+        learned = [p for p in points if p.strategy in LEARNED_MARKERS and p.rank is not None]
         for group, style in (
             (infeasible, {"marker": "x", "color": "0.6", "label": "infeasible"}),
             (dominated, {"color": "tab:blue", "alpha": 0.35, "label": "dominated"}),
             (priors, {"facecolors": "none", "edgecolors": "tab:green", "s": 90, "label": "warm-start prior"}),
+            *(
+                ([p for p in learned if p.strategy == name], {"marker": marker, "facecolors": "none", "edgecolors": "tab:purple", "s": 110, "label": f"learned ({name})"})
+                for name, marker in LEARNED_MARKERS.items()
+            ),
         ):
             if group:
                 ax.scatter(*xy(group), **style)
@@ -112,7 +120,7 @@ def pareto_png(
 
 
 def _hover(point: TrialPoint, objectives: Sequence[str]) -> str:
-    lines = [f"trial {point.number}" + (f" (prior {point.prior})" if point.prior else "")]
+    lines = [f"trial {point.number}" + (f" (prior {point.prior})" if point.prior else "") + (f" ({point.strategy})" if point.strategy in LEARNED_MARKERS else "")]
     lines += [f"{m}: {point.metrics[m]:.6g}" for m in objectives if m in point.metrics]
     lines += [f"{m}: {v:.6g}" for m, v in point.metrics.items() if m not in objectives]
     if point.label:

@@ -275,16 +275,14 @@ def test_cost_model_traces_a_pruned_djpq_model_at_its_learned_bits() -> None:
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize("learn", [learn_policy, learn_two_stage])
 def test_a_run_on_residual_and_depthwise_graphs_gives_a_replayable_policy_and_model(kind: str, learn, tmp_path) -> None:
-    from types import SimpleNamespace
-
     from torch.utils.data import TensorDataset
 
     from autoprune.compress import check_policy
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 4, (32,)))
-    task = SimpleNamespace(splits=SimpleNamespace(train=data), input_shape=SHAPE)
     base = MODELS[kind]()
+    task = Task.from_model(base, train=data, val=data, signal_steps=0, device="cpu")
     # alpha_th far above every alpha: eq. 18 prunes each group down to its one best channel
     result = learn(base, task=task, config=DJPQConfig(steps=2, batch_size=16, alpha_th=1e6))
     groups = result.model.layout.gates
@@ -298,14 +296,12 @@ def test_a_run_on_residual_and_depthwise_graphs_gives_a_replayable_policy_and_mo
 
 
 def test_a_run_is_reproducible_from_its_seed() -> None:
-    from types import SimpleNamespace
-
     from torch.utils.data import TensorDataset
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 4, (32,)))
-    task = SimpleNamespace(splits=SimpleNamespace(train=data), input_shape=SHAPE)
     base = MODELS["resnet8"]()
+    task = Task.from_model(base, train=data, val=data, signal_steps=0, device="cpu")
     config = DJPQConfig(steps=4, batch_size=8, beta=1e-6, quant_lr_scale=5.0)
     first, second = (learn_policy(base, task=task, config=config) for _ in range(2))
     assert first.curve == second.curve and first.policy == second.policy

@@ -219,7 +219,7 @@ def test_searcher_asks_and_tells_the_study_also_as_a_shipped_copy(tmp_path: Path
 
     config = copy.suggest("a")
     assert config["number"] == 0
-    assert Policy.from_dict(config["policy"]).to_dict() == config["policy"]
+    assert Policy.from_dict(config["job"]["policy"]).to_dict() == config["job"]["policy"]
     copy.on_trial_complete("a", outcome(metrics={"accuracy": 90.0, "bops": 1e6}, layers={}))
     assert searcher.suggest("b")["number"] == 1  # the original sees what the copy told: one study
     searcher.on_trial_complete("b", None, error=True)  # tells nothing: TrialErrors comes next with the reason

@@ -6,7 +6,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +16,10 @@ from autoprune.djpq.net import DJPQModel, build_layout
 from autoprune.models import check_supported
 from autoprune.policy import FLOAT_BITS, Policy, parse_model
 from autoprune.prune import StructuredRecord
+from autoprune.task import batch_inputs
+
+if TYPE_CHECKING:
+    from autoprune.task import Task
 
 
 class DJPQConfig(BaseModel):
@@ -85,57 +89,69 @@ class DJPQResult:
         """Eq. 16 summed at the learned integer bits and the kept channels."""
         return float(self.model.bops(soft=False))
 
+    def cost(self, input_shape: tuple[int, ...]) -> Any:
+        """The cost model on the learned model as it is: the pruned model's MACs at the learned bits (its latent
+        weights read at those bits), the input at ``input_bits``; the same report a compressed policy gets."""
+        from autoprune.cost import measure_cost
+        from autoprune.device import device_of
 
-def train_batches(task: Any, *, batch_size: int, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled (inputs, labels) batches of the task's training split: the only place data is read."""
-    from autoprune.task import cycle, seeded_loader
+        # The hooks hold the DJPQ model's own gates and quantizers, so the model is traced where it is, on the CPU.
+        home = device_of(self.model)
+        self.model.cpu()
+        try:
+            return measure_cost(self.model.model, input_shape=input_shape, layers=self.model.cost_layers(), input_bits=self.model.layout.input_bits)
+        finally:
+            self.model.to(home)
 
-    for x, y in cycle(seeded_loader(task.splits.train, batch_size=batch_size, seed=seed)):
-        yield x.to(device), y.to(device)
+
+def train_batches(task: "Task", *, batch_size: int, seed: int) -> Iterator[Any]:
+    """Endless shuffled batches of the task's training split, on its device: the only place data is read."""
+    from autoprune.task import cycle
+
+    return cycle(task.loader("train", batch_size=batch_size, shuffle=True, seed=seed))
 
 
-def learn_policy(model: nn.Module, *, task: Any, config: DJPQConfig, device: str | torch.device = "cpu") -> DJPQResult:
-    """DJPQ: train gates, quantizers and weights of a copy of ``model`` on eq. 17, then prune (eq. 18)."""
+def learn_policy(model: nn.Module, *, task: "Task", config: DJPQConfig) -> DJPQResult:
+    """DJPQ: train gates, quantizers and weights of a copy of ``model`` on eq. 17 (the task's loss as its
+    first term), on the task's device, then prune (eq. 18)."""
     start = time.perf_counter()
-    net, batches, example = _prepare(model, task=task, config=config, device=torch.device(device), quantized=True)
-    curve = _train(net, batches, config, stage="joint", beta=config.beta, gamma=config.gamma, first_step=0)
+    net, batches, example = _prepare(model, task=task, config=config, quantized=True)
+    curve = _train(net, batches, task, config, stage="joint", beta=config.beta, gamma=config.gamma, first_step=0)
     net.eval()
     record = net.prune(example_input=example)
     return DJPQResult(net.policy(order="joint"), net, record, curve, "djpq", time.perf_counter() - start)
 
 
-def learn_two_stage(model: nn.Module, *, task: Any, config: DJPQConfig, device: str | torch.device = "cpu") -> DJPQResult:
+def learn_two_stage(model: nn.Module, *, task: "Task", config: DJPQConfig) -> DJPQResult:
     """The two-stage baseline of sec. 4.2: VIBNet pruning (CE + gamma x VIB, float) for ``steps``, hard pruning,
     then mixed-precision quantization of the pruned model (CE + beta x BOPs, gates frozen) for ``steps``."""
     start = time.perf_counter()
-    net, batches, example = _prepare(model, task=task, config=config, device=torch.device(device), quantized=False)
-    curve = _train(net, batches, config, stage="prune", beta=0.0, gamma=config.gamma, first_step=0)
+    net, batches, example = _prepare(model, task=task, config=config, quantized=False)
+    curve = _train(net, batches, task, config, stage="prune", beta=0.0, gamma=config.gamma, first_step=0)
     net.eval()
     record = net.prune(example_input=example)
     net.quantized = True
-    net.calibrate(x for x, _ in _take(batches, config.calibration_batches))
-    curve += _train(net, batches, config, stage="quantize", beta=config.beta, gamma=0.0, first_step=config.steps)
+    net.calibrate(batch_inputs(batch) for batch in _take(batches, config.calibration_batches))
+    curve += _train(net, batches, task, config, stage="quantize", beta=config.beta, gamma=0.0, first_step=config.steps)
     net.eval()
     return DJPQResult(net.policy(order="prune_then_quantize"), net, record, curve, "two_stage", time.perf_counter() - start)
 
 
-def _prepare(
-    model: nn.Module, *, task: Any, config: DJPQConfig, device: torch.device, quantized: bool
-) -> tuple[DJPQModel, Iterator[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+def _prepare(model: nn.Module, *, task: "Task", config: DJPQConfig, quantized: bool) -> tuple[DJPQModel, Iterator[Any], torch.Tensor]:
     check_supported(model)
     torch.manual_seed(config.seed)
     # The layout is traced on the CPU (Torch-Pruning's graph and the cost model); the copy moves after.
     float_model = copy.deepcopy(model).cpu().eval()
     shape = tuple(task.input_shape)
-    calibration = [x.cpu() for x, _ in _take(train_batches(task, batch_size=config.batch_size, seed=config.seed + 1, device=torch.device("cpu")), config.calibration_batches)]
+    calibration = [batch_inputs(batch).cpu() for batch in _take(train_batches(task, batch_size=config.batch_size, seed=config.seed + 1), config.calibration_batches)]
     layout = build_layout(
         float_model, input_shape=shape, batches=calibration, input_bits=config.input_bits, init_w_bits=config.init_w_bits,
         init_a_bits=config.init_a_bits, q_s_ratio=config.q_s_ratio, pow2=config.pow2, alpha_th=config.alpha_th,
         tau=config.tau, init_log_sigma2=config.init_log_sigma2,
     )
-    net = DJPQModel(float_model, layout, quantized=quantized).to(device)
-    batches = train_batches(task, batch_size=config.batch_size, seed=config.seed, device=device)
-    return net, batches, torch.zeros(1, *shape, device=device)
+    net = DJPQModel(float_model, layout, quantized=quantized).to(task.device)
+    batches = train_batches(task, batch_size=config.batch_size, seed=config.seed)
+    return net, batches, torch.zeros(1, *shape, device=task.device)
 
 
 def _take(batches: Iterator[Any], count: int) -> list[Any]:
@@ -144,7 +160,8 @@ def _take(batches: Iterator[Any], count: int) -> list[Any]:
 
 def _train(
     net: DJPQModel,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterator[Any],
+    task: "Task",
     config: DJPQConfig,
     *,
     stage: Literal["joint", "prune", "quantize"],
@@ -164,16 +181,14 @@ def _train(
     for p in gate_params:
         p.requires_grad_(learn_gates)
     optimizer = torch.optim.Adam(groups)
-    loss_fn = nn.CrossEntropyLoss()
     curve = []
     for step in range(first_step, first_step + config.steps):
         net.train()
         if not learn_gates:
             for gate in net.gates.values():
                 gate.eval()
-        x, y = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        ce = loss_fn(net(x), y)
+        ce = task.loss(net, next(batches))
         vib = net.vib() if learn_gates else torch.zeros((), device=ce.device)
         bops = net.bops(soft=True)
         loss = ce + gamma * vib + beta * bops.to(ce.dtype)

@@ -72,6 +72,12 @@ class Evaluator:
             metrics[f"full_val_{name}"] = self.task.evaluate(result.model, "val", full=True)
         return metrics
 
+    def run(self, job: Any) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]:
+        """One trial's job by its strategy (``strategies``): metrics, layers and the record fields it learned."""
+        from autoprune.search.strategies import run_job
+
+        return run_job(self, job)
+
     def evaluate(self, policy: Policy) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
         """Compress and score; returns the metrics and the per-layer settings actually applied."""
         from autoprune.compress import compress

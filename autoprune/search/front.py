@@ -88,6 +88,7 @@ def event_of(trial: "FrozenTrial | optuna.Trial", record: TrialRecord | None = N
         policy=record.policy or {},
         layers=record.layers or {},
         prior=record.prior,
+        strategy=record.strategy,
         failure=record.failure,
         interrupted=record.interrupted,
         feasible=record.feasible,
@@ -149,7 +150,9 @@ class Front:
         self.complete += 1
         if trial.values is None or not record.feasible:
             return {}
-        self.rows[trial.number] = FrontRow(trial.number, record.metrics or {}, record.prior, _summary(record.policy), tuple(trial.values), record.policy, record.layers)
+        self.rows[trial.number] = FrontRow(
+            trial.number, record.metrics or {}, record.prior, _summary(record.policy), tuple(trial.values), record.policy, record.layers, record.strategy
+        )
         changed = self.ranking.add(trial.number, losses(trial.values, self.directions))
         if self.base is not None and record.metrics:
             self._hv_points[trial.number] = normalised_losses(record.metrics, self.spec, self.base)

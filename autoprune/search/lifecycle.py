@@ -21,8 +21,8 @@ from autoprune.search.evaluate import TrialFailed
 from autoprune.search.record import TrialRecord, read_trial, write_trial
 
 if TYPE_CHECKING:
-    from autoprune.policy import Policy
     from autoprune.search.runner import SearchContext
+    from autoprune.search.strategies import TrialJob
 
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 SKIPPED = "skipped: another worker took the last trial of the budget"
@@ -41,24 +41,26 @@ class Outcome:
     failure: str | None = None
     interrupted: bool = False
     worker: str | None = None
+    # TrialRecord fields the trial learned (a learned strategy's policy and model file)
+    record: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        sent = {"failure": self.failure} if self.failure else {"metrics": self.metrics, "layers": self.layers}
+        sent = {"failure": self.failure} if self.failure else {"metrics": self.metrics, "layers": self.layers, "record": self.record}
         return {**sent, "worker": self.worker}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Outcome":
-        return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"))
+        return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"), record=data.get("record", {}))
 
     @classmethod
-    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any]]], *, worker: str | None = None) -> "Outcome":
-        """Run an evaluation; any failure of the policy becomes a failed outcome with its reason.
-        ``worker``: where it ran, when not in the owner's process."""
+    def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any], dict[str, Any]]], *, worker: str | None = None) -> "Outcome":
+        """Run an evaluation (``Evaluator.run``); any failure of the policy becomes a failed outcome with its
+        reason. ``worker``: where it ran, when not in the owner's process."""
         try:
-            metrics, layers = evaluate()
+            metrics, layers, record = evaluate()
         except Exception as exc:  # noqa: BLE001 - one trial's failure is recorded, the study goes on
             return cls(failure=failure_reason(exc), worker=worker)
-        return cls(metrics=metrics, layers=layers, worker=worker)
+        return cls(metrics=metrics, layers=layers, worker=worker, record=record)
 
 
 def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> AbstractContextManager[Any]:
@@ -70,17 +72,20 @@ def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> AbstractContextManag
     return get_heartbeat_thread(trial._trial_id, storage) if isinstance(storage, optuna.storages.RDBStorage) else nullcontext()
 
 
-def begin(ctx: "SearchContext", trial: optuna.Trial) -> "Policy | None":
-    """Own the trial and record its policy; a point the space cannot turn into a policy fails the trial
-    at once (returns None)."""
+def begin(ctx: "SearchContext", trial: optuna.Trial) -> "TrialJob | None":
+    """Own the trial and record its policy (a learned strategy: its run config, the policy comes with the
+    result); a point the space cannot turn into a job fails the trial at once (returns None)."""
     trial.set_user_attr("owner", OWNER)
     try:
-        policy = ctx.space.policy(trial.params)
+        job = ctx.space.job(trial.params, seed=ctx.meta.seed + trial.number, study_name=ctx.study.study_name)
     except Exception as exc:  # noqa: BLE001 - a bad point is a failed trial, as any other
         finish(ctx, trial, Outcome(failure=failure_reason(exc)))
         return None
-    write_trial(ctx.study, trial, policy=policy.to_dict())
-    return policy
+    if job.policy is not None:
+        write_trial(ctx.study, trial, policy=job.policy)
+    else:
+        write_trial(ctx.study, trial, strategy=job.strategy, learn=job.learn)
+    return job
 
 
 def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> FrozenTrial:
@@ -96,7 +101,7 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
             failure = failure_reason(TrialFailed(f"{bad[0]} is {outcome.metrics[bad[0]]}"))
     if failure is None:
         record = TrialRecord(metrics=outcome.metrics, layers=outcome.layers, constraints=ctx.objectives.violations(outcome.metrics))
-        write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints)
+        write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints, **outcome.record)
         frozen = ctx.study.tell(trial, values)
     else:
         fields: dict[str, Any] = {"failure": failure}
@@ -113,11 +118,11 @@ def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | N
     """The whole lifecycle in this process (the in-process and multi-process executors)."""
     evaluator = ctx.ensure_evaluator(progress=False)
     with heartbeat(ctx, trial):
-        policy = begin(ctx, trial)
-        if policy is None:
+        job = begin(ctx, trial)
+        if job is None:
             return None
         try:
-            outcome = Outcome.of(lambda: evaluator.evaluate(policy))
+            outcome = Outcome.of(lambda: evaluator.run(job))
         except KeyboardInterrupt:
             finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
             raise

@@ -1,7 +1,7 @@
 """The Ray Tune executor: Ray schedules and runs the trials, the Optuna study stays the one source of truth.
 
 Ray Tune only sees ``StudySearcher``: its ``suggest`` asks the study for a trial and begins it (the same
-``lifecycle.begin`` as the local executors) and hands the worker the trial's policy; its
+``lifecycle.begin`` as the local executors) and hands the worker the trial's job (a policy, or a DJPQ config); its
 ``on_trial_complete`` finishes it (``lifecycle.finish``), which tells the study and reports the trial. Ray's own Optuna searcher is not
 used: it keeps a private study, and trials would land somewhere ``pareto``, ``export`` and the UI never look.
 
@@ -97,19 +97,19 @@ def _install_base(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def run_trial(config: dict[str, Any], job: WorkerJob) -> None:
-    """The Ray Tune trainable: evaluate one policy and report the outcome as one JSON result.
+    """The Ray Tune trainable: run one trial job (``Evaluator.run``) and report the outcome as one JSON result.
 
     A failure of the policy (diverged, invalid) is reported as a result with its reason; only a worker
     that dies, or a fault of Ray itself, becomes a Ray trial error, which ``--retries`` may retry.
     """
     import torch
 
-    from autoprune.policy import Policy
+    from autoprune.search.strategies import TrialJob
 
     torch.set_num_threads(job.threads)
     # the driver records a failure's reason and the search goes on
     node = f"ray:{ray.get_runtime_context().get_node_id()}"
-    outcome = Outcome.of(lambda: _evaluator(job).evaluate(Policy.from_dict(config["policy"])), worker=node)
+    outcome = Outcome.of(lambda: _evaluator(job).run(TrialJob.model_validate(config["job"])), worker=node)
     # Tune flattens nested results into "a/b" keys; one JSON string comes back as it was sent.
     tune.report({RESULT_KEY: json.dumps(outcome.to_dict())})
 
@@ -188,13 +188,13 @@ class StudySearcher(Searcher):
                 finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
                 break
             # The driver tells the study, so it owns the trial: if it dies, a resume fails the trial.
-            policy = begin(ctx, trial)
-            if policy is None:
+            job = begin(ctx, trial)
+            if job is None:
                 continue  # as in the local executors, a bad point is a failed trial
             beat = ExitStack()
             beat.enter_context(heartbeat(ctx, trial))
             self._pending[trial_id] = (trial, beat)
-            return {"policy": policy.to_dict(), "number": trial.number}
+            return {"job": job.model_dump(), "number": trial.number}
         return self.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:

@@ -74,7 +74,11 @@ class TrialRecord(BaseModel):
     owner: str | None = None
     # where the evaluation ran when not in the owner's process: ``ray:<node id>`` of a Ray node
     worker: str | None = None
+    # how the trial got its policy: "sampled", "prior" (enqueued) or a learned strategy ("djpq", "two_stage")
     strategy: str = "sampled"
+    # a learned strategy's run config (DJPQConfig, seed included) and the file of the model it learned
+    learn: dict[str, Any] | None = None
+    artifact: str | None = None
     # the prior's name and settings as tagged in MLflow, e.g. "snr:kappa=1"
     prior: str | None = None
     policy: dict[str, Any] | None = None

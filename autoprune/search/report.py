@@ -21,7 +21,7 @@ def front_table(study: optuna.Study) -> list[FrontRow]:
         record = read_trial(trial)
         policy = Policy.from_dict(record.policy or {})
         summary = policy.summary(list(policy.layers))
-        rows.append(FrontRow(trial.number, record.metrics or {}, record.prior, summary, tuple(trial.values), record.policy, record.layers))
+        rows.append(FrontRow(trial.number, record.metrics or {}, record.prior, summary, tuple(trial.values), record.policy, record.layers, record.strategy))
     return rows
 
 
@@ -30,6 +30,7 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
         {
             "trial": row.trial,
             "prior": row.prior,
+            "strategy": row.strategy,
             **{m: row.metrics[m] for m in TABLE_METRICS if m in row.metrics},
             "bops_reduction": row.metrics.get("bops_reduction"),
             "policy": row.summary,
@@ -73,13 +74,14 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
     base = data["base"] or {}
     table = Table(title=f"Pareto front of study {data['study']!r} ({objectives})")
     table.add_column("trial", justify="right")
+    table.add_column("strategy")
     for metric in TABLE_METRICS:
         table.add_column(_HEADERS.get(metric, metric), justify="right")
     table.add_column("BOPs x", justify="right")
     table.add_column("policy (order, layer:k<keep>W<bits>A<bits>)", overflow="fold")
     for row in data["front"]:
         label = f"{row['trial']}" + ("*" if row["prior"] else "")
-        table.add_row(label, *(_fmt(row.get(m)) for m in TABLE_METRICS), _fmt(row.get("bops_reduction")), row["policy"])
+        table.add_row(label, row["strategy"], *(_fmt(row.get(m)) for m in TABLE_METRICS), _fmt(row.get("bops_reduction")), row["policy"])
     console = console or Console()
     console.print(table)
     hv = data["hypervolume"]

@@ -386,7 +386,8 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     fail_orphaned_trials(ctx.study)
     evaluator = ctx.ensure_evaluator(progress=config.progress)
     record_base(ctx, evaluator)
-    if config.priors:
+    # a learned strategy's trials learn their policy: there is no policy to warm-start
+    if config.priors and not ctx.space.learned:
         from autoprune.search.priors import enqueue_priors
 
         enqueue_priors(ctx, evaluator, kinds=config.priors)

@@ -3,7 +3,7 @@
 This is the one place where a spec becomes distributions and a trial's parameters become a Policy;
 the local study and the Ray Tune executor both go through it.
 
-A spec has three blocks::
+A spec has three blocks (a learned strategy, below, has its own)::
 
     shared:   {w_bits: {low: 2, high: 8}}          # one parameter for every unpinned layer (uniform)
     layers:                                       # one parameter per matching layer
@@ -18,6 +18,15 @@ them (``{choices: [midrise, {kind: delayed, delay: 50}]}``); Optuna sees each ch
 (``delayed(delay=50)``), mapped back to the config when a trial becomes a Policy.
 Keep ratios are sampled once per group of coupled channels (a residual add or a depthwise conv ties
 layers together), under the group's name, so that no sampled parameter is ignored by the pruner.
+
+``strategy: djpq`` (or ``two_stage``) makes each trial a DJPQ run (``search.strategies``): its parameters are
+the settings of the ``djpq:`` block (``DJPQConfig`` fields, dimensions as above, Optuna names ``djpq.<field>``),
+``policy:`` may only fix fields that the learned policy carries for its replay (``finetune_steps``), and the
+layer blocks are not allowed (the run learns bits and widths)::
+
+    strategy: djpq
+    djpq: {beta: {low: 1.0e-9, high: 1.0e-5, log: true}, gamma: 1.0e-6, steps: 150, pow2: false}
+    policy: {finetune_steps: 150}
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ from torch import nn
 from autoprune.errors import AutopruneError
 from autoprune.operators import OperatorConfig, parse_config
 from autoprune.policy import DEFAULT_KEY, PATTERN_PREFIX, POW2_BITS, LayerPolicy, Policy, load_mapping
+from autoprune.search.strategies import LEARNED, STRATEGY_NAMES, UNSEARCHED, TrialJob, artifact_path, learned_config
 
 LAYER_FIELDS: dict[str, type] = {"keep_ratio": float, "w_bits": int, "a_bits": int, "w_sparsity": float, "f_sparsity": float}
 POLICY_FIELDS = set(Policy.model_fields) - {"version", "layers"}
 CONFIG_FIELDS = ("quantizer", "act_quantizer", "pruner")
 """Policy fields holding an operator config; the family of each config is named like its field."""
-SPEC_KEYS = {"shared", "layers", "pin", "policy", "description", "narrow_bits_to_prior"}
+SPEC_KEYS = {"shared", "layers", "pin", "policy", "description", "narrow_bits_to_prior", "strategy", "djpq"}
+LEARN_PREFIX = "djpq."
 PIN_ALIASES = ("first", "last")
 
 
@@ -111,7 +122,8 @@ class Dimension:
         return Dimension(self.field, choices=tuple(kept), integer=self.integer)
 
 
-def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool = False) -> Dimension:
+def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool = False, owner: type = Policy) -> Dimension:
+    """``owner``: the pydantic model whose field types check a value that is not a layer field."""
     path = f"{where}.{field}"
     if isinstance(raw, Mapping):
         unknown = set(raw) - {"choices", "low", "high", "step", "log"}
@@ -123,14 +135,14 @@ def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool 
             choices = raw["choices"]
             if not isinstance(choices, list) or not choices:
                 raise AutopruneError(f"{path}.choices", choices, "must be a non-empty list")
-            values = tuple(_check_value(v, field=field, path=f"{path}.choices", kind=kind) for v in choices)
+            values = tuple(_check_value(v, field=field, path=f"{path}.choices", kind=kind, owner=owner) for v in choices)
             if pow2 and field in ("w_bits", "a_bits"):
                 _check_pow2(values, path)
             return Dimension(field, choices=values, integer=kind is int)
         if "low" not in raw or "high" not in raw:
             raise AutopruneError(path, dict(raw), "needs both low and high")
-        low = _check_value(raw["low"], field=field, path=f"{path}.low", kind=kind)
-        high = _check_value(raw["high"], field=field, path=f"{path}.high", kind=kind)
+        low = _check_value(raw["low"], field=field, path=f"{path}.low", kind=kind, owner=owner)
+        high = _check_value(raw["high"], field=field, path=f"{path}.high", kind=kind, owner=owner)
         if low > high:
             raise AutopruneError(path, f"low={low} > high={high}", "is an empty range")
         step, log = raw.get("step"), bool(raw.get("log", False))
@@ -141,7 +153,7 @@ def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool 
         if low == high:
             return Dimension(field, fixed=low, integer=kind is int)
         return Dimension(field, low=low, high=high, step=step, log=log, integer=kind is int)
-    value = _check_value(raw, field=field, path=path, kind=kind)
+    value = _check_value(raw, field=field, path=path, kind=kind, owner=owner)
     if pow2 and field in ("w_bits", "a_bits"):
         _check_pow2((value,), path)
     return Dimension(field, fixed=value, integer=kind is int)
@@ -172,8 +184,8 @@ def _config_at(raw: Any, *, field: str, path: str) -> OperatorConfig:
         raise AutopruneError(path, exc.value, f"{exc.rule} ({exc.field})") from None
 
 
-def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
-    if field in LAYER_FIELDS:
+def _check_value(value: Any, *, field: str, path: str, kind: type, owner: type = Policy) -> Any:
+    if field in LAYER_FIELDS and owner is Policy:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AutopruneError(path, value, "must be a number")
         try:
@@ -182,7 +194,7 @@ def _check_value(value: Any, *, field: str, path: str, kind: type) -> Any:
             rule = {"keep_ratio": "must be in (0, 1]", "w_bits": "must be in 1..32", "a_bits": "must be in 1..32"}.get(field, "must be in [0, 1)")
             raise AutopruneError(path, value, rule) from None
         return int(value) if kind is int else float(value)
-    info = Policy.model_fields[field]
+    info = owner.model_fields[field]
     try:
         # The field's own type and bounds; rules across fields (workflow pfq needs pruner pfq) are the Policy's.
         TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation).validate_python(value)
@@ -208,6 +220,9 @@ class SpaceSpec:
     policy: dict[str, Dimension]
     narrow_bits_to_prior: int | None
     raw: dict[str, Any]
+    strategy: str = "sampled"
+    learn: dict[str, Dimension] | None = None
+    """A learned strategy's settings (the ``djpq:`` block) by DJPQConfig field."""
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "space") -> "SpaceSpec":
@@ -251,7 +266,13 @@ class SpaceSpec:
         narrow = data.get("narrow_bits_to_prior")
         if narrow is not None and (isinstance(narrow, bool) or not isinstance(narrow, int) or narrow < 0):
             raise AutopruneError(f"{source}.narrow_bits_to_prior", narrow, "must be a bit distance >= 0 (or absent: off)")
-        return cls(shared, layers, tuple(pin), policy, narrow, dict(data))
+        strategy = data.get("strategy", "sampled")
+        if strategy not in STRATEGY_NAMES:
+            raise AutopruneError(f"{source}.strategy", strategy, f"is not a strategy ({', '.join(STRATEGY_NAMES)})")
+        learn = _parse_learn_block(data, policy, source=source) if strategy in LEARNED else None
+        if learn is None and "djpq" in data:
+            raise AutopruneError(f"{source}.djpq", "djpq", "configures a learned strategy: add strategy: djpq or two_stage")
+        return cls(shared, layers, tuple(pin), policy, narrow, dict(data), strategy, learn)
 
     @classmethod
     def load(cls, path: str | Path) -> "SpaceSpec":
@@ -259,6 +280,29 @@ class SpaceSpec:
 
     def bind(self, model: nn.Module, *, input_shape: tuple[int, int, int]) -> "SearchSpace":
         return SearchSpace(self, model, input_shape=input_shape)
+
+
+def _parse_learn_block(data: Mapping[str, Any], policy: Mapping[str, Dimension], *, source: str) -> dict[str, Dimension]:
+    """The ``djpq:`` block of a learned strategy; what the run learns itself cannot be sampled beside it."""
+    from autoprune.djpq import DJPQConfig
+
+    for key in ("shared", "layers", "pin", "narrow_bits_to_prior"):
+        if data.get(key):
+            raise AutopruneError(f"{source}.{key}", key, f"is not used by strategy {data['strategy']} (it learns bits and widths)")
+    for name, dim in policy.items():
+        if not dim.is_fixed:
+            raise AutopruneError(f"{source}.policy.{name}", "choices", f"cannot be sampled by strategy {data['strategy']} (fix it for the replay)")
+    block = data.get("djpq") or {}
+    if not isinstance(block, Mapping):
+        raise AutopruneError(f"{source}.djpq", block, "must be a mapping of DJPQ settings")
+    fields = [f for f in DJPQConfig.model_fields if f not in UNSEARCHED]
+    dims = {}
+    for name, raw in block.items():
+        if name not in fields:
+            raise AutopruneError(f"{source}.djpq", name, f"is not a DJPQ setting (settings: {', '.join(fields)})")
+        kind = type(DJPQConfig.model_fields[name].default)
+        dims[name] = parse_dimension(raw, field=name, where=f"{source}.djpq", kind=kind, owner=DJPQConfig)
+    return dims
 
 
 def _parse_layer_block(block: Any, *, where: str, pow2: bool) -> dict[str, Dimension]:
@@ -352,8 +396,26 @@ class SearchSpace:
             return None
         return self.layer_dims[group.layers[0]].get("keep_ratio") or self.layer_dims[layer].get("keep_ratio")
 
+    @property
+    def learned(self) -> bool:
+        """Whether trials learn their policy (DJPQ) instead of sampling it: no priors, no policy parameters."""
+        return self.spec.learn is not None
+
+    def job(self, params: Mapping[str, Any], *, seed: int, study_name: str) -> TrialJob:
+        """What a trial with these parameters runs: its policy, or a learned strategy's run config (``seed``)
+        and a fresh file for the model it learns."""
+        if self.spec.learn is None:
+            return TrialJob(policy=self.policy(params).to_dict())
+        values = {f: (d.fixed if d.is_fixed else params[LEARN_PREFIX + f]) for f, d in self.spec.learn.items()}
+        replay = {f: self.spec.raw["policy"][f] for f in self.spec.policy}
+        return TrialJob(
+            strategy=self.spec.strategy, learn=learned_config(values, seed=seed), artifact=str(artifact_path(study_name)), replay=replay or None  # type: ignore[arg-type]
+        )
+
     def dimensions(self) -> dict[str, Dimension]:
         """Every searched parameter by its Optuna name (fixed values are not parameters)."""
+        if self.spec.learn is not None:
+            return {LEARN_PREFIX + f: d for f, d in self.spec.learn.items() if not d.is_fixed}
         dims: dict[str, Dimension] = {}
         for layer in self.layer_names:
             for field in LAYER_FIELDS:

@@ -41,6 +41,7 @@ class TrialEvent:
     policy: Mapping[str, Any] = field(default_factory=dict)
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     prior: str | None = None
+    strategy: str = "sampled"
     failure: str | None = None
     interrupted: bool = False
     feasible: bool = True

@@ -40,6 +40,7 @@ STUDY_TAG = "autoprune.study"
 PARETO_TAG = "pareto"
 RANK_TAG = "pareto_rank"
 PRIOR_TAG = "prior"
+STRATEGY_TAG = "strategy"
 FEASIBLE_TAG = "feasible"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
@@ -343,7 +344,7 @@ class Tracker:
             )
             child = _Child(run.info.run_id, "RUNNING", "", frozenset(), None, None)
         policy = dict(event.policy)
-        tags = {STATE_TAG: state}
+        tags = {STATE_TAG: state, STRATEGY_TAG: event.strategy}
         if event.prior:
             tags[PRIOR_TAG] = event.prior
         if state == "FAIL":
@@ -438,7 +439,7 @@ class Tracker:
         self._drawn_at = time.monotonic()
         metric_names = study.metric_names
         base = _base_point(study.base)
-        points = [plots.TrialPoint(n, row.metrics, snapshot.ranks.get(n), row.prior, row.summary) for n, row in snapshot.rows.items()]
+        points = [plots.TrialPoint(n, row.metrics, snapshot.ranks.get(n), row.prior, row.summary, row.strategy) for n, row in snapshot.rows.items()]
         front = snapshot.front_rows()
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -464,6 +465,7 @@ class Tracker:
             "values": dict(zip(metric_names, row.values)),
             "metrics": dict(row.metrics),
             "prior": row.prior,
+            "strategy": row.strategy,
             "summary": row.summary,
             "policy": row.policy,
         }
