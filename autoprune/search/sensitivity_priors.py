@@ -19,10 +19,11 @@ from autoprune.cost import LayerQuant, measure_cost
 from autoprune.models import COMPRESSIBLE, compressible_layers, input_readers
 from autoprune.policy import FLOAT_BITS, Policy
 from autoprune.prune.structured import dependency_graph, groups_in_graph
-from autoprune.search.budget_ip import CostModel, LayerCostModel, Metric, SpaceChoices, solve_budgets
+from autoprune.search.budget_ip import CostModel, LayerChoices, LayerCostModel, Metric, SpaceChoices, solve_budgets
 from autoprune.sensitivity import DEFAULT_METHOD, Method, load_or_measure
 
 if TYPE_CHECKING:
+    from autoprune.search.space import SearchSpace
     from autoprune.task import Task
 
 TAG = "prior=sensitivity:budget={index}"
@@ -58,6 +59,21 @@ def cost_model(
             for name, per_bits in macs.items()
         },
     )
+
+
+def space_choices(space: "SearchSpace") -> SpaceChoices:
+    """What a bound search space allows each layer, from its dimensions: a fixed field is its one value, a
+    field the space leaves out (a pinned layer, a reader of the network input's a_bits) the float default."""
+    layers = {}
+    for name in space.layer_names:
+        dims = space.layer_dims[name]
+        keep = space._keep_dim(name)
+        layers[name] = LayerChoices(
+            w_bits=tuple(dims["w_bits"].values()) if "w_bits" in dims else (FLOAT_BITS,),
+            a_bits=tuple(dims["a_bits"].values()) if "a_bits" in dims else (FLOAT_BITS,),
+            keep_ratio=tuple(keep.values()) if keep is not None else (1.0,),
+        )
+    return SpaceChoices(default=LayerChoices(w_bits=(FLOAT_BITS,), a_bits=(FLOAT_BITS,)), layers=layers)
 
 
 def sensitivity_priors(
