@@ -67,7 +67,7 @@ def prior_policies(evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS, kap
 
     kappas = KAPPAS if kappas is None else kappas
     signals = evaluator.base.extras.get("signals")
-    if not signals or not kinds:
+    if not signals or not any(k in PRIOR_KINDS for k in kinds):
         return {}
     # The last epoch's S/N reflects a learning rate annealed to ~0, not the noise the model tolerates.
     priors = layer_priors(evaluator.base.model, signals, kappas=kappas, epoch=plateau_epoch(signals))
