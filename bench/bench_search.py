@@ -96,7 +96,7 @@ def search(workdir: Path, spec: TaskSpec, *, arm: str, seed: int, seconds: float
     config = SearchConfig(
         task=spec, space_path=space, objectives_path=OBJECTIVES, study_name=f"{spec.dataset}-{arm}-{seed}",
         storage=f"sqlite:///{workdir / f'{spec.dataset}-{arm}-{seed}.db'}", trials=UNBOUNDED_TRIALS, timeout=seconds,
-        sampler=sampler, seed=seed, tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}", priors=priors,
+        sampler=sampler, seed=seed, tracking_uri=tracking_uri(workdir), priors=priors,
         fidelity=fidelity, progress=False,
     )
     start = dt.datetime.now()
@@ -108,11 +108,19 @@ def search(workdir: Path, spec: TaskSpec, *, arm: str, seed: int, seconds: float
 def warm(workdir: Path, spec: TaskSpec, space: Path) -> None:
     """Train the base model and measure its sensitivity table once, outside every arm's time."""
     from autoprune.search.priors import sensitivity_policies
-    from autoprune.search.runner import prepare
+    from autoprune.search.runner import open_tracker, prepare
 
-    config = SearchConfig(task=spec, space_path=space, objectives_path=OBJECTIVES, study_name="warm", storage=f"sqlite:///{workdir / 'warm.db'}", progress=False)
+    config = SearchConfig(
+        task=spec, space_path=space, objectives_path=OBJECTIVES, study_name="warm", storage=f"sqlite:///{workdir / 'warm.db'}", tracking_uri=tracking_uri(workdir), progress=False
+    )
     ctx = prepare(config)
     sensitivity_policies(ctx, ctx.ensure_evaluator(progress=False))
+    # creating the MLflow store (its schema migrations) takes many seconds: not in the first arm's time
+    open_tracker(ctx, tracking_uri(workdir)).close(status="FINISHED")
+
+
+def tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
 
 
 def fmt(value: float | None, spec: str = ".0f") -> str:

@@ -46,14 +46,16 @@ def test_sensitivity_kind_enqueues_the_budget_policies_with_their_tags_into_a_re
     assert tags == [tag.removeprefix("prior=") for _, tag in expected]
     assert all(t.startswith("sensitivity:budget=") for t in tags) and tags[0] == "sensitivity:budget=0"
     dims = ctx.space.dimensions()
-    for trial, (policy, _) in zip(waiting, expected):
+    points = [t.system_attrs["fixed_params"] for t in waiting]  # what Optuna will hand each enqueued trial
+    for trial, params, (policy, _) in zip(waiting, points, expected):
         assert read_trial(trial).strategy == "prior"
-        for name, value in trial.params.items():
+        assert set(params) == set(dims)
+        for name, value in params.items():
             assert value in dims[name].values()  # clipped into the bound space
-        assert trial.params == ctx.space.params_for(policy)
-    # cheapest first: the cheapest budget's policy costs the least weight bits of all
-    bits = [sum(t.params[n] for n in t.params if n.endswith("w_bits")) for t in waiting]
-    assert bits[0] == min(bits)
+        assert params == ctx.space.params_for(policy)
+    # cheapest first: the cheapest budget's policy has the fewest weight bits of all
+    bits = [sum(v for n, v in p.items() if n.endswith("w_bits")) for p in points]
+    assert bits[0] == min(bits) and bits[0] < max(bits)
 
 
 # --- multi-fidelity: the margin rule -------------------------------------------------------------
