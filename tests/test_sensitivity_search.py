@@ -130,3 +130,15 @@ def test_low_fidelity_trials_never_enter_the_front_promoted_ones_are_full_and_th
     assert {t.number for t in front_trials(ctx.study)} <= numbers
     assert set(Front(ctx.study, read_meta(ctx.study)).snapshot().front) <= numbers
     assert {t.number for t in optuna.Study.best_trials.fget(ctx.study)} <= numbers  # type: ignore[attr-defined]
+
+
+def test_config_accepts_the_sensitivity_kind_and_refuses_a_bad_fidelity() -> None:
+    from autoprune.cli import build_parser
+    from autoprune.errors import AutopruneError
+
+    args = build_parser().parse_args(["search", "--priors", "sensitivity,snr", "--fidelity", "0.25", "--budget-steps", "600"])
+    assert (args.priors, args.fidelity, args.budget_steps) == (("sensitivity", "snr"), 0.25, 600)
+    assert SearchConfig(priors=("sensitivity",), fidelity=0.25).priors == ("sensitivity",)
+    for bad in ({"fidelity": 1.0}, {"fidelity": 0.25, "executor": "ray"}, {"budget_steps": 0}, {"priors": ("sensitivty",)}):
+        with pytest.raises(AutopruneError):
+            SearchConfig(**bad)
