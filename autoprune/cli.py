@@ -59,12 +59,12 @@ PORT = _number(int, low=1, high=65535)
 
 
 def _priors(text: str) -> tuple[str, ...]:
-    from autoprune.search.priors import PRIOR_KINDS
+    from autoprune.search.priors import KINDS
 
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in PRIOR_KINDS]
+    unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"{text!r} names no prior kind of {', '.join(PRIOR_KINDS)}")
+        raise argparse.ArgumentTypeError(f"{text!r} names no prior kind of {', '.join(KINDS)}")
     return kinds
 
 
@@ -314,12 +314,16 @@ def cmd_signals(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
+    from autoprune.sensitivity import load_or_measure, rich_table
+
     table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {_task_name(task)}")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "name" else "right")
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console().print(table)
+    # the per-layer loss increases behind the sensitivity priors, measured once and cached with the model
+    console().print(rich_table(load_or_measure(evaluator.base.model, task)))
     return 0
 
 
@@ -345,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_apply)
 
-    from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
+    from autoprune.search.priors import DEFAULT_PRIORS, KINDS
     from autoprune.search.record import SAMPLERS
 
     p = sub.add_parser("search", help="run (or resume) a multi-objective search")
@@ -360,8 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NATURAL_INT, default=0, help="sampler seed")
     p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local worker processes sharing the study")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default ./mlruns)")
-    p.add_argument("--priors", type=_priors, default=DEFAULT_PRIORS, help=f"prior kinds enqueued first, comma-separated ({', '.join(PRIOR_KINDS)}; default all)")
+    p.add_argument("--priors", type=_priors, default=DEFAULT_PRIORS, help=f"prior kinds enqueued first, comma-separated ({', '.join(KINDS)}; default {','.join(DEFAULT_PRIORS)})")
     p.add_argument("--no-priors", action="store_true", help="do not enqueue any prior policy")
+    p.add_argument("--fidelity", type=POSITIVE_FLOAT, default=None, help="multi-fidelity: share of finetune_steps of the short fine-tune (e.g. 0.25); the budget is then --budget-steps fine-tune steps (default --trials x finetune_steps)")
+    p.add_argument("--budget-steps", type=POSITIVE_INT, default=None, help="fine-tune steps a --fidelity study may spend")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:PORT); default: start a local one")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="concurrent Ray trials")

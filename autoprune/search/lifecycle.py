@@ -10,13 +10,14 @@ import math
 import os
 import socket
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.policy import Policy
 from autoprune.search.evaluate import TrialFailed
 from autoprune.search.record import TrialRecord, read_trial, write_trial
 
@@ -43,14 +44,21 @@ class Outcome:
     worker: str | None = None
     # TrialRecord fields the trial learned (a learned strategy's policy and model file)
     record: dict[str, Any] = field(default_factory=dict)
+    # multi-fidelity (search.fidelity): below 1, a candidate judged on its short fine-tune alone (told PRUNED)
+    fidelity: float = 1.0
+    low_metrics: dict[str, float] | None = None
+    steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         sent = {"failure": self.failure} if self.failure else {"metrics": self.metrics, "layers": self.layers, "record": self.record}
-        return {**sent, "worker": self.worker}
+        return {**sent, "worker": self.worker, "fidelity": self.fidelity, "low_metrics": self.low_metrics, "steps": self.steps}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Outcome":
-        return cls(metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"), record=data.get("record", {}))
+        return cls(
+            metrics=data.get("metrics", {}), layers=data.get("layers", {}), failure=data.get("failure"), worker=data.get("worker"),
+            record=data.get("record", {}), fidelity=data.get("fidelity", 1.0), low_metrics=data.get("low_metrics"), steps=data.get("steps", 0),
+        )
 
     @classmethod
     def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any], dict[str, Any]]], *, worker: str | None = None) -> "Outcome":
@@ -94,6 +102,8 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
     failure = outcome.failure
     if outcome.worker:
         write_trial(ctx.study, trial, worker=outcome.worker)
+    if outcome.steps:
+        write_trial(ctx.study, trial, steps=outcome.steps)
     if failure is None:
         values = ctx.objectives.values(outcome.metrics)
         bad = [m for m, v in zip(ctx.objectives.metrics, values) if not math.isfinite(v)]
@@ -102,7 +112,14 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
     if failure is None:
         record = TrialRecord(metrics=outcome.metrics, layers=outcome.layers, constraints=ctx.objectives.violations(outcome.metrics))
         write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints, **outcome.record)
-        frozen = ctx.study.tell(trial, values)
+        if outcome.low_metrics is not None:
+            write_trial(ctx.study, trial, low_metrics=outcome.low_metrics)
+        if outcome.fidelity < 1.0:
+            # judged on the short fine-tune alone: PRUNED keeps it off every front (search.fidelity)
+            write_trial(ctx.study, trial, fidelity=outcome.fidelity)
+            frozen = ctx.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            frozen = ctx.study.tell(trial, values)
     else:
         fields: dict[str, Any] = {"failure": failure}
         if outcome.interrupted:
@@ -122,11 +139,37 @@ def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | N
         if job is None:
             return None
         try:
-            outcome = Outcome.of(lambda: evaluator.run(job))
+            if ctx.fidelity is None or job.strategy != "sampled":
+                outcome = Outcome.of(lambda: evaluator.run(job))
+            else:
+                outcome = evaluate_fidelities(ctx, trial, evaluator, Policy.from_dict(job.policy or {}))
         except KeyboardInterrupt:
             finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
             raise
         return finish(ctx, trial, outcome)
+
+
+def evaluate_fidelities(ctx: "SearchContext", trial: optuna.Trial, evaluator: Any, policy: "Policy") -> Outcome:
+    """The short fine-tune, then the full one when the candidate could still reach the front and the step
+    budget has room for it (search.fidelity). The steps are reserved on the trial before each fine-tune,
+    so that other processes of the study see them spent."""
+    from autoprune.search.fidelity import low_fidelity, promote, steps_spent
+
+    spec = ctx.fidelity
+    assert spec is not None
+    short = low_fidelity(policy, spec.fraction)
+    write_trial(ctx.study, trial, steps=short.finetune_steps)
+    low = Outcome.of(lambda: (*evaluator.evaluate(short), {}))
+    low = replace(low, steps=short.finetune_steps)
+    if low.failure is not None:
+        return low
+    room = ctx.budget_steps is None or steps_spent(ctx.study) + policy.finetune_steps <= ctx.budget_steps
+    directions = ctx.objectives.directions
+    if not (room and promote(ctx.study, low.metrics, metrics=ctx.objectives.metrics, directions=directions, spec=spec)):
+        return replace(low, fidelity=spec.fraction)
+    spent_steps = short.finetune_steps + policy.finetune_steps
+    write_trial(ctx.study, trial, steps=spent_steps)
+    return replace(Outcome.of(lambda: (*evaluator.evaluate(policy), {})), low_metrics=low.metrics, steps=spent_steps)
 
 
 # --- the budget ---------------------------------------------------------------------------------------
@@ -190,6 +233,6 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
 
 
 __all__ = [
-    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process",
+    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "evaluate_fidelities",
     "counts_toward_budget", "counted_before", "spent", "fail_orphaned_trials",
 ]

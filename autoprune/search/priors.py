@@ -13,6 +13,12 @@ Three separable prior kinds, each one small function of a layer's training recor
 One policy per kappa is enqueued, clipped into the search space, tagged ``prior=<kinds>:kappa=<k>``
 (``snr:kappa=1``, ``snr+keep+a_floor:kappa=0.5``), so a bench can enqueue the bit prior alone and the
 trials are told apart in Optuna and MLflow.
+
+A fourth kind, ``sensitivity``, is whole policies rather than a per-layer rule: the integer program's
+least-predicted-loss policy for each of K cost budgets (``sensitivity_priors``), from the base model's
+sensitivity table (measured once, cached with the model), with the choices of the bound search space, so
+the first trials already span the front. Tagged ``prior=sensitivity:budget=<i>``, cheapest first; they are
+enqueued before the S/N kinds' policies.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ def _a_floor(layer: LayerPolicy, prior: Any, kappa: float) -> LayerPolicy:
 # applied in this order, whatever order a caller names them in
 PRIOR_KINDS: dict[str, Callable[[LayerPolicy, Any, float], LayerPolicy]] = {"snr": _snr, "keep": _keep, "a_floor": _a_floor}
 DEFAULT_PRIORS: tuple[str, ...] = ("snr", "keep", "a_floor")
+SENSITIVITY = "sensitivity"
+# every name --priors accepts
+KINDS: tuple[str, ...] = (*PRIOR_KINDS, SENSITIVITY)
+# cost budgets the integer program spreads over the cost range
+SENSITIVITY_BUDGETS = 8
 
 
 def prior_tag(kinds: Sequence[str], kappa: float) -> str:
@@ -56,7 +67,7 @@ def prior_policies(evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS, kap
 
     kappas = KAPPAS if kappas is None else kappas
     signals = evaluator.base.extras.get("signals")
-    if not signals or not kinds:
+    if not signals or not any(k in PRIOR_KINDS for k in kinds):
         return {}
     # The last epoch's S/N reflects a learning rate annealed to ~0, not the noise the model tolerates.
     priors = layer_priors(evaluator.base.model, signals, kappas=kappas, epoch=plateau_epoch(signals))
@@ -77,15 +88,21 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
     """Enqueue the prior policies on a study that has no trials yet; returns their indices."""
     if ctx.study.get_trials(deepcopy=False):
         return []
+    seen: list[dict[str, Any]] = []
+    if SENSITIVITY in kinds:
+        for policy, tag in sensitivity_policies(ctx, evaluator):
+            params = ctx.space.params_for(policy)
+            if params not in seen:
+                seen.append(params)
+                enqueue(ctx.study, params, prior=tag.removeprefix("prior="), strategy="prior")
     policies = prior_policies(evaluator, kinds=kinds)
     if not policies:
-        return []
+        return list(range(len(seen)))
     if ctx.space.spec.narrow_bits_to_prior is not None and "snr" in kinds:
         centre = {name: lp.w_bits for name, lp in policies[1.0].layers.items()}
         meta = read_meta(ctx.study)
         write_meta(ctx.study, meta.model_copy(update={"prior_bits": centre}))
         ctx.space.narrowed_to(centre)
-    seen: list[dict[str, Any]] = []
     for kappa, policy in policies.items():
         params = ctx.space.params_for(policy)
         if params in seen:
@@ -95,4 +112,18 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
     return list(range(len(seen)))
 
 
-__all__ = ["PRIOR_KINDS", "DEFAULT_PRIORS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag"]
+def sensitivity_policies(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVITY_BUDGETS) -> list[tuple[Policy, str]]:
+    """The integer program's policies over ``budgets`` cost budgets, inside the bound space, with their tags.
+    The template carries the space's fixed policy fields (order, quantizer, fine-tune steps)."""
+    from autoprune.search.sensitivity_priors import sensitivity_priors, space_choices
+
+    template = ctx.space.policy(ctx.space.params_for(Policy()))
+    metric = next((m for m in ctx.objectives.metrics if m in ("bops", "macs")), "bops")
+    return sensitivity_priors(
+        evaluator.base.model, evaluator.task, space_choices=space_choices(ctx.space), budgets=budgets, objective_metric=metric, template=template
+    )
+
+
+__all__ = [
+    "PRIOR_KINDS", "DEFAULT_PRIORS", "SENSITIVITY", "KINDS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag", "sensitivity_policies",
+]

@@ -55,6 +55,8 @@ class StudyMeta(BaseModel):
     seed: int = 0
     base: BaseSummary | None = None
     prior_bits: dict[str, int] | None = None
+    # multi-fidelity trials (search.fidelity.FidelitySpec as a mapping); None: every trial at full fidelity
+    fidelity: dict[str, Any] | None = None
     mlflow_parent_run_id: str | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -89,6 +91,10 @@ class TrialRecord(BaseModel):
     interrupted: bool = False
     # fraction of the full evaluation the metrics come from (1: full fine-tuning), for multi-fidelity
     fidelity: float = 1.0
+    # a promoted multi-fidelity trial's metrics after the short fine-tune (``metrics`` holds the full one's)
+    low_metrics: dict[str, float] | None = None
+    # fine-tune steps the trial spent (low + full fidelity), what a multi-fidelity budget counts
+    steps: int = 0
     # metric -> (low, high) confidence interval, when the evaluator estimates one
     metric_interval: dict[str, tuple[float, float]] = Field(default_factory=dict)
 

@@ -18,10 +18,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
+from autoprune.search.fidelity import FidelitySpec, steps_spent
 from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
-from autoprune.search.priors import DEFAULT_PRIORS, PRIOR_KINDS
+from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
+from autoprune.policy import Policy
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, task_from_record
 
@@ -75,6 +77,10 @@ class SearchConfig:
     executor: str = "local"
     ray: RayOptions = field(default_factory=RayOptions)
     progress: bool = True
+    # multi-fidelity trials (search.fidelity): the share of finetune_steps of the short fine-tune; None: off
+    fidelity: float | None = None
+    # fine-tune steps the study may spend with multi-fidelity; None: trials x the space's finetune_steps
+    budget_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -88,10 +94,16 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise AutopruneError("--sampler", self.sampler, f"is not a sampler ({', '.join(SAMPLERS)})")
         kinds = DEFAULT_PRIORS if self.priors is True else () if self.priors is False else tuple(self.priors)
-        unknown = [k for k in kinds if k not in PRIOR_KINDS]
+        unknown = [k for k in kinds if k not in KINDS]
         if unknown:
-            raise AutopruneError("--priors", ",".join(kinds), f"names an unknown prior kind {unknown[0]!r} (kinds: {', '.join(PRIOR_KINDS)})")
+            raise AutopruneError("--priors", ",".join(kinds), f"names an unknown prior kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
         object.__setattr__(self, "priors", kinds)
+        if self.fidelity is not None and not 0 < self.fidelity < 1:
+            raise AutopruneError("--fidelity", self.fidelity, "must be a share of the fine-tune steps, between 0 and 1 exclusive")
+        if self.budget_steps is not None and self.budget_steps < 1:
+            raise AutopruneError("--budget-steps", self.budget_steps, "must be at least 1")
+        if self.fidelity is not None and self.executor == "ray":
+            raise AutopruneError("--fidelity", self.fidelity, "runs with the local executor (the Ray executor evaluates one fidelity)")
         from autoprune.search.executors import EXECUTORS
 
         if self.executor not in EXECUTORS:
@@ -174,6 +186,12 @@ class SearchContext:
     evaluator: Any = None
     # called with every told trial (the Reporter's ``told``)
     notify: Callable[[FrozenTrial], None] | None = None
+    # multi-fidelity trials and the fine-tune steps they may spend (search.fidelity); None: off
+    fidelity: FidelitySpec | None = None
+
+    @property
+    def budget_steps(self) -> int | None:
+        return None if self.fidelity is None else self.fidelity.budget_steps
 
     def ensure_evaluator(self, *, progress: bool) -> Any:
         if self.evaluator is None:
@@ -206,8 +224,15 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
     study = optuna.create_study(
         study_name=config.study_name, storage=storage, sampler=sampler, directions=objectives.directions, load_if_exists=True
     )
+    fidelity = None
+    if config.fidelity is not None:
+        steps = space.policy(space.params_for(Policy())).finetune_steps
+        if steps == 0:
+            raise AutopruneError("--fidelity", config.fidelity, "needs a space whose policies fine-tune (finetune_steps is 0)")
+        fidelity = FidelitySpec(fraction=config.fidelity, budget_steps=config.budget_steps or config.trials * steps)
     wanted = StudyMeta(
-        task=task.record(), space=space_spec.raw, objectives=objectives.to_dict(), budget=config.trials, sampler=config.sampler, seed=config.seed
+        task=task.record(), space=space_spec.raw, objectives=objectives.to_dict(), budget=config.trials, sampler=config.sampler, seed=config.seed,
+        fidelity=fidelity.model_dump() if fidelity else None,
     )
     meta = read_meta(study)
     if meta is None:
@@ -218,9 +243,9 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
         for key, value in wanted.identity().items():
             if _normalised(meta.identity()[key]) != _normalised(value):
                 raise AutopruneError("--study", config.study_name, f"exists with a different {key}; resume it with the same arguments or pick a new --study")
-        if meta.budget != config.trials:
-            write_meta(study, meta.model_copy(update={"budget": config.trials}))
-    return SearchContext(study, task, space, objectives, config.trials)
+        if meta.budget != config.trials or meta.fidelity != wanted.fidelity:
+            write_meta(study, meta.model_copy(update={"budget": config.trials, "fidelity": wanted.fidelity}))
+    return SearchContext(study, task, space, objectives, config.trials, fidelity=fidelity)
 
 
 def _normalised(value: Any) -> Any:
@@ -238,7 +263,8 @@ def context_from_study(study: optuna.Study, *, device: str | None = None) -> Sea
     if meta.prior_bits:
         space.narrowed_to(meta.prior_bits)
     objectives = ObjectiveSpec.from_dict(meta.objectives)
-    return SearchContext(study, task, space, objectives, meta.budget)
+    fidelity = FidelitySpec.model_validate(meta.fidelity) if meta.fidelity else None
+    return SearchContext(study, task, space, objectives, meta.budget, fidelity=fidelity)
 
 
 def record_base(ctx: SearchContext, evaluator: Any) -> None:
@@ -338,6 +364,8 @@ class Reporter:
 
 def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
     """Ask/tell until the budget is spent (by every process of the study) or the deadline passes."""
+    if ctx.fidelity is not None:
+        return _run_fidelity_trials(ctx, deadline=deadline)
     distributions = ctx.space.distributions()
     ran = 0
     asked = counted_before(ctx.study, _next_number(ctx.study))
@@ -357,6 +385,31 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
         run_in_process(ctx, trial)
         ran += 1
         asked += 1
+    return ran
+
+
+def _run_fidelity_trials(ctx: SearchContext, *, deadline: float | None) -> int:
+    """Ask/tell until the next short fine-tune would overrun the step budget (search.fidelity): the budget is
+    compute, so the number of trials is whatever it buys."""
+    from autoprune.search.fidelity import low_fidelity
+
+    assert ctx.fidelity is not None and ctx.budget_steps is not None
+    distributions = ctx.space.distributions()
+    ran = 0
+    while deadline is None or time.monotonic() < deadline:
+        fail_orphaned_trials(ctx.study)
+        trial = ctx.study.ask(distributions)
+        try:
+            short = low_fidelity(ctx.space.policy(trial.params), ctx.fidelity.fraction).finetune_steps
+        except Exception:  # noqa: BLE001 - a point the space cannot turn into a policy fails in begin, spending nothing
+            short = 0
+        if steps_spent(ctx.study) + short > ctx.budget_steps:
+            from autoprune.search.lifecycle import SKIPPED, Outcome, finish
+
+            finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
+            break
+        run_in_process(ctx, trial)
+        ran += 1
     return ran
 
 
@@ -427,7 +480,7 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
         torch.set_num_threads(threads)
     study = load_study(study_name, storage)
     ctx = context_from_study(study, device=device)
-    if spent(study) >= ctx.budget:
+    if ctx.fidelity is None and spent(study) >= ctx.budget:
         print(f"study {study_name} has spent its budget of {ctx.budget} trials: nothing to do")
         return 0
     ctx.ensure_evaluator(progress=progress)

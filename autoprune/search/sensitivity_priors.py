@@ -5,27 +5,34 @@ weight bit-width at full width from ``measure_cost``; for each layer the channel
 and the one producing its inputs, from Torch-Pruning's dependency graph), and ``sensitivity_priors`` joins
 the cached sensitivity table (``autoprune.sensitivity.load_or_measure``) with it. Each policy is tagged
 ``prior=sensitivity:budget=<i>``, i = 0 for the cheapest budget; a policy equal to a cheaper budget's is
-dropped, so the list may be shorter than ``budgets``.
+dropped, so the list may be shorter than ``budgets``. The solved policies are cached beside the table
+(``sensitivity_priors.json`` in the model's cache folder), keyed by the table, the choices, the budgets, the
+metric and the template.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from autoprune.cost import LayerQuant, measure_cost
 from autoprune.models import COMPRESSIBLE, compressible_layers, input_readers
-from autoprune.policy import FLOAT_BITS, Policy
+from autoprune.policy import FLOAT_BITS, Policy, write_atomic
 from autoprune.prune.structured import dependency_graph, groups_in_graph
-from autoprune.search.budget_ip import CostModel, LayerCostModel, Metric, SpaceChoices, solve_budgets
+from autoprune.search.budget_ip import CostModel, LayerChoices, LayerCostModel, Metric, SpaceChoices, solve_budgets
 from autoprune.sensitivity import DEFAULT_METHOD, Method, load_or_measure
 
 if TYPE_CHECKING:
+    from autoprune.search.space import SearchSpace
     from autoprune.task import Task
 
 TAG = "prior=sensitivity:budget={index}"
+PRIORS_FILE = "sensitivity_priors.json"
 
 
 def cost_model(
@@ -60,6 +67,21 @@ def cost_model(
     )
 
 
+def space_choices(space: "SearchSpace") -> SpaceChoices:
+    """What a bound search space allows each layer, from its dimensions: a fixed field is its one value, a
+    field the space leaves out (a pinned layer, a reader of the network input's a_bits) the float default."""
+    layers = {}
+    for name in space.layer_names:
+        dims = space.layer_dims[name]
+        keep = space._keep_dim(name)
+        layers[name] = LayerChoices(
+            w_bits=tuple(dims["w_bits"].values()) if "w_bits" in dims else (FLOAT_BITS,),
+            a_bits=tuple(dims["a_bits"].values()) if "a_bits" in dims else (FLOAT_BITS,),
+            keep_ratio=tuple(keep.values()) if keep is not None else (1.0,),
+        )
+    return SpaceChoices(default=LayerChoices(w_bits=(FLOAT_BITS,), a_bits=(FLOAT_BITS,)), layers=layers)
+
+
 def sensitivity_priors(
     base_model: nn.Module,
     task: "Task",
@@ -82,9 +104,27 @@ def sensitivity_priors(
     keep_ratios = sorted({r for c in everyone for r in c.keep_ratio})
     table = load_or_measure(base_model, task, method=method, batches=batches, w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios)
     input_bits = template.input_bits if template is not None else Policy().input_bits
+    # The solves take seconds to minutes (a 30 s limit per budget); their answer depends only on what the
+    # key holds, so it is cached beside the table, once per base model and space.
+    key = hashlib.sha256(json.dumps(
+        [table.to_json(), space_choices.model_dump_json(), budgets, objective_metric, template.to_dict() if template else None], sort_keys=True
+    ).encode()).hexdigest()[:16]
+    path = task.cache_dir() / PRIORS_FILE
+    solved = _read_cache(path)
+    if key in solved:
+        return [(Policy.from_dict(policy), tag) for policy, tag in solved[key]]
     costs = cost_model(base_model, input_shape=task.input_shape, w_bits=w_bits, input_bits=input_bits, metric=objective_metric)
     priors: list[tuple[Policy, str]] = []
     for index, solution in enumerate(solve_budgets(table, costs, choices=space_choices, budgets=budgets, template=template)):
         if all(solution.policy != policy for policy, _ in priors):
             priors.append((solution.policy, TAG.format(index=index)))
+    write_atomic(path, json.dumps({**solved, key: [(policy.to_dict(), tag) for policy, tag in priors]}))
     return priors
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The cached solutions by key; an unreadable file is solved again (the cache is ours, not the user's)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
