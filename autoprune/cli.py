@@ -154,10 +154,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoprune.policy import Policy
     from autoprune.search.evaluate import Evaluator
 
+    from autoprune.compress import check_policy
+    from autoprune.files import check_writable
+
     policy = Policy.load(args.policy)
     task = _task(args)
+    # on a freshly built model: a policy the model cannot take is refused before its base model is trained
+    check_policy(task.build(), policy, input_shape=task.input_shape)
+    if args.out:
+        check_writable("--out", args.out)
     evaluator = Evaluator.for_task(task, progress=not args.json)
-    evaluator.validate(policy)
     result = compress(evaluator.base.model, policy, task=task)
     metrics = evaluator.score(result, test=True)
     if args.out:
@@ -192,8 +198,11 @@ def _search_config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from autoprune.files import check_writable
     from autoprune.search.runner import run_search
 
+    if args.export:
+        check_writable("--export", args.export)
     outcome = run_search(_search_config(args))
     from autoprune.search.report import print_front
 
@@ -225,9 +234,12 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autoprune.export import export_study
+    from autoprune.export import check_select, export_study
+    from autoprune.files import check_writable
     from autoprune.search.runner import load_study
 
+    check_writable("--out", args.out)
+    check_select(args.select)
     study = load_study(args.study, args.storage)
     written = export_study(study, out=Path(args.out), select=args.select)
     print(f"exported {len(written.policies)} policies to {args.out} (report: {written.report})")

@@ -96,6 +96,9 @@ class SearchConfig:
 
         if self.executor not in EXECUTORS:
             raise AutopruneError("--executor", self.executor, f"is not an executor ({', '.join(EXECUTORS)})")
+        from autoprune.tracking.store import check_store
+
+        check_store(self.tracking_uri)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], **overrides: Any) -> "SearchConfig":
@@ -143,7 +146,10 @@ def load_study(name: str, storage: str | None) -> optuna.Study:
     names = [s.study_name for s in optuna.study.get_all_study_summaries(backend, include_best_trial=False)]
     if name not in names:
         raise AutopruneError("--study", name, f"is not in {url} (studies: {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=name, storage=backend)
+    study = optuna.load_study(study_name=name, storage=backend)
+    if read_meta(study) is None:
+        raise AutopruneError("--study", name, f"in {url} was not created by autoprune search")
+    return study
 
 
 def make_sampler(name: str, *, seed: int, objectives: ObjectiveSpec) -> optuna.samplers.BaseSampler:
@@ -417,6 +423,9 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
         import torch
 
         torch.set_num_threads(threads)
+    from autoprune.tracking.store import check_store
+
+    check_store(tracking_uri)
     study = load_study(study_name, storage)
     ctx = context_from_study(study)
     if spent(study) >= ctx.budget:
