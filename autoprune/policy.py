@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Collection, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Collection, Iterable, Literal, Mapping, Sequence, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -32,10 +32,10 @@ from autoprune.operators import (
 )
 
 POLICY_VERSION = 2
-WORKFLOWS = ("standard", "pfq")
 V1_PFQ_EPS = 1e-6
 """Version 1's default PfQ threshold: a migrated v1 file keeps it so that it replays as it did."""
-ORDERS = ("prune_then_quantize", "quantize_then_prune", "joint")
+Order = Literal["prune_then_quantize", "quantize_then_prune", "joint"]
+ORDERS: tuple[str, ...] = get_args(Order)
 FLOAT_BITS = 32
 DEFAULT_KEY = "_default"
 PATTERN_PREFIX = "re:"
@@ -71,7 +71,7 @@ UNTOUCHED = LayerPolicy()
 class Policy(_Frozen):
     version: int = POLICY_VERSION
     layers: dict[str, LayerPolicy] = Field(default_factory=dict)
-    order: Literal["prune_then_quantize", "quantize_then_prune", "joint"] = "prune_then_quantize"
+    order: Order = "prune_then_quantize"
     input_bits: int = Field(8, ge=1, le=FLOAT_BITS)
     pow2_bits: bool = Field(False, description="round every bit-width to a power of two (seed 002 Alg. 2)")
     workflow: Literal["standard", "pfq"] = Field("standard", description="pfq: the five steps of seed 003 sec. 3.3")

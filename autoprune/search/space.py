@@ -39,7 +39,6 @@ POLICY_FIELDS = set(Policy.model_fields) - {"version", "layers"}
 CONFIG_FIELDS = ("quantizer", "act_quantizer", "pruner")
 """Policy fields holding an operator config; the family of each config is named like its field."""
 SPEC_KEYS = {"shared", "layers", "pin", "policy", "description", "narrow_bits_to_prior"}
-PIN_ALIASES = ("first", "last")
 
 
 @dataclass(frozen=True)
