@@ -97,7 +97,6 @@ CASES: list[Case] = [
     _search("--storage", "postgresql://nobody@127.0.0.1:9/none", needles=("--storage", "postgresql://nobody@127.0.0.1:9/none"), name="search-unreachable-postgres"),
     _search("--storage", "sqlite:///{in}/missing/dir/x.db", needles=("--storage", "missing/dir"), name="search-sqlite-missing-folder"),
     _search("--storage", "nonsense", needles=("--storage", "nonsense"), name="search-storage-not-a-url"),
-    _search("--tracking-uri", "sqlite:///{in}/missing/dir/mlflow.db", needles=("--tracking-uri", "missing/dir"), name="search-tracking-missing-folder"),
     _search("--export", "{in}/policy.yaml/front", files={POLICY: "{}\n"}, needles=("--export", "policy.yaml"), name="search-export-under-a-file"),
     Case("worker-missing-database", ("worker", "--study", "s", "--storage", "sqlite:///{in}/none.db"), ("--storage", "none.db")),
     Case("worker-unknown-study", ("worker", "--study", "nope", "--storage", "sqlite:///{in}/study.db"), ("--study", "nope")),

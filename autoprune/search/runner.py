@@ -96,9 +96,6 @@ class SearchConfig:
 
         if self.executor not in EXECUTORS:
             raise AutopruneError("--executor", self.executor, f"is not an executor ({', '.join(EXECUTORS)})")
-        from autoprune.tracking.store import check_store
-
-        check_store(self.tracking_uri)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], **overrides: Any) -> "SearchConfig":
@@ -423,9 +420,6 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
         import torch
 
         torch.set_num_threads(threads)
-    from autoprune.tracking.store import check_store
-
-    check_store(tracking_uri)
     study = load_study(study_name, storage)
     ctx = context_from_study(study)
     if spent(study) >= ctx.budget:

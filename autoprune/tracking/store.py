@@ -50,21 +50,14 @@ def resolve_store(tracking_uri: str | None = None) -> tuple[str, Path | None]:
     return uri, None
 
 
-def check_store(tracking_uri: str | None, *, to_read: bool = False) -> None:
-    """Refuse, before any work, a ``sqlite:///`` tracking URI into a folder that does not exist (as
-    ``--storage`` is refused); ``to_read`` (the UI) also refuses a store whose folder is absent, the
-    default ``./mlruns`` included, since there is nothing to show and the UI must not create one."""
+def check_readable(tracking_uri: str | None) -> None:
+    """Refuse a SQLite store whose folder does not exist, the default ``./mlruns`` included: there is
+    nothing to read, and a reader (the UI) must not create one. A search creates its store's folder."""
     from autoprune.errors import AutopruneError
 
     uri, _ = resolve_store(tracking_uri)
-    if not uri.startswith("sqlite:///"):
-        return
     folder = Path(uri.removeprefix("sqlite:///")).parent
-    if folder.is_dir():
-        return
-    if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
-        raise AutopruneError("--tracking-uri", tracking_uri, f"points into a folder that does not exist ({folder})")
-    if to_read:
+    if uri.startswith("sqlite:///") and not folder.is_dir():
         raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} does not exist): run a search first, or point it at one")
 
 
@@ -123,4 +116,4 @@ class _RetryOnLock:
         return call
 
 
-__all__ = ["default_tracking_uri", "resolve_store", "check_store", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]
+__all__ = ["default_tracking_uri", "resolve_store", "check_readable", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]
