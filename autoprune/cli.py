@@ -187,6 +187,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoprune.policy import Policy
     from autoprune.search.evaluate import Evaluator
 
+    from autoprune.compress import check_policy
+    from autoprune.files import check_writable
+
     onnx_out = args.out is not None and Path(args.out).suffix == ".onnx"
     if onnx_out:
         from autoprune.deploy.deps import require
@@ -195,8 +198,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
             require(package)
     policy = Policy.load(args.policy)
     task = _task(args)
+    # on a freshly built model: a policy the model cannot take is refused before its base model is trained
+    check_policy(task.build(), policy, input_shape=task.input_shape)
+    if args.out:
+        check_writable("--out", args.out)
     evaluator = Evaluator.for_task(task, progress=not args.json)
-    evaluator.validate(policy)
     result = compress(evaluator.base.model, policy, task=task)
     metrics = evaluator.score(result, test=True)
     deployed = None
@@ -245,8 +251,11 @@ def _search_config(args: argparse.Namespace, task: Any):  # noqa: ANN202
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from autoprune.files import check_writable
     from autoprune.search.runner import run_search
 
+    if args.export:
+        check_writable("--export", args.export)
     task = _task(args)
     config = _search_config(args, task)
     if args.no_priors:
@@ -282,9 +291,12 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autoprune.export import export_study
+    from autoprune.export import check_select, export_study
+    from autoprune.files import check_writable
     from autoprune.search.runner import load_study
 
+    check_writable("--out", args.out)
+    check_select(args.select)
     study = load_study(args.study, args.storage)
     written = export_study(study, out=Path(args.out), select=args.select, format=args.format, register=args.register, tracking_uri=args.tracking_uri)
     what = "policies and ONNX models" if args.format == "onnx" else "policies"

@@ -35,7 +35,8 @@ from torch.nn.utils import parametrize
 
 from autoprune.errors import AutopruneError
 from autoprune.models import check_supported, compressible_layers, input_readers
-from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy, write_atomic
+from autoprune.files import atomic_path, write_atomic
+from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
 
 
 @dataclass
@@ -488,9 +489,8 @@ def save_compressed(result: CompressionResult, path: str | Path, *, task: Any) -
         "task": json.dumps(task.record()),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     write_atomic(path.with_suffix(".policy.json"), result.policy.to_json())
     return path
 

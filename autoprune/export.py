@@ -37,22 +37,28 @@ class Exported:
     report: Path
 
 
-def select_trials(study: optuna.Study, select: str) -> list[FrozenTrial]:
-    front = front_trials(study)
-    if not front:
-        raise AutopruneError("--study", study.study_name, "has no completed feasible trial to export")
-    if select == "pareto":
-        return front
-    if select == "knee":
-        return [knee(study, front)]
+def check_select(select: str) -> tuple[str, str, float] | None:
+    """The bound a ``--select`` names (None for pareto and knee); anything else is refused before any work."""
+    if select in ("pareto", "knee"):
+        return None
     try:
-        metric, op, bound = parse_bound(select, names=BY_NAME)
+        return parse_bound(select, names=BY_NAME)
     except ValueError as exc:
         if "names no metric" in str(exc):
             raise AutopruneError("--select", select, f"names no metric (metrics: {', '.join(BY_NAME)})") from None
         raise AutopruneError("--select", select, 'must be pareto, knee, or "metric<=X" / "metric>=Y"') from None
+
+
+def select_trials(study: optuna.Study, select: str) -> list[FrozenTrial]:
+    bound = check_select(select)
+    front = front_trials(study)
+    if not front:
+        raise AutopruneError("--study", study.study_name, "has no completed feasible trial to export")
+    if bound is None:
+        return [knee(study, front)] if select == "knee" else front
+    metric, op, limit = bound
     values = [(t, (read_trial(t).metrics or {})[metric]) for t in front]
-    chosen = [t for t, v in values if (v <= bound if op == "<=" else v >= bound)]
+    chosen = [t for t, v in values if (v <= limit if op == "<=" else v >= limit)]
     if not chosen:
         raise AutopruneError("--select", select, "matches no point of the Pareto front")
     return chosen

@@ -19,22 +19,23 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Any, Collection, Iterable, Literal, Mapping, Sequence, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from autoprune.errors import AutopruneError
+from autoprune.files import write_atomic
 from autoprune.operators import (
     ACT_QUANTIZER, PRUNER, WEIGHT_QUANTIZER, ActQuantizerConfig, ClipUniformAct, Midrise, PfQ, PrunerConfig, SignalNorm,
     WeightQuantizerConfig, parse_config,
 )
 
 POLICY_VERSION = 2
-WORKFLOWS = ("standard", "pfq")
 V1_PFQ_EPS = 1e-6
 """Version 1's default PfQ threshold: a migrated v1 file keeps it so that it replays as it did."""
-ORDERS = ("prune_then_quantize", "quantize_then_prune", "joint")
+Order = Literal["prune_then_quantize", "quantize_then_prune", "joint"]
+ORDERS: tuple[str, ...] = get_args(Order)
 FLOAT_BITS = 32
 DEFAULT_KEY = "_default"
 PATTERN_PREFIX = "re:"
@@ -70,7 +71,7 @@ UNTOUCHED = LayerPolicy()
 class Policy(_Frozen):
     version: int = POLICY_VERSION
     layers: dict[str, LayerPolicy] = Field(default_factory=dict)
-    order: Literal["prune_then_quantize", "quantize_then_prune", "joint"] = "prune_then_quantize"
+    order: Order = "prune_then_quantize"
     input_bits: int = Field(8, ge=1, le=FLOAT_BITS)
     pow2_bits: bool = Field(False, description="round every bit-width to a power of two (seed 002 Alg. 2)")
     workflow: Literal["standard", "pfq"] = Field("standard", description="pfq: the five steps of seed 003 sec. 3.3")
@@ -131,33 +132,18 @@ class Policy(_Frozen):
     @classmethod
     def _valid_keys(cls, layers: dict[str, LayerPolicy]) -> dict[str, LayerPolicy]:
         for key in layers:
-            if key.startswith(PATTERN_PREFIX):
-                try:
-                    re.compile(key[len(PATTERN_PREFIX):])
-                except re.error as exc:
-                    raise ValueError(f"layer pattern {key!r} is not a regular expression ({exc})") from exc
+            problem = pattern_error(key)
+            if problem is not None:
+                raise ValueError(f"layer pattern {key!r} is not a regular expression ({problem})")
         return layers
 
     def for_layer(self, name: str) -> LayerPolicy:
-        if name in self.layers:
-            return self.layers[name]
-        for key, layer in self.layers.items():
-            if key.startswith(PATTERN_PREFIX) and re.fullmatch(key[len(PATTERN_PREFIX):], name):
-                return layer
-        return self.layers.get(DEFAULT_KEY, UNTOUCHED)
+        key = layer_key(self.layers, name)
+        return UNTOUCHED if key is None else self.layers[key]
 
     def resolve(self, layer_names: list[str]) -> dict[str, LayerPolicy]:
         """Per-layer settings for a model's layers; a key naming no layer of the model is an error."""
-        known = set(layer_names)
-        for key in self.layers:
-            if key == DEFAULT_KEY:
-                continue
-            if key.startswith(PATTERN_PREFIX):
-                pattern = key[len(PATTERN_PREFIX):]
-                if not any(re.fullmatch(pattern, n) for n in layer_names):
-                    raise AutopruneError(f"policy.layers[{key!r}]", key, f"matches no layer (layers: {', '.join(layer_names)})")
-            elif key not in known:
-                raise AutopruneError("policy.layers", key, f"is not a layer of the model (layers: {', '.join(layer_names)})")
+        check_layer_keys(self.layers, layer_names, field="policy.layers")
         return {name: self.for_layer(name) for name in layer_names}
 
     def summary(self, layer_names: list[str] | None = None) -> str:
@@ -198,6 +184,45 @@ class Policy(_Frozen):
 
 
 POW2_BITS = (2, 4, 8, 16, 32)
+
+
+# --- layer keys, shared by policies and search spaces ------------------------------------------------
+
+
+def pattern_error(key: str) -> str | None:
+    """Why a ``re:`` key is not a regular expression; None for a valid pattern or any other key."""
+    if not key.startswith(PATTERN_PREFIX):
+        return None
+    try:
+        re.compile(key[len(PATTERN_PREFIX):])
+    except re.error as exc:
+        return str(exc)
+    return None
+
+
+def _matches(key: str, name: str) -> bool:
+    return key.startswith(PATTERN_PREFIX) and re.fullmatch(key[len(PATTERN_PREFIX):], name) is not None
+
+
+def layer_key(keys: Collection[str], name: str) -> str | None:
+    """The key that governs layer ``name``: its exact name, else the first pattern (in file order) that
+    fully matches it, else ``_default``; None when no key does (the layer is left alone)."""
+    if name in keys:
+        return name
+    return next((key for key in keys if _matches(key, name)), DEFAULT_KEY if DEFAULT_KEY in keys else None)
+
+
+def check_layer_keys(keys: Iterable[str], layer_names: Sequence[str], *, field: str) -> None:
+    """Every key but ``_default`` names a layer of the model or, as a pattern, matches one."""
+    listing = ", ".join(layer_names)
+    for key in keys:
+        if key == DEFAULT_KEY:
+            continue
+        if key.startswith(PATTERN_PREFIX):
+            if not any(_matches(key, n) for n in layer_names):
+                raise AutopruneError(field, key, f"matches no layer (layers: {listing})")
+        elif key not in layer_names:
+            raise AutopruneError(field, key, f"is not a layer of the model (layers: {listing})")
 
 
 def migrate_v1(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -262,10 +287,3 @@ def load_mapping(path: str | Path) -> Any:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise AutopruneError("file", str(path), f"is not valid JSON/YAML ({first})") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -58,7 +58,8 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import compressible_layers, reads_tensor
-from autoprune.policy import FLOAT_BITS, load_mapping, parse_model, write_atomic
+from autoprune.files import write_atomic
+from autoprune.policy import FLOAT_BITS, load_mapping, parse_model
 from autoprune.prune.structured import ChannelGroup, channel_groups, keep_count
 from autoprune.quant.midrise import midrise_delta, midrise_int
 from autoprune.quant.uniform import uniform_step, uniform_values

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from autoprune.data import Splits, load_dataset
 from autoprune.device import device_of, resolve_device, to_device
 from autoprune.errors import AutopruneError
+from autoprune.files import atomic_path, write_atomic
 from autoprune.models import build_model, check_supported, default_input_shape
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]
@@ -458,13 +459,10 @@ class Task:
         val_acc, test_acc = accuracy(model, self.splits.val), accuracy(model, self.splits.test)
         directory.mkdir(parents=True, exist_ok=True)
         # Weights first, metadata last: a crash in between leaves no meta.json, so nothing half-cached is trusted.
-        tmp = directory / ".model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(weights)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         meta = {"spec": asdict(self.spec), "val_accuracy": val_acc, "test_accuracy": test_acc, "train_seconds": seconds, "extras": extras}
-        meta_tmp = directory / ".meta.json.tmp"
-        meta_tmp.write_text(json.dumps(meta, indent=2))
-        meta_tmp.replace(meta_path)
+        write_atomic(meta_path, json.dumps(meta, indent=2))
         return BaseModel(model, val_acc, test_acc, seconds, directory, False, extras)
 
 

@@ -13,6 +13,10 @@ from typing import Iterator
 import pytest
 
 _SPAWNED: list[subprocess.Popen] = []
+# The deadline of every wait on a search process. A passing test never reaches it (a wait returns when the
+# process ends or the condition holds), so it can be long: on a loaded two-core CI a base-model training or a
+# Ray start that takes 20 s here takes minutes, and short deadlines failed tests that would have passed.
+PATIENCE = 1200.0
 
 
 def autoprune(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
@@ -45,10 +49,16 @@ def tracking_of(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
-def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = 120) -> object:  # noqa: ANN001
+def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = PATIENCE) -> object:  # noqa: ANN001
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except (OperationalError, StorageInternalError):  # the search holds the SQLite lock right now: ask again
+            value = None
         if value:
             return value
         assert proc.poll() is None, f"the search ended before {what}: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cli_support import _no_leftover_processes, autoprune, tracking_of, wait_for  # noqa: F401 (autouse fixture)
+from cli_support import PATIENCE, _no_leftover_processes, autoprune, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 from test_workers import SPACE, mlflow_children, worker_children
 
 pytestmark = pytest.mark.e2e
@@ -47,13 +47,13 @@ def postgres_url() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     port = _free_port()
-    subprocess.run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "autoprune"]), check=True, capture_output=True, timeout=120)
+    subprocess.run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "autoprune"]), check=True, capture_output=True, timeout=PATIENCE)
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=60"
-    subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]), check=True, capture_output=True, timeout=120)
+    subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]), check=True, capture_output=True, timeout=PATIENCE)
     try:
         yield f"postgresql+psycopg2://autoprune@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True, timeout=120)
+        subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True, timeout=PATIENCE)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -71,14 +71,14 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path: Path, postg
         except KeyError:
             return []
 
-    workers = wait_for("the two worker processes", lambda: len(worker_children(driver.pid)) == 2 and worker_children(driver.pid), driver, timeout=1200)
+    workers = wait_for("the two worker processes", lambda: len(worker_children(driver.pid)) == 2 and worker_children(driver.pid), driver)
     victim_pid = workers[0]
     owner = f"{socket.gethostname()}:{victim_pid}"
     (victim,) = wait_for(
-        "a trial of the worker", lambda: [t.number for t in trials() if t.state == TrialState.RUNNING and t.user_attrs.get("owner") == owner], driver, timeout=300
+        "a trial of the worker", lambda: [t.number for t in trials() if t.state == TrialState.RUNNING and t.user_attrs.get("owner") == owner], driver
     )
     os.kill(victim_pid, signal.SIGKILL)
-    _, err = driver.communicate(timeout=600)
+    _, err = driver.communicate(timeout=PATIENCE)
     assert driver.returncode == 0, err.decode()[-2000:]
 
     final = trials()

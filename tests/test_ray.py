@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autoprune.cli import main
-from cli_support import _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
+from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 
 if TYPE_CHECKING:
     from autoprune.search.runner import SearchContext
@@ -82,7 +82,7 @@ def mlflow_children(tmp_path: Path) -> dict[int, str]:
 @pytest.mark.e2e
 def test_small_search_lands_in_study_and_mlflow(tmp_path: Path) -> None:
     proc = autoprune(tmp_path, *ray_search(tmp_path, 4, FAST_SPACE, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=180)
+    out, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err.decode()[-3000:]
     trials = trials_of(tmp_path)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -94,7 +94,7 @@ def test_small_search_lands_in_study_and_mlflow(tmp_path: Path) -> None:
     assert b"Pareto front" in out
     # pareto reads the same study, unchanged
     pareto = autoprune(tmp_path, "pareto", "--study", "s", "--storage", storage_of(tmp_path), "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = pareto.communicate(timeout=60)
+    out, err = pareto.communicate(timeout=PATIENCE)
     assert pareto.returncode == 0, err.decode()
     report = json.loads(out)
     assert report["trials"] == 4 and report["front"]
@@ -109,7 +109,7 @@ def test_killed_worker_fails_or_retries_its_trial(tmp_path: Path, retries: int) 
     pid = wait_for("a trial to run", lambda: trial_process(proc.pid), proc)
     running = wait_for("the trial in the study", lambda: [t.number for t in trials_of(tmp_path) if t.state == TrialState.RUNNING], proc)
     os.kill(pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=180)
+    _, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err.decode()[-3000:]
     trials = {t.number: t for t in trials_of(tmp_path)}
     killed = trials[running[0]]
@@ -130,7 +130,7 @@ def test_interrupted_driver_leaves_the_study_resumable(tmp_path: Path) -> None:
     proc = autoprune(tmp_path, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for("a trial to run", lambda: any(t.state == TrialState.RUNNING for t in trials_of(tmp_path)), proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 130, err.decode()[-3000:]
     assert "run the same command to resume" in err.decode()
     trials = trials_of(tmp_path)
@@ -140,7 +140,7 @@ def test_interrupted_driver_leaves_the_study_resumable(tmp_path: Path) -> None:
     assert trial_process(proc.pid) is None, "a Ray worker outlived the interrupted driver"
 
     rerun = autoprune(tmp_path, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, err = rerun.communicate(timeout=180)
+    _, err = rerun.communicate(timeout=PATIENCE)
     assert rerun.returncode == 0, err.decode()[-3000:]
     trials = trials_of(tmp_path)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3  # interrupted trials did not spend the budget

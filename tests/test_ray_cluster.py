@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cli_support import _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
+from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.e2e
 BUDGET = 8
@@ -54,10 +54,10 @@ def test_a_two_node_cluster_loses_a_node_and_accounts_for_every_trial(tmp_path: 
         workers = {t.user_attrs.get("worker") for t in trials() if t.state == TrialState.COMPLETE}
         return second_id in workers and len(workers - {None}) >= 2
 
-    wait_for("complete trials on both nodes", ran_on_both, driver, timeout=1200)
-    wait_for("a running trial", lambda: any(t.state == TrialState.RUNNING for t in trials()), driver, timeout=300)
+    wait_for("complete trials on both nodes", ran_on_both, driver)
+    wait_for("a running trial", lambda: any(t.state == TrialState.RUNNING for t in trials()), driver)
     cluster.remove_node(second)
-    _, err = driver.communicate(timeout=1200)
+    _, err = driver.communicate(timeout=PATIENCE)
     assert driver.returncode == 0, err.decode()[-2000:]
 
     final = trials()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from cli_support import PATIENCE, _no_leftover_processes, autoprune, wait_for  # noqa: F401 (autouse fixture)
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.e2e
@@ -26,11 +24,6 @@ policy:
   order: {choices: [prune_then_quantize, joint]}
   finetune_steps: 40
 """
-
-
-def autoprune(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "autoprune.cli", *args], cwd=cwd, env=env, **kwargs)  # type: ignore[arg-type]
 
 
 def search_args(tmp_path: Path, trials: int, *extra: str) -> list[str]:
@@ -53,18 +46,14 @@ def test_sigkill_then_rerun_finishes_with_earlier_trials_intact(tmp_path: Path) 
     (tmp_path / "space.yaml").write_text(SPACE)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = autoprune(tmp_path, *search_args(tmp_path, 8, "--no-priors"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while len(complete_trials(storage)) < 3:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        assert time.monotonic() < deadline, "search made no progress"
-        time.sleep(0.5)
+    wait_for("three complete trials", lambda: len(complete_trials(storage)) >= 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = complete_trials(storage)
     assert 3 <= len(before) < 8
 
     rerun = autoprune(tmp_path, *search_args(tmp_path, 8, "--no-priors"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = rerun.communicate(timeout=300)
+    out, err = rerun.communicate(timeout=PATIENCE)
     assert rerun.returncode == 0, err.decode()[-2000:]
     after = complete_trials(storage)
     assert len(after) == 8
@@ -85,7 +74,7 @@ def test_priors_come_first_and_exported_policies_replay(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = autoprune(tmp_path, *search_args(tmp_path, 6, "--export", str(tmp_path / "out")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err.decode()[-2000:]
     study = optuna.load_study(study_name="s", storage=storage)
     priors = [t.number for t in study.trials if "prior" in t.user_attrs]
@@ -102,7 +91,7 @@ def test_priors_come_first_and_exported_policies_replay(tmp_path: Path) -> None:
     # the exported file replays through `autoprune apply` to its trial's validation accuracy
     first = report["exported"][0]
     apply = autoprune(tmp_path, "apply", str(tmp_path / "out" / first["policy_file"]), "--json", "--out", str(tmp_path / "m.safetensors"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = apply.communicate(timeout=120)
+    out, err = apply.communicate(timeout=PATIENCE)
     assert apply.returncode == 0, err.decode()[-2000:]
     applied = json.loads(out)
     assert applied["metrics"]["accuracy"] == pytest.approx(first["recorded_val_accuracy"], abs=1e-9)
@@ -119,7 +108,7 @@ def test_priors_come_first_and_exported_policies_replay(tmp_path: Path) -> None:
 def test_no_priors_flag_enqueues_none(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)
     proc = autoprune(tmp_path, *search_args(tmp_path, 2, "--no-priors"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, err = proc.communicate(timeout=200)
+    _, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err.decode()[-2000:]
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert not [t for t in study.trials if "prior" in t.user_attrs]

@@ -449,6 +449,7 @@ def test_importing_tracking_and_plots_loads_neither_mlflow_nor_plotting() -> Non
 
 
 def test_ui_refuses_a_busy_port(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "mlruns").mkdir()  # a store to show: the UI refuses one that does not exist first
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()

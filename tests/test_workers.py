@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from cli_support import _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
+from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -72,14 +72,14 @@ def test_two_workers_finish_the_budget_of_an_interrupted_search(tmp_path: Path) 
     driver = autoprune(tmp_path, *search_args(tmp_path, 8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for("a complete trial", lambda: any(t.state == TrialState.COMPLETE for t in trials_of(tmp_path)), driver)
     driver.send_signal(signal.SIGINT)
-    _, err = driver.communicate(timeout=60)
+    _, err = driver.communicate(timeout=PATIENCE)
     assert driver.returncode == 130, err.decode()[-2000:]
     done_by_driver = {t.number for t in trials_of(tmp_path) if t.state == TrialState.COMPLETE}
     assert 1 <= len(done_by_driver) < 8
 
     workers = [autoprune(tmp_path, *worker_args(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     for proc in workers:
-        out, err = proc.communicate(timeout=150)
+        out, err = proc.communicate(timeout=PATIENCE)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert b"ran" in out
     trials = assert_budget_spent_once(tmp_path, 8)
@@ -87,7 +87,7 @@ def test_two_workers_finish_the_budget_of_an_interrupted_search(tmp_path: Path) 
     assert owners == {f"{socket.gethostname()}:{proc.pid}" for proc in workers}, "both workers ran trials"
 
     late = autoprune(tmp_path, *worker_args(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = late.communicate(timeout=60)
+    out, err = late.communicate(timeout=PATIENCE)
     assert late.returncode == 0, err.decode()
     assert b"nothing to do" in out
     assert len(trials_of(tmp_path)) == len(trials)
@@ -116,7 +116,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_redone(tmp_path: Pat
         "a trial of the worker", lambda: [t.number for t in trials_of(tmp_path) if t.state == TrialState.RUNNING and t.user_attrs.get("owner") == owner], driver
     )
     os.kill(worker, signal.SIGKILL)
-    _, err = driver.communicate(timeout=150)
+    _, err = driver.communicate(timeout=PATIENCE)
     assert driver.returncode == 0, err.decode()[-2000:]
     trials = assert_budget_spent_once(tmp_path, 5)
     killed = next(t for t in trials if t.number == victim)

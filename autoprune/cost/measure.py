@@ -12,9 +12,8 @@ from torch import nn
 from autoprune.cost.esn import GRIDS, esn_a, esn_d, filter_bits
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, CONVS, probing, reads_tensor
+from autoprune.policy import FLOAT_BITS
 from autoprune.quant.midrise import midrise_delta, midrise_int, tread_int
-
-FLOAT_BITS = 32
 
 
 def _check_bits(name: str, bits: Any) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from autoprune.cost.measure import FLOAT_BITS, CostReport, LayerCost
+from autoprune.cost.measure import CostReport, LayerCost
+from autoprune.policy import FLOAT_BITS
 
 _PREFIXES = ("K", "M", "G", "T", "P", "E", "Z", "Y")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from autoprune.compress import CompressionResult
 from autoprune.deploy.deps import require
 from autoprune.deploy.levels import WeightLevels, layer_levels
 from autoprune.errors import AutopruneError
+from autoprune.files import atomic_path
 from autoprune.models import compressible_layers
 from autoprune.policy import FLOAT_BITS
 from autoprune.prune.unstructured import FEATURE_MASK
@@ -116,10 +116,8 @@ def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tup
     helper.set_model_props(graph_model, {"autoprune.policy": result.policy.to_json(), "autoprune.input_shape": ",".join(map(str, input_shape))})
     onnx.checker.check_model(graph_model, full_check=True)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(graph_model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(graph_model, str(tmp))
     return OnnxExport(path, opset, INPUT_NAME, OUTPUT_NAME, records, path.stat().st_size)
 
 

@@ -27,7 +27,6 @@ as in the cost model's memory (seed 004 App. B.1).
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from autoprune.compress import CompressionResult
 from autoprune.deploy.levels import WeightLevels, layer_levels, rebuild
 from autoprune.errors import AutopruneError
+from autoprune.files import atomic_path
 from autoprune.models import compressible_layers
 from autoprune.policy import FLOAT_BITS
 
@@ -146,15 +146,11 @@ def write_packed_weights(result: CompressionResult, path: str | Path) -> dict[st
         chunks.append(data)
         offset += len(data)
     header = json.dumps({"layers": [r.model_dump() for r in records]}).encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(_PREAMBLE.pack(MAGIC, VERSION, len(header)))
         handle.write(header)
         for chunk in chunks:
             handle.write(chunk)
-    os.replace(tmp, path)
     return {r.name: r for r in records}
 
 

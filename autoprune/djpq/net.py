@@ -19,7 +19,8 @@ from autoprune.djpq.gates import Gate
 from autoprune.djpq.quantizer import LearnedQuantizer
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, compressible_layers, input_readers, probing
-from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy, write_atomic
+from autoprune.files import atomic_path, write_atomic
+from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
 from autoprune.prune import LayerPruning, StructuredRecord, replay_structured
 from autoprune.prune.structured import dependency_graph, groups_in_graph
 
@@ -377,9 +378,8 @@ class DJPQModel(nn.Module):
             }),
         }
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
         write_atomic(path.with_suffix(".policy.json"), self.policy().to_json())
         return path
 

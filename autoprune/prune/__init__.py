@@ -17,7 +17,6 @@ from autoprune.prune.structured import (
     prune_structured,
     pruner,
     register_pruner,
-    registered_pruners,
     replay_structured,
 )
 
@@ -27,5 +26,5 @@ __all__ = [
     "NoPruning", "PfQ", "SignalNorm",
     "ChannelGroup", "LayerPruning", "PrunePlan", "PruneRequest", "StructuredRecord", "channel_groups", "fold_batchnorm",
     "keep_count", "prune_structured", "FeatureMask", "FeatureMasker", "WeightMasker", "attach_feature_mask",
-    "keep_largest", "sparsity_at", "pruner", "register_pruner", "registered_pruners", "replay_structured",
+    "keep_largest", "sparsity_at", "pruner", "register_pruner", "replay_structured",
 ]

@@ -156,10 +156,6 @@ def pruner(config: PrunerConfig | str | Any) -> Pruner:
     return _PRUNERS[type(config)]
 
 
-def registered_pruners() -> tuple[str, ...]:
-    return tuple(sorted(c.model_fields["kind"].default for c in _PRUNERS))
-
-
 def keep_count(ratio: float, channels: int) -> int:
     """Channels a group keeps at keep ratio ``ratio``: round(ratio * channels), at least one."""
     return max(1, round(ratio * channels))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from autoprune.errors import AutopruneError
+from autoprune.files import write_atomic
 from autoprune.search.lifecycle import Outcome, begin, failure_reason, finish, heartbeat, spent
 
 try:  # this module is imported only for --executor ray, so Ray loads only then (design decision 4)
@@ -88,12 +89,10 @@ def _install_base(folder: Path, files: dict[str, bytes]) -> None:
     if (folder / "meta.json").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    # meta.json last: the cache trusts a folder only once it is there; per-process temp names because
-    # several workers of one node may arrive at the same moment.
+    # meta.json last: the cache trusts a folder only once it is there; write_atomic's per-process temp
+    # names keep apart several workers of one node arriving at the same moment.
     for name in sorted(files, key=lambda n: n == "meta.json"):
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(files[name])
-        tmp.replace(folder / name)
+        write_atomic(folder / name, files[name])
 
 
 def run_trial(config: dict[str, Any], job: WorkerJob) -> None:

@@ -155,7 +155,10 @@ def load_study(name: str, storage: str | None) -> optuna.Study:
     names = [s.study_name for s in optuna.study.get_all_study_summaries(backend, include_best_trial=False)]
     if name not in names:
         raise AutopruneError("--study", name, f"is not in {url} (studies: {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=name, storage=backend)
+    study = optuna.load_study(study_name=name, storage=backend)
+    if read_meta(study) is None:
+        raise AutopruneError("--study", name, f"in {url} was not created by autoprune search")
+    return study
 
 
 def make_sampler(name: str, *, seed: int, objectives: ObjectiveSpec) -> optuna.samplers.BaseSampler:

@@ -31,7 +31,6 @@ layer blocks are not allowed (the run learns bits and widths)::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Sequence
@@ -42,7 +41,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.operators import OperatorConfig, parse_config
-from autoprune.policy import DEFAULT_KEY, PATTERN_PREFIX, POW2_BITS, LayerPolicy, Policy, load_mapping
+from autoprune.policy import POW2_BITS, LayerPolicy, Policy, check_layer_keys, layer_key, load_mapping, pattern_error
 from autoprune.search.strategies import LEARNED, STRATEGY_NAMES, UNSEARCHED, TrialJob, artifact_path, learned_config
 
 LAYER_FIELDS: dict[str, type] = {"keep_ratio": float, "w_bits": int, "a_bits": int, "w_sparsity": float, "f_sparsity": float}
@@ -51,7 +50,6 @@ CONFIG_FIELDS = ("quantizer", "act_quantizer", "pruner")
 """Policy fields holding an operator config; the family of each config is named like its field."""
 SPEC_KEYS = {"shared", "layers", "pin", "policy", "description", "narrow_bits_to_prior", "strategy", "djpq"}
 LEARN_PREFIX = "djpq."
-PIN_ALIASES = ("first", "last")
 
 
 @dataclass(frozen=True)
@@ -251,11 +249,9 @@ class SpaceSpec:
             raise AutopruneError(f"{source}.layers", layers_raw, "must be a mapping of layer keys")
         layers = {}
         for key, block in layers_raw.items():
-            if key.startswith(PATTERN_PREFIX):
-                try:
-                    re.compile(key[len(PATTERN_PREFIX):])
-                except re.error as exc:
-                    raise AutopruneError(f"{source}.layers", key, f"is not a regular expression ({exc})") from None
+            problem = pattern_error(key)
+            if problem is not None:
+                raise AutopruneError(f"{source}.layers", key, f"is not a regular expression ({problem})")
             layers[key] = _parse_layer_block(block or {}, where=f"{source}.layers[{key!r}]", pow2=pow2)
         overlap = set(shared) & {f for block in layers.values() for f in block}
         if overlap:
@@ -328,7 +324,7 @@ class SearchSpace:
         self.spec = spec
         self.layer_names = list(compressible_layers(model))
         self.pinned = self._resolve_pins()
-        self._check_layer_keys()
+        check_layer_keys(self.spec.layers, self.layer_names, field="space.layers")
         example = torch.zeros(1, *input_shape)
         self.groups = [g for g in channel_groups(model, example_input=example)]
         # A layer reading the network input gets the policy's input_bits: its a_bits and f_sparsity would
@@ -353,27 +349,11 @@ class SearchSpace:
                 raise AutopruneError("space.pin", p, f"is not a layer of the model (layers: {', '.join(self.layer_names)})")
         return pinned
 
-    def _check_layer_keys(self) -> None:
-        for key in self.spec.layers:
-            if key == DEFAULT_KEY:
-                continue
-            if key.startswith(PATTERN_PREFIX):
-                if not any(re.fullmatch(key[len(PATTERN_PREFIX):], n) for n in self.layer_names):
-                    raise AutopruneError("space.layers", key, f"matches no layer (layers: {', '.join(self.layer_names)})")
-            elif key not in self.layer_names:
-                raise AutopruneError("space.layers", key, f"is not a layer of the model (layers: {', '.join(self.layer_names)})")
-
     def _dims_for(self, name: str) -> dict[str, Dimension]:
         if name in self.pinned:
             return {}
-        if name in self.spec.layers:
-            own = self.spec.layers[name]
-        else:
-            own = next(
-                (block for key, block in self.spec.layers.items() if key.startswith(PATTERN_PREFIX) and re.fullmatch(key[len(PATTERN_PREFIX):], name)),
-                self.spec.layers.get(DEFAULT_KEY, {}),
-            )
-        return {**self.spec.shared, **own}
+        key = layer_key(self.spec.layers, name)
+        return {**self.spec.shared, **(self.spec.layers[key] if key is not None else {})}
 
     def param_name(self, layer: str, field: str) -> str | None:
         """The Optuna parameter behind a layer's field, or None when it is fixed."""

@@ -50,6 +50,17 @@ def resolve_store(tracking_uri: str | None = None) -> tuple[str, Path | None]:
     return uri, None
 
 
+def check_readable(tracking_uri: str | None) -> None:
+    """Refuse a SQLite store whose folder does not exist, the default ``./mlruns`` included: there is
+    nothing to read, and a reader (the UI) must not create one. A search creates its store's folder."""
+    from autoprune.errors import AutopruneError
+
+    uri, _ = resolve_store(tracking_uri)
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    if uri.startswith("sqlite:///") and not folder.is_dir():
+        raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} does not exist): run a search first, or point it at one")
+
+
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
@@ -105,4 +116,4 @@ class _RetryOnLock:
         return call
 
 
-__all__ = ["default_tracking_uri", "resolve_store", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]
+__all__ = ["default_tracking_uri", "resolve_store", "check_readable", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from typing import Any, Mapping
 
-from autoprune.tracking.store import is_server, resolve_store
+from autoprune.tracking.store import check_readable, is_server, resolve_store
 
 UI_HOST = "127.0.0.1"
 RUNS_VIEW = "#/experiments/{id}/runs?workflowType=machine_learning"
@@ -89,6 +89,7 @@ def serve_ui(*, port: int, tracking_uri: str | None = None) -> int:
 
     Lean on purpose: one uvicorn worker and no job executor (about 0.5 GB instead of ~3 GB for ``mlflow ui``).
     """
+    check_readable(tracking_uri)
     uri, artifacts = resolve_store(tracking_uri)
     if is_server(uri):
         print(f"error: {uri} is a tracking server already: open it in a browser", file=sys.stderr)
