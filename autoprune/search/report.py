@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import optuna
 
@@ -32,6 +32,7 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
             "prior": row.prior,
             **{m: row.metrics[m] for m in TABLE_METRICS if m in row.metrics},
             "bops_reduction": row.metrics.get("bops_reduction"),
+            "accuracy_ci": interval(row.metrics),
             "policy": row.summary,
         }
         for row in front_table(study)
@@ -46,6 +47,16 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
         "hypervolume": hypervolume(study) if meta and meta.base else None,
         "front": rows,
     }
+
+
+def interval(metrics: Mapping[str, float], metric: str = "accuracy") -> tuple[float, float] | None:
+    """The metric's recorded 95% confidence interval, when the evaluator estimated one."""
+    low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
+    return (low, high) if low is not None and high is not None else None
+
+
+def _fmt_interval(ci: Sequence[float] | None) -> str:
+    return f"{ci[0]:.1f}-{ci[1]:.1f}" if ci else "-"
 
 
 # short column headers where the metric's name would widen the table
@@ -75,11 +86,14 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
     table.add_column("trial", justify="right")
     for metric in TABLE_METRICS:
         table.add_column(_HEADERS.get(metric, metric), justify="right")
+        if metric == "accuracy":
+            table.add_column("acc 95% CI", justify="right")
     table.add_column("BOPs x", justify="right")
     table.add_column("policy (order, layer:k<keep>W<bits>A<bits>)", overflow="fold")
     for row in data["front"]:
         label = f"{row['trial']}" + ("*" if row["prior"] else "")
-        table.add_row(label, *(_fmt(row.get(m)) for m in TABLE_METRICS), _fmt(row.get("bops_reduction")), row["policy"])
+        cells = [c for m in TABLE_METRICS for c in ((_fmt(row.get(m)), _fmt_interval(row["accuracy_ci"])) if m == "accuracy" else (_fmt(row.get(m)),))]
+        table.add_row(label, *cells, _fmt(row.get("bops_reduction")), row["policy"])
     console = console or Console()
     console.print(table)
     hv = data["hypervolume"]
