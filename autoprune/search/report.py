@@ -33,6 +33,7 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
             **{m: row.metrics[m] for m in TABLE_METRICS if m in row.metrics},
             "bops_reduction": row.metrics.get("bops_reduction"),
             "accuracy_ci": interval(row.metrics),
+            "val_samples": row.metrics.get("val_samples"),
             "policy": row.summary,
         }
         for row in front_table(study)
@@ -105,6 +106,9 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
         f"{len(data['front'])} Pareto-optimal of {data['scored']} feasible trials ({data['trials']} in all); "
         f"hypervolume {hv:.4f}{base_line}; * = warm-start prior" if hv is not None else f"{data['trials']} trials"
     )
+    samples = sorted({int(r["val_samples"]) for r in data["front"] if r.get("val_samples")})
+    if samples:
+        console.print(f"acc 95% CI: Wilson score interval on the {'/'.join(map(str, samples))} validation samples each accuracy was scored on")
 
 
 __all__ = ["front_rows", "front_table", "print_front", "COST_METRICS", "TABLE_METRICS"]
