@@ -42,10 +42,13 @@ def confirm_front(ctx: Any, evaluator: Any, *, repeats: int) -> dict[int, Confir
 
 def confirmed_front(study: optuna.Study, objectives: Any) -> list[tuple[optuna.trial.FrozenTrial, Confirmation]]:
     """The front recomputed from the confirmation means (feasible ones), best first objective first;
-    empty when the study has no confirmation."""
+    empty unless every trial of the current front was confirmed (a search resumed without --confirm
+    may have moved the front past its confirmations)."""
     confirmations = read_confirmations(study)
-    trials = {t.number: t for t in study.get_trials(deepcopy=False) if t.number in confirmations}
-    kept = [(trials[n], c) for n, c in confirmations.items() if n in trials and all(v <= 0 for v in objectives.violations(c.mean))]
+    front = front_trials(study)
+    if not front or any(t.number not in confirmations for t in front):
+        return []
+    kept = [(t, confirmations[t.number]) for t in front if all(v <= 0 for v in objectives.violations(confirmations[t.number].mean))]
     if not kept:
         return []
     ranks = nondomination_ranks([objectives.values(c.mean) for _, c in kept], objectives.directions)
