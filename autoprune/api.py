@@ -141,11 +141,14 @@ def search(
     jobs: int = 1,
     timeout: float | None = None,
     progress: bool = False,
+    confirm: int = 0,
 ) -> SearchResult:
     """Search compression policies of ``task``'s model: an Optuna study in ``storage``, tracked in MLflow.
 
     ``priors=False`` enqueues no S/N prior (and a user task skips its S/N fine-tune); the study records why.
     Worker processes (``jobs > 1``, Ray) rebuild a user task from its ``reference``.
+    ``confirm=R`` re-runs each front candidate with R fine-tuning seeds after the search and recomputes
+    the front from the means (export then reports validation and test side by side).
     """
     from autoprune.search.objectives import ObjectiveSpec
     from autoprune.search.runner import SearchConfig, run_search
@@ -162,7 +165,7 @@ def search(
         task.skip_signals(reason="priors=False: no S/N prior is enqueued")
     config = SearchConfig(
         study_name=study, storage=storage, trials=trials, timeout=timeout, sampler=sampler, seed=seed, jobs=jobs,
-        tracking_uri=tracking_uri, priors=priors, executor=executor, progress=progress,
+        tracking_uri=tracking_uri, priors=priors, executor=executor, progress=progress, confirm=confirm,
     )
     outcome = run_search(config, task=task, space=space_spec, objectives=objective_spec)
     return SearchResult(outcome.study, task)

@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=POSITIVE_FLOAT, default=1.0)
     p.add_argument("--gpus-per-trial", type=NATURAL_FLOAT, default=0.0, help="GPUs of each Ray trial (above 0 the trial runs on cuda)")
     p.add_argument("--retries", type=NATURAL_INT, default=0, help="Ray retries of a trial whose worker died")
+    p.add_argument("--confirm", type=NATURAL_INT, default=0, help="re-run each front candidate with this many fine-tuning seeds; the front is recomputed from the means")
     p.add_argument("--export", default=None, help="export the front's policies to this folder at the end")
     p.add_argument("--quiet", dest="progress", action="store_false")
     p.set_defaults(handler=cmd_search)

@@ -27,8 +27,8 @@ from autoprune.errors import AutopruneError
 from autoprune.metrics import BY_NAME, front_csv, parse_bound
 from autoprune.policy import Policy
 from autoprune.search.pareto import front_trials, normalised_losses, study_spec_and_base
-from autoprune.search.record import read_meta, read_trial
-from autoprune.search.report import front_table
+from autoprune.search.record import read_confirmations, read_meta, read_trial
+from autoprune.search.report import front_table, interval
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,14 @@ def select_trials(study: optuna.Study, select: str) -> list[FrozenTrial]:
     front = front_trials(study)
     if not front:
         raise AutopruneError("--study", study.study_name, "has no completed feasible trial to export")
+    if select == "knee":
+        return [knee(study, front)]
     if bound is None:
-        return [knee(study, front)] if select == "knee" else front
+        from autoprune.search.confirm import confirmed_front
+
+        spec, _ = study_spec_and_base(study)
+        confirmed = confirmed_front(study, spec)
+        return [trial for trial, _ in confirmed] if confirmed else front
     metric, op, limit = bound
     values = [(t, (read_trial(t).metrics or {})[metric]) for t in front]
     chosen = [t for t, v in values if (v <= limit if op == "<=" else v >= limit)]
@@ -97,6 +103,7 @@ def export_study(
         if not replay:
             raise AutopruneError("--format", format, "needs the replay: the ONNX file is the replayed compressed model")
     chosen = select_trials(study, select)
+    confirmations = read_confirmations(study)
     meta = read_meta(study)
     name = meta.base.metric if meta and meta.base else "accuracy"
     ctx = context_from_study(study)
@@ -117,7 +124,13 @@ def export_study(
             json_path = policy.save(staging / "policies" / f"{stem}.json")
             policies.append(out / "policies" / f"{stem}.json")
             recorded = record.metrics or {}
-            row: dict[str, Any] = {"trial": trial.number, "policy_file": f"policies/{stem}.json", "recorded_val_accuracy": recorded[name]}
+            row: dict[str, Any] = {
+                "trial": trial.number,
+                "policy_file": f"policies/{stem}.json",
+                "recorded_val_accuracy": recorded[name],
+                "recorded_val_ci": interval(recorded, name),
+                "val_samples": record.val_samples,
+            }
             if record.learn is not None:
                 row.update(strategy=record.strategy, **_export_learned(record, staging / "djpq" / f"{stem}.safetensors", evaluator, name))
             if evaluator is not None:
@@ -135,6 +148,7 @@ def export_study(
                     bops_reduction=metrics["bops_reduction"],
                     memory_mb=metrics["memory_mb"],
                     esn_d_prime=metrics["esn_d_prime"],
+                    gap=metrics[name] - metrics[f"test_{name}"],
                 )
                 if format == "onnx":
                     from autoprune.deploy.point import deploy_point
@@ -144,13 +158,28 @@ def export_study(
                         onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw",
                     )
                     row["deploy"] = {**point.model_dump(), "onnx_file": f"points/{stem}/model.onnx", "packed_file": f"points/{stem}/model.apw"}
+            confirmation = confirmations.get(trial.number)
+            if confirmation is not None:
+                mean, std = confirmation.mean, confirmation.std
+                row["confirmed"] = {
+                    "seeds": confirmation.seeds,
+                    "val_mean": mean[name], "val_std": std[name],
+                    "test_mean": mean[f"test_{name}"], "test_std": std[f"test_{name}"],
+                    "gap": mean[name] - mean[f"test_{name}"],
+                }
             report_rows.append(row)
         table = front_table(study)
         rows = [{"trial": r.trial, "prior": r.prior or "", "strategy": r.strategy, **r.metrics, "policy": r.summary} for r in table]
         (staging / "front.json").write_text(json.dumps(rows, indent=2, default=str))
         (staging / "front.csv").write_text(front_csv(table, ctx.objectives.metrics))
         base = meta.base.model_dump() if meta and meta.base else None
-        report = {"study": study.study_name, "select": select, "base": base, "task": meta.task if meta else None, "exported": report_rows}
+        gaps = [abs(r["confirmed"]["gap"] if "confirmed" in r else r["gap"]) for r in report_rows if "confirmed" in r or "gap" in r]
+        report = {
+            "study": study.study_name, "select": select, "base": base, "task": meta.task if meta else None,
+            "confirmed": bool(confirmations) and select == "pareto",
+            "mean_abs_gap": sum(gaps) / len(gaps) if gaps else None,
+            "exported": report_rows,
+        }
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (staging / "report.md").write_text(_markdown(report))
         if out.exists():
@@ -237,18 +266,24 @@ def _export_learned(record: Any, path: Path, evaluator: Any, name: str) -> dict[
 
 def _markdown(report: dict[str, Any]) -> str:
     base = report.get("base") or {}
+    nan = float("nan")
+    ci = lambda pair: f"{pair[0]:.2f}-{pair[1]:.2f}" if pair else "-"  # noqa: E731
+    confirmed = lambda r, key: f"{r['confirmed'][key + '_mean']:.2f} +- {r['confirmed'][key + '_std']:.2f}" if "confirmed" in r else "-"  # noqa: E731
     lines = [
-        f"# Exported policies of study `{report['study']}` ({report['select']})",
+        f"# Exported policies of study `{report['study']}` ({report['select']}" + (", front recomputed from the confirmation means" if report.get("confirmed") else "") + ")",
         "",
-        f"Float base model: validation {base.get('val_accuracy', float('nan')):.2f}%, test {base.get('test_accuracy', float('nan')):.2f}%.",
+        f"Float base model: validation {base.get('val_accuracy', nan):.2f}%, test {base.get('test_accuracy', nan):.2f}%.",
+        "Validation intervals: 95% Wilson score intervals on the validation samples scored; gap: validation - test (points).",
         "",
-        "| trial | policy file | val acc (recorded) | val acc (replayed) | test acc | BOPs reduction | memory (Mb) | replays |",
-        "|---|---|---|---|---|---|---|---|",
+        "| trial | policy file | val acc (recorded) | val 95% CI | val acc (replayed) | test acc | gap | confirmed val (mean +- sd) | confirmed test | confirmed gap | BOPs reduction | memory (Mb) | replays |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["exported"]:
+        gap = f"{r['confirmed']['gap']:+.2f}" if "confirmed" in r else "-"
         lines.append(
-            f"| {r['trial']} | {r['policy_file']} | {r['recorded_val_accuracy']:.2f} | {r.get('val_accuracy', float('nan')):.2f} | "
-            f"{r.get('test_accuracy', float('nan')):.2f} | {r.get('bops_reduction', float('nan')):.1f}x | {r.get('memory_mb', float('nan')):.4f} | {r.get('replay_matches', '-')} |"
+            f"| {r['trial']} | {r['policy_file']} | {r['recorded_val_accuracy']:.2f} | {ci(r.get('recorded_val_ci'))} | {r.get('val_accuracy', nan):.2f} | "
+            f"{r.get('test_accuracy', nan):.2f} | {r.get('gap', nan):+.2f} | {confirmed(r, 'val')} | {confirmed(r, 'test')} | {gap} | "
+            f"{r.get('bops_reduction', nan):.1f}x | {r.get('memory_mb', nan):.4f} | {r.get('replay_matches', '-')} |"
         )
     deployed = [r for r in report["exported"] if "deploy" in r]
     if deployed:
@@ -277,4 +312,6 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"| {r['trial']} | {r['strategy']} | {r['djpq_model_file']} | {r.get('djpq_model_val_accuracy', float('nan')):.2f} | "
                 f"{r.get('djpq_model_test_accuracy', float('nan')):.2f} | {r.get('replay_matches', '-')} |"
             )
+    if report.get("mean_abs_gap") is not None:
+        lines += ["", f"Mean |validation - test| over the exported points: {report['mean_abs_gap']:.2f} points" + (" (confirmation means)." if report.get("confirmed") else ".")]
     return "\n".join(lines) + "\n"

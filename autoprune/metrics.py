@@ -42,6 +42,10 @@ METRIC_TABLE: tuple[Metric, ...] = (
     Metric("params", "minimize", "parameters", cost=True),
     Metric("performance_density", "maximize", "performance density", "%/Mb"),
     Metric("bops_reduction", "maximize", "BOPs reduction", "x", objective=False),
+    # the accuracy's 95% Wilson interval on the validation samples it was scored on (autoprune.intervals)
+    Metric("accuracy_ci_low", "maximize", "accuracy 95% CI low", "%", objective=False),
+    Metric("accuracy_ci_high", "maximize", "accuracy 95% CI high", "%", objective=False),
+    Metric("val_samples", "maximize", "validation samples", objective=False),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRIC_TABLE}
 # metric -> the direction in which it improves, for the metrics a spec may name as objectives

@@ -66,6 +66,15 @@ def _axis_values(points: Sequence[TrialPoint], base: Mapping[str, float] | None,
     return values
 
 
+def error_bars(points: Sequence[TrialPoint], metric: str) -> tuple[list[float], list[float]] | None:
+    """(below, above) distances to the ends of each point's ``{metric}_ci_low/high`` interval; None unless
+    every point carries one (an axis shows bars for all its points or for none)."""
+    low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+    if not points or not all(low in p.metrics and high in p.metrics for p in points):
+        return None
+    return [max(0.0, p.values[metric] - p.metrics[low]) for p in points], [max(0.0, p.metrics[high] - p.values[metric]) for p in points]
+
+
 def pareto_png(
     points: Sequence[TrialPoint], objectives: Sequence[str], path: Path, *, base: Mapping[str, float] | None = None, title: str = ""
 ) -> Path:
@@ -99,6 +108,10 @@ def pareto_png(
         fx, fy = xy(ordered)
         # The projected front is a staircase only in two dimensions; with more objectives, points only.
         ax.plot(fx, fy, "o-" if len(objectives) == 2 else "o", color="tab:red", label="Pareto front")
+        kept = [p for p in ordered if x in p.values and y in p.values]
+        xerr, yerr = error_bars(kept, x), error_bars(kept, y)
+        if xerr or yerr:
+            ax.errorbar(fx, fy, xerr=xerr, yerr=yerr, fmt="none", ecolor="tab:red", alpha=0.5, capsize=2, label="95% confidence interval")
         for p in ordered:
             if x in p.values and y in p.values:
                 ax.annotate(str(p.number), (p.values[x], p.values[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -146,10 +159,13 @@ def pareto_html(
     for col, (x, y) in enumerate(pairs, start=1):
         for name, group, marker, mode in styles:
             kept = sorted((p for p in group if x in p.values and y in p.values), key=lambda p: p.values[x])
+            bars = {f"error_{axis}": {"type": "data", "symmetric": False, "arrayminus": err[0], "array": err[1], "thickness": 1}
+                    for axis, err in (("x", error_bars(kept, x)), ("y", error_bars(kept, y))) if err and name == "Pareto front"}
             fig.add_trace(
                 go.Scatter(
                     x=[p.values[x] for p in kept],
                     y=[p.values[y] for p in kept],
+                    **bars,
                     mode=mode,
                     name=name,
                     legendgroup=name,

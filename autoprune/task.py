@@ -314,6 +314,22 @@ class Task:
             source = Subset(source, self._subset_indices(len(source)))
         return DeviceLoader(seeded_loader(source, batch_size=batch_size, seed=seed, shuffle=shuffle, device=self.device, num_workers=self.num_workers), self.device)
 
+    def scored_samples(self, split: str = "val", *, full: bool = False) -> int | None:
+        """How many samples ``evaluate(split, full=full)`` scores (its confidence interval's n); None when
+        a user's loader does not say."""
+        source = getattr(self.splits, split)
+        dataset = source.dataset if isinstance(source, DataLoader) else source
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+        except TypeError:  # an iterable dataset has no length
+            return None
+        return size if full or self.val_samples is None or split != "val" else min(size, self.val_samples)
+
+    @property
+    def metric_is_accuracy(self) -> bool:
+        """The metric is top-1 accuracy in percent (a proportion of samples: it has a Wilson interval)."""
+        return self._user is None or self._user.metric is top1_accuracy
+
     def _subset_indices(self, size: int) -> list[int]:
         # Fixed by the seed alone, so every trial and every process scores on the same samples.
         order = torch.randperm(size, generator=torch.Generator().manual_seed(0))

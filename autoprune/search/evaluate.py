@@ -67,6 +67,7 @@ class Evaluator:
             "bops_reduction": base_total["bops"] / total["bops"] if total["bops"] > 0 else math.inf,
             "compress_seconds": result.seconds,
         }
+        metrics.update(self.interval(acc))
         if test:
             metrics[f"test_{name}"] = self.task.evaluate(result.model, "test", full=True)
             metrics[f"full_val_{name}"] = self.task.evaluate(result.model, "val", full=True)
@@ -77,6 +78,19 @@ class Evaluator:
         from autoprune.search.strategies import run_job
 
         return run_job(self, job)
+
+    def interval(self, value: float) -> dict[str, float]:
+        """The metric's 95% Wilson interval on the val search subset and that subset's size, as metrics
+        (``{name}_ci_low``, ``{name}_ci_high``, ``val_samples``); none for a metric that is not an accuracy,
+        whose per-sample values the metric API does not expose for a bootstrap."""
+        n = self.task.scored_samples("val")
+        if n is None or not self.task.metric_is_accuracy:
+            return {}
+        from autoprune.intervals import wilson
+
+        low, high = wilson(min(100.0, max(0.0, value)), n)
+        name = self.task.metric_name
+        return {f"{name}_ci_low": low, f"{name}_ci_high": high, "val_samples": float(n)}
 
     def evaluate(self, policy: Policy) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
         """Compress and score; returns the metrics and the per-layer settings actually applied."""

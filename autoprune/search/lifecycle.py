@@ -111,7 +111,7 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
             failure = failure_reason(TrialFailed(f"{bad[0]} is {outcome.metrics[bad[0]]}"))
     if failure is None:
         record = TrialRecord(metrics=outcome.metrics, layers=outcome.layers, constraints=ctx.objectives.violations(outcome.metrics))
-        write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints, **outcome.record)
+        write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints, **outcome.record, **interval_fields(outcome.metrics))
         if outcome.low_metrics is not None:
             write_trial(ctx.study, trial, low_metrics=outcome.low_metrics)
         if outcome.fidelity < 1.0:
@@ -129,6 +129,16 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
     if ctx.notify is not None:
         ctx.notify(frozen)
     return frozen
+
+
+def interval_fields(metrics: dict[str, float]) -> dict[str, Any]:
+    """The record's typed interval fields from the evaluator's ``{metric}_ci_low/high`` and ``val_samples``."""
+    lows = {k.removesuffix("_ci_low") for k in metrics if k.endswith("_ci_low")}
+    interval = {m: (metrics[f"{m}_ci_low"], metrics[f"{m}_ci_high"]) for m in lows if f"{m}_ci_high" in metrics}
+    if not interval:
+        return {}
+    samples = metrics.get("val_samples")
+    return {"metric_interval": interval, **({"val_samples": int(samples)} if samples is not None else {})}
 
 
 def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | None:

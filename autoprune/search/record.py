@@ -67,6 +67,16 @@ class StudyMeta(BaseModel):
 Strategy = Literal["sampled", "prior"]
 
 
+class Confirmation(BaseModel):
+    """A front candidate re-run with several fine-tuning seeds (Policy.seed): per metric, the mean and
+    the sample standard deviation over the seeds; the confirmed front is recomputed from the means."""
+
+    model_config = ConfigDict(extra="ignore")
+    seeds: list[int]
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
 class TrialRecord(BaseModel):
     """One trial as autoprune records it. ``failure`` set and ``interrupted`` false: the policy's fault
     (counts toward the budget); ``interrupted``: cut short (Ctrl-C, a dead process), run again on resume."""
@@ -95,8 +105,10 @@ class TrialRecord(BaseModel):
     low_metrics: dict[str, float] | None = None
     # fine-tune steps the trial spent (low + full fidelity), what a multi-fidelity budget counts
     steps: int = 0
-    # metric -> (low, high) confidence interval, when the evaluator estimates one
+    # metric -> (low, high) 95% confidence interval, when the evaluator estimates one (autoprune.intervals)
     metric_interval: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    # validation samples the metric was scored on (the interval's n)
+    val_samples: int | None = None
 
     @property
     def feasible(self) -> bool:
@@ -148,12 +160,26 @@ def enqueue(study: "optuna.Study", params: dict[str, Any], **fields: Any) -> Non
     study.enqueue_trial(params, user_attrs=checked)
 
 
+CONFIRM_KEY = "autoprune_confirmation"
+
+
+def read_confirmations(study: "optuna.Study") -> dict[int, Confirmation]:
+    """Trial number -> its confirmation re-runs. They live in a study attribute because Optuna refuses
+    user attributes on a finished trial, and confirmation runs after the search."""
+    raw = study.user_attrs.get(CONFIRM_KEY) or {}
+    return {int(number): Confirmation.model_validate(value) for number, value in raw.items()}
+
+
+def write_confirmations(study: "optuna.Study", confirmations: dict[int, Confirmation]) -> None:
+    study.set_user_attr(CONFIRM_KEY, {str(n): c.model_dump() for n, c in sorted(confirmations.items())})
+
+
 def sampler_constraints(trial: "FrozenTrial") -> list[float]:
     """Optuna's constraints_func: the violations the record holds (<= 0 feasible)."""
     return list(trial.user_attrs.get("constraints", [1.0]))
 
 
 __all__ = [
-    "StudyMeta", "TrialRecord", "BaseSummary", "META_KEY", "SAMPLERS", "RECORD_VERSION",
-    "read_meta", "write_meta", "read_trial", "write_trial", "enqueue", "sampler_constraints",
+    "StudyMeta", "TrialRecord", "BaseSummary", "Confirmation", "META_KEY", "SAMPLERS", "RECORD_VERSION",
+    "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_trial", "write_trial", "enqueue", "sampler_constraints",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import optuna
 
@@ -33,6 +33,8 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
             "strategy": row.strategy,
             **{m: row.metrics[m] for m in TABLE_METRICS if m in row.metrics},
             "bops_reduction": row.metrics.get("bops_reduction"),
+            "accuracy_ci": interval(row.metrics),
+            "val_samples": row.metrics.get("val_samples"),
             "policy": row.summary,
         }
         for row in front_table(study)
@@ -47,6 +49,16 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
         "hypervolume": hypervolume(study) if meta and meta.base else None,
         "front": rows,
     }
+
+
+def interval(metrics: Mapping[str, float], metric: str = "accuracy") -> tuple[float, float] | None:
+    """The metric's recorded 95% confidence interval, when the evaluator estimated one."""
+    low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
+    return (low, high) if low is not None and high is not None else None
+
+
+def _fmt_interval(ci: Sequence[float] | None) -> str:
+    return f"{ci[0]:.1f}-{ci[1]:.1f}" if ci else "-"
 
 
 # short column headers where the metric's name would widen the table
@@ -77,11 +89,14 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
     table.add_column("strategy")
     for metric in TABLE_METRICS:
         table.add_column(_HEADERS.get(metric, metric), justify="right")
+        if metric == "accuracy":
+            table.add_column("acc 95% CI", justify="right")
     table.add_column("BOPs x", justify="right")
     table.add_column("policy (order, layer:k<keep>W<bits>A<bits>)", overflow="fold")
     for row in data["front"]:
         label = f"{row['trial']}" + ("*" if row["prior"] else "")
-        table.add_row(label, row["strategy"], *(_fmt(row.get(m)) for m in TABLE_METRICS), _fmt(row.get("bops_reduction")), row["policy"])
+        cells = [c for m in TABLE_METRICS for c in ((_fmt(row.get(m)), _fmt_interval(row["accuracy_ci"])) if m == "accuracy" else (_fmt(row.get(m)),))]
+        table.add_row(label, row["strategy"], *cells, _fmt(row.get("bops_reduction")), row["policy"])
     console = console or Console()
     console.print(table)
     hv = data["hypervolume"]
@@ -93,6 +108,9 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
         f"{len(data['front'])} Pareto-optimal of {data['scored']} feasible trials ({data['trials']} in all); "
         f"hypervolume {hv:.4f}{base_line}; * = warm-start prior" if hv is not None else f"{data['trials']} trials"
     )
+    samples = sorted({int(r["val_samples"]) for r in data["front"] if r.get("val_samples")})
+    if samples:
+        console.print(f"acc 95% CI: Wilson score interval on the {'/'.join(map(str, samples))} validation samples each accuracy was scored on")
 
 
 __all__ = ["front_rows", "front_table", "print_front", "COST_METRICS", "TABLE_METRICS"]

@@ -81,8 +81,12 @@ class SearchConfig:
     fidelity: float | None = None
     # fine-tune steps the study may spend with multi-fidelity; None: trials x the space's finetune_steps
     budget_steps: int | None = None
+    # fine-tuning seeds each front candidate is re-run with after the search (0: no confirmation stage)
+    confirm: int = 0
 
     def __post_init__(self) -> None:
+        if self.confirm < 0:
+            raise AutopruneError("--confirm", self.confirm, "must be 0 (no confirmation) or a number of seeds")
         if self.trials < 1:
             raise AutopruneError("--trials", self.trials, "must be at least 1")
         if self.jobs < 1:
@@ -463,6 +467,10 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
         raise
     finally:
         reporter.close(status=status)
+    if config.confirm:
+        from autoprune.search.confirm import confirm_front
+
+        confirm_front(ctx, evaluator, repeats=config.confirm)
     return SearchOutcome(ctx.study, ran, time.monotonic() - start)
 
 
