@@ -334,9 +334,11 @@ class Reporter:
         from tqdm.auto import tqdm
 
         from autoprune.search.front import Front
+        from autoprune.tracking.background import BackgroundTracker
 
         self.ctx = ctx
-        self.tracker = tracker
+        # MLflow's writes for one trial overlap the next trial instead of delaying it
+        self.tracker = BackgroundTracker(tracker) if tracker is not None else None
         self.front = Front(ctx.study, ctx.meta)
         self.snapshot = self.front.snapshot()
         self.bar = tqdm(total=ctx.budget, initial=min(spent(ctx.study), ctx.budget), desc="trials", disable=not progress, unit="trial")
@@ -367,6 +369,8 @@ class Reporter:
         self.tracker.refresh(replace(full, changed=full.ranks))
         if status is not None:
             self.tracker.close(status=status)
+        else:
+            self.tracker.drain()
 
 
 def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
