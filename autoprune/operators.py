@@ -10,7 +10,7 @@ here (decorated with its family) and its registered handler beside the transform
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Literal, Mapping, TypeVar
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -79,6 +79,11 @@ def parse_config(family: str, value: Any) -> "OperatorConfig":
         raise AutopruneError(f"policy.{family}.{where}", err.get("input"), err.get("msg", "is invalid")) from None
 
 
+# Seed 004's settings, the same rule wherever a weight or an activation config has them.
+Delay = Annotated[int, Field(ge=0, description="t_q, in steps after quantization is introduced")]
+Quantile = Annotated[float, Field(gt=0.5, le=1.0, description="the quantile of |x| the range saturates at")]
+
+
 # --- weight quantizers ----------------------------------------------------------------------------
 
 
@@ -105,7 +110,7 @@ class Delayed(WeightQuantizerConfig):
     """Seed 004 eq. 5: float until ``delay`` steps after quantization is introduced, then an MSE-optimal step."""
 
     kind: Literal["delayed"] = "delayed"
-    delay: int = Field(0, ge=0, description="t_q, in steps after quantization is introduced")
+    delay: Delay = 0
 
 
 @register_config(WEIGHT_QUANTIZER)
@@ -113,8 +118,8 @@ class Saturated(WeightQuantizerConfig):
     """Seed 004 eq. 6-7: delayed, with the MSE target saturated at the ``quantile`` of |W|."""
 
     kind: Literal["saturated"] = "saturated"
-    delay: int = Field(0, ge=0, description="t_q, in steps after quantization is introduced")
-    quantile: float = Field(0.999, gt=0.5, le=1.0)
+    delay: Delay = 0
+    quantile: Quantile = 0.999
 
 
 # --- activation quantizers ------------------------------------------------------------------------
@@ -136,7 +141,7 @@ class DelayedAct(ActQuantizerConfig):
     """Seed 004 eq. 5 on features: identity until ``delay``, range fixed on the batch of step t_q."""
 
     kind: Literal["delayed"] = "delayed"
-    delay: int = Field(0, ge=0, description="t_q, in steps after quantization is introduced")
+    delay: Delay = 0
 
 
 @register_config(ACT_QUANTIZER)
@@ -144,8 +149,8 @@ class SaturatedAct(ActQuantizerConfig):
     """Seed 004 eq. 6-7 on features."""
 
     kind: Literal["saturated"] = "saturated"
-    delay: int = Field(0, ge=0, description="t_q, in steps after quantization is introduced")
-    quantile: float = Field(0.999, gt=0.5, le=1.0)
+    delay: Delay = 0
+    quantile: Quantile = 0.999
 
 
 # --- structured pruners ---------------------------------------------------------------------------
