@@ -14,6 +14,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -69,7 +70,11 @@ class Processes:
                 if deadline is not None:
                     proc.terminate()
                 proc.wait()
-            fail_orphaned_trials(ctx.study)  # trials of a worker that died after this loop's last look
+            orphans = fail_orphaned_trials(ctx.study)
+        # A worker that died after this loop's last look held a slot of the budget that no one else will
+        # run: every other process has already seen the budget spent.
+        if orphans and (deadline is None or time.monotonic() < deadline):
+            ran += run_trials(ctx, deadline=deadline)
         return ran
 
 

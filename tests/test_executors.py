@@ -1,0 +1,32 @@
+"""The multi-process executor refills the budget slot of a worker that died after the driver's last look."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from autoprune.search import executors, lifecycle, runner
+
+
+def test_a_slot_freed_by_a_late_dead_worker_is_run_by_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    rounds: list[float | None] = []
+    orphans = iter([[4], []])
+    monkeypatch.setattr(runner, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 1)
+    monkeypatch.setattr(lifecycle, "fail_orphaned_trials", lambda study: next(orphans))
+    monkeypatch.setattr(executors, "share_cores", lambda processes: 1)
+    ctx = SimpleNamespace(study=SimpleNamespace(study_name="s"))
+    config = SimpleNamespace(jobs=1, storage=None, tracking_uri=None)
+    assert executors.Processes().run(ctx, config, deadline=None) == 2
+    assert rounds == [None, None]
+
+
+def test_no_orphan_no_second_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    rounds: list[float | None] = []
+    monkeypatch.setattr(runner, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 3)
+    monkeypatch.setattr(lifecycle, "fail_orphaned_trials", lambda study: [])
+    monkeypatch.setattr(executors, "share_cores", lambda processes: 1)
+    ctx = SimpleNamespace(study=SimpleNamespace(study_name="s"))
+    config = SimpleNamespace(jobs=1, storage=None, tracking_uri=None)
+    assert executors.Processes().run(ctx, config, deadline=None) == 3
+    assert len(rounds) == 1
