@@ -17,11 +17,11 @@ from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of,
 pytestmark = pytest.mark.e2e
 
 # Trials of about a second: long enough to interrupt one, short enough for a budget of 8 in a minute.
-SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: 150}\n"
+SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: %d}\n"
 
 
-def search_args(tmp_path: Path, trials: int, *extra: str) -> list[str]:
-    (tmp_path / "space.yaml").write_text(SPACE)
+def search_args(tmp_path: Path, trials: int, *extra: str, steps: int = 150) -> list[str]:
+    (tmp_path / "space.yaml").write_text(SPACE % steps)
     return [
         "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-priors",
         "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", *extra,
@@ -109,7 +109,8 @@ def worker_children(driver: int) -> list[int]:
 
 
 def test_a_worker_killed_mid_trial_has_its_trial_failed_and_redone(tmp_path: Path) -> None:
-    driver = autoprune(tmp_path, *search_args(tmp_path, 5, "--jobs", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Trials of a few seconds: a worker takes about as long as five short ones to start, and must get one.
+    driver = autoprune(tmp_path, *search_args(tmp_path, 5, "--jobs", "2", steps=800), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     (worker,) = wait_for("the worker process", lambda: worker_children(driver.pid), driver)
     owner = f"{socket.gethostname()}:{worker}"
     (victim,) = wait_for(
