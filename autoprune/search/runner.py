@@ -140,10 +140,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if not parent.is_dir():
             raise AutopruneError("--storage", url, f"points into a folder that does not exist ({parent})")
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=40, engine_kwargs=_engine_kwargs(url))
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=40, engine_kwargs=_engine_kwargs(url))
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a down server
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutopruneError("--storage", url, f"cannot be reached ({first[:160]})") from None
+    if url.startswith("sqlite:///"):
+        _write_ahead(storage.engine)
+    return storage
+
+
+def _write_ahead(engine: Any) -> None:
+    """SQLite in write-ahead-log mode, synced at checkpoints rather than at every commit. A trial's record is
+    a dozen small commits, and the default rollback journal syncs the disk two or three times for each
+    (measured here: 29 ms of storage per trial, 13 ms in this mode). A killed process loses nothing; a power
+    cut can lose the last commits but never corrupts the file, and a lost trial is one a resume runs again."""
+    from sqlalchemy import event
+
+    event.listen(engine, "connect", lambda connection, _record: connection.execute("PRAGMA synchronous=NORMAL"))
+    engine.dispose()  # pooled connections were opened before the listener
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -310,13 +326,20 @@ def start_tracker(tracker: Any, study: optuna.Study) -> None:
 
 
 def open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:
-    """Start the MLflow mirror of the study and log what it missed."""
+    """The MLflow mirror of the study, on its own thread (``tracking.background``), started there and
+    caught up with what it missed: opening the store (importing MLflow, creating or migrating its schema,
+    about 2 s) overlaps the first trial instead of delaying it."""
     from autoprune.tracking import Tracker
+    from autoprune.tracking.background import BackgroundTracker
 
-    tracker = Tracker(study_name=ctx.study.study_name, tracking_uri=tracking_uri)
-    start_tracker(tracker, ctx.study)
-    tracker.reconcile(finished_events(ctx.study))
+    tracker = BackgroundTracker(Tracker(study_name=ctx.study.study_name, tracking_uri=tracking_uri))
+    tracker.submit(start_tracker, ctx.study)
+    tracker.submit(_catch_up, ctx.study)
     return tracker
+
+
+def _catch_up(tracker: Any, study: optuna.Study) -> None:
+    tracker.reconcile(finished_events(study))
 
 
 def finished_events(study: optuna.Study) -> list[Any]:
@@ -328,17 +351,16 @@ def finished_events(study: optuna.Study) -> list[Any]:
 
 class Reporter:
     """Takes every told trial once: updates the front, then the tracker and the progress bar from the
-    same snapshot. Nothing here reads the whole study per trial."""
+    same snapshot. Nothing here reads the whole study per trial. ``tracker``: ``open_tracker``'s (its calls
+    run on its own thread), or None."""
 
     def __init__(self, ctx: SearchContext, *, tracker: Any, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         from autoprune.search.front import Front
-        from autoprune.tracking.background import BackgroundTracker
 
         self.ctx = ctx
-        # MLflow's writes for one trial overlap the next trial instead of delaying it
-        self.tracker = BackgroundTracker(tracker) if tracker is not None else None
+        self.tracker = tracker
         self.front = Front(ctx.study, ctx.meta)
         self.snapshot = self.front.snapshot()
         self.bar = tqdm(total=ctx.budget, initial=min(spent(ctx.study), ctx.budget), desc="trials", disable=not progress, unit="trial")

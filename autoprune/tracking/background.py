@@ -34,7 +34,10 @@ class BackgroundTracker:
                 if call is _STOP:
                     return
                 name, args, kwargs = call
-                getattr(self._tracker, name)(*args, **kwargs)
+                if isinstance(name, str):
+                    getattr(self._tracker, name)(*args, **kwargs)
+                else:
+                    name(self._tracker, *args, **kwargs)
             except Exception:  # noqa: BLE001 - the tracker reports its own failures; the queue must keep moving
                 pass
             finally:
@@ -49,6 +52,10 @@ class BackgroundTracker:
             self._calls.put((name, args, kwargs))
 
         return enqueue
+
+    def submit(self, call: Any, *args: Any) -> None:
+        """Run ``call(tracker, *args)`` on the thread, in order with the tracker's own calls."""
+        self._calls.put((call, args, {}))
 
     def drain(self) -> None:
         """Wait until every call made so far has run."""
