@@ -15,30 +15,41 @@ Every process runs torch on one thread (tiny convs on a shared machine run many 
 The base model, its S/N record and its sensitivity table are trained/measured once per dataset before the
 arms, so that no arm pays for a cache the others read.
 
-    python bench/bench_search.py --dataset digits mnist1d --seeds 0 1 2 --budget-seconds 40 --finetune-steps 50
+``--jobs N`` runs the (arm, seed) searches N at a time, each in a fresh spawned process that reads the same
+cache; the report reloads every study from its SQLite file. At most one search per core: oversubscribed
+cores would stretch some searches' trials and not others', and the arms compare at equal wall time.
+``--no-tracking`` replaces the MLflow tracker with one that does nothing, for a machine without MLflow.
+
+    python bench/bench_search.py --dataset digits mnist1d --seeds 0 1 2 --budget-seconds 40 --finetune-steps 50 --jobs 15 --no-tracking
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import optuna  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from autoprune.policy import Policy  # noqa: E402
+from autoprune.search import runner  # noqa: E402
 from autoprune.search.pareto import front_trials, hypervolume  # noqa: E402
 from autoprune.search.record import read_trial  # noqa: E402
 from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
-from autoprune.task import Task, TaskSpec  # noqa: E402
+from autoprune.task import CACHE_ENV, Task, TaskSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = REPO / "autoprune/specs/search_spaces/default.yaml"
@@ -91,32 +102,114 @@ def space_with_steps(workdir: Path, steps: int | None) -> Path:
     return path
 
 
-def search(workdir: Path, spec: TaskSpec, *, arm: str, seed: int, seconds: float, space: Path) -> Run:
-    sampler, priors, fidelity = ARMS[arm]
+@dataclass(frozen=True)
+class Job:
+    """One (arm, seed) search, as a child process receives it."""
+
+    dataset: str
+    arm: str
+    seed: int
+    seconds: float
+    space: Path
+    workdir: Path
+    cache: str
+    tracking: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a search hands back to the report: where its study lives and when its clock ran."""
+
+    arm: str
+    seed: int
+    storage: str
+    study_name: str
+    start: dt.datetime
+    wall: float
+    mlflow_imported: bool
+
+    def run(self) -> Run:
+        return Run(self.arm, self.seed, optuna.load_study(study_name=self.study_name, storage=self.storage), self.start, self.wall)
+
+
+class NoTracker:
+    """Stands in for ``autoprune.tracking.Tracker`` where MLflow is not installed: every call the search
+    makes on its tracker (run_search, runner.Reporter through BackgroundTracker) does nothing."""
+
+    def log_signals(self, signals: Mapping[str, Any]) -> None:
+        pass
+
+    def log_trial(self, event: Any) -> None:
+        pass
+
+    def refresh(self, snapshot: Any) -> None:
+        pass
+
+    def reconcile(self, events: Iterable[Any]) -> None:
+        pass
+
+    def close(self, *, status: str = "FINISHED") -> None:
+        pass
+
+
+def without_tracking() -> None:
+    """Every search of this process opens a ``NoTracker``: run_search looks ``open_tracker`` up in its module."""
+    runner.open_tracker = lambda ctx, tracking_uri: NoTracker()
+
+
+def search(job: Job) -> Finished:
+    """Run one arm's search for ``job.seconds`` in this process."""
+    spec = DATASETS[job.dataset]
+    sampler, priors, fidelity = ARMS[job.arm]
+    name = f"{spec.dataset}-{job.arm}-{job.seed}"
+    storage = f"sqlite:///{job.workdir / f'{name}.db'}"
     config = SearchConfig(
-        task=spec, space_path=space, objectives_path=OBJECTIVES, study_name=f"{spec.dataset}-{arm}-{seed}",
-        storage=f"sqlite:///{workdir / f'{spec.dataset}-{arm}-{seed}.db'}", trials=UNBOUNDED_TRIALS, timeout=seconds,
-        sampler=sampler, seed=seed, tracking_uri=tracking_uri(workdir), priors=priors,
-        fidelity=fidelity, progress=False,
+        task=spec, space_path=job.space, objectives_path=OBJECTIVES, study_name=name, storage=storage,
+        trials=UNBOUNDED_TRIALS, timeout=job.seconds, sampler=sampler, seed=job.seed,
+        tracking_uri=tracking_uri(job.workdir) if job.tracking else None, priors=priors, fidelity=fidelity, progress=False,
     )
     start = dt.datetime.now()
     clock = time.perf_counter()
-    outcome = run_search(config)
-    return Run(arm, seed, outcome.study, start, time.perf_counter() - clock)
+    run_search(config)
+    return Finished(job.arm, job.seed, storage, name, start, time.perf_counter() - clock, "mlflow" in sys.modules)
 
 
-def warm(workdir: Path, spec: TaskSpec, space: Path) -> None:
-    """Train the base model and measure its sensitivity table once, outside every arm's time."""
+def search_in_child(job: Job) -> Finished:
+    """``search`` in a fresh process, set up as the bench's own: one torch thread, the shared cache, and
+    ``warm`` run again (from the cache, outside the clock) so that the imports and file reads it paid for
+    in the bench's process are not paid inside this arm's time."""
+    torch.set_num_threads(1)
+    os.environ[CACHE_ENV] = job.cache
+    if not job.tracking:
+        without_tracking()
+    warm(job.workdir, DATASETS[job.dataset], job.space, tracking=False, name=f"warm-{job.dataset}-{job.arm}-{job.seed}")
+    return search(job)
+
+
+def searches(jobs: list[Job], *, processes: int) -> Iterator[Finished]:
+    """The searches in the order they finish: here, one after another, with one process; else ``processes``
+    at a time, each in a fresh spawned process, so that no search inherits what a previous one left behind."""
+    if processes == 1:
+        yield from map(search, jobs)
+        return
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=spawn, max_tasks_per_child=1) as pool:
+        yield from (future.result() for future in as_completed([pool.submit(search_in_child, job) for job in jobs]))
+
+
+def warm(workdir: Path, spec: TaskSpec, space: Path, *, tracking: bool, name: str = "warm") -> None:
+    """Train the base model and measure its sensitivity table once, outside every arm's time (study ``name``)."""
     from autoprune.search.priors import sensitivity_policies
     from autoprune.search.runner import open_tracker, prepare
 
     config = SearchConfig(
-        task=spec, space_path=space, objectives_path=OBJECTIVES, study_name="warm", storage=f"sqlite:///{workdir / 'warm.db'}", tracking_uri=tracking_uri(workdir), progress=False
+        task=spec, space_path=space, objectives_path=OBJECTIVES, study_name=name, storage=f"sqlite:///{workdir / f'{name}.db'}", tracking_uri=tracking_uri(workdir), progress=False
     )
     ctx = prepare(config)
     sensitivity_policies(ctx, ctx.ensure_evaluator(progress=False))
-    # creating the MLflow store (its schema migrations) takes many seconds: not in the first arm's time
-    open_tracker(ctx, tracking_uri(workdir)).close(status="FINISHED")
+    if tracking:
+        # creating the MLflow store (its schema migrations) takes many seconds: not in the first arm's time
+        open_tracker(ctx, tracking_uri(workdir)).close(status="FINISHED")
 
 
 def tracking_uri(workdir: Path) -> str:
@@ -144,10 +237,10 @@ def best_reduction_on_test(spec: TaskSpec, runs: list[Run]) -> tuple[float, floa
     return None
 
 
-def report(dataset: str, runs: list[Run], seconds: float) -> None:
+def report(dataset: str, runs: list[Run], seconds: float, *, jobs: int) -> None:
     spec = DATASETS[dataset]
     random_final = {r.seed: hypervolume(r.study) for r in runs if r.arm == "random"}  # type: ignore[arg-type]
-    print(f"\n{dataset} ({spec.model}), {seconds:.0f} s per arm, seeds {sorted(random_final)}")
+    print(f"\n{dataset} ({spec.model}), {seconds:.0f} s per arm, seeds {sorted(random_final)}, {jobs} search(es) at a time")
     header = f"{'arm':<12} {'HV mean':>8} {'xrandom':>8} {'t95% s':>8} {'t100% s':>8} {'reach':>6} {'trials/min':>10} {'cand/min':>9} {'BOPs red. @<=1.5 test':>22}"
     print(header)
     print("-" * len(header))
@@ -182,24 +275,37 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=40.0, help="wall time of every arm and seed")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps of the default space (150 unless given)")
+    parser.add_argument("--jobs", type=int, default=1, help="searches at a time, each in its own process on one core (default 1: one after another here)")
+    parser.add_argument("--no-tracking", action="store_true", help="no MLflow: every search's tracker does nothing")
     args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    if not 1 <= args.jobs <= cores:
+        parser.error(f"--jobs {args.jobs}: must be between 1 and the {cores} cores of this machine (more would share cores and skew the equal wall time)")
     torch.set_num_threads(1)
 
     workdir = Path(tempfile.mkdtemp(prefix="autoprune-bench-"))
-    os.environ.setdefault("AUTOPRUNE_CACHE", str(workdir / "cache"))
+    os.environ.setdefault(CACHE_ENV, str(workdir / "cache"))
+    if args.no_tracking:
+        without_tracking()
     space = space_with_steps(workdir, args.finetune_steps)
     for dataset in args.dataset:
-        spec = DATASETS[dataset]
         clock = time.perf_counter()
-        warm(workdir, spec, space)
+        warm(workdir, DATASETS[dataset], space, tracking=not args.no_tracking)
         print(f"{dataset}: base model, S/N record and sensitivity table ready in {time.perf_counter() - clock:.0f} s", flush=True)
+        jobs = [
+            Job(dataset, arm, seed, args.budget_seconds, space, workdir, os.environ[CACHE_ENV], tracking=not args.no_tracking)
+            for seed in args.seeds for arm in args.arms
+        ]
         runs = []
-        for seed in args.seeds:
-            for arm in args.arms:
-                run = search(workdir, spec, arm=arm, seed=seed, seconds=args.budget_seconds, space=space)
-                runs.append(run)
-                print(f"  {arm:>12} seed {seed}: hypervolume {hypervolume(run.study):.4f}, {len(run.completed())} trials, {run.candidates()} candidates, {run.wall:.0f} s", flush=True)  # type: ignore[arg-type]
-        report(dataset, runs, args.budget_seconds)
+        for finished in searches(jobs, processes=args.jobs):
+            run = finished.run()
+            runs.append(run)
+            print(f"  {run.arm:>12} seed {run.seed}: hypervolume {hypervolume(run.study):.4f}, {len(run.completed())} trials, {run.candidates()} candidates, {run.wall:.0f} s", flush=True)  # type: ignore[arg-type]
+            if finished.mlflow_imported and args.no_tracking:
+                print(f"  warning: {run.arm} seed {run.seed} imported mlflow despite --no-tracking", flush=True)
+        if args.no_tracking and "mlflow" in sys.modules:
+            print("warning: this process imported mlflow despite --no-tracking", flush=True)
+        report(dataset, runs, args.budget_seconds, jobs=args.jobs)
 
 
 if __name__ == "__main__":
