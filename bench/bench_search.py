@@ -134,7 +134,7 @@ class Finished:
 
 class NoTracker:
     """Stands in for ``autoprune.tracking.Tracker`` where MLflow is not installed: every call the search
-    makes on its tracker (run_search, runner.Reporter through BackgroundTracker) does nothing."""
+    makes on its tracker (run_search, runner.Reporter) does nothing."""
 
     def log_signals(self, signals: Mapping[str, Any]) -> None:
         pass
@@ -149,6 +149,9 @@ class NoTracker:
         pass
 
     def close(self, *, status: str = "FINISHED") -> None:
+        pass
+
+    def drain(self) -> None:
         pass
 
 
