@@ -45,3 +45,30 @@ def test_the_keep_hint_alone_keeps_float_bits(evaluator: SimpleNamespace) -> Non
     layer = policies[0.5].layers["conv1"]
     assert (layer.keep_ratio, layer.w_bits, layer.a_bits) == (0.6, 32, 32)
     assert priors.prior_policies(evaluator, kinds=()) == {}
+
+
+def _recording_ctx(monkeypatch: pytest.MonkeyPatch) -> tuple[SimpleNamespace, list[str]]:
+    """A new study that records the tags enqueued on it."""
+    enqueued: list[str] = []
+    monkeypatch.setattr(priors, "enqueue", lambda study, params, *, prior, strategy: enqueued.append(prior))
+    space = SimpleNamespace(params_for=lambda policy: policy.to_dict(), spec=SimpleNamespace(narrow_bits_to_prior=None))
+    return SimpleNamespace(study=SimpleNamespace(get_trials=lambda deepcopy: []), space=space), enqueued
+
+
+def test_the_default_enqueues_the_sensitivity_policies_alone(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.policy import Policy
+
+    ctx, enqueued = _recording_ctx(monkeypatch)
+    cheap = Policy(layers={"conv1": {"w_bits": 2}})
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(cheap, "prior=sensitivity:budget=0"), (Policy(), "prior=sensitivity:budget=1")])
+    evaluator.task = SimpleNamespace(spec=object())  # a built-in task
+    assert priors.enqueue_priors(ctx, evaluator) == [0, 1]
+    assert enqueued == ["sensitivity:budget=0", "sensitivity:budget=1"]  # no S/N policy: the bench found it tied random
+
+
+def test_a_user_task_gets_the_snr_kinds_in_place_of_sensitivity(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, enqueued = _recording_ctx(monkeypatch)
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: pytest.fail("a user task has no cached sensitivity table"))
+    evaluator.task = SimpleNamespace(spec=None)
+    assert priors.enqueue_priors(ctx, evaluator) == [0, 1, 2]
+    assert enqueued == [f"snr+keep+a_floor:kappa={k}" for k in ("0.5", "1", "2")]
