@@ -79,9 +79,6 @@ def test_priors_come_first_and_exported_policies_replay(tmp_path: Path) -> None:
     study = optuna.load_study(study_name="s", storage=storage)
     priors = [t.number for t in study.trials if "prior" in t.user_attrs]
     assert priors and priors == list(range(len(priors)))
-    # The default's 8 budgets outnumber the 6 trials: the priors left over wait for a resume.
-    ran = [t.number for t in study.trials if "prior" in t.user_attrs and t.state.is_finished()]
-    assert ran == list(range(6))
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["exported"]
@@ -105,7 +102,7 @@ def test_priors_come_first_and_exported_policies_replay(tmp_path: Path) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("s")
     tagged = client.search_runs([experiment.experiment_id], filter_string="tags.prior != ''", max_results=100)
-    assert len(tagged) == len(ran)
+    assert len(tagged) == len(priors)
 
 
 def test_no_priors_flag_enqueues_none(tmp_path: Path) -> None:
