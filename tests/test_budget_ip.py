@@ -13,7 +13,7 @@ from autoprune.policy import LayerPolicy, Policy
 from autoprune.prune import prune_structured
 from autoprune.search.budget_ip import (
     BUDGET_TOLERANCE, Assignment, CostModel, LayerChoices, LayerCostModel, SpaceChoices, assignment_cost, assignment_loss,
-    budget_grid, cost_range, solve, solve_budgets,
+    budget_grid, cost_range, full_width_cost, solve, solve_budgets,
 )
 from autoprune.search.sensitivity_priors import cost_model, sensitivity_priors
 from autoprune.sensitivity import GroupSensitivity, LayerSensitivity, SensitivityTable
@@ -63,10 +63,39 @@ def test_assignment_cost_by_hand() -> None:
     assert assignment_cost(costs, assignment) == 16000 + 10000 + 19200
 
 
+def _noisy(table: SensitivityTable) -> SensitivityTable:
+    """Measured increases are noisy: b's 4-bit weights lose more than its 2-bit ones, c's 8-bit activations more
+    than its 2-bit ones, and halving group a loses nothing; each makes a choice dominated."""
+    b, c = table.layers["b"], table.layers["c"]
+    return table.model_copy(update={
+        "layers": {**table.layers, "b": b.model_copy(update={"w_bits": {**b.w_bits, 4: b.w_bits[2] + 0.1}}),
+                   "c": c.model_copy(update={"a_bits": {2: c.a_bits[8], 8: c.a_bits[2]}})},
+        "groups": {**table.groups, "a": table.groups["a"].model_copy(update={"keep": {0.5: 0.0, 1.0: 0.0}})},
+    })
+
+
+def test_dominated_choices_leave_the_program() -> None:
+    from autoprune.search.budget_ip import _Problem
+
+    table, costs, choices = _instance()
+    for problem in (_Problem(table, costs, choices), _Problem(_noisy(table), costs, choices)):
+        for name in "abc":
+            measured = {p: (full_width_cost(costs, name, *p), problem.pair_loss(name, p)) for p in problem.pairs[name]}
+            # kept: the pairs no other pair is at least as cheap and as good as (no exact ties in this instance)
+            kept = [p for p, (c, l) in measured.items() if not any(q != p and mc <= c and ml <= l for q, (mc, ml) in measured.items())]
+            assert sorted(problem.candidates[name]) == sorted(kept), name
+    noisy = _Problem(_noisy(table), costs, choices)
+    assert not [p for p in noisy.candidates["b"] if p[0] == 4]
+    assert noisy.candidates["c"] == [(2, 2), (4, 2), (8, 2)]
+    assert noisy.keep_candidates["a"] == [0.5]
+
+
 # 1e-16: a confident model's Hessian gives losses far below the solver's absolute tolerances.
+@pytest.mark.parametrize("noisy", [False, True])
 @pytest.mark.parametrize("loss_scale", [1.0, 1e-16])
-def test_program_matches_brute_force_at_every_budget(loss_scale: float) -> None:
+def test_program_matches_brute_force_at_every_budget(loss_scale: float, noisy: bool) -> None:
     table, costs, choices = _instance(loss_scale)
+    table = _noisy(table) if noisy else table
     every = [(assignment_cost(costs, a), assignment_loss(table, a), a) for a in _every_assignment()]
     low, high = cost_range(table, costs, choices=choices)
     assert low == min(c for c, _, _ in every) and high == max(c for c, _, _ in every)

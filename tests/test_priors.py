@@ -45,3 +45,44 @@ def test_the_keep_hint_alone_keeps_float_bits(evaluator: SimpleNamespace) -> Non
     layer = policies[0.5].layers["conv1"]
     assert (layer.keep_ratio, layer.w_bits, layer.a_bits) == (0.6, 32, 32)
     assert priors.prior_policies(evaluator, kinds=()) == {}
+
+
+def _recording_ctx(monkeypatch: pytest.MonkeyPatch, *, budget: int = 60) -> tuple[SimpleNamespace, list[str]]:
+    """A new study of ``budget`` trials that records the tags enqueued on it."""
+    enqueued: list[str] = []
+    monkeypatch.setattr(priors, "enqueue", lambda study, params, *, prior, strategy: enqueued.append(prior))
+    space = SimpleNamespace(params_for=lambda policy: policy.to_dict(), spec=SimpleNamespace(narrow_bits_to_prior=None))
+    return SimpleNamespace(study=SimpleNamespace(get_trials=lambda deepcopy: []), space=space, budget=budget, fidelity=None), enqueued
+
+
+def test_the_default_enqueues_the_sensitivity_policies_alone(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.policy import Policy
+
+    ctx, enqueued = _recording_ctx(monkeypatch)
+    cheap = Policy(layers={"conv1": {"w_bits": 2}})
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(cheap, "prior=sensitivity:budget=0"), (Policy(), "prior=sensitivity:budget=1")])
+    evaluator.task = SimpleNamespace(spec=object())  # a built-in task
+    assert priors.enqueue_priors(ctx, evaluator) == [0, 1]
+    assert enqueued == ["sensitivity:budget=0", "sensitivity:budget=1"]  # no S/N policy: the bench found it tied random
+
+
+def test_a_user_task_gets_the_snr_kinds_in_place_of_sensitivity(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, enqueued = _recording_ctx(monkeypatch)
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: pytest.fail("a user task has no cached sensitivity table"))
+    evaluator.task = SimpleNamespace(spec=None)
+    assert priors.enqueue_priors(ctx, evaluator) == [0, 1, 2]
+    assert enqueued == [f"snr+keep+a_floor:kappa={k}" for k in ("0.5", "1", "2")]
+
+
+@pytest.mark.parametrize(("budget", "kept"), [(8, [0, 1, 2, 3, 4, 5, 6, 7]), (4, [1, 3, 5, 7]), (3, [1, 4, 6]), (1, [4])])
+def test_a_budget_of_fewer_trials_than_priors_gets_them_spread_over_the_cost_range(
+    evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, budget: int, kept: list[int]
+) -> None:
+    from autoprune.policy import Policy
+
+    ctx, enqueued = _recording_ctx(monkeypatch, budget=budget)
+    eight = [(Policy(finetune_steps=10 + i), f"prior=sensitivity:budget={i}") for i in range(8)]
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: eight)
+    evaluator.task = SimpleNamespace(spec=object())
+    assert priors.enqueue_priors(ctx, evaluator) == list(range(budget))
+    assert enqueued == [f"sensitivity:budget={i}" for i in kept]

@@ -33,7 +33,7 @@ def _ctx(tmp_path: Path, **config):  # noqa: ANN202
 def test_sensitivity_kind_enqueues_the_budget_policies_with_their_tags_into_a_real_study(tmp_path: Path) -> None:
     from autoprune.search.priors import enqueue_priors, sensitivity_policies
 
-    ctx = _ctx(tmp_path, trials=4)
+    ctx = _ctx(tmp_path, trials=8)  # room for every budget's policy (a smaller budget gets them spread)
     evaluator = ctx.ensure_evaluator(progress=False)
     record_base(ctx, evaluator)
     expected = sensitivity_policies(ctx, evaluator, budgets=8)

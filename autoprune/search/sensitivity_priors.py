@@ -104,8 +104,8 @@ def sensitivity_priors(
     keep_ratios = sorted({r for c in everyone for r in c.keep_ratio})
     table = load_or_measure(base_model, task, method=method, batches=batches, w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios)
     input_bits = template.input_bits if template is not None else Policy().input_bits
-    # The solves take seconds to minutes (a 30 s limit per budget); their answer depends only on what the
-    # key holds, so it is cached beside the table, once per base model and space.
+    # The solves take about a second on a small model (longer on a large one, budget_ip.TIME_LIMIT each); their
+    # answer depends only on what the key holds, so it is cached beside the table, once per base model and space.
     key = hashlib.sha256(json.dumps(
         [table.to_json(), space_choices.model_dump_json(), budgets, objective_metric, template.to_dict() if template else None], sort_keys=True
     ).encode()).hexdigest()[:16]
