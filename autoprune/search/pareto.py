@@ -96,12 +96,35 @@ def normalised_losses(metrics: Mapping[str, float], spec: ObjectiveSpec, base: M
 
 def hypervolume_of(points: Sequence[Sequence[float]]) -> float:
     """Hypervolume of normalised losses against the reference point 1; points beyond it add nothing."""
-    from optuna._hypervolume import compute_hypervolume  # optuna's exact WFG implementation
+    kept = [tuple(float(v) for v in p) for p in points if all(v < 1.0 for v in p)]
+    return _slices(kept) if kept else 0.0
 
-    pts = np.asarray([p for p in points if all(v < 1.0 for v in p)], dtype=float).reshape(-1, len(points[0]) if len(points) else 1)
-    if len(pts) == 0:
-        return 0.0
-    return float(compute_hypervolume(pts, np.ones(pts.shape[1])))
+
+def _nondominated(points: list[tuple[float, ...]]) -> list[tuple[float, ...]]:
+    """The points no other point dominates (duplicates kept once): only they bound the volume."""
+    unique = sorted(set(points))
+    return [p for p in unique if not any(q != p and all(a <= b for a, b in zip(q, p)) for q in unique)]
+
+
+def _slices(points: list[tuple[float, ...]]) -> float:
+    """Exact volume dominated by ``points`` (losses, all below 1) up to the reference point 1, by slicing
+    along the last objective (HSO): between two consecutive last-objective values the section is the
+    hypervolume, one dimension down, of the points already passed. A front has tens of points and two to
+    four objectives, so the quadratic sweep costs milliseconds; two objectives take one sweep."""
+    if len(points[0]) == 2:  # the common case, a staircase: one sweep
+        volume, lowest = 0.0, 1.0
+        ordered = sorted(points)
+        for i, (x, y) in enumerate(ordered):
+            lowest = min(lowest, y)
+            volume += ((ordered[i + 1][0] if i + 1 < len(ordered) else 1.0) - x) * (1.0 - lowest)
+        return volume
+    ordered = sorted(points, key=lambda p: p[-1])
+    volume = 0.0
+    for i, point in enumerate(ordered):
+        upper = ordered[i + 1][-1] if i + 1 < len(ordered) else 1.0
+        if upper > point[-1]:
+            volume += (upper - point[-1]) * _slices(_nondominated([p[:-1] for p in ordered[: i + 1]]))
+    return volume
 
 
 def study_spec_and_base(study: optuna.Study) -> tuple[ObjectiveSpec, dict[str, Any]]:
