@@ -321,12 +321,14 @@ def cmd_signals(args: argparse.Namespace) -> int:
         raise AutopruneError("signals", str(task.cache_dir()), "has no training-time S/N record (delete the cached model to retrain)")
     epoch = plateau_epoch(signals)
     rows = prior_rows(evaluator.base.model, signals, epoch=epoch)
+    from autoprune.sensitivity import load_or_measure, rich_table
+
+    # the per-layer loss increases behind the sensitivity priors, measured once and cached with the model
+    sensitivity = load_or_measure(evaluator.base.model, task)
     if args.json:
-        _print_json({"epoch": signals["epochs"][epoch], "layers": rows})
+        _print_json({"epoch": signals["epochs"][epoch], "layers": rows, "sensitivity": sensitivity.model_dump(mode="json")})
         return 0
     from rich.table import Table
-
-    from autoprune.sensitivity import load_or_measure, rich_table
 
     table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {_task_name(task)}")
     for column in rows[0]:
@@ -334,8 +336,7 @@ def cmd_signals(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console().print(table)
-    # the per-layer loss increases behind the sensitivity priors, measured once and cached with the model
-    console().print(rich_table(load_or_measure(evaluator.base.model, task)))
+    console().print(rich_table(sensitivity))
     return 0
 
 

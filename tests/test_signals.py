@@ -215,3 +215,18 @@ def test_plateau_epoch_is_the_first_within_tolerance_of_the_best() -> None:
     assert plateau_epoch(signals, tolerance=0.0) == 5
     with pytest.raises(AutopruneError, match="val_accuracy"):
         plateau_epoch({"val_accuracy": []})
+
+
+def test_signals_json_carries_the_sensitivity_table_beside_the_snr_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    from autoprune.cli import main
+    from autoprune.sensitivity import SensitivityTable
+
+    assert main(["signals", "--json", "--epochs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"]
+    table = SensitivityTable.model_validate(out["sensitivity"])
+    assert table.layers
+    # per layer, the coarsest weight grid is predicted to cost more loss than the finest
+    for layer in table.layers.values():
+        assert len(layer.w_bits) >= 2
+        assert layer.w_bits[min(layer.w_bits)] > layer.w_bits[max(layer.w_bits)]
