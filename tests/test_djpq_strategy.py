@@ -146,6 +146,18 @@ def test_djpq_search_lands_in_pareto_mlflow_export_and_apply(tmp_path: Path) -> 
     assert row["replay_matches"] and row["djpq_model_val_accuracy"] == pytest.approx(row["recorded_val_accuracy"], abs=1e-9)
     assert "strategy" in (tmp_path / "out" / "front.csv").read_text().splitlines()[0].split(",")
 
+    # a study moved without its artifacts: export learns the model again from the recorded run config and seed
+    artifact = Path(study.trials[row["trial"]].user_attrs["artifact"])
+    artifact.unlink()
+    again = autoprune(tmp_path, "export", *common, "--out", "out2", "--select", "knee", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err.decode()[-2000:]
+    relearned = json.loads((tmp_path / "out2" / "report.json").read_text())["exported"][0]
+    assert relearned["trial"] == row["trial"] and relearned["djpq_model_relearned"]
+    assert (tmp_path / "out2" / relearned["djpq_model_file"]).is_file()
+    # same config, same seed, same CPU kernels: the same model, to the last sample
+    assert relearned["replay_matches"]
+
     # the learned policy replays with our quantizers at the learned bits and widths, fine-tuned, as export scored it
     apply = autoprune(tmp_path, "apply", str(tmp_path / "out" / row["policy_file"]), "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = apply.communicate(timeout=300)
