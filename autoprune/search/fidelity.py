@@ -30,8 +30,9 @@ soon as the short-run values are not all equal), without a special case.
 Why a quarter of the steps (``fraction`` 0.25): on digits at 50 steps, the margin learned over the same 45
 policies was 1.4 points of accuracy whether the short run had 12, 20 or 25 steps (slope 0.27 to 0.42), so a
 longer short run ranks no better and costs more; a shorter one saves little, because a short run also pays
-what does not shrink with the steps (compression, calibration, scoring, the study's writes): at 12 steps it
-cost about 40% of a whole 50-step trial's wall time.
+what does not shrink with the steps (compression, calibration, scoring, the study's writes): a candidate
+that stopped at 12 steps took 30 to 70% of the wall time of a whole 50-step trial (the more, the less loaded
+the machine).
 
 A candidate that is not promoted is told to Optuna as PRUNED, its low-fidelity metrics recorded with
 ``fidelity = fraction``. Why PRUNED and not COMPLETE with its low-fidelity values: every reader of COMPLETE
