@@ -61,30 +61,58 @@ def test_sensitivity_kind_enqueues_the_budget_policies_with_their_tags_into_a_re
 # --- multi-fidelity: the margin rule -------------------------------------------------------------
 
 
-def test_margin_is_infinite_until_enough_pairs_then_the_quantile_of_the_disagreement() -> None:
-    assert fidelity.margin([(90.0, 92.0), (80.0, 81.0)], quantile=0.9, min_pairs=3) == math.inf
-    pairs = [(90.0, 92.0), (80.0, 81.0), (70.0, 74.0), (60.0, 60.0), (50.0, 53.0)]
-    # |low - high| = 2, 1, 4, 0, 3 -> sorted 0 1 2 3 4; numpy's linear quantile: 0.5 -> 2, 0.9 -> 3.6
-    assert fidelity.margin(pairs, quantile=0.5, min_pairs=3) == pytest.approx(2.0)
-    assert fidelity.margin(pairs, quantile=0.9, min_pairs=3) == pytest.approx(3.6)
-
-
-def test_could_reach_front_moves_each_objective_by_its_margin_toward_better() -> None:
+def test_a_systematic_shift_is_no_disagreement_the_margin_is_zero_and_the_front_decides_to_the_point() -> None:
+    """Issue 16 point 3: short runs scoring 10 points lower than full ones, always, used to give a 10-point
+    margin (|low - high|) that promoted everything; the line takes the shift out and leaves no disagreement."""
+    pairs = [(80.0, 90.0), (85.0, 95.0), (90.0, 100.0), (75.0, 85.0)]
+    accuracy = fidelity.agreement(pairs, direction="maximize", quantile=0.9, min_pairs=3)
+    # losses: y = x - 10 exactly -> intercept -10, slope 1, every left-out residual 0
+    assert (accuracy.intercept, accuracy.slope, accuracy.margin) == (-10.0, 1.0, 0.0)
+    bops = fidelity.agreement([(4.0, 4.0), (9.0, 9.0), (1.0, 1.0)], direction="minimize", quantile=0.9, min_pairs=3)
+    assert (bops.intercept, bops.slope, bops.margin) == (0.0, 1.0, 0.0)  # cost: no fine-tune, no margin
+    front = [[95.0, 5.0]]  # its short run scored 85
     directions = ["maximize", "minimize"]
-    front = [[95.0, 10.0], [90.0, 5.0]]
-    # 89 % at 6 BOPs is dominated by (90, 5): out with no margin, in with 1.5 points of accuracy margin
-    assert not fidelity.could_reach_front([89.0, 6.0], front, directions=directions, margins=[0.0, 0.0])
-    assert fidelity.could_reach_front([89.0, 6.0], front, directions=directions, margins=[1.5, 0.0])
-    assert fidelity.could_reach_front([89.0, 6.0], front, directions=directions, margins=[0.0, 1.5])
-    assert fidelity.could_reach_front([1.0, 1e9], [], directions=directions, margins=[0.0, 0.0])
+    agreements = [accuracy, bops]
+    assert not fidelity.could_reach_front([84.0, 5.0], front, directions=directions, agreements=agreements)  # predicts 94
+    assert fidelity.could_reach_front([86.0, 5.0], front, directions=directions, agreements=agreements)  # predicts 96
+    assert fidelity.could_reach_front([84.0, 4.0], front, directions=directions, agreements=agreements)  # cheaper
+    assert not fidelity.could_reach_front([84.0, 5.5], front, directions=directions, agreements=agreements)
+
+
+def test_a_gap_that_grows_as_accuracy_falls_is_learned_as_a_line_not_a_margin() -> None:
+    """What digits measured: 12 of 50 steps cost a good policy 0 points and a poor one 24 (high = 70 + 0.3 low)."""
+    pairs = [(60.0, 88.0), (80.0, 94.0), (90.0, 97.0), (100.0, 100.0)]
+    learned = fidelity.agreement(pairs, direction="maximize", quantile=0.9, min_pairs=3)
+    assert learned.slope == pytest.approx(0.3) and learned.intercept == pytest.approx(-70.0)
+    assert learned.margin == pytest.approx(0.0, abs=1e-9)  # the old rule: 0.9 quantile of |gap| 28, 14, 7, 0 = 23.8
+    # 70 % on the short run predicts 91 %: dominated by 92 % at the same cost, not by 90 %
+    assert not fidelity.could_reach_front([70.0, 5.0], [[92.0, 5.0]], directions=["maximize", "minimize"], agreements=[learned, fidelity.Agreement(margin=0.0)])
+    assert fidelity.could_reach_front([70.0, 5.0], [[90.0, 5.0]], directions=["maximize", "minimize"], agreements=[learned, fidelity.Agreement(margin=0.0)])
+
+
+def test_the_margin_is_the_quantile_of_left_out_residuals_and_infinite_below_min_pairs() -> None:
+    # losses x = 0, -1, -2 and y = 0, -2, -2. Each pair left out of the line through the other two:
+    #   (0, 0): flat line y = -2 predicts -2, r = -2 - 0 = -2;  (-1, -2): y = x predicts -1, r = -1 + 2 = 1;
+    #   (-2, -2): y = 2x predicts -4, r = -4 + 2 = -2.  Sorted -2 -2 1: quantile 0.9 at index 1.8 -> -2 + 0.8 x 3
+    pairs = [(0.0, 0.0), (1.0, 2.0), (2.0, 2.0)]
+    learned = fidelity.agreement(pairs, direction="maximize", quantile=0.9, min_pairs=3)
+    assert learned.margin == pytest.approx(0.4)
+    assert learned.slope == pytest.approx(1.0) and learned.intercept == pytest.approx(-1 / 3)  # full fit: dx 1 0 -1, dy 4/3 -2/3 -2/3
+    assert fidelity.agreement(pairs, direction="maximize", quantile=0.5, min_pairs=3).margin == pytest.approx(-2.0)
+    too_few = fidelity.agreement(pairs[:2], direction="maximize", quantile=0.9, min_pairs=3)
+    assert too_few.margin == math.inf
+    assert fidelity.could_reach_front([0.0, 1e9], [[100.0, 1.0]], directions=["maximize", "minimize"], agreements=[too_few, too_few])
+    assert fidelity.could_reach_front([1.0, 1e9], [], directions=["maximize", "minimize"], agreements=[learned, learned])
 
 
 # --- multi-fidelity: the lifecycle with a stub evaluator -----------------------------------------
 
 
 class StubEvaluator:
-    """Accuracy grows with fine-tune steps and weight bits (low fidelity: 10 points below the full one), BOPs
-    with bits: a front that is known in closed form."""
+    """A front known in closed form: full-fidelity accuracy 60 + 8 x the keep ratios summed over layers, BOPs
+    the weight bits summed, squared: bits cost and buy nothing, so a candidate is dominated by any one as wide
+    with no more bits. The short run scores 2 x full - 100: lower by a gap that grows as accuracy falls, as on
+    digits, and ranks exactly like the full run."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
@@ -93,37 +121,54 @@ class StubEvaluator:
         bits = sum(layer.w_bits for layer in policy.layers.values())
         steps = policy.finetune_steps
         self.calls.append((bits, steps))
-        accuracy = 50.0 + bits - (10.0 if steps < 8 else 0.0)
-        return {"accuracy": accuracy, "bops": float(bits) ** 2, "trial_seconds": 0.0}, {}
+        full = 60.0 + 8.0 * sum(layer.keep_ratio for layer in policy.layers.values())
+        return {"accuracy": full if steps == 8 else 2.0 * full - 100.0, "bops": float(bits) ** 2, "trial_seconds": 0.0}, {}
 
 
 def test_low_fidelity_trials_never_enter_the_front_promoted_ones_are_full_and_the_step_budget_holds(tmp_path: Path) -> None:
-    ctx = _ctx(tmp_path, trials=6, fidelity=0.25, sampler="random")
+    ctx = _ctx(tmp_path, trials=16, fidelity=0.25, sampler="random")
     ctx.evaluator = StubEvaluator()
     spec = read_meta(ctx.study).fidelity
-    assert spec == {"fraction": 0.25, "budget_steps": 48, "quantile": 0.9, "min_pairs": 3}  # 6 trials x 8 steps
+    assert spec == {"fraction": 0.25, "budget_steps": 128, "quantile": 0.9, "min_pairs": 3}  # 16 trials x 8 steps
 
     run_trials(ctx, deadline=None)
 
-    trials = ctx.study.get_trials(deepcopy=False)
+    trials = sorted(ctx.study.get_trials(deepcopy=False), key=lambda t: t.number)
     records = {t.number: read_trial(t) for t in trials}
     low_only = [t for t in trials if t.state == TrialState.PRUNED]
     promoted = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert low_only and promoted  # the margin became finite and pruned some candidates
-    assert len(trials) > 6  # the compute of 6 full trials bought more candidates
+    assert low_only and promoted
+    assert len(trials) > 16  # the compute of 16 full trials bought more candidates
     for t in low_only:
         assert records[t.number].fidelity == 0.25 and records[t.number].steps == 2 and records[t.number].metrics
     for t in promoted:
         record = records[t.number]
         assert record.fidelity == 1.0 and record.steps == 2 + 8
-        assert record.low_metrics["accuracy"] == pytest.approx(record.metrics["accuracy"] - 10.0)
+        assert record.low_metrics["accuracy"] == pytest.approx(2 * record.metrics["accuracy"] - 100)
         assert t.values[0] == record.metrics["accuracy"]  # told the full-fidelity value
-    # the first min_pairs trials are promoted whatever they score (infinite margin)
-    assert [t.state for t in sorted(trials, key=lambda t: t.number)[:3]] == [TrialState.COMPLETE] * 3
+    # the rule to the point: the first 3 are promoted whatever they score (infinite margin); then the line
+    # predicts the full run exactly (margin 0), so a candidate is promoted iff the budget has room and no
+    # earlier full-fidelity trial dominates its full value (the old |low - high| margin promoted them all)
+    pruned_by_rule = 0
+    for i, t in enumerate(trials):
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue  # the last ask, skipped: its short run would overrun the budget
+        before = trials[:i]
+        low = records[t.number].low_metrics or records[t.number].metrics
+        point = ((low["accuracy"] + 100) / 2, low["bops"])
+        earlier = [tuple(p.values) for p in before if p.state == TrialState.COMPLETE]
+        if point in earlier:
+            continue  # an equal point: a rounding of the line decides
+        room = sum(records[p.number].steps for p in before) + 2 + 8 <= 128
+        dominated = any(acc >= point[0] and bops <= point[1] for acc, bops in earlier)
+        expected = room and (len(earlier) < 3 or not dominated)
+        assert (t.state == TrialState.COMPLETE) == expected, (t.number, point, earlier)
+        pruned_by_rule += room and dominated and len(earlier) >= 3
+    assert pruned_by_rule >= 3  # the rule, not the budget, pruned them (6 with this seed)
     # every evaluation at full steps belongs to a promoted trial
     assert sum(steps == 8 for _, steps in ctx.evaluator.calls) == len(promoted)
     # compute budget: the steps spent never exceed it
-    assert fidelity.steps_spent(ctx.study) <= 48
+    assert fidelity.steps_spent(ctx.study) <= 128
     assert sum(steps for _, steps in ctx.evaluator.calls) == fidelity.steps_spent(ctx.study)
     # the fronts (Optuna's, the incremental snapshot) hold full-fidelity trials only
     numbers = {t.number for t in promoted}
