@@ -10,7 +10,8 @@ The sampler defaults to ``random``: TPE's own cost grows with the trials it mode
 algorithm, not this framework's bookkeeping); ``--sampler tpe`` measures it anyway.
 
 Then (``--overhead-trials``, default 60) a default search of real trials on digits, its base model trained
-before the clock starts: the share of its wall time spent outside compressing and scoring trials (target <= 5%).
+before the clock starts: the share of its wall time spent outside compressing and scoring trials (target <= 5%),
+with MLflow tracking and again without, each in a fresh process, and the difference of their wall times.
 
     python bench/bench_scale.py --trials 2000 --overhead-trials 60
 """
@@ -70,23 +71,54 @@ class StubEvaluator:
 
 
 def search_overhead(trials: int) -> None:
-    """Wall time of a default search against the time its trials spent compressing and scoring."""
+    """A default search timed twice, each in a fresh process with the base model already cached: with MLflow
+    tracking, as users run it, and with a tracker that does nothing. Each prints its wall time against the
+    time its trials spent compressing and scoring; the difference of the walls is what tracking costs, the
+    work of its own thread included (on two cores that thread takes CPU from the trials)."""
+    import json
+    import subprocess
+    import sys
+
+    from autoprune.task import Task, TaskSpec
+
+    Task(TaskSpec()).base(progress=False)
+    runs = {}
+    for tracking in (True, False):
+        command = [sys.executable, __file__, "--overhead-run", str(trials)] + ([] if tracking else ["--no-tracking"])
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        runs[tracking] = json.loads(out.strip().splitlines()[-1])
+    for tracking, run in runs.items():
+        print(f"default {trials}-trial search on digits, tracking {'on ' if tracking else 'off'}: {run['wall']:.1f} s wall, "
+              f"{run['trials']:.1f} s compressing and scoring trials; framework overhead {100 * (1 - run['trials'] / run['wall']):.1f}% (target <= 5%)")
+    print(f"tracking's cost: {runs[True]['wall'] - runs[False]['wall']:+.1f} s of wall time ({runs[True]['wall'] / runs[False]['wall']:.3f}x)")
+
+
+def overhead_run(trials: int, *, tracking: bool) -> None:
+    """One timed default search (a child of ``search_overhead``); prints its times as one JSON line."""
+    import json
+
     from autoprune.search import runner
     from autoprune.search.record import read_trial
-    from autoprune.task import Task
 
+    if not tracking:
+        runner.open_tracker = lambda ctx, tracking_uri: _NoTracker()
     workdir = Path(tempfile.mkdtemp(prefix="autoprune-overhead-"))
     config = runner.SearchConfig(
         study_name="overhead", storage=f"sqlite:///{workdir / 'study.db'}", trials=trials,
         tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}", progress=False,
     )
-    Task(config.task).base(progress=False)
     start = time.perf_counter()
     outcome = runner.run_search(config)
     wall = time.perf_counter() - start
     trial_seconds = sum((read_trial(t).metrics or {}).get("trial_seconds", 0.0) for t in outcome.study.trials)
-    print(f"default {trials}-trial search on digits: {wall:.1f} s wall, {trial_seconds:.1f} s compressing and scoring trials; "
-          f"framework overhead {100 * (1 - trial_seconds / wall):.1f}% (target <= 5%)")
+    print(json.dumps({"wall": wall, "trials": trial_seconds}))
+
+
+class _NoTracker:
+    """Takes every call a search makes on its tracker and does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 def main() -> None:
@@ -94,7 +126,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--sampler", default="random")
     parser.add_argument("--overhead-trials", type=int, default=60, help="trials of the real default search timed after (0: skip)")
+    parser.add_argument("--overhead-run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-tracking", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.overhead_run:
+        overhead_run(args.overhead_run, tracking=not args.no_tracking)
+        return
     if args.trials < 2 * WINDOW:
         parser.error(f"--trials must be at least {2 * WINDOW}")
 

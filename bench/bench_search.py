@@ -151,6 +151,9 @@ class NoTracker:
     def close(self, *, status: str = "FINISHED") -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def drain(self) -> None:
         pass
 

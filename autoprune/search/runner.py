@@ -392,6 +392,7 @@ class Reporter:
         if status is not None:
             self.tracker.close(status=status)
         else:
+            self.tracker.flush()
             self.tracker.drain()
 
 

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 _STOP = object()
+QUEUED_CALLS = 64
 
 
 class BackgroundTracker:
@@ -23,7 +24,8 @@ class BackgroundTracker:
 
     def __init__(self, tracker: Any) -> None:
         self._tracker = tracker
-        self._calls: queue.Queue[Any] = queue.Queue()
+        # bounded: where trials outrun MLflow (instant evaluations), the search waits instead of queueing without end
+        self._calls: queue.Queue[Any] = queue.Queue(maxsize=QUEUED_CALLS)
         self._thread = threading.Thread(target=self._work, name="autoprune-tracking", daemon=True)
         self._thread.start()
 

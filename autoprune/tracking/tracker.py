@@ -45,15 +45,18 @@ FEASIBLE_TAG = "feasible"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 FAILED_REASON = "the trial failed without a recorded reason"
-# MLflow's own limits (mlflow.utils.validation): params/tags per batch, metrics per batch, lengths.
+# MLflow's own limits (mlflow.utils.validation): params and tags per batch, entities per batch, lengths.
 PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
+ENTITIES_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
 MAX_KEY_LENGTH = 250
 MAX_TAG_LENGTH = 8000
-# Plots take about a second to draw: during a search they are redrawn at most this often, and close()
-# draws whatever changed since.
-REDRAW_SECONDS = 30.0
+# Every MLflow call on its SQLite store costs about 10 ms of Python, on the thread that trains trials' GIL.
+# So during a search the front's plots (about a second to draw) are redrawn at most every REDRAW_SECONDS,
+# without the per-layer plot (the slowest: close() draws it), and the parent's progress metrics, one row
+# per trial, are written in one batch at most every PROGRESS_SECONDS.
+REDRAW_SECONDS = 60.0
+PROGRESS_SECONDS = 10.0
 # Optuna trial state -> MLflow run status. A pruned trial ended by decision, not by a fault.
 RUN_STATUS = {"RUNNING": "RUNNING", "COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
@@ -100,6 +103,12 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _metric_rows(metrics: Mapping[str, float], *, step: int, timestamp: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    return [Metric(_safe_key(k)[:MAX_KEY_LENGTH], float(v), timestamp, step) for k, v in metrics.items()]
 
 
 def _ms(moment: datetime | None) -> int:
@@ -159,9 +168,12 @@ class Tracker:
         self._client: Any = None
         self._study: StudyInfo | None = None
         self._children: dict[int, _Child] = {}
-        self._undrawn: FrontSnapshot | None = None
+        self._latest: FrontSnapshot | None = None
         self._drawn_key: tuple[Any, ...] | None = None
+        self._drawn_in_full = False
         self._drawn_at = -math.inf
+        self._progress: list[Any] = []
+        self._progress_at = -math.inf
         self._warned = False
         self._plot_warned = False
 
@@ -269,12 +281,15 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
         step: int = 0,
         timestamp: int | None = None,
+        metric_rows: Sequence[Any] = (),
     ) -> dict[str, str]:
-        """Batched within MLflow's limits. Returns params too long for MLflow, for an artifact.
+        """As few batches as MLflow's limits allow (one, for a trial). ``metric_rows``: MLflow ``Metric``s
+        with their own steps, beside ``metrics`` at ``step``. Returns params too long for MLflow, for an
+        artifact.
 
         Params already logged are skipped: MLflow refuses to change a param, and a resumed run logs again.
         """
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         too_long: dict[str, str] = {}
         fresh: list[Param] = []
@@ -286,13 +301,14 @@ class Tracker:
                 too_long[key] = text
             else:
                 fresh.append(Param(safe, text))
-        now = timestamp or _ms(None)
-        metric_rows = [Metric(_safe_key(k)[:MAX_KEY_LENGTH], float(v), now, step) for k, v in (metrics or {}).items()]
+        rows = [*metric_rows, *_metric_rows(metrics or {}, step=step, timestamp=timestamp or _ms(None))]
         tag_rows = [RunTag(_safe_key(k), str(v)[:MAX_TAG_LENGTH]) for k, v in (tags or {}).items()]
-        for i in range(0, max(len(fresh), len(tag_rows)), PARAMS_PER_BATCH):
-            self._client.log_batch(run_id, params=fresh[i : i + PARAMS_PER_BATCH], tags=tag_rows[i : i + PARAMS_PER_BATCH])
-        for i in range(0, len(metric_rows), METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=metric_rows[i : i + METRICS_PER_BATCH])
+        while fresh or tag_rows or rows:
+            params_now, fresh = fresh[:PARAMS_PER_BATCH], fresh[PARAMS_PER_BATCH:]
+            tags_now, tag_rows = tag_rows[:PARAMS_PER_BATCH], tag_rows[PARAMS_PER_BATCH:]
+            room = ENTITIES_PER_BATCH - len(params_now) - len(tags_now)
+            metrics_now, rows = rows[:room], rows[room:]
+            self._client.log_batch(run_id, metrics=metrics_now, params=params_now, tags=tags_now)
         return too_long
 
     def _load_children(self) -> dict[int, _Child]:
@@ -402,7 +418,7 @@ class Tracker:
         """Pareto tags of the child runs whose rank changed and progress metrics of the parent; the
         parent's plots and tables when the front or the set of complete trials changed, at most every
         REDRAW_SECONDS (close() draws the rest)."""
-        client, parent = self._require_started()
+        _client, parent = self._require_started()
         for number, rank in snapshot.changed.items():
             child = self._child(number)
             if child is None:
@@ -421,21 +437,34 @@ class Tracker:
         }
         if snapshot.hypervolume is not None:
             progress["hypervolume"] = snapshot.hypervolume
-        self._log(parent, metrics=progress, step=snapshot.complete + snapshot.failed)
-        key = (snapshot.front, snapshot.complete)
-        if key != self._drawn_key:
-            self._drawn_key = key
-            self._undrawn = snapshot
-            if time.monotonic() - self._drawn_at >= REDRAW_SECONDS:
-                self._draw(snapshot)
+        self._progress += _metric_rows(progress, step=snapshot.complete + snapshot.failed, timestamp=_ms(None))
+        if time.monotonic() - self._progress_at >= PROGRESS_SECONDS:
+            self._flush_progress()
+        self._latest = snapshot
+        if (snapshot.front, snapshot.complete) != self._drawn_key and time.monotonic() - self._drawn_at >= REDRAW_SECONDS:
+            self._draw(snapshot, in_full=False)
 
-    def _draw(self, snapshot: FrontSnapshot) -> None:
+    @_guarded
+    def flush(self) -> None:
+        """Write the buffered progress metrics now (a worker's last call: the search's close() draws)."""
+        self._flush_progress()
+
+    def _flush_progress(self) -> None:
+        _client, parent = self._require_started()
+        rows, self._progress = self._progress, []
+        self._progress_at = time.monotonic()
+        if rows:
+            self._log(parent, metric_rows=rows)
+
+    def _draw(self, snapshot: FrontSnapshot, *, in_full: bool) -> None:
+        """The parent's front plots and tables; ``in_full`` adds the per-layer plot."""
         from autoprune import plots
 
         client, parent = self._require_started()
         study = self._study
         assert study is not None
-        self._undrawn = None
+        self._drawn_key = (snapshot.front, snapshot.complete)
+        self._drawn_in_full = in_full
         self._drawn_at = time.monotonic()
         metric_names = study.metric_names
         base = _base_point(study.base)
@@ -447,8 +476,9 @@ class Tracker:
                 title = f"{self.study_name}: Pareto front ({len(front)} of {len(points)} complete trials)"
                 plots.pareto_png(points, metric_names, folder / "pareto_front.png", base=base, title=title)
                 plots.pareto_html(points, metric_names, folder / "pareto_front.html", base=base, title=title)
-                rows = [(f"trial {r.trial} ({_values_text(r, metric_names)})", {k: dict(v) for k, v in (r.layers or {}).items()}) for r in front]
-                plots.layers_png(rows, folder / "pareto_layers.png")
+                if in_full:
+                    rows = [(f"trial {r.trial} ({_values_text(r, metric_names)})", {k: dict(v) for k, v in (r.layers or {}).items()}) for r in front]
+                    plots.layers_png(rows, folder / "pareto_layers.png")
             except Exception as exc:  # a drawing bug must not stop tracking: tables and tags still go out
                 if not self._plot_warned:
                     self._plot_warned = True
@@ -484,8 +514,9 @@ class Tracker:
         series.update({f"signals.total.{name}": values for name, values in signals.get("total", {}).items()})
         if signals.get("val_accuracy"):
             series["signals.val_accuracy"] = signals["val_accuracy"]
-        for i, epoch in enumerate(epochs):
-            self._log(parent, metrics={k: v[i] for k, v in series.items() if i < len(v)}, step=epoch)
+        now = _ms(None)
+        rows = [row for i, epoch in enumerate(epochs) for row in _metric_rows({k: v[i] for k, v in series.items() if i < len(v)}, step=epoch, timestamp=now)]
+        self._log(parent, metric_rows=rows)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             _write_json(folder / "signals.json", signals)
@@ -496,8 +527,10 @@ class Tracker:
     def close(self, *, status: str = "FINISHED") -> None:
         """End the parent run: FINISHED, FAILED (the search raised) or KILLED (interrupted)."""
         client, parent = self._require_started()
-        if self._undrawn is not None:
-            self._draw(self._undrawn)
+        self._flush_progress()
+        latest = self._latest
+        if latest is not None and ((latest.front, latest.complete) != self._drawn_key or not self._drawn_in_full):
+            self._draw(latest, in_full=True)
         client.set_terminated(parent, status=status)
 
 
