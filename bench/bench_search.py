@@ -203,11 +203,13 @@ def searches(jobs: list[Job], *, processes: int) -> Iterator[Finished]:
         yield from (future.result() for future in as_completed([pool.submit(search_in_child, job) for job in jobs]))
 
 
-def warm(workdir: Path, spec: TaskSpec, space: Path, *, tracking: bool, name: str = "warm") -> None:
-    """Train the base model and measure its sensitivity table once, outside every arm's time (study ``name``)."""
+def warm(workdir: Path, spec: TaskSpec, space: Path, *, tracking: bool, name: str | None = None) -> None:
+    """Train the base model and measure its sensitivity table once, outside every arm's time (study ``name``,
+    by default one per dataset)."""
     from autoprune.search.priors import sensitivity_policies
     from autoprune.search.runner import open_tracker, prepare
 
+    name = name or f"warm-{spec.dataset}"
     config = SearchConfig(
         task=spec, space_path=space, objectives_path=OBJECTIVES, study_name=name, storage=f"sqlite:///{workdir / f'{name}.db'}", tracking_uri=tracking_uri(workdir), progress=False
     )
