@@ -15,7 +15,9 @@ import threading
 from typing import Any
 
 _STOP = object()
-QUEUED_CALLS = 64
+# a few trials' calls (two each): enough to overlap MLflow with the next trial; where trials outrun MLflow
+# (instant evaluations), a deeper queue would only postpone the wait and hold more snapshots in memory
+QUEUED_CALLS = 8
 
 
 class BackgroundTracker:
@@ -24,7 +26,6 @@ class BackgroundTracker:
 
     def __init__(self, tracker: Any) -> None:
         self._tracker = tracker
-        # bounded: where trials outrun MLflow (instant evaluations), the search waits instead of queueing without end
         self._calls: queue.Queue[Any] = queue.Queue(maxsize=QUEUED_CALLS)
         self._thread = threading.Thread(target=self._work, name="autoprune-tracking", daemon=True)
         self._thread.start()

@@ -231,6 +231,8 @@ class Tracker:
             _write_json(folder / "task.json", dict(study.task))
             client.log_artifacts(self.parent_run_id, str(folder))
         self._children = self._load_children()
+        # the first plots wait REDRAW_SECONDS too: a search shorter than that draws once, at close
+        self._drawn_at = time.monotonic()
         return self.parent_run_id
 
     def _experiment(self, client: Any) -> str:
