@@ -17,11 +17,11 @@ from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of,
 pytestmark = pytest.mark.e2e
 
 # Trials of about a second: long enough to interrupt one, short enough for a budget of 8 in a minute.
-SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: %d}\n"
+SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: 150}\n"
 
 
 def search_args(tmp_path: Path, trials: int, *extra: str, steps: int = 150) -> list[str]:
-    (tmp_path / "space.yaml").write_text(SPACE % steps)
+    (tmp_path / "space.yaml").write_text(SPACE.replace("finetune_steps: 150", f"finetune_steps: {steps}"))
     return [
         "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-priors",
         "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", *extra,
