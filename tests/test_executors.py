@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -30,3 +31,22 @@ def test_no_orphan_no_second_round(monkeypatch: pytest.MonkeyPatch) -> None:
     config = SimpleNamespace(jobs=1, storage=None, tracking_uri=None)
     assert executors.Processes().run(ctx, config, deadline=None) == 3
     assert len(rounds) == 1
+
+
+def test_other_processes_start_after_the_parent_run_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers look the study's MLflow parent run up; one that found none would open a second parent."""
+    from autoprune.search.record import read_meta
+
+    seen: list[str | None] = []
+
+    def run(self: executors.Processes, ctx, config, *, deadline: float | None) -> int:  # noqa: ANN001
+        seen.append(read_meta(ctx.study).mlflow_parent_run_id)
+        return 0
+
+    monkeypatch.setattr(executors.Processes, "run", run)
+    config = runner.SearchConfig(
+        study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        trials=2, jobs=2, priors=False, progress=False,
+    )
+    runner.run_search(config)
+    assert seen and seen[0]

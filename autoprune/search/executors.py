@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 
 class Executor(Protocol):
+    # Whether trials run in other processes too, which open their own trackers: they find the study's MLflow
+    # parent run in the study, so it must be recorded before they start.
+    starts_other_processes: bool
+
     def preflight(self, config: "SearchConfig") -> None:
         """Every check of the executor's own options that needs no training (runs before any work)."""
 
@@ -30,6 +34,8 @@ class Executor(Protocol):
 
 
 class InProcess:
+    starts_other_processes = False
+
     def preflight(self, config: "SearchConfig") -> None:
         return None
 
@@ -51,6 +57,8 @@ def share_cores(processes: int) -> int:
 
 class Processes:
     """This process runs trials too, beside ``jobs - 1`` worker processes on the same storage."""
+
+    starts_other_processes = True
 
     def preflight(self, config: "SearchConfig") -> None:
         return None

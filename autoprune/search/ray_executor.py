@@ -395,6 +395,8 @@ def _shared_tracking_uri(tracking_uri: str | None) -> str | None:
 class RayExecutor:
     """Trials on Ray Tune: a local instance, or the cluster at ``--address``."""
 
+    starts_other_processes = True
+
     def preflight(self, config: "SearchConfig") -> None:
         preflight(config)
 

@@ -483,6 +483,8 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     if signals:
         tracker.log_signals(signals)
     deadline = start + config.timeout if config.timeout else None
+    if executor.starts_other_processes:
+        tracker.drain()  # the parent run is recorded in the study before any other process looks it up
     reporter = Reporter(ctx, tracker=tracker, progress=config.progress)
     ctx.notify = reporter.told
     status = "FAILED"
