@@ -1,4 +1,5 @@
-"""The multi-process executor refills the budget slot of a worker that died after the driver's last look."""
+"""The multi-process executor refills the budget slot of a worker that died after the driver's last look, and
+starts no other process before the MLflow parent run is recorded; a Ctrl-C between ask and tell fails the trial."""
 
 from __future__ import annotations
 
@@ -50,3 +51,28 @@ def test_other_processes_start_after_the_parent_run_is_recorded(tmp_path: Path, 
     )
     runner.run_search(config)
     assert seen and seen[0]
+
+
+def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the trial has an owner, no orphan check can fail it: the loop itself must, or it holds a slot."""
+    from optuna.trial import TrialState
+
+    from autoprune.search.record import read_trial
+
+    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=3, priors=False, progress=False)
+    ctx = runner.prepare(config)
+
+    calls: list[int] = []
+
+    def interrupted_once_asked(study: object, number: int) -> int:
+        calls.append(number)
+        if len(calls) > 1:  # the first call counts the budget before any ask
+            raise KeyboardInterrupt
+        return 0
+
+    monkeypatch.setattr(runner, "counted_before", interrupted_once_asked)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_trials(ctx, deadline=None)
+    (trial,) = ctx.study.get_trials()
+    record = read_trial(trial)
+    assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import os
 import socket
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -142,21 +142,31 @@ def interval_fields(metrics: dict[str, float]) -> dict[str, Any]:
 
 
 def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | None:
-    """The whole lifecycle in this process (the in-process and multi-process executors)."""
+    """The whole lifecycle in this process (the in-process and multi-process executors); the caller holds
+    ``failed_if_interrupted`` around it, from the ask on."""
     evaluator = ctx.ensure_evaluator(progress=False)
     with heartbeat(ctx, trial):
         job = begin(ctx, trial)
         if job is None:
             return None
-        try:
-            if ctx.fidelity is None or job.strategy != "sampled":
-                outcome = Outcome.of(lambda: evaluator.run(job))
-            else:
-                outcome = evaluate_fidelities(ctx, trial, evaluator, Policy.from_dict(job.policy or {}))
-        except KeyboardInterrupt:
-            finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
-            raise
+        if ctx.fidelity is None or job.strategy != "sampled":
+            outcome = Outcome.of(lambda: evaluator.run(job))
+        else:
+            outcome = evaluate_fidelities(ctx, trial, evaluator, Policy.from_dict(job.policy or {}))
         return finish(ctx, trial, outcome)
+
+
+@contextmanager
+def failed_if_interrupted(ctx: "SearchContext", trial: optuna.Trial) -> Iterator[None]:
+    """From ask to tell: a Ctrl-C anywhere in between fails the trial as interrupted, so a resume runs it
+    again. Caught only inside the evaluation, a Ctrl-C just after the ask (before the trial has an owner)
+    left it RUNNING with nobody to fail it, holding a slot of the budget for good."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if any(t.number == trial.number for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+            finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
+        raise
 
 
 def evaluate_fidelities(ctx: "SearchContext", trial: optuna.Trial, evaluator: Any, policy: "Policy") -> Outcome:
@@ -243,6 +253,6 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
 
 
 __all__ = [
-    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "evaluate_fidelities",
+    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "failed_if_interrupted", "evaluate_fidelities",
     "counts_toward_budget", "counted_before", "spent", "fail_orphaned_trials",
 ]

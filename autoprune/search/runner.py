@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.search.fidelity import FidelitySpec, steps_spent
-from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, run_in_process, spent
+from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, failed_if_interrupted, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
@@ -410,13 +410,14 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
         if asked >= ctx.budget:
             break
         trial = ctx.study.ask(distributions)
-        asked = counted_before(ctx.study, trial.number)
-        if asked >= ctx.budget:
-            from autoprune.search.lifecycle import SKIPPED, Outcome, finish
+        with failed_if_interrupted(ctx, trial):
+            asked = counted_before(ctx.study, trial.number)
+            if asked >= ctx.budget:
+                from autoprune.search.lifecycle import SKIPPED, Outcome, finish
 
-            finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
-            break
-        run_in_process(ctx, trial)
+                finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
+                break
+            run_in_process(ctx, trial)
         ran += 1
         asked += 1
     return ran
@@ -433,16 +434,17 @@ def _run_fidelity_trials(ctx: SearchContext, *, deadline: float | None) -> int:
     while deadline is None or time.monotonic() < deadline:
         fail_orphaned_trials(ctx.study)
         trial = ctx.study.ask(distributions)
-        try:
-            short = low_fidelity(ctx.space.policy(trial.params), ctx.fidelity.fraction).finetune_steps
-        except Exception:  # noqa: BLE001 - a point the space cannot turn into a policy fails in begin, spending nothing
-            short = 0
-        if steps_spent(ctx.study) + short > ctx.budget_steps:
-            from autoprune.search.lifecycle import SKIPPED, Outcome, finish
+        with failed_if_interrupted(ctx, trial):
+            try:
+                short = low_fidelity(ctx.space.policy(trial.params), ctx.fidelity.fraction).finetune_steps
+            except Exception:  # noqa: BLE001 - a point the space cannot turn into a policy fails in begin, spending nothing
+                short = 0
+            if steps_spent(ctx.study) + short > ctx.budget_steps:
+                from autoprune.search.lifecycle import SKIPPED, Outcome, finish
 
-            finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
-            break
-        run_in_process(ctx, trial)
+                finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
+                break
+            run_in_process(ctx, trial)
         ran += 1
     return ran
 
