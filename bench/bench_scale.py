@@ -101,7 +101,9 @@ def overhead_run(trials: int, *, tracking: bool) -> None:
     from autoprune.search.record import read_trial
 
     if not tracking:
-        runner.open_tracker = lambda ctx, tracking_uri: _NoTracker()
+        from bench_search import without_tracking  # this folder is the script's, so on sys.path
+
+        without_tracking()
     workdir = Path(tempfile.mkdtemp(prefix="autoprune-overhead-"))
     config = runner.SearchConfig(
         study_name="overhead", storage=f"sqlite:///{workdir / 'study.db'}", trials=trials,
@@ -112,13 +114,6 @@ def overhead_run(trials: int, *, tracking: bool) -> None:
     wall = time.perf_counter() - start
     trial_seconds = sum((read_trial(t).metrics or {}).get("trial_seconds", 0.0) for t in outcome.study.trials)
     print(json.dumps({"wall": wall, "trials": trial_seconds}))
-
-
-class _NoTracker:
-    """Takes every call a search makes on its tracker and does nothing."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+from operator import methodcaller
+from typing import Any, Callable
 
 _STOP = object()
 # a few trials' calls (two each): enough to overlap MLflow with the next trial; where trials outrun MLflow
@@ -36,11 +37,7 @@ class BackgroundTracker:
             try:
                 if call is _STOP:
                     return
-                name, args, kwargs = call
-                if isinstance(name, str):
-                    getattr(self._tracker, name)(*args, **kwargs)
-                else:
-                    name(self._tracker, *args, **kwargs)
+                call(self._tracker)
             except Exception:  # noqa: BLE001 - the tracker reports its own failures; the queue must keep moving
                 pass
             finally:
@@ -52,13 +49,13 @@ class BackgroundTracker:
             return value
 
         def enqueue(*args: Any, **kwargs: Any) -> None:
-            self._calls.put((name, args, kwargs))
+            self._calls.put(methodcaller(name, *args, **kwargs))
 
         return enqueue
 
-    def submit(self, call: Any, *args: Any) -> None:
+    def submit(self, call: Callable[..., Any], *args: Any) -> None:
         """Run ``call(tracker, *args)`` on the thread, in order with the tracker's own calls."""
-        self._calls.put((call, args, {}))
+        self._calls.put(lambda tracker: call(tracker, *args))
 
     def drain(self) -> None:
         """Wait until every call made so far has run."""
@@ -66,6 +63,6 @@ class BackgroundTracker:
 
     def close(self, **kwargs: Any) -> None:
         """Run what is queued, end the parent run, stop the thread."""
-        self._calls.put(("close", (), kwargs))
+        self._calls.put(methodcaller("close", **kwargs))
         self._calls.put(_STOP)
         self._thread.join()
