@@ -76,3 +76,30 @@ def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: P
     (trial,) = ctx.study.get_trials()
     record = read_trial(trial)
     assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"
+
+
+def test_a_ctrl_c_during_the_ask_waits_for_it_and_fails_the_new_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna creates the trial before it samples: a Ctrl-C in between must not leave it RUNNING, unknown."""
+    import os
+    import signal
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoprune.search.record import read_trial
+
+    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=3, priors=False, progress=False)
+    ctx = runner.prepare(config)
+    ask = optuna.Study.ask
+
+    def ask_interrupted_midway(study: optuna.Study, *args: object, **kwargs: object) -> optuna.Trial:
+        trial = ask(study, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_interrupted_midway)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_trials(ctx, deadline=None)
+    (trial,) = ctx.study.get_trials()
+    record = read_trial(trial)
+    assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import threading
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,7 +145,7 @@ def interval_fields(metrics: dict[str, float]) -> dict[str, Any]:
 
 def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | None:
     """The whole lifecycle in this process (the in-process and multi-process executors); the caller holds
-    ``failed_if_interrupted`` around it, from the ask on."""
+    ``new_trial`` around it."""
     evaluator = ctx.ensure_evaluator(progress=False)
     with heartbeat(ctx, trial):
         job = begin(ctx, trial)
@@ -157,12 +159,23 @@ def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | N
 
 
 @contextmanager
-def failed_if_interrupted(ctx: "SearchContext", trial: optuna.Trial) -> Iterator[None]:
-    """From ask to tell: a Ctrl-C anywhere in between fails the trial as interrupted, so a resume runs it
-    again. Caught only inside the evaluation, a Ctrl-C just after the ask (before the trial has an owner)
-    left it RUNNING with nobody to fail it, holding a slot of the budget for good."""
+def new_trial(ctx: "SearchContext", distributions: dict[str, Any]) -> Iterator[optuna.Trial]:
+    """A newly asked trial, failed as interrupted (a resume runs it again) if a Ctrl-C comes before it is
+    told. Optuna creates the trial, RUNNING, before it samples, so a Ctrl-C during the ask would leave a
+    trial nobody knows, with no owner for any orphan check, holding a slot of the budget for good: in the
+    main thread that Ctrl-C waits until the ask has returned."""
+    pending: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: pending.append(number)) if main else None
     try:
-        yield
+        trial = ctx.study.ask(distributions)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        if pending:
+            raise KeyboardInterrupt
+        yield trial
     except KeyboardInterrupt:
         if any(t.number == trial.number for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
             finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
@@ -253,6 +266,6 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
 
 
 __all__ = [
-    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "failed_if_interrupted", "evaluate_fidelities",
+    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "new_trial", "evaluate_fidelities",
     "counts_toward_budget", "counted_before", "spent", "fail_orphaned_trials",
 ]

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.search.fidelity import FidelitySpec, steps_spent
-from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, failed_if_interrupted, run_in_process, spent
+from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, new_trial, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
@@ -409,8 +409,7 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
         fail_orphaned_trials(ctx.study)
         if asked >= ctx.budget:
             break
-        trial = ctx.study.ask(distributions)
-        with failed_if_interrupted(ctx, trial):
+        with new_trial(ctx, distributions) as trial:
             asked = counted_before(ctx.study, trial.number)
             if asked >= ctx.budget:
                 from autoprune.search.lifecycle import SKIPPED, Outcome, finish
@@ -433,8 +432,7 @@ def _run_fidelity_trials(ctx: SearchContext, *, deadline: float | None) -> int:
     ran = 0
     while deadline is None or time.monotonic() < deadline:
         fail_orphaned_trials(ctx.study)
-        trial = ctx.study.ask(distributions)
-        with failed_if_interrupted(ctx, trial):
+        with new_trial(ctx, distributions) as trial:
             try:
                 short = low_fidelity(ctx.space.policy(trial.params), ctx.fidelity.fraction).finetune_steps
             except Exception:  # noqa: BLE001 - a point the space cannot turn into a policy fails in begin, spending nothing
