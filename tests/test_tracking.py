@@ -414,6 +414,38 @@ def test_the_default_store_is_one_folder_under_mlruns(tmp_path: Path, monkeypatc
     assert resolve_store(None) == ("postgresql://db/mlflow", None)
 
 
+# Dies the way SIGKILL would, halfway through MLflow's schema: after the fifth CREATE TABLE.
+KILLED_MID_SCHEMA = """
+import os, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from autoprune.tracking.store import open_client
+created = []
+
+@event.listens_for(Engine, "before_cursor_execute")
+def die(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("CREATE TABLE"):
+        created.append(statement)
+        if len(created) == 5:
+            os._exit(137)
+
+open_client(sys.argv[1]).search_experiments()
+"""
+
+
+def test_a_search_killed_while_mlflow_creates_its_store_leaves_none_half_made(tmp_path: Path) -> None:
+    uri, _ = resolve_store(str(tmp_path / "mlruns"))
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SCHEMA, uri], capture_output=True, text=True)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+    from autoprune.tracking.store import open_client
+
+    client = open_client(uri)
+    experiment = client.create_experiment("after-the-kill")
+    assert client.get_experiment_by_name("after-the-kill").experiment_id == experiment
+
+
 def test_training_signals_are_parent_metrics_by_epoch(store: Path) -> None:
     study = new_study("signals")
     tracker = Tracker(study_name="signals", tracking_uri=str(store))

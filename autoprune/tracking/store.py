@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,40 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def create_whole(tracking_uri: str) -> None:
+    """Create a SQLite store that does not exist yet complete, or not at all.
+
+    MLflow builds a new store's schema in dozens of steps, each committed on its own: a search killed in
+    those seconds left a database that every later search and the UI refused ("table ... already exists").
+    The schema is built in a scratch file beside the store and hard-linked into place, which either creates
+    the store whole or fails because another process created it first.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    _, artifacts = resolve_store(tracking_uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    scratch = db.with_name(f".{db.name}.{os.getpid()}.{threading.get_ident()}.new")
+    try:
+        SqlAlchemyStore(sqlite_uri(scratch), artifacts.as_uri() if artifacts else None).engine.dispose()
+        try:
+            os.link(scratch, db)
+        except FileExistsError:
+            pass
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 def open_client(tracking_uri: str) -> Any:
     """An MlflowClient on ``tracking_uri`` whose calls retry while SQLite reports a lock."""
     from mlflow import MlflowClient
 
     quiet_mlflow()
+    create_whole(tracking_uri)
     if is_server(tracking_uri):
         # MLflow retries an unreachable server for minutes by default; a search should not wait that long.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
