@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from cli_support import PATIENCE, _no_leftover_processes, autoprune, tracking_of, wait_for  # noqa: F401 (autouse fixture)
-from test_workers import SPACE, mlflow_children, worker_children
+from test_workers import mlflow_children, space, worker_children
 
 pytestmark = pytest.mark.e2e
 BUDGET = 6
@@ -58,7 +58,8 @@ def postgres_url() -> Iterator[str]:
 
 
 def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path: Path, postgres_url: str) -> None:
-    (tmp_path / "space.yaml").write_text(SPACE)
+    # trials of a few seconds: the driver must not spend the budget before both workers have started
+    (tmp_path / "space.yaml").write_text(space(800))
     args = [
         "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(BUDGET), "--study", "s", "--no-priors",
         "--storage", postgres_url, "--tracking-uri", tracking_of(tmp_path), "--quiet", "--jobs", "3",

@@ -43,7 +43,8 @@ def complete_trials(storage: str) -> dict[int, tuple[float, ...]]:
 
 
 def test_sigkill_then_rerun_finishes_with_earlier_trials_intact(tmp_path: Path) -> None:
-    (tmp_path / "space.yaml").write_text(SPACE)
+    # longer trials: the kill must land before the search has finished all 8
+    (tmp_path / "space.yaml").write_text(SPACE.replace("finetune_steps: 40", "finetune_steps: 300"))
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = autoprune(tmp_path, *search_args(tmp_path, 8, "--no-priors"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for("three complete trials", lambda: len(complete_trials(storage)) >= 3, proc)

@@ -16,12 +16,14 @@ from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of,
 
 pytestmark = pytest.mark.e2e
 
-# Trials of about a second: long enough to interrupt one, short enough for a budget of 8 in a minute.
-SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: 150}\n"
+
+def space(steps: int) -> str:
+    """A space whose trials last about ``steps`` / 250 seconds on digits, once the first is done."""
+    return f"layers: {{_default: {{w_bits: {{choices: [4, 8]}}}}}}\npolicy: {{finetune_steps: {steps}}}\n"
 
 
 def search_args(tmp_path: Path, trials: int, *extra: str, steps: int = 150) -> list[str]:
-    (tmp_path / "space.yaml").write_text(SPACE.replace("finetune_steps: 150", f"finetune_steps: {steps}"))
+    (tmp_path / "space.yaml").write_text(space(steps))
     return [
         "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-priors",
         "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", *extra,
@@ -69,7 +71,8 @@ def assert_budget_spent_once(tmp_path: Path, budget: int) -> list[optuna.trial.F
 
 
 def test_two_workers_finish_the_budget_of_an_interrupted_search(tmp_path: Path) -> None:
-    driver = autoprune(tmp_path, *search_args(tmp_path, 8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # 150-step trials took 0.6 s once the first was done: a loaded machine's poll sent the Ctrl-C after all 8
+    driver = autoprune(tmp_path, *search_args(tmp_path, 8, steps=600), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for("a complete trial", lambda: any(t.state == TrialState.COMPLETE for t in trials_of(tmp_path)), driver)
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=PATIENCE)
