@@ -10,15 +10,26 @@ needs the whole split as one tensor.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from autoprune.errors import AutopruneError
+from autoprune.files import atomic_path
+
+CACHE_ENV = "AUTOPRUNE_CACHE"
+# Bumped whenever a built-in loader's arrays or split change, so that no cache serves the old ones.
+ARRAYS_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Where base models, learned models and the built-in datasets' arrays are kept between runs."""
+    return Path(os.environ.get(CACHE_ENV, ".autoprune/cache"))
 
 
 @dataclass(frozen=True)
@@ -38,29 +49,53 @@ def _size(split: Any) -> int:
     return len(getattr(split, "dataset", split))
 
 
-def split_arrays(x: np.ndarray, y: np.ndarray, *, seed: int, val_fraction: float, test_fraction: float) -> Splits:
-    """A stratified, seeded split of samples (N, C, H, W) or (N, C, L) and labels into train / val / test."""
+def split_indices(y: np.ndarray, *, seed: int, val_fraction: float, test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified, seeded train / val / test indices of the labels ``y``."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
     rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y)
     rel_val = val_fraction / (1.0 - test_fraction)
     train, val = train_test_split(rest, test_size=rel_val, random_state=seed, stratify=y[rest])
+    return train, val, test
 
+
+def _subsets(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> Splits:
     def subset(ix: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.as_tensor(x[ix], dtype=torch.float32), torch.as_tensor(y[ix], dtype=torch.long))
 
     return Splits(subset(train), subset(val), subset(test), int(y.max()) + 1, tuple(x.shape[1:]))  # type: ignore[arg-type]
 
 
+def cached_splits(name: str, *, seed: int, val_fraction: float, test_fraction: float, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Splits:
+    """The arrays ``make`` returns, split by ``split_indices``, kept with their split under the cache root.
+
+    Generating MNIST-1D takes about two seconds and importing scikit-learn about one: every search and every
+    worker process paid them before its first trial. The file is written whole (a reader never sees half of
+    it) and keyed by dataset, seed and ``ARRAYS_VERSION``.
+    """
+    path = cache_root() / "data" / f"{name}-seed{seed}-v{ARRAYS_VERSION}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            return _subsets(*(saved[key] for key in ("x", "y", "train", "val", "test")))
+    x, y = make()
+    train, val, test = split_indices(y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, x=x, y=y, train=train, val=val, test=test)
+    return _subsets(x, y, train, val, test)
+
+
 def load_digits(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
     """sklearn's digits: pixel values 0..16 scaled to zero mean, unit variance; 60/20/20 split."""
-    from sklearn.datasets import load_digits as sk_load_digits
 
-    bunch = sk_load_digits()
-    images = bunch.images.astype(np.float32)[:, None, :, :]
-    images = (images / 16.0 - 0.3) / 0.37
-    return split_arrays(images, bunch.target.astype(np.int64), seed=seed, val_fraction=0.2, test_fraction=0.2)
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits as sk_load_digits
+
+        bunch = sk_load_digits()
+        images = bunch.images.astype(np.float32)[:, None, :, :]
+        return (images / 16.0 - 0.3) / 0.37, bunch.target.astype(np.int64)
+
+    return cached_splits("digits", seed=seed, val_fraction=0.2, test_fraction=0.2, make=make)
 
 
 MNIST1D_SAMPLES = 12_000
@@ -71,24 +106,27 @@ MNIST1D_GENERATOR_SEED = 42
 def load_mnist1d(*, seed: int = 0, data_dir: Path | None = None) -> Splits:
     """MNIST-1D: 12,000 signals of length 40 (one channel) from ``make_dataset``, split 8,000 / 2,000 / 2,000.
 
-    Generated in about two seconds, deterministically, so nothing is cached; the package's ``get_dataset``
-    would download a pickle and is never called. ``make_dataset`` reseeds Python's and NumPy's global random
+    Generated deterministically (in about two seconds, then cached); the package's ``get_dataset`` would
+    download a pickle and is never called. ``make_dataset`` reseeds Python's and NumPy's global random
     generators, whose states are restored afterwards so a caller's random streams do not depend on it.
     """
-    import random
 
-    from mnist1d.data import get_dataset_args, make_dataset
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        import random
 
-    args = get_dataset_args()
-    args.num_samples, args.train_split, args.seed = MNIST1D_SAMPLES, 1.0, MNIST1D_GENERATOR_SEED
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        data = make_dataset(args)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-    signals = data["x"].astype(np.float32)[:, None, :]
-    return split_arrays(signals, data["y"].astype(np.int64), seed=seed, val_fraction=1 / 6, test_fraction=1 / 6)
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples, args.train_split, args.seed = MNIST1D_SAMPLES, 1.0, MNIST1D_GENERATOR_SEED
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            data = make_dataset(args)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return data["x"].astype(np.float32)[:, None, :], data["y"].astype(np.int64)
+
+    return cached_splits("mnist1d", seed=seed, val_fraction=1 / 6, test_fraction=1 / 6, make=make)
 
 
 # Loaders beyond digits and MNIST-1D live in autoprune.vision, which imports torchvision on first use.

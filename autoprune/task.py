@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from autoprune.data import Splits, load_dataset
+from autoprune.data import Splits, cache_root, load_dataset
 from autoprune.device import device_of, resolve_device, to_device
 from autoprune.errors import AutopruneError
 from autoprune.files import atomic_path, write_atomic
@@ -39,13 +38,6 @@ Loss = Callable[[nn.Module, Any], torch.Tensor]
 SIGNAL_STEPS = 200
 SIGNAL_LR = 1e-3
 SIGNAL_EPOCHS = 4
-
-CACHE_ENV = "AUTOPRUNE_CACHE"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, ".autoprune/cache"))
-
 
 @dataclass(frozen=True)
 class TrainSettings:

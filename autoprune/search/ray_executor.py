@@ -72,7 +72,8 @@ class WorkerJob:
 
 def _evaluator(job: WorkerJob) -> "Evaluator":
     from autoprune.search.evaluate import Evaluator
-    from autoprune.task import CACHE_ENV, task_from_record
+    from autoprune.data import CACHE_ENV
+    from autoprune.task import task_from_record
 
     key = json.dumps(job.task, sort_keys=True)
     if key not in _EVALUATORS:
@@ -368,7 +369,7 @@ def _check_fits(config: "RayOptions", resources: dict[str, float]) -> None:
 
 
 def _worker_job(ctx: "SearchContext", config: "RayOptions") -> WorkerJob:
-    from autoprune.task import cache_root
+    from autoprune.data import cache_root
 
     evaluator = ctx.ensure_evaluator(progress=False)
     folder = evaluator.base.cache_path
