@@ -103,3 +103,24 @@ def test_a_ctrl_c_during_the_ask_waits_for_it_and_fails_the_new_trial(tmp_path: 
     (trial,) = ctx.study.get_trials()
     record = read_trial(trial)
     assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"
+
+
+def test_the_loop_runs_a_trial_in_place_of_one_whose_process_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The orphan holds the last slot of the budget until the loop, finding the slots spent, fails it."""
+    import socket
+    import subprocess
+
+    from optuna.trial import TrialState
+
+    from autoprune.search.record import read_trial, write_trial
+
+    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=2, priors=False, progress=False)
+    ctx = runner.prepare(config)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = ctx.study.ask()
+    write_trial(ctx.study, orphan, owner=f"{socket.gethostname()}:{dead.pid}")
+    monkeypatch.setattr(runner, "run_in_process", lambda ctx, trial: ctx.study.tell(trial, [90.0, 1.0]))
+    assert runner.run_trials(ctx, deadline=None) == 2
+    states = {t.number: (t.state, read_trial(t).interrupted) for t in ctx.study.get_trials()}
+    assert states == {0: (TrialState.FAIL, True), 1: (TrialState.COMPLETE, False), 2: (TrialState.COMPLETE, False)}

@@ -405,10 +405,13 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
     asked = counted_before(ctx.study, _next_number(ctx.study))
     while deadline is None or time.monotonic() < deadline:
         # A worker process that died mid-trial left it RUNNING, holding a slot of the budget: fail it
-        # (as interrupted) so that the remaining workers run a trial in its place.
-        fail_orphaned_trials(ctx.study)
+        # (as interrupted) so that a trial runs in its place. That changes nothing until the slots look
+        # spent, so the study is read for orphans then, not before every trial.
         if asked >= ctx.budget:
-            break
+            if not fail_orphaned_trials(ctx.study):
+                break
+            asked = counted_before(ctx.study, _next_number(ctx.study))
+            continue
         with new_trial(ctx, distributions) as trial:
             asked = counted_before(ctx.study, trial.number)
             if asked >= ctx.budget:
