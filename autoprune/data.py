@@ -39,6 +39,9 @@ class Splits:
     test: Dataset
     num_classes: int | None
     input_shape: tuple[int, ...]
+    # Set where the arrays were generated rather than read from the cache: writes them there. The task
+    # calls it once its inputs were accepted, so that input it refuses leaves no file behind.
+    keep: Callable[[], None] | None = None
 
     def sizes(self) -> tuple[int, int, int]:
         return _size(self.train), _size(self.val), _size(self.test)
@@ -60,19 +63,19 @@ def split_indices(y: np.ndarray, *, seed: int, val_fraction: float, test_fractio
     return train, val, test
 
 
-def _subsets(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> Splits:
+def _subsets(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray, *, keep: Callable[[], None] | None = None) -> Splits:
     def subset(ix: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.as_tensor(x[ix], dtype=torch.float32), torch.as_tensor(y[ix], dtype=torch.long))
 
-    return Splits(subset(train), subset(val), subset(test), int(y.max()) + 1, tuple(x.shape[1:]))  # type: ignore[arg-type]
+    return Splits(subset(train), subset(val), subset(test), int(y.max()) + 1, tuple(x.shape[1:]), keep)  # type: ignore[arg-type]
 
 
 def cached_splits(name: str, *, seed: int, val_fraction: float, test_fraction: float, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Splits:
     """The arrays ``make`` returns, split by ``split_indices``, kept with their split under the cache root.
 
     Generating MNIST-1D takes about two seconds and importing scikit-learn about one: every search and every
-    worker process paid them before its first trial. The file is written whole (a reader never sees half of
-    it) and keyed by dataset, seed and ``ARRAYS_VERSION``.
+    worker process paid them before its first trial. The file is written by ``Splits.keep``, whole (a reader
+    never sees half of it), keyed by dataset, seed and ``ARRAYS_VERSION``.
     """
     path = cache_root() / "data" / f"{name}-seed{seed}-v{ARRAYS_VERSION}.npz"
     if path.is_file():
@@ -80,9 +83,12 @@ def cached_splits(name: str, *, seed: int, val_fraction: float, test_fraction: f
             return _subsets(*(saved[key] for key in ("x", "y", "train", "val", "test")))
     x, y = make()
     train, val, test = split_indices(y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    with atomic_path(path) as tmp, tmp.open("wb") as handle:
-        np.savez(handle, x=x, y=y, train=train, val=val, test=test)
-    return _subsets(x, y, train, val, test)
+
+    def keep() -> None:
+        with atomic_path(path) as tmp, tmp.open("wb") as handle:
+            np.savez(handle, x=x, y=y, train=train, val=val, test=test)
+
+    return _subsets(x, y, train, val, test, keep=keep)
 
 
 def load_digits(*, seed: int = 0, data_dir: Path | None = None) -> Splits:

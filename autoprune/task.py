@@ -448,6 +448,8 @@ class Task:
         directory = self.cache_dir()
         weights, meta_path = directory / "model.safetensors", directory / "meta.json"
         model = self.build()
+        if self.splits.keep is not None:
+            self.splits.keep()
         if weights.is_file() and meta_path.is_file():
             model.load_state_dict(load_file(weights))
             model.eval()

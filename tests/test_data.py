@@ -16,6 +16,9 @@ from autoprune.data import ARRAYS_VERSION, CACHE_ENV, load_dataset
 def test_a_builtin_dataset_is_cached_whole_and_read_back_without_scikit_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     first = load_dataset("digits", seed=3)
+    assert not list(tmp_path.iterdir()), "nothing is written before the task keeps the arrays"
+    assert first.keep is not None
+    first.keep()
     assert [p.name for p in (tmp_path / "data").iterdir()] == [f"digits-seed3-v{ARRAYS_VERSION}.npz"]
 
     code = "import sys; from autoprune.data import load_dataset; s = load_dataset('digits', seed=3); print(*s.sizes(), int(s.test.tensors[1].sum()), 'sklearn' in sys.modules)"
@@ -23,6 +26,7 @@ def test_a_builtin_dataset_is_cached_whole_and_read_back_without_scikit_learn(tm
     assert read.stdout.split() == [*map(str, first.sizes()), str(int(first.test.tensors[1].sum())), "False"]
 
     again = load_dataset("digits", seed=3)
+    assert again.keep is None
     for split, cached in zip((first.train, first.val, first.test), (again.train, again.val, again.test)):
         assert all(torch.equal(a, b) for a, b in zip(split.tensors, cached.tensors))
     assert not torch.equal(load_dataset("digits", seed=4).test.tensors[1], first.test.tensors[1]), "the seed moves the split"
