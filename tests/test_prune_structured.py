@@ -12,6 +12,7 @@ from torch import nn
 from autoprune.errors import AutopruneError
 from autoprune.models import build_model, compressible_layers, default_input_shape
 from autoprune.prune import (
+    ChannelGroup,
     StructuredRecord,
     channel_groups,
     fold_batchnorm,
@@ -325,3 +326,14 @@ def test_replay_refuses_a_record_of_another_model() -> None:
     partial = StructuredRecord(method=record.method, layers={"conv1": record.layers["conv1"]})
     with pytest.raises(AutopruneError, match="missing from group conv1"):
         replay_structured(model, partial, example_input=x)
+
+
+def test_a_model_of_tabular_features_traced_on_one_sample_has_its_hidden_channels_pruned() -> None:
+    """A 2-D input straight into a Linear, traced on a batch of one: Torch-Pruning failed on it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    x = torch.randn(1, 6)
+    assert channel_groups(model, example_input=x) == [ChannelGroup(name="0", layers=("0",), channels=8)]
+    record = prune_structured(model, keep={"0": 0.5}, example_input=x)
+    assert (model[0].out_features, model[2].in_features) == (4, 4)
+    assert (record.layers["0"].before, record.layers["0"].after) == (8, 4) and model(torch.randn(3, 6)).shape == (3, 1)

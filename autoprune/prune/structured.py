@@ -164,8 +164,11 @@ def keep_count(ratio: float, channels: int) -> int:
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``model``, traced in eval mode so that tracing leaves BN statistics alone."""
     was_training = model.training
-    # A grad-requiring input gives every output a grad_fn even when the model's parameters are frozen.
-    traced_input = example_input.detach().clone().requires_grad_(example_input.is_floating_point())
+    # A grad-requiring input gives every output a grad_fn even when the model's parameters are frozen. Two
+    # samples: on a batch of one, Torch-Pruning's index mapping fails where a 2-D input meets a Linear first
+    # (a model of tabular features), taking the size-1 batch dimension for an unbind.
+    sample = example_input.detach()[:1]
+    traced_input = torch.cat([sample, sample]).requires_grad_(example_input.is_floating_point())
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False)
