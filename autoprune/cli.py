@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_apply)
 
-    from autoprune.search.priors import DEFAULT_PRIORS, KINDS, SNR_PRIORS
+    from autoprune.search.priors import DEFAULT_PRIORS, KINDS
     from autoprune.search.record import SAMPLERS
 
     p = sub.add_parser("search", help="run (or resume) a multi-objective search")
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NATURAL_INT, default=0, help="sampler seed")
     p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local worker processes sharing the study")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default ./mlruns)")
-    p.add_argument("--priors", type=_priors, default=DEFAULT_PRIORS, help=f"prior kinds enqueued first, comma-separated ({', '.join(KINDS)}; default {','.join(DEFAULT_PRIORS)}: the integer program's policies over 8 cost budgets; a user task gets {','.join(SNR_PRIORS)} in its place)")
+    p.add_argument("--priors", type=_priors, default=DEFAULT_PRIORS, help=f"prior kinds enqueued first, comma-separated ({', '.join(KINDS)}; default {','.join(DEFAULT_PRIORS)}: the integer program's policies over 8 cost budgets, from the base model's sensitivity to each choice)")
     p.add_argument("--no-priors", action="store_true", help="do not enqueue any prior policy")
     p.add_argument("--fidelity", type=POSITIVE_FLOAT, default=None, help="multi-fidelity: share of finetune_steps of the short fine-tune (e.g. 0.25); the budget is then --budget-steps fine-tune steps (default --trials x finetune_steps)")
     p.add_argument("--budget-steps", type=POSITIVE_INT, default=None, help="fine-tune steps a --fidelity study may spend")

@@ -1,7 +1,8 @@
 """Per-layer sensitivity: the loss increase each candidate bit-width and keep ratio is expected to cause.
 
-Measured once per base model over a few calibration batches, cached next to it (``sensitivity.json`` in
-``Task.cache_dir()``), and read by the integer program of ``autoprune.search.budget_ip``. The model is
+Measured once per base model over a few calibration batches, cached (``table_path``: beside a built-in
+task's base model, under the cache root for a user's), and read by the integer program of
+``autoprune.search.budget_ip``. The model is
 measured in eval mode (BN on its running statistics, as the deployed model runs). L is the mean loss over
 the calibration samples; a perturbation dW of a layer's n weights is expected to raise it, to second order
 around a trained minimum (gradient ~ 0), by
@@ -41,7 +42,10 @@ Perturbations:
   ``input_bits``).
 
 Summing these per layer and per group (no interaction between layers or between bits and width) is the
-additive model of HAWQ-V3's integer program. ``loss_fn`` must average over the batch (CrossEntropyLoss does).
+additive model of HAWQ-V3's integer program. The loss must average over the batch (CrossEntropyLoss does).
+It is ``loss_fn(model(x), y)`` on ``(x, y)`` batches, or a task's own ``batch_loss(model, batch)`` on batches of
+any shape whose first item (or the batch itself) is the model input: ``hessian`` and ``direct`` take either,
+``fisher`` needs ``(x, y)`` to split a batch into samples.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ DEFAULT_METHOD: Method = "direct"
 # Per-sample gradients are taken this many samples at a time, so memory stays at chunk x parameters.
 FISHER_CHUNK = 16
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The mean loss of a model on one batch, as a task computes it (``Task.loss``).
+BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
 
 
 class _Frozen(BaseModel):
@@ -198,14 +204,14 @@ def _pruning_perturbation(weights: Mapping[str, torch.Tensor], members: Sequence
 class _DirectIncrease:
     """The ``direct`` method: the calibration loss measured with one perturbation applied, minus the base loss."""
 
-    def __init__(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], base: float, loss_fn: LossFn) -> None:
-        self.model, self.batches, self.base, self.loss_fn = model, batches, base, loss_fn
+    def __init__(self, model: nn.Module, batches: list[tuple[Any, int]], base: float, batch_loss: BatchLoss) -> None:
+        self.model, self.batches, self.base, self.batch_loss = model, batches, base, batch_loss
         self.layers = compressible_layers(model)
-        self.samples = sum(x.shape[0] for x, _ in batches)
+        self.samples = sum(size for _, size in batches)
 
     @torch.no_grad()
     def _increase(self) -> float:
-        total = math.fsum(float(self.loss_fn(self.model(x), y)) * x.shape[0] for x, y in self.batches)
+        total = math.fsum(float(self.batch_loss(self.model, batch)) * size for batch, size in self.batches)
         # A perturbation that happens to lower the calibration loss is noise, not a gain to chase.
         return max(0.0, total / self.samples - self.base)
 
@@ -249,7 +255,7 @@ def _probe_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _hessian_batch(
-    acc: _Accumulator, x: torch.Tensor, acts: dict[str, torch.Tensor], loss: torch.Tensor,
+    acc: _Accumulator, batch: int, acts: dict[str, torch.Tensor], loss: torch.Tensor,
     weights: dict[str, torch.Tensor], a_bits: Sequence[int], probes: int, generator: torch.Generator,
 ) -> None:
     names = list(weights)
@@ -269,7 +275,6 @@ def _hessian_batch(
     # HAWQ's model assumes a minimum (H positive semi-definite); a negative estimate, from probe noise or a
     # saddle, predicts no increase rather than a gain the integer program would chase.
     traces.clamp_(min=0.0)
-    batch = x.shape[0]
     for i, name in enumerate(names):
         acc.curvature[name] += batch * traces[i] / weights[name].numel()
     for j, name in enumerate(act_names):
@@ -311,7 +316,7 @@ def _fisher_batch(
 
 def measure_sensitivity(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[Any],
     *,
     method: Method = DEFAULT_METHOD,
     w_bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
@@ -319,16 +324,22 @@ def measure_sensitivity(
     keep_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     probes: int = 16,
     loss_fn: LossFn | None = None,
+    batch_loss: BatchLoss | None = None,
     seed: int = 0,
     groups: Sequence[ChannelGroup] | None = None,
 ) -> SensitivityTable:
     """Predicted loss increase of every candidate on every Conv2d / Linear layer and channel group.
 
-    ``groups`` defaults to ``channel_groups`` of the model (traced on the first batch); give ``()`` for none.
-    The model's weights, modes and ``requires_grad`` flags are left as they were.
+    ``batches`` are ``(x, y)`` scored by ``loss_fn`` (default cross-entropy), or anything ``batch_loss``
+    scores. ``groups`` defaults to ``channel_groups`` of the model (traced on the first batch); give ``()``
+    for none. The model's weights, modes and ``requires_grad`` flags are left as they were.
     """
+    from autoprune.task import batch_inputs
+
     if method not in METHODS:
         raise AutopruneError("sensitivity method", method, f"is not known (known: {', '.join(METHODS)})")
+    if method == "fisher" and batch_loss is not None:
+        raise AutopruneError("sensitivity method", method, "needs (x, y) batches to take per-sample gradients: a task's own loss takes hessian or direct")
     if method == "hessian" and probes < 1:
         raise AutopruneError("probes", probes, "must be at least 1 Hutchinson probe per batch")
     for bits in (*w_bits, *a_bits):
@@ -338,6 +349,8 @@ def measure_sensitivity(
         if not 0.0 < ratio <= 1.0:
             raise AutopruneError("keep_ratios", ratio, "must be a keep ratio in (0, 1]")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if batch_loss is None:
+        batch_loss = lambda model, batch: loss_fn(model(batch[0]), batch[1])  # noqa: E731
     start = time.perf_counter()
     layers = compressible_layers(model)
     names = list(layers)
@@ -348,14 +361,16 @@ def measure_sensitivity(
     flags = {p: p.requires_grad for p in model.parameters()}
     batch_count = 0
     first_input: torch.Tensor | None = None
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept: list[tuple[Any, int]] = []
     base_sum = 0.0
     try:
         model.eval()
         measured = {id(w) for w in weights.values()}
         for p in model.parameters():
             p.requires_grad_(id(p) in measured)
-        for x, y in batches:
+        for batch in batches:
+            x = batch_inputs(batch)
+            size = x.shape[0]
             first_input = x[:1] if first_input is None else first_input
             acts: dict[str, torch.Tensor] = {}
 
@@ -370,18 +385,18 @@ def measure_sensitivity(
             handles = [layer.register_forward_pre_hook(capture(name)) for name, layer in layers.items()]
             try:
                 with torch.enable_grad():
-                    loss = loss_fn(model(x), y)
+                    loss = batch_loss(model, batch)
             finally:
                 for handle in handles:
                     handle.remove()
             if method == "hessian":
-                _hessian_batch(acc, x, acts, loss, weights, a_bits, probes, generator)
+                _hessian_batch(acc, size, acts, loss, weights, a_bits, probes, generator)
             elif method == "fisher":
-                _fisher_batch(model, acc, x, y, acts, loss, weights, a_bits, loss_fn)
+                _fisher_batch(model, acc, x, batch[1], acts, loss, weights, a_bits, loss_fn)
             else:
-                kept.append((x, y))
-                base_sum += float(loss.detach()) * x.shape[0]
-            acc.samples += x.shape[0]
+                kept.append((batch, size))
+                base_sum += float(loss.detach()) * size
+            acc.samples += size
             batch_count += 1
         if first_input is None:
             raise AutopruneError("calibration batches", 0, "must hold at least one batch")
@@ -389,7 +404,7 @@ def measure_sensitivity(
             groups = channel_groups(model, example_input=first_input)
         if method == "direct":
             # Measured while the model is still in eval mode; restored by the finally below.
-            direct = _DirectIncrease(model, kept, base_sum / acc.samples, loss_fn)
+            direct = _DirectIncrease(model, kept, base_sum / acc.samples, batch_loss)
             trace = {name: 0.0 for name in names}
             w_pred = {name: {b: direct.of_weights({name: quantization_perturbation(weights[name], b)}) for b in w_bits} for name in names}
             a_pred = {name: {b: direct.of_features(name, b) for b in a_bits} for name in names}
@@ -428,17 +443,29 @@ def measure_sensitivity(
     )
 
 
-def calibration_batches(task: "Task", *, batches: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``batches`` batches of the task's training split in its seeded order."""
+def calibration_batches(task: "Task", *, batches: int, batch_size: int = 64) -> list[Any]:
+    """The first ``batches`` batches of the task's training split: a built-in task's in its seeded order, a
+    user task's as its loader gives them (a dataset in its own order), on the task's device."""
     from autoprune.task import seeded_loader
 
-    loader = seeded_loader(task.splits.train, batch_size=batch_size, seed=task.spec.seed)
+    loader = seeded_loader(task.splits.train, batch_size=batch_size, seed=task.spec.seed) if task.spec else task.loader("train", batch_size=batch_size)
     taken = []
-    for x, y in loader:
+    for batch in loader:
         if len(taken) == batches:
             break
-        taken.append((x, y))
+        taken.append(batch)
     return taken
+
+
+def table_path(task: "Task", model: nn.Module) -> Path:
+    """A built-in task's table sits beside its cached base model; a user task's under the cache root, named
+    by the task's identity and the weights (a user's model has no cache folder of its own)."""
+    if task.spec is not None:
+        return task.cache_dir() / TABLE_FILE
+    from autoprune.data import cache_root
+
+    key = hashlib.sha256(f"{task.key()}:{weights_digest(model)}".encode()).hexdigest()[:16]
+    return cache_root() / "sensitivity" / f"{key}.json"
 
 
 def load_or_measure(
@@ -452,10 +479,11 @@ def load_or_measure(
     keep_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     probes: int = 16,
 ) -> SensitivityTable:
-    """The cached table of ``task``'s base model ``model`` (``<cache_dir>/sensitivity.json``), measured and
-    written atomically when missing, made on other weights, with another method or batch count, or lacking a
-    candidate. An unreadable cached file is measured again, not an error: the cache is ours, not the user's."""
-    path = task.cache_dir() / TABLE_FILE
+    """The cached table of ``task``'s base model ``model`` (``table_path``), measured and written atomically
+    when missing, made on other weights, with another method or batch count, or lacking a candidate. An
+    unreadable cached file is measured again, not an error: the cache is ours, not the user's. A user task's
+    loss is its own (``Task.loss``), built-in tasks' cross-entropy."""
+    path = table_path(task, model)
     if path.is_file():
         try:
             cached: SensitivityTable | None = SensitivityTable.load(path)
@@ -468,7 +496,8 @@ def load_or_measure(
             return cached
     table = measure_sensitivity(
         model, calibration_batches(task, batches=batches), method=method, w_bits=w_bits, a_bits=a_bits,
-        keep_ratios=keep_ratios, probes=probes, seed=task.spec.seed,
+        keep_ratios=keep_ratios, probes=probes, seed=task.spec.seed if task.spec else 0,
+        batch_loss=None if task.spec else task.loss,
     )
     table.save(path)
     return table

@@ -66,12 +66,14 @@ def test_the_default_enqueues_the_sensitivity_policies_alone(evaluator: SimpleNa
     assert enqueued == ["sensitivity:budget=0", "sensitivity:budget=1"]  # no S/N policy: the bench found it tied random
 
 
-def test_a_user_task_gets_the_snr_kinds_in_place_of_sensitivity(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_user_task_gets_the_sensitivity_policies_too(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.policy import Policy
+
     ctx, enqueued = _recording_ctx(monkeypatch)
-    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: pytest.fail("a user task has no cached sensitivity table"))
-    evaluator.task = SimpleNamespace(spec=None)
-    assert priors.enqueue_priors(ctx, evaluator) == [0, 1, 2]
-    assert enqueued == [f"snr+keep+a_floor:kappa={k}" for k in ("0.5", "1", "2")]
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(Policy(), "prior=sensitivity:budget=0")])
+    evaluator.task = SimpleNamespace(spec=None)  # Task.from_model: its table is measured with its own loss
+    assert priors.enqueue_priors(ctx, evaluator) == [0]
+    assert enqueued == ["sensitivity:budget=0"]
 
 
 @pytest.mark.parametrize(("budget", "kept"), [(8, [0, 1, 2, 3, 4, 5, 6, 7]), (4, [1, 3, 5, 7]), (3, [1, 4, 6]), (1, [4])])

@@ -200,3 +200,49 @@ def test_digits_cnn_table_round_trips_and_orders_bits(method: str, tmp_path) -> 
     assert [row["name"] for row in rows] == list(table.layers)
     assert rows[0]["dL_k0.5"] == table.groups["features.0"].keep[0.5] and rows[-1]["dL_k0.5"] == ""
     path.unlink()
+
+
+def _weighted_mse(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y, w = batch
+    return (w * (model(x).squeeze(1) - y).square()).mean()
+
+
+def test_a_user_task_is_measured_with_its_own_loss_and_batches(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(x, target, weight) batches and a weighted MSE: cross-entropy on (x, y) could not even run on them."""
+    from torch.utils.data import TensorDataset
+
+    from autoprune.errors import AutopruneError
+    from autoprune.sensitivity import calibration_batches, table_path
+    from autoprune.task import Task
+
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    x = torch.randn(96, D_IN)
+    y, w = x[:, 0] - 2 * x[:, 1], torch.rand(96) + 0.5
+    model = nn.Sequential(nn.Linear(D_IN, 4), nn.ReLU(), nn.Linear(4, 1))
+    data = TensorDataset(x, y, w)
+    task = Task.from_model(model, train=data, val=data, metric=lambda m, loader: 0.0, metric_name="neg_mse", loss=_weighted_mse, signal_steps=0)
+    table = load_or_measure(task.base(progress=False).model, task, batches=2, w_bits=(2, 8), a_bits=(2,), keep_ratios=(0.5, 1.0))
+
+    batches = calibration_batches(task, batches=2)
+    assert [len(b[0]) for b in batches] == [64, 32] and table.samples == 96
+
+    def loss_of(net: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float(_weighted_mse(net, b)) * len(b[0]) for b in batches) / 96
+
+    quantized = nn.Sequential(*[copy_of(layer) for layer in model])
+    with torch.no_grad():
+        quantized[2].weight.add_(quantization_perturbation(model[2].weight, 2).float())
+    assert table.layers["2"].w_bits[2] == pytest.approx(max(0.0, loss_of(quantized) - loss_of(model)), rel=1e-5)
+    assert table.groups["0"].keep[1.0] == 0.0 and table.groups["0"].keep[0.5] > 0.0
+    assert table_path(task, model).parent == tmp_path / "sensitivity" and SensitivityTable.load(table_path(task, model)) == table
+
+    with pytest.raises(AutopruneError, match="fisher"):
+        measure_sensitivity(model, batches, method="fisher", batch_loss=_weighted_mse)
+
+
+def copy_of(layer: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(layer)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoprune
+from autoprune.search.record import read_trial
 from autoprune.errors import AutopruneError
 from autoprune.task import Task, TaskSpec, model_task, task_from_record, task_from_reference
 
@@ -137,6 +138,8 @@ def test_search_on_user_weights_keeps_them_and_apply_reproduces_the_front(weight
     for key, value in task.base().model.state_dict().items():
         assert torch.equal(value, given.state_dict()[key]), key
     assert result.priors["source"] == "finetune" and result.priors["steps"] == 40
+    # the default priors: the integer program's policies from the sensitivity measured with the task's loss
+    assert (read_trial(result.study.trials[0]).prior or "").startswith("sensitivity:budget=")
     front = result.front()
     assert front and all(p.policy is not None and "balanced_acc" in p.metrics for p in front)
     point = front[0]

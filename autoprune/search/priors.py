@@ -23,9 +23,8 @@ enqueued before the S/N kinds' policies.
 ``sensitivity`` is the default: on digits it gave 1.31-1.37x random search's hypervolume at equal wall time
 and reached random's final hypervolume in 16-18% of its time, where the S/N bit prior tied random
 (bench/bench_search.py), and on a cold cache it adds 1-2 s (table and 8 solves) to a search on MNIST-1D or
-digits. The table is kept in the base model's cache folder and measured with cross-entropy on ``(x, y)``
-batches: a built-in task's. A user task (``Task.from_model``) has neither, so there ``sensitivity`` gives way
-to the S/N kinds (``SNR_PRIORS``), which its S/N fine-tune measured.
+digits. The table is measured with the task's loss, cross-entropy for a built-in task and a user task's own
+(``Task.from_model(loss=...)``), by the ``direct`` method, which needs no gradient and no ``(x, y)`` batches.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ def _a_floor(layer: LayerPolicy, prior: Any, kappa: float) -> LayerPolicy:
 # applied in this order, whatever order a caller names them in
 PRIOR_KINDS: dict[str, Callable[[LayerPolicy, Any, float], LayerPolicy]] = {"snr": _snr, "keep": _keep, "a_floor": _a_floor}
 SENSITIVITY = "sensitivity"
-SNR_PRIORS: tuple[str, ...] = ("snr", "keep", "a_floor")
 DEFAULT_PRIORS: tuple[str, ...] = (SENSITIVITY,)
 # every name --priors accepts
 KINDS: tuple[str, ...] = (*PRIOR_KINDS, SENSITIVITY)
@@ -101,8 +99,6 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
     """
     if ctx.study.get_trials(deepcopy=False):
         return []
-    if SENSITIVITY in kinds and evaluator.task.spec is None:
-        kinds = tuple(dict.fromkeys(k for k in (*kinds, *SNR_PRIORS) if k != SENSITIVITY))
     queued: list[tuple[dict[str, Any], str]] = []
 
     def queue(params: dict[str, Any], tag: str) -> None:
@@ -140,5 +136,5 @@ def sensitivity_policies(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVITY
 
 
 __all__ = [
-    "PRIOR_KINDS", "DEFAULT_PRIORS", "SNR_PRIORS", "SENSITIVITY", "KINDS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag", "sensitivity_policies",
+    "PRIOR_KINDS", "DEFAULT_PRIORS", "SENSITIVITY", "KINDS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag", "sensitivity_policies",
 ]

@@ -25,7 +25,7 @@ from autoprune.models import COMPRESSIBLE, compressible_layers, input_readers
 from autoprune.policy import FLOAT_BITS, Policy, write_atomic
 from autoprune.prune.structured import dependency_graph, groups_in_graph
 from autoprune.search.budget_ip import CostModel, LayerChoices, LayerCostModel, Metric, SpaceChoices, solve_budgets
-from autoprune.sensitivity import DEFAULT_METHOD, Method, load_or_measure
+from autoprune.sensitivity import DEFAULT_METHOD, Method, load_or_measure, table_path
 
 if TYPE_CHECKING:
     from autoprune.search.space import SearchSpace
@@ -109,7 +109,7 @@ def sensitivity_priors(
     key = hashlib.sha256(json.dumps(
         [table.to_json(), space_choices.model_dump_json(), budgets, objective_metric, template.to_dict() if template else None], sort_keys=True
     ).encode()).hexdigest()[:16]
-    path = task.cache_dir() / PRIORS_FILE
+    path = table_path(task, base_model).parent / PRIORS_FILE
     solved = _read_cache(path)
     if key in solved:
         return [(Policy.from_dict(policy), tag) for policy, tag in solved[key]]
