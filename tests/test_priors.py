@@ -62,8 +62,7 @@ def test_the_default_enqueues_the_sensitivity_policies_alone(evaluator: SimpleNa
     cheap = Policy(layers={"conv1": {"w_bits": 2}})
     monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(cheap, "prior=sensitivity:budget=0"), (Policy(), "prior=sensitivity:budget=1")])
     evaluator.task = SimpleNamespace(spec=object())  # a built-in task
-    assert priors.enqueue_priors(ctx, evaluator) == [0, 1]
-    assert enqueued == ["sensitivity:budget=0", "sensitivity:budget=1"]  # no S/N policy: the bench found it tied random
+    assert priors.enqueue_priors(ctx, evaluator) == enqueued == ["sensitivity:budget=0", "sensitivity:budget=1"]  # no S/N policy: the bench found it tied random
 
 
 def test_a_user_task_gets_the_sensitivity_policies_too(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,8 +71,7 @@ def test_a_user_task_gets_the_sensitivity_policies_too(evaluator: SimpleNamespac
     ctx, enqueued = _recording_ctx(monkeypatch)
     monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(Policy(), "prior=sensitivity:budget=0")])
     evaluator.task = SimpleNamespace(spec=None)  # Task.from_model: its table is measured with its own loss
-    assert priors.enqueue_priors(ctx, evaluator) == [0]
-    assert enqueued == ["sensitivity:budget=0"]
+    assert priors.enqueue_priors(ctx, evaluator) == enqueued == ["sensitivity:budget=0"]
 
 
 @pytest.mark.parametrize(("budget", "kept"), [(8, [0, 1, 2, 3, 4, 5, 6, 7]), (4, [1, 3, 5, 7]), (3, [1, 4, 6]), (1, [4])])
@@ -86,5 +84,53 @@ def test_a_budget_of_fewer_trials_than_priors_gets_them_spread_over_the_cost_ran
     eight = [(Policy(finetune_steps=10 + i), f"prior=sensitivity:budget={i}") for i in range(8)]
     monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: eight)
     evaluator.task = SimpleNamespace(spec=object())
-    assert priors.enqueue_priors(ctx, evaluator) == list(range(budget))
-    assert enqueued == [f"sensitivity:budget={i}" for i in kept]
+    assert priors.enqueue_priors(ctx, evaluator) == enqueued == [f"sensitivity:budget={i}" for i in kept]
+
+
+def test_a_resumed_study_gets_the_priors_it_has_not_had_spread_over_the_trials_left(
+    evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    from autoprune.policy import Policy
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(Policy(finetune_steps=10 + i), f"prior=sensitivity:budget={i}") for i in range(8)])
+    evaluator.task = SimpleNamespace(spec=object())
+    space = SimpleNamespace(params_for=lambda policy: {"finetune_steps": policy.finetune_steps}, spec=SimpleNamespace(narrow_bits_to_prior=None))
+    ctx = SimpleNamespace(study=study, space=space, budget=3, fidelity=None)
+
+    def run_all() -> None:
+        while study.get_trials(states=(optuna.trial.TrialState.WAITING,)):
+            study.tell(study.ask(), [90.0, 1.0])
+
+    assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (1, 4, 6)]
+    run_all()
+    ctx.budget = 6  # resumed with three more trials: three of the five it has not had, spread
+    assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (0, 3, 7)]
+    run_all()
+    ctx.budget = 60
+    assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (2, 5)]
+    run_all()
+    assert priors.enqueue_priors(ctx, evaluator) == []
+
+    without = SimpleNamespace(study=optuna.create_study(directions=["maximize", "minimize"]), space=space, budget=60, fidelity=None)
+    without.study.tell(without.study.ask(), [90.0, 1.0])  # begun with --no-priors
+    assert priors.enqueue_priors(without, evaluator) == []
+
+
+def test_a_resumed_search_samples_the_space_its_first_run_narrowed_to_the_prior(tmp_path) -> None:  # noqa: ANN001
+    """As every worker does (context_from_study): the resumed driver sampled the whole space before."""
+    from autoprune.search import runner
+    from autoprune.search.record import read_meta, write_meta
+
+    (tmp_path / "space.yaml").write_text("narrow_bits_to_prior: 1\nlayers: {_default: {w_bits: {choices: [2, 3, 4, 5, 6, 8]}}}\n")
+    config = runner.SearchConfig(space_path=tmp_path / "space.yaml", study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=2, priors=False, progress=False)
+    first = runner.prepare(config)
+    layers = [name for name, dims in first.space.layer_dims.items() if "w_bits" in dims]
+    write_meta(first.study, read_meta(first.study).model_copy(update={"prior_bits": {name: 4 for name in layers}}))
+
+    resumed = runner.prepare(config)
+    assert layers and all(list(resumed.space.layer_dims[name]["w_bits"].values()) == [3, 4, 5] for name in layers)
+    assert resumed.space.distributions() == runner.context_from_study(resumed.study).space.distributions()

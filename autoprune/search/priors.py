@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from autoprune.policy import LayerPolicy, Policy
-from autoprune.search.record import enqueue, read_meta, write_meta
+from autoprune.search.record import enqueue, read_meta, read_trial, write_meta
 
 A_FLOOR = 8
 
@@ -90,19 +90,26 @@ def prior_policies(evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS, kap
     return policies
 
 
-def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS) -> list[int]:
-    """Enqueue the prior policies on a study that has no trials yet; returns their indices.
+def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_PRIORS) -> list[str]:
+    """Enqueue the prior policies the study has not had yet; returns their tags.
 
-    No more than a trial budget's worth: a study of fewer trials than priors (a multi-fidelity study counts
-    steps, not trials, and takes them all) gets priors spread evenly over the list, which runs from the
-    cheapest budget's to the S/N kinds', rather than its first ones and a queue left waiting.
+    No more than the trials left: a study of fewer trials than priors (a multi-fidelity study counts steps,
+    not trials, and takes them all) gets priors spread evenly over the list, which runs from the cheapest
+    budget's to the S/N kinds', rather than its first ones and a queue left waiting. A resumed study gets
+    the ones it has not had, spread the same way over the trials its budget has left, so a search cut short
+    at a few trials and resumed with more still starts from every prior. A study begun without priors
+    (``--no-priors``) stays without them.
     """
-    if ctx.study.get_trials(deepcopy=False):
+    from autoprune.search.lifecycle import spent
+
+    trials = ctx.study.get_trials(deepcopy=False)
+    had = {read_trial(t).prior for t in trials} - {None}
+    if trials and not had:
         return []
     queued: list[tuple[dict[str, Any], str]] = []
 
     def queue(params: dict[str, Any], tag: str) -> None:
-        if all(params != seen for seen, _ in queued):
+        if tag not in had and all(params != seen for seen, _ in queued):
             queued.append((params, tag))
 
     if SENSITIVITY in kinds:
@@ -110,17 +117,19 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
             queue(ctx.space.params_for(policy), tag.removeprefix("prior="))
     policies = prior_policies(evaluator, kinds=kinds)
     if policies and ctx.space.spec.narrow_bits_to_prior is not None and "snr" in kinds:
-        centre = {name: lp.w_bits for name, lp in policies[1.0].layers.items()}
         meta = read_meta(ctx.study)
-        write_meta(ctx.study, meta.model_copy(update={"prior_bits": centre}))
-        ctx.space.narrowed_to(centre)
+        if meta.prior_bits is None:  # a resumed study's space was narrowed when it was loaded
+            centre = {name: lp.w_bits for name, lp in policies[1.0].layers.items()}
+            write_meta(ctx.study, meta.model_copy(update={"prior_bits": centre}))
+            ctx.space.narrowed_to(centre)
     for kappa, policy in policies.items():
         queue(ctx.space.params_for(policy), prior_tag(kinds, kappa))
-    if ctx.fidelity is None and len(queued) > ctx.budget:
-        queued = [queued[(2 * i + 1) * len(queued) // (2 * ctx.budget)] for i in range(ctx.budget)]
+    room = max(0, ctx.budget - spent(ctx.study))
+    if ctx.fidelity is None and len(queued) > room:
+        queued = [queued[(2 * i + 1) * len(queued) // (2 * room)] for i in range(room)]
     for params, tag in queued:
         enqueue(ctx.study, params, prior=tag, strategy="prior")
-    return list(range(len(queued)))
+    return [tag for _, tag in queued]
 
 
 def sensitivity_policies(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVITY_BUDGETS) -> list[tuple[Policy, str]]:

@@ -268,6 +268,9 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
                 raise AutopruneError("--study", config.study_name, f"exists with a different {key}; resume it with the same arguments or pick a new --study")
         if meta.budget != config.trials or meta.fidelity != wanted.fidelity:
             write_meta(study, meta.model_copy(update={"budget": config.trials, "fidelity": wanted.fidelity}))
+        if meta.prior_bits:
+            # the same narrowed space as the first run and as every worker (context_from_study)
+            space.narrowed_to(meta.prior_bits)
     return SearchContext(study, task, space, objectives, config.trials, fidelity=fidelity)
 
 
