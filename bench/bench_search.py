@@ -140,7 +140,7 @@ class NoTracker:
     def log_signals(self, signals: Mapping[str, Any]) -> None:
         pass
 
-    def log_trial(self, event: Any) -> None:
+    def log_trial(self, event: Any, *, rank: int | None = None) -> None:
         pass
 
     def refresh(self, snapshot: Any) -> None:

@@ -230,6 +230,23 @@ def test_pareto_tags_follow_the_front(store: Path) -> None:
     assert runs[0].data.tags["pareto_rank"] == "1"
 
 
+def test_a_told_trial_is_tagged_with_its_rank_in_its_own_write(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Reporter hands log_trial the told trial's rank: the refresh after it writes nothing more for it."""
+    study = new_study("rank-in-one-write")
+    tracker = Tracker(study_name="rank-in-one-write", tracking_uri=str(store))
+    start(tracker, study)
+    weak = {name: {"keep_ratio": 1.0, "w_bits": 8, "a_bits": 8, "w_sparsity": 0.0, "f_sparsity": 0.0} for name in LAYERS}
+    metrics = {**toy_evaluate(weak), "accuracy": 90.0, "bops": 1e6}
+    study.add_trial(optuna.trial.create_trial(values=[90.0, 1e6], user_attrs={"policy": policy_of(weak), "layers": weak, "metrics": metrics}))
+    tracker.log_trial(event_of(study.trials[0]), rank=0)
+    assert {k: children(client_of(store), tracker)[0].data.tags[k] for k in ("pareto", "pareto_rank")} == {"pareto": "true", "pareto_rank": "0"}
+    writes: list[str] = []
+    logged = tracker._log
+    monkeypatch.setattr(tracker, "_log", lambda run_id, **kw: writes.append(run_id) or logged(run_id, **kw))
+    tracker.refresh(dataclasses.replace(Front(study, read_meta(study)).snapshot(), changed={0: 0}))
+    assert tracker.parent_run_id is not None and set(writes) <= {tracker.parent_run_id}, "no second write to the trial's run"
+
+
 def test_params_are_batched_and_long_values_become_an_artifact(store: Path) -> None:
     study = new_study("wide-policy")
     tracker = Tracker(study_name="wide-policy", tracking_uri=str(store))

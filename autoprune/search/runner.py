@@ -374,7 +374,7 @@ class Reporter:
         record = read_trial(frozen)
         self.snapshot = self.front.add(frozen, record)
         if self.tracker is not None:
-            self.tracker.log_trial(event_of(frozen, record))
+            self.tracker.log_trial(event_of(frozen, record), rank=self.snapshot.changed.get(frozen.number))
             self.tracker.refresh(self.snapshot)
         if not self.bar.disable:
             self.bar.n = min(counted_before(self.ctx.study, frozen.number + 1), self.ctx.budget)

@@ -339,11 +339,12 @@ class Tracker:
 
     # -- trials ---------------------------------------------------------------------------------------
     @_guarded
-    def log_trial(self, event: TrialEvent) -> None:
-        """One child run per trial number: a RUNNING event opens it, the finished one completes it."""
-        self._log_trial(event)
+    def log_trial(self, event: TrialEvent, *, rank: int | None = None) -> None:
+        """One child run per trial number: a RUNNING event opens it, the finished one completes it.
+        ``rank``: the told trial's Pareto rank, tagged in the same write (``refresh`` then skips it)."""
+        self._log_trial(event, rank=rank)
 
-    def _log_trial(self, event: TrialEvent) -> None:
+    def _log_trial(self, event: TrialEvent, *, rank: int | None = None) -> None:
         client, parent = self._require_started()
         state = event.state
         if state not in RUN_STATUS:
@@ -377,6 +378,8 @@ class Tracker:
         if state in ("FAIL", "PRUNED"):
             # only complete trials can be on the front; refresh() tags those
             tags[PARETO_TAG] = "false"
+        elif state == "COMPLETE" and rank is not None:
+            tags[PARETO_TAG], tags[RANK_TAG] = str(rank == 0).lower(), str(rank)
         params = flatten(policy)
         timestamp = _ms(event.completed) if event.completed else None
         too_long = self._log(child.run_id, params=params, logged=child.params, metrics=metrics, tags=tags, timestamp=timestamp)
@@ -392,7 +395,7 @@ class Tracker:
         if status != "RUNNING":
             client.set_terminated(child.run_id, status=status, end_time=timestamp)
         self._children[event.number] = _Child(
-            child.run_id, status, state, child.params | {_safe_key(k) for k in params}, tags.get(PARETO_TAG, child.pareto), child.rank
+            child.run_id, status, state, child.params | {_safe_key(k) for k in params}, tags.get(PARETO_TAG, child.pareto), tags.get(RANK_TAG, child.rank)
         )
 
     def _metrics(self, event: TrialEvent) -> dict[str, float]:
