@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -78,9 +79,11 @@ def cached_splits(name: str, *, seed: int, val_fraction: float, test_fraction: f
     never sees half of it), keyed by dataset, seed and ``ARRAYS_VERSION``.
     """
     path = cache_root() / "data" / f"{name}-seed{seed}-v{ARRAYS_VERSION}.npz"
-    if path.is_file():
+    try:
         with np.load(path) as saved:
             return _subsets(*(saved[key] for key in ("x", "y", "train", "val", "test")))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # missing, or unreadable: the cache is ours, so it is made again rather than an error
     x, y = make()
     train, val, test = split_indices(y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 

@@ -30,3 +30,15 @@ def test_a_builtin_dataset_is_cached_whole_and_read_back_without_scikit_learn(tm
     for split, cached in zip((first.train, first.val, first.test), (again.train, again.val, again.test)):
         assert all(torch.equal(a, b) for a, b in zip(split.tensors, cached.tensors))
     assert not torch.equal(load_dataset("digits", seed=4).test.tensors[1], first.test.tensors[1]), "the seed moves the split"
+
+
+def test_an_unreadable_cached_file_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    path = tmp_path / "data" / f"digits-seed0-v{ARRAYS_VERSION}.npz"
+    path.parent.mkdir()
+    for damaged in (b"not an npz archive", b"PK\x03\x04 a zip archive cut short"):
+        path.write_bytes(damaged)
+        splits = load_dataset("digits", seed=0)
+        assert splits.sizes() == (1077, 360, 360) and splits.keep is not None
+    splits.keep()
+    assert load_dataset("digits", seed=0).keep is None
