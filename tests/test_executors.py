@@ -124,3 +124,22 @@ def test_the_loop_runs_a_trial_in_place_of_one_whose_process_died(tmp_path: Path
     assert runner.run_trials(ctx, deadline=None) == 2
     states = {t.number: (t.state, read_trial(t).interrupted) for t in ctx.study.get_trials()}
     assert states == {0: (TrialState.FAIL, True), 1: (TrialState.COMPLETE, False), 2: (TrialState.COMPLETE, False)}
+
+
+def test_a_trial_beats_while_it_runs_and_goes_stale_once_it_stops(tmp_path: Path) -> None:
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    ctx = SimpleNamespace(study=study)
+    stopped, running = study.ask(), study.ask()
+    with lifecycle.heartbeat(ctx, running):
+        with lifecycle.heartbeat(ctx, stopped):
+            time.sleep(0.2)
+        time.sleep(3.0)  # past the grace period for the trial that stopped beating
+        optuna.storages.fail_stale_trials(study)
+        states = {t.number: t.state for t in study.get_trials()}
+    assert states == {stopped.number: TrialState.FAIL, running.number: TrialState.RUNNING}
