@@ -318,6 +318,8 @@ def cmd_signals(args: argparse.Namespace) -> int:
     evaluator = Evaluator.for_task(task, progress=not args.json)
     signals = evaluator.base.extras.get("signals")
     if signals is None:
+        if task.is_user:
+            raise AutopruneError("--task", args.task_ref, "gives a task with signal_steps=0: it has no training-time S/N record to show")
         raise AutopruneError("signals", str(task.cache_dir()), "has no training-time S/N record (delete the cached model to retrain)")
     epoch = plateau_epoch(signals)
     rows = prior_rows(evaluator.base.model, signals, epoch=epoch)

@@ -54,3 +54,10 @@ def task() -> Task:
     splits = load_dataset("digits", seed=0)
     model = load_weights(small_cnn(), os.environ[WEIGHTS_ENV])
     return Task.from_model(model, train=splits.train, val=splits.val, test=splits.test, signal_steps=40)
+
+
+def task_without_signals() -> Task:
+    """``task`` with no S/N fine-tune: it has no training-time S/N record to show."""
+    splits = load_dataset("digits", seed=0)
+    model = load_weights(small_cnn(), os.environ[WEIGHTS_ENV])
+    return Task.from_model(model, train=splits.train, val=splits.val, test=splits.test, signal_steps=0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from autoprune.search.record import read_meta
+from autoprune.data import cache_root
 from autoprune.task import weights_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +73,23 @@ def test_search_with_weights_records_the_metric_of_the_given_weights(weights: Pa
     assert meta.base.val_accuracy == pytest.approx(given.evaluate(model, "val"), abs=1e-9)
     assert meta.task["weights"] == str(weights.resolve()) and meta.task["model"] == "own_model:small_cnn"
     assert completed(study) == 3
+
+
+def test_signals_of_your_own_weights_show_the_s_n_and_the_sensitivity_measured_with_its_task(weights: Path, tmp_path: Path) -> None:
+    proc = ok(cli(tmp_path, "signals", "--model", "own_model:small_cnn", "--weights", str(weights), "--device", "cpu", "--json"))
+    shown = json.loads(proc.stdout)
+    assert shown["layers"] and shown["sensitivity"]["method"] == "direct"
+    layers = shown["sensitivity"]["layers"]
+    assert set(layers) == {row["name"] for row in shown["layers"]}
+    assert all(min(layer["w_bits"].values()) >= 0.0 for layer in layers.values())
+    assert sum(layer["w_bits"]["2"] for layer in layers.values()) > sum(layer["w_bits"]["8"] for layer in layers.values())
+    assert list((cache_root() / "sensitivity").glob("*.json")), "cached under the cache root, keyed by task and weights"
+
+
+def test_signals_of_a_task_without_an_s_n_fine_tune_is_one_line(weights: Path, tmp_path: Path) -> None:
+    proc = cli(tmp_path, "signals", "--task", "own_model:task_without_signals", "--device", "cpu", env={WEIGHTS_ENV: str(weights)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: --task: 'own_model:task_without_signals' gives a task with signal_steps=0: it has no training-time S/N record to show"
 
 
 def test_task_reference_study_is_widened_by_a_worker(weights: Path, tmp_path: Path) -> None:
