@@ -455,12 +455,14 @@ def test_a_search_killed_while_mlflow_creates_its_store_leaves_none_half_made(tm
     killed = subprocess.run([sys.executable, "-c", KILLED_MID_SCHEMA, uri], capture_output=True, text=True)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+    assert [p.name for p in (tmp_path / "mlruns").glob(".mlflow.db.*")], "the killed process left its scratch file"
 
     from autoprune.tracking.store import open_client
 
     client = open_client(uri)
     experiment = client.create_experiment("after-the-kill")
     assert client.get_experiment_by_name("after-the-kill").experiment_id == experiment
+    assert not list((tmp_path / "mlruns").glob(".mlflow.db.*")), "the next creation removed the dead process's scratch"
 
 
 def test_training_signals_are_parent_metrics_by_epoch(store: Path) -> None:

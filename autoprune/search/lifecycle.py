@@ -13,13 +13,13 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.policy import Policy
+from autoprune.processes import alive
 from autoprune.search.evaluate import TrialFailed
 from autoprune.search.record import TrialRecord, read_trial, write_trial
 
@@ -249,20 +249,6 @@ def spent(study: optuna.Study) -> int:
     return sum(counts_toward_budget(t.state, read_trial(t)) for t in study.get_trials(deepcopy=False))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A dead child its parent has not reaped yet (a worker of `search --jobs`) still takes signals.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:  # no procfs: trust the signal
-        return True
-
-
 def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials whose process is gone become FAIL (interrupted), so a resume redoes them.
 
@@ -274,7 +260,7 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = read_trial(trial).owner or ""
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not alive(int(pid)):
             write_trial(study, trial, failure=f"interrupted: process {owner} died", interrupted=True)
             try:
                 study.tell(trial.number, state=TrialState.FAIL)

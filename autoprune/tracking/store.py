@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from autoprune.processes import alive
 
 DEFAULT_DIR = "mlruns"
 DB_FILE = "mlflow.db"
@@ -88,7 +91,9 @@ def create_whole(tracking_uri: str) -> None:
 
     _, artifacts = resolve_store(tracking_uri)
     db.parent.mkdir(parents=True, exist_ok=True)
-    scratch = db.with_name(f".{db.name}.{os.getpid()}.{threading.get_ident()}.new")
+    host = socket.gethostname()
+    _remove_dead_scratch(db, host)
+    scratch = db.with_name(f".{db.name}.{host}.{os.getpid()}.{threading.get_ident()}.new")
     try:
         SqlAlchemyStore(sqlite_uri(scratch), artifacts.as_uri() if artifacts else None).engine.dispose()
         try:
@@ -97,6 +102,15 @@ def create_whole(tracking_uri: str) -> None:
             pass
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _remove_dead_scratch(db: Path, host: str) -> None:
+    """Scratch files (and their journals) that a process of this host killed mid-creation left behind.
+    Another host's are left alone: its process ids mean nothing here."""
+    for path in db.parent.glob(f".{db.name}.{host}.*.new*"):
+        pid = path.name.removeprefix(f".{db.name}.{host}.").split(".")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            path.unlink(missing_ok=True)
 
 
 def open_client(tracking_uri: str) -> Any:
