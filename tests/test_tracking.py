@@ -483,6 +483,14 @@ def test_training_signals_are_parent_metrics_by_epoch(store: Path) -> None:
     assert client.get_run(tracker.parent_run_id).data.metrics["signals.val_accuracy"] == 95.0
     assert {"signals.png", "signals.json"} <= artifact_names(client, tracker.parent_run_id)
 
+    resumed = Tracker(study_name="signals", tracking_uri=str(store))
+    start(resumed, study)
+    resumed.log_signals(signals)
+    assert resumed.parent_run_id == tracker.parent_run_id
+    assert len(client.get_metric_history(tracker.parent_run_id, "signals.conv1.snr")) == 3, "a resume logs no second history"
+    base = [key for key in client.get_run(tracker.parent_run_id).data.metrics if key.startswith("base.")]
+    assert base and all(len(client.get_metric_history(tracker.parent_run_id, key)) == 1 for key in base)
+
 
 def test_plots_take_any_number_of_objectives(tmp_path: Path) -> None:
     points = [plots.TrialPoint(i, {"accuracy": 90.0 + i, "bops": 10.0**i, "memory_mb": 5.0 - i}, rank=i % 2 if i != 3 else None) for i in range(5)]

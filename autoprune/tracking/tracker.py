@@ -176,6 +176,7 @@ class Tracker:
         self._progress_at = -math.inf
         self._warned = False
         self._plot_warned = False
+        self._parent_metrics: frozenset[str] = frozenset()
 
     # -- failures -------------------------------------------------------------------------------------
     def _failed(self, exc: BaseException, *, stop: bool) -> None:
@@ -220,8 +221,11 @@ class Tracker:
             self.parent_run_id = parent.info.run_id
             client.update_run(self.parent_run_id, status="RUNNING")
             logged = parent.data.params
+            # MLflow keeps every logged value as history: a resume that logged them again would double it
+            self._parent_metrics = frozenset(parent.data.metrics)
         self._client = client
-        self._log(self.parent_run_id, params=self._study_params(study), logged=logged, metrics=_base_metrics(study.base))
+        base = {k: v for k, v in _base_metrics(study.base).items() if k not in self._parent_metrics}
+        self._log(self.parent_run_id, params=self._study_params(study), logged=logged, metrics=base)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             _write_json(folder / "base.json", dict(study.base))
@@ -508,10 +512,19 @@ class Tracker:
     # -- the base model -------------------------------------------------------------------------------
     @_guarded
     def log_signals(self, signals: Mapping[str, Any]) -> None:
-        """Training-time S/N, noise and ESN_a of the base model per epoch (step = epoch) and their plot."""
+        """Training-time S/N, noise and ESN_a of the base model per epoch (step = epoch) and their plot; once
+        per parent run (a resumed search's parent has them)."""
         from autoprune import plots
 
         client, parent = self._require_started()
+        if any(name.startswith("signals.") for name in self._parent_metrics):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            # the plot first: the metrics are what says the signals are logged
+            folder = Path(tmp)
+            _write_json(folder / "signals.json", signals)
+            plots.signals_png(signals, folder / "signals.png")
+            client.log_artifacts(parent, str(folder))
         epochs = [int(e) for e in signals["epochs"]]
         series: dict[str, Sequence[float]] = {}
         for layer, curves in signals.get("layers", {}).items():
@@ -522,11 +535,6 @@ class Tracker:
         now = _ms(None)
         rows = [row for i, epoch in enumerate(epochs) for row in _metric_rows({k: v[i] for k, v in series.items() if i < len(v)}, step=epoch, timestamp=now)]
         self._log(parent, metric_rows=rows)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            _write_json(folder / "signals.json", signals)
-            plots.signals_png(signals, folder / "signals.png")
-            client.log_artifacts(parent, str(folder))
 
     @_guarded
     def close(self, *, status: str = "FINISHED") -> None:
