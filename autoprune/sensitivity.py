@@ -50,6 +50,7 @@ any shape whose first item (or the batch itself) is the model input: ``hessian``
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -494,10 +495,15 @@ def load_or_measure(
             and cached.batches == batches and cached.covers(w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios)
         ):
             return cached
+    from autoprune.device import to_device
+
+    # Measured where the trials run: the base model is kept on the CPU, a user task's batches arrive on the
+    # task's device, and a large model's hundreds of passes want the accelerator.
+    device = task.device
     table = measure_sensitivity(
-        model, calibration_batches(task, batches=batches), method=method, w_bits=w_bits, a_bits=a_bits,
-        keep_ratios=keep_ratios, probes=probes, seed=task.spec.seed if task.spec else 0,
-        batch_loss=None if task.spec else task.loss,
+        copy.deepcopy(model).to(device), [to_device(batch, device) for batch in calibration_batches(task, batches=batches)],
+        method=method, w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios, probes=probes,
+        seed=task.spec.seed if task.spec else 0, batch_loss=None if task.spec else task.loss,
     )
     table.save(path)
     return table
