@@ -106,12 +106,15 @@ def test_a_resumed_study_gets_the_priors_it_has_not_had_spread_over_the_trials_l
             study.tell(study.ask(), [90.0, 1.0])
 
     assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (1, 4, 6)]
+    study.tell(study.ask(), [90.0, 1.0])  # cut off after one trial: two priors still wait
+    ctx.budget = 4  # resumed with one more trial than that: one of the five it has not had
+    assert priors.enqueue_priors(ctx, evaluator) == ["sensitivity:budget=3"]
     run_all()
-    ctx.budget = 6  # resumed with three more trials: three of the five it has not had, spread
-    assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (0, 3, 7)]
+    ctx.budget = 7  # three more trials: three of the four it has not had, spread
+    assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (0, 5, 7)]
     run_all()
     ctx.budget = 60
-    assert priors.enqueue_priors(ctx, evaluator) == [f"sensitivity:budget={i}" for i in (2, 5)]
+    assert priors.enqueue_priors(ctx, evaluator) == ["sensitivity:budget=2"]
     run_all()
     assert priors.enqueue_priors(ctx, evaluator) == []
 

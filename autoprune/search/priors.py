@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from optuna.trial import TrialState
+
 from autoprune.policy import LayerPolicy, Policy
 from autoprune.search.record import enqueue, read_meta, read_trial, write_meta
 
@@ -124,7 +126,9 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
             ctx.space.narrowed_to(centre)
     for kappa, policy in policies.items():
         queue(ctx.space.params_for(policy), prior_tag(kinds, kappa))
-    room = max(0, ctx.budget - spent(ctx.study))
+    # enqueued earlier and not yet run (a search cut off before its queue emptied): they hold slots too
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    room = max(0, ctx.budget - spent(ctx.study) - waiting)
     if ctx.fidelity is None and len(queued) > room:
         queued = [queued[(2 * i + 1) * len(queued) // (2 * room)] for i in range(room)]
     for params, tag in queued:
