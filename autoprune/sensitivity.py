@@ -447,9 +447,8 @@ def measure_sensitivity(
 def calibration_batches(task: "Task", *, batches: int, batch_size: int = 64) -> list[Any]:
     """The first ``batches`` batches of the task's training split: a built-in task's in its seeded order, a
     user task's as its loader gives them (a dataset in its own order), on the task's device."""
-    from autoprune.task import seeded_loader
-
-    loader = seeded_loader(task.splits.train, batch_size=batch_size, seed=task.spec.seed) if task.spec else task.loader("train", batch_size=batch_size)
+    builtin = task.spec is not None
+    loader = task.loader("train", batch_size=batch_size, shuffle=builtin, seed=task.spec.seed if builtin else 0)
     taken = []
     for batch in loader:
         if len(taken) == batches:
@@ -495,13 +494,10 @@ def load_or_measure(
             and cached.batches == batches and cached.covers(w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios)
         ):
             return cached
-    from autoprune.device import to_device
-
-    # Measured where the trials run: the base model is kept on the CPU, a user task's batches arrive on the
-    # task's device, and a large model's hundreds of passes want the accelerator.
-    device = task.device
+    # Measured where the trials run, beside the batches: the base model is kept on the CPU, and a large
+    # model's hundreds of passes want the accelerator.
     table = measure_sensitivity(
-        copy.deepcopy(model).to(device), [to_device(batch, device) for batch in calibration_batches(task, batches=batches)],
+        copy.deepcopy(model).to(task.device), calibration_batches(task, batches=batches),
         method=method, w_bits=w_bits, a_bits=a_bits, keep_ratios=keep_ratios, probes=probes,
         seed=task.spec.seed if task.spec else 0, batch_loss=None if task.spec else task.loss,
     )

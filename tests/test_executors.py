@@ -3,12 +3,32 @@ starts no other process before the MLflow parent run is recorded; a Ctrl-C betwe
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from autoprune.search import executors, lifecycle, runner
+from autoprune.search.record import read_trial, write_trial
+
+
+def prepared(tmp_path: Path, *, trials: int) -> runner.SearchContext:
+    """A new digits study of ``trials`` trials, without priors."""
+    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=trials, priors=False, progress=False)
+    return runner.prepare(config)
+
+
+def assert_one_trial_failed_by_ctrl_c(ctx: runner.SearchContext) -> None:
+    (trial,) = ctx.study.get_trials()
+    record = read_trial(trial)
+    assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"
 
 
 def test_a_slot_freed_by_a_late_dead_worker_is_run_by_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,12 +75,7 @@ def test_other_processes_start_after_the_parent_run_is_recorded(tmp_path: Path, 
 
 def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the trial has an owner, no orphan check can fail it: the loop itself must, or it holds a slot."""
-    from optuna.trial import TrialState
-
-    from autoprune.search.record import read_trial
-
-    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=3, priors=False, progress=False)
-    ctx = runner.prepare(config)
+    ctx = prepared(tmp_path, trials=3)
 
     calls: list[int] = []
 
@@ -73,23 +88,12 @@ def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: P
     monkeypatch.setattr(runner, "counted_before", interrupted_once_asked)
     with pytest.raises(KeyboardInterrupt):
         runner.run_trials(ctx, deadline=None)
-    (trial,) = ctx.study.get_trials()
-    record = read_trial(trial)
-    assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"
+    assert_one_trial_failed_by_ctrl_c(ctx)
 
 
 def test_a_ctrl_c_during_the_ask_waits_for_it_and_fails_the_new_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Optuna creates the trial before it samples: a Ctrl-C in between must not leave it RUNNING, unknown."""
-    import os
-    import signal
-
-    import optuna
-    from optuna.trial import TrialState
-
-    from autoprune.search.record import read_trial
-
-    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=3, priors=False, progress=False)
-    ctx = runner.prepare(config)
+    ctx = prepared(tmp_path, trials=3)
     ask = optuna.Study.ask
 
     def ask_interrupted_midway(study: optuna.Study, *args: object, **kwargs: object) -> optuna.Trial:
@@ -100,22 +104,12 @@ def test_a_ctrl_c_during_the_ask_waits_for_it_and_fails_the_new_trial(tmp_path: 
     monkeypatch.setattr(optuna.Study, "ask", ask_interrupted_midway)
     with pytest.raises(KeyboardInterrupt):
         runner.run_trials(ctx, deadline=None)
-    (trial,) = ctx.study.get_trials()
-    record = read_trial(trial)
-    assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"
+    assert_one_trial_failed_by_ctrl_c(ctx)
 
 
 def test_the_loop_runs_a_trial_in_place_of_one_whose_process_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The orphan holds the last slot of the budget until the loop, finding the slots spent, fails it."""
-    import socket
-    import subprocess
-
-    from optuna.trial import TrialState
-
-    from autoprune.search.record import read_trial, write_trial
-
-    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=2, priors=False, progress=False)
-    ctx = runner.prepare(config)
+    ctx = prepared(tmp_path, trials=2)
     dead = subprocess.Popen(["true"])
     dead.wait()
     orphan = ctx.study.ask()
@@ -127,11 +121,6 @@ def test_the_loop_runs_a_trial_in_place_of_one_whose_process_died(tmp_path: Path
 
 
 def test_a_trial_beats_while_it_runs_and_goes_stale_once_it_stops(tmp_path: Path) -> None:
-    import time
-
-    import optuna
-    from optuna.trial import TrialState
-
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
     ctx = SimpleNamespace(study=study)

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.search.fidelity import FidelitySpec, steps_spent
-from autoprune.search.lifecycle import OWNER, counted_before, fail_orphaned_trials, new_trial, run_in_process, spent
+from autoprune.search.lifecycle import OWNER, SKIPPED, Outcome, counted_before, fail_orphaned_trials, finish, new_trial, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
@@ -418,8 +418,6 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
         with new_trial(ctx, distributions) as trial:
             asked = counted_before(ctx.study, trial.number)
             if asked >= ctx.budget:
-                from autoprune.search.lifecycle import SKIPPED, Outcome, finish
-
                 finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
                 break
             run_in_process(ctx, trial)
@@ -444,8 +442,6 @@ def _run_fidelity_trials(ctx: SearchContext, *, deadline: float | None) -> int:
             except Exception:  # noqa: BLE001 - a point the space cannot turn into a policy fails in begin, spending nothing
                 short = 0
             if steps_spent(ctx.study) + short > ctx.budget_steps:
-                from autoprune.search.lifecycle import SKIPPED, Outcome, finish
-
                 finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
                 break
             run_in_process(ctx, trial)

@@ -111,6 +111,16 @@ def _metric_rows(metrics: Mapping[str, float], *, step: int, timestamp: int) -> 
     return [Metric(_safe_key(k)[:MAX_KEY_LENGTH], float(v), timestamp, step) for k, v in metrics.items()]
 
 
+def _pareto(rank: int) -> str:
+    """The pareto tag of a complete trial of this Pareto rank."""
+    return "true" if rank == 0 else "false"
+
+
+def _drawing(snapshot: FrontSnapshot) -> tuple[Any, ...]:
+    """What the parent's plots show of a snapshot: they are redrawn only when it changes."""
+    return (snapshot.front, snapshot.complete)
+
+
 def _ms(moment: datetime | None) -> int:
     return int((moment.timestamp() if moment else time.time()) * 1000)
 
@@ -383,7 +393,7 @@ class Tracker:
             # only complete trials can be on the front; refresh() tags those
             tags[PARETO_TAG] = "false"
         elif state == "COMPLETE" and rank is not None:
-            tags[PARETO_TAG], tags[RANK_TAG] = str(rank == 0).lower(), str(rank)
+            tags[PARETO_TAG], tags[RANK_TAG] = _pareto(rank), str(rank)
         params = flatten(policy)
         timestamp = _ms(event.completed) if event.completed else None
         too_long = self._log(child.run_id, params=params, logged=child.params, metrics=metrics, tags=tags, timestamp=timestamp)
@@ -432,7 +442,7 @@ class Tracker:
             child = self._child(number)
             if child is None:
                 continue
-            pareto = "true" if rank == 0 else "false"
+            pareto = _pareto(rank)
             tags = {PARETO_TAG: pareto} if pareto != child.pareto else {}
             if str(rank) != child.rank:
                 tags[RANK_TAG] = str(rank)
@@ -450,7 +460,7 @@ class Tracker:
         if time.monotonic() - self._progress_at >= PROGRESS_SECONDS:
             self._flush_progress()
         self._latest = snapshot
-        if (snapshot.front, snapshot.complete) != self._drawn_key and time.monotonic() - self._drawn_at >= REDRAW_SECONDS:
+        if _drawing(snapshot) != self._drawn_key and time.monotonic() - self._drawn_at >= REDRAW_SECONDS:
             self._draw(snapshot, in_full=False)
 
     @_guarded
@@ -472,7 +482,7 @@ class Tracker:
         client, parent = self._require_started()
         study = self._study
         assert study is not None
-        self._drawn_key = (snapshot.front, snapshot.complete)
+        self._drawn_key = _drawing(snapshot)
         self._drawn_in_full = in_full
         self._drawn_at = time.monotonic()
         metric_names = study.metric_names
@@ -542,7 +552,7 @@ class Tracker:
         client, parent = self._require_started()
         self._flush_progress()
         latest = self._latest
-        if latest is not None and ((latest.front, latest.complete) != self._drawn_key or not self._drawn_in_full):
+        if latest is not None and (_drawing(latest) != self._drawn_key or not self._drawn_in_full):
             self._draw(latest, in_full=True)
         client.set_terminated(parent, status=status)
 
