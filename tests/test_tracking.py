@@ -501,6 +501,14 @@ def test_plots_take_any_number_of_objectives(tmp_path: Path) -> None:
     assert plots.spread(list(range(10)), 4) == [0, 3, 6, 9]
 
 
+def test_the_front_plot_legend_sits_where_the_best_of_both_axes_meet() -> None:
+    # no trade-off reaches that corner: high accuracy at low cost, low drop at low cost
+    assert plots._utopia_corner("bops", "accuracy") == "upper left"
+    assert plots._utopia_corner("bops", "accuracy_drop") == "lower left"
+    assert plots._utopia_corner("memory_mb", "performance_density") == "upper left"
+    assert plots._utopia_corner("trial", "accuracy") == "upper left"
+
+
 def test_importing_tracking_and_plots_loads_neither_mlflow_nor_plotting() -> None:
     code = "import sys, autoprune.tracking, autoprune.plots; print(sorted(m for m in ('mlflow', 'matplotlib', 'plotly') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

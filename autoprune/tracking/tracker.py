@@ -368,14 +368,6 @@ class Tracker:
         child = self._child(event.number)
         if child is not None and child.status == status and child.state == state:
             return
-        if child is None:
-            run = client.create_run(
-                self.experiment_id,
-                start_time=_ms(event.started),
-                run_name=f"trial-{event.number:04d}",
-                tags={PARENT_TAG: parent, TRIAL_TAG: str(event.number)},
-            )
-            child = _Child(run.info.run_id, "RUNNING", "", frozenset(), None, None)
         policy = dict(event.policy)
         tags = {STATE_TAG: state, STRATEGY_TAG: event.strategy}
         if event.prior:
@@ -396,7 +388,17 @@ class Tracker:
             tags[PARETO_TAG], tags[RANK_TAG] = _pareto(rank), str(rank)
         params = flatten(policy)
         timestamp = _ms(event.completed) if event.completed else None
-        too_long = self._log(child.run_id, params=params, logged=child.params, metrics=metrics, tags=tags, timestamp=timestamp)
+        unwritten = tags
+        if child is None:
+            # a new run takes its tags as it is created, which saves log_batch a round of tag writes
+            run = client.create_run(
+                self.experiment_id,
+                start_time=_ms(event.started),
+                run_name=f"trial-{event.number:04d}",
+                tags={PARENT_TAG: parent, TRIAL_TAG: str(event.number), **{_safe_key(k): str(v)[:MAX_TAG_LENGTH] for k, v in tags.items()}},
+            )
+            child, unwritten = _Child(run.info.run_id, "RUNNING", "", frozenset(), None, None), {}
+        too_long = self._log(child.run_id, params=params, logged=child.params, metrics=metrics, tags=unwritten, timestamp=timestamp)
         if policy and (finished or not child.params):  # resolved layers may arrive only with the result
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
