@@ -10,7 +10,6 @@ needs the whole split as one tensor.
 from __future__ import annotations
 
 import importlib
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,10 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from autoprune.errors import AutopruneError
-from autoprune.files import atomic_path
+from autoprune.files import atomic_path, cache_root
 
-CACHE_ENV = "AUTOPRUNE_CACHE"
 # Bumped whenever a built-in loader's arrays or split change, so that no cache serves the old ones.
 ARRAYS_VERSION = 1
-
-
-def cache_root() -> Path:
-    """Where base models, learned models and the built-in datasets' arrays are kept between runs."""
-    return Path(os.environ.get(CACHE_ENV, ".autoprune/cache"))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,14 @@ from typing import Iterator
 
 from autoprune.errors import AutopruneError
 
+CACHE_ENV = "AUTOPRUNE_CACHE"
+
+
+def cache_root() -> Path:
+    """Where base models, learned models, the built-in datasets' arrays and other work worth keeping
+    between runs are kept (``AUTOPRUNE_CACHE``, default ``.autoprune/cache``)."""
+    return Path(os.environ.get(CACHE_ENV, ".autoprune/cache"))
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:

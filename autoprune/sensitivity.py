@@ -462,7 +462,7 @@ def table_path(task: "Task", model: nn.Module) -> Path:
     by the task's identity and the weights (a user's model has no cache folder of its own)."""
     if task.spec is not None:
         return task.cache_dir() / TABLE_FILE
-    from autoprune.data import cache_root
+    from autoprune.files import cache_root
 
     key = hashlib.sha256(f"{task.key()}:{weights_digest(model)}".encode()).hexdigest()[:16]
     return cache_root() / "sensitivity" / f"{key}.json"

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from autoprune.data import Splits, cache_root, load_dataset
+from autoprune.data import Splits, load_dataset
 from autoprune.device import device_of, resolve_device, to_device
 from autoprune.errors import AutopruneError
-from autoprune.files import atomic_path, write_atomic
+from autoprune.files import atomic_path, cache_root, write_atomic
 from autoprune.models import build_model, check_supported, default_input_shape
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]

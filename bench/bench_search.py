@@ -49,7 +49,7 @@ from autoprune.search import runner  # noqa: E402
 from autoprune.search.pareto import front_trials, hypervolume  # noqa: E402
 from autoprune.search.record import read_trial  # noqa: E402
 from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
-from autoprune.data import CACHE_ENV  # noqa: E402
+from autoprune.files import CACHE_ENV  # noqa: E402
 from autoprune.task import Task, TaskSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

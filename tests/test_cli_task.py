@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from autoprune.search.record import read_meta
-from autoprune.data import cache_root
+from autoprune.files import cache_root
 from autoprune.task import weights_task
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoprune.data import ARRAYS_VERSION, CACHE_ENV, load_dataset
+from autoprune.data import ARRAYS_VERSION, load_dataset
+from autoprune.files import CACHE_ENV
 
 
 def test_a_builtin_dataset_is_cached_whole_and_read_back_without_scikit_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -125,7 +125,6 @@ def test_data_free_cost_path_folds_like_the_workflow() -> None:
 
 def test_shipped_pfq_space_offers_the_workflow_beside_the_standard_path() -> None:
     from autoprune.search.space import SpaceSpec
-    from test_space import REPO
 
     space = SpaceSpec.load(shipped("search_spaces", "pfq")).bind(planted(), input_shape=SHAPE)
     assert space.distributions()["workflow"].choices == ("standard", "pfq")

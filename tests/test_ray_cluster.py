@@ -5,7 +5,6 @@ trials run on both nodes, one node is removed mid-search, and every trial of the
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 

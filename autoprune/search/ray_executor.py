@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -72,7 +72,7 @@ class WorkerJob:
 
 def _evaluator(job: WorkerJob) -> "Evaluator":
     from autoprune.search.evaluate import Evaluator
-    from autoprune.data import CACHE_ENV
+    from autoprune.files import CACHE_ENV
     from autoprune.task import task_from_record
 
     key = json.dumps(job.task, sort_keys=True)
@@ -369,7 +369,7 @@ def _check_fits(config: "RayOptions", resources: dict[str, float]) -> None:
 
 
 def _worker_job(ctx: "SearchContext", config: "RayOptions") -> WorkerJob:
-    from autoprune.data import cache_root
+    from autoprune.files import cache_root
 
     evaluator = ctx.ensure_evaluator(progress=False)
     folder = evaluator.base.cache_path

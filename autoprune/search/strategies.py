@@ -49,7 +49,7 @@ Scored = tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]
 
 def artifact_path(study_name: str) -> Path:
     """A fresh file for a learned model under the cache (the trial records the path; export reads it)."""
-    from autoprune.data import cache_root
+    from autoprune.files import cache_root
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name)
     return cache_root() / "djpq" / safe / f"{uuid.uuid4().hex}.safetensors"
