@@ -1,10 +1,24 @@
 """Whether a process of this host is still alive: what lets one process clean up after another that died
-(a trial it left RUNNING, a scratch file it left half-built)."""
+(a trial it left RUNNING, a scratch file it left half-built), and leave alone what a live one will finish."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+
+
+def this_process() -> str:
+    """``host:pid``, the name a trial's record gives the process that owns it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process named ``host:pid`` still runs; None where this host cannot tell (another host's)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    return alive(int(pid))
 
 
 def alive(pid: int) -> bool:
@@ -22,4 +36,4 @@ def alive(pid: int) -> bool:
         return True
 
 
-__all__ = ["alive"]
+__all__ = ["alive", "owner_alive", "this_process"]

@@ -18,6 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autoprune import plots
+from autoprune.files import CACHE_ENV
 from autoprune.search.front import Front, event_of
 from autoprune.search.pareto import front_trials, pareto_ranks
 from autoprune.search.record import StudyMeta, read_meta, write_meta
@@ -377,6 +378,8 @@ def test_concurrent_workers_lose_no_runs(store: Path, tmp_path: Path) -> None:
     ]
     for worker in workers:
         assert worker.wait(timeout=120) == 0, worker.stderr.read() if worker.stderr else ""
+    # what the search's close does: take in what other processes logged, then tag every rank
+    coordinator.reconcile(finished_events(study))
     refresh(coordinator, study)
     runs = children(client_of(store), coordinator)
     assert sorted(runs) == list(range(12))
@@ -450,7 +453,8 @@ open_client(sys.argv[1]).search_experiments()
 """
 
 
-def test_a_search_killed_while_mlflow_creates_its_store_leaves_none_half_made(tmp_path: Path) -> None:
+def test_a_search_killed_while_mlflow_creates_its_store_leaves_none_half_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # no kept schema: MLflow builds this store table by table
     uri, _ = resolve_store(str(tmp_path / "mlruns"))
     killed = subprocess.run([sys.executable, "-c", KILLED_MID_SCHEMA, uri], capture_output=True, text=True)
     assert killed.returncode == 137, killed.stderr[-2000:]
@@ -463,6 +467,70 @@ def test_a_search_killed_while_mlflow_creates_its_store_leaves_none_half_made(tm
     experiment = client.create_experiment("after-the-kill")
     assert client.get_experiment_by_name("after-the-kill").experiment_id == experiment
     assert not list((tmp_path / "mlruns").glob(".mlflow.db.*")), "the next creation removed the dead process's scratch"
+
+
+def test_a_new_store_copies_the_kept_schema_and_gets_its_own_default_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from autoprune.tracking.store import create_whole, open_client
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    built, copied = (resolve_store(str(tmp_path / name))[0] for name in ("built", "copied"))
+    create_whole(built)
+    kept = list((tmp_path / "cache" / "mlflow").glob("empty-store-*.db"))
+    assert len(kept) == 1, "the first store's schema is kept"
+    with sqlite3.connect(kept[0]) as schema:
+        assert schema.execute("SELECT count(*) FROM experiments").fetchone() == (0,), "without the first store's Default experiment"
+
+    def tables(uri: str) -> dict[str, list[str]]:
+        """Every table, index and its definition's lines: MLflow's own builds order constraints differently."""
+        with sqlite3.connect(uri.removeprefix("sqlite:///")) as db:
+            rows = db.execute("SELECT name, sql FROM sqlite_master").fetchall()
+        return {name: sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()) for name, sql in rows}
+
+    create_whole(copied)
+    assert tables(copied) == tables(built)
+    client = open_client(copied)
+    assert client.get_experiment("0").artifact_location == (tmp_path / "copied" / "artifacts" / "0").as_uri()
+    run = client.create_run("0")
+    client.log_metric(run.info.run_id, "accuracy", 91.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"accuracy": 91.0}
+
+    kept[0].write_bytes(b"not a database")  # a kept schema MLflow refuses: the store is built instead
+    rebuilt = resolve_store(str(tmp_path / "rebuilt"))[0]
+    create_whole(rebuilt)
+    assert tables(rebuilt) == tables(built)
+
+
+def test_reconcile_leaves_the_trials_of_another_live_process_to_its_own_tracker(store: Path) -> None:
+    study = new_study("owners")
+    tracker = Tracker(study_name="owners", tracking_uri=str(store))
+    start(tracker, study)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    try:
+        owners = {
+            0: f"{host}:{live.pid}",  # running elsewhere on this host: its tracker logs it
+            1: f"{host}:{dead.pid}",  # its process died before its tracker logged it: logged here
+            2: "another-host:12",  # ended long ago on a host this one cannot see: nobody else will log it
+            3: "another-host:13",  # ended a moment ago there: left to that host's tracker for a while
+            4: None,  # no owner recorded (a study from before owners): logged
+        }
+        for number, owner in owners.items():
+            attrs = {"policy": policy_of({}), "metrics": {"accuracy": 90.0 - number, "bops": 1e6}, **({"owner": owner} if owner else {})}
+            study.add_trial(optuna.trial.create_trial(values=[90.0 - number, 1e6], user_attrs=attrs))
+        events = finished_events(study)
+        long_ago = events[2].completed.replace(year=events[2].completed.year - 1)
+        events[2] = dataclasses.replace(events[2], completed=long_ago)
+        tracker.reconcile(events)
+        assert sorted(children(client_of(store), tracker)) == [1, 2, 4]
+    finally:
+        live.kill()
+        live.wait()
+    tracker.reconcile(finished_events(study))
+    assert sorted(children(client_of(store), tracker)) == [0, 1, 2, 4], "once its process is gone, anyone logs it"
 
 
 def test_training_signals_are_parent_metrics_by_epoch(store: Path) -> None:

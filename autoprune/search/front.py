@@ -94,6 +94,7 @@ def event_of(trial: "FrozenTrial | optuna.Trial", record: TrialRecord | None = N
         feasible=record.feasible,
         started=getattr(trial, "datetime_start", None),
         completed=getattr(trial, "datetime_complete", None),
+        owner=record.owner,
     )
 
 

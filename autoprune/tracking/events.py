@@ -47,6 +47,8 @@ class TrialEvent:
     feasible: bool = True
     started: datetime | None = None
     completed: datetime | None = None
+    # the process that ran it, ``host:pid`` (autoprune.processes): its own tracker logs it
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@ or server URI as MLflow knows them, or a plain folder, which gets the same layou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import shutil
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -94,14 +97,63 @@ def create_whole(tracking_uri: str) -> None:
     host = socket.gethostname()
     _remove_dead_scratch(db, host)
     scratch = db.with_name(f".{db.name}.{host}.{os.getpid()}.{threading.get_ident()}.new")
+    root = artifacts.as_uri() if artifacts else None
     try:
-        SqlAlchemyStore(sqlite_uri(scratch), artifacts.as_uri() if artifacts else None).engine.dispose()
+        if not _from_schema_copy(scratch, root):
+            SqlAlchemyStore(sqlite_uri(scratch), root).engine.dispose()
+            _keep_schema(scratch)
         try:
             os.link(scratch, db)
         except FileExistsError:
             pass
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _schema_copy() -> Path:
+    """An empty store of this MLflow version, kept in the cache: MLflow builds a new store's schema through
+    its whole migration history (measured here: 1.3 s of the tracker's CPU, taken from the first trials),
+    while a copy opens in 30 ms. The copy holds no experiment, so opening it makes MLflow's Default
+    experiment with the new store's own artifact folder."""
+    import mlflow
+
+    from autoprune.files import cache_root
+
+    return cache_root() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
+
+
+def _from_schema_copy(scratch: Path, artifact_root: str | None) -> bool:
+    """Build ``scratch`` from the kept schema; False (and no scratch) when there is none or it fails to open.
+    The copy is opened under a name of its own: MLflow keeps an engine per URI, and one left holding a
+    refused file must not serve the store built next under the scratch's name."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    copy = scratch.with_name(f"{scratch.name}-copy")
+    try:
+        shutil.copyfile(_schema_copy(), copy)
+        SqlAlchemyStore(sqlite_uri(copy), artifact_root).engine.dispose()
+        copy.replace(scratch)
+    except Exception:  # noqa: BLE001 - none kept yet, or one this MLflow refuses: build the schema instead
+        return False
+    finally:
+        copy.unlink(missing_ok=True)
+    return True
+
+
+def _keep_schema(store: Path) -> None:
+    """Keep a just-built store, less its Default experiment (whose artifact folder is that store's), as the
+    schema later stores copy. Best effort: without it, the next store is built as this one was."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from autoprune.files import atomic_path
+
+    try:
+        with atomic_path(_schema_copy()) as tmp:
+            shutil.copyfile(store, tmp)
+            with contextlib.closing(sqlite3.connect(tmp)) as connection, connection:
+                connection.execute("DELETE FROM experiments WHERE experiment_id = ?", (int(SqlAlchemyStore.DEFAULT_EXPERIMENT_ID),))
+    except (OSError, sqlite3.Error):
+        pass
 
 
 def _remove_dead_scratch(db: Path, host: str) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from autoprune.metrics import FrontRow, front_csv
+from autoprune.processes import owner_alive, this_process
 from autoprune.tracking.events import FrontSnapshot, StudyInfo, TrialEvent
 from autoprune.tracking.store import open_client, resolve_store
 
@@ -57,6 +58,8 @@ MAX_TAG_LENGTH = 8000
 # per trial, are written in one batch at most every PROGRESS_SECONDS.
 REDRAW_SECONDS = 60.0
 PROGRESS_SECONDS = 10.0
+# how long after another host's trial ended its own tracker has to log it before reconcile does
+OWNER_GRACE_SECONDS = 120.0
 # Optuna trial state -> MLflow run status. A pruned trial ended by decision, not by a fault.
 RUN_STATUS = {"RUNNING": "RUNNING", "COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
@@ -345,10 +348,9 @@ class Tracker:
                 return
 
     def _child(self, number: int) -> _Child | None:
-        if number not in self._children:
-            # another process of the same study may have logged it
-            for run in self._search(f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}'"):
-                self._children[number] = _Child.of(run)
+        # Loaded at start and by reconcile. Another process logs only the trials it ran (_left_to_owner) and
+        # keeps their tags, so a trial this process told needs no search of MLflow for a run made elsewhere;
+        # the close's reconcile takes in the rest before the last tags.
         return self._children.get(number)
 
     # -- trials ---------------------------------------------------------------------------------------
@@ -430,8 +432,20 @@ class Tracker:
         self._require_started()
         self._children = self._load_children()
         for event in events:
-            if event.state in FINISHED_STATES:
+            if event.state in FINISHED_STATES and not self._left_to_owner(event):
                 self._log_trial(event)
+
+    def _left_to_owner(self, event: TrialEvent) -> bool:
+        """A trial another live process ran is logged by that process's own tracker (perhaps a moment from
+        now): logging it here too would make two child runs of one trial. Another host's processes cannot be
+        seen from here, so their trials are left to them for OWNER_GRACE_SECONDS after they ended."""
+        if not event.owner or event.owner == this_process():
+            return False
+        alive = owner_alive(event.owner)
+        if alive is not None:
+            return alive
+        ended = event.completed.timestamp() if event.completed else -math.inf
+        return time.time() - ended < OWNER_GRACE_SECONDS
 
     # -- the front ------------------------------------------------------------------------------------
     @_guarded
