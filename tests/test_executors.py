@@ -43,15 +43,19 @@ def test_a_slot_freed_by_a_late_dead_worker_is_run_by_the_driver(monkeypatch: py
     assert rounds == [None, None]
 
 
-def test_no_orphan_no_second_round(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("unowned, rounds_run", [(False, 1), (True, 2)])
+def test_a_second_round_only_for_a_trial_left_without_its_process(monkeypatch: pytest.MonkeyPatch, unowned: bool, rounds_run: int) -> None:
+    """No orphan failed: one round, unless a worker died asking and left a trial no one owns (the second
+    round's loop waits out its grace period and runs one in its place)."""
     rounds: list[float | None] = []
     monkeypatch.setattr(runner, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 3)
     monkeypatch.setattr(lifecycle, "fail_orphaned_trials", lambda study: [])
+    monkeypatch.setattr(lifecycle, "awaiting_owner", lambda study: unowned)
     monkeypatch.setattr(executors, "share_cores", lambda processes: 1)
     ctx = SimpleNamespace(study=SimpleNamespace(study_name="s"))
     config = SimpleNamespace(jobs=1, storage=None, tracking_uri=None)
-    assert executors.Processes().run(ctx, config, deadline=None) == 3
-    assert len(rounds) == 1
+    assert executors.Processes().run(ctx, config, deadline=None) == 3 * rounds_run
+    assert len(rounds) == rounds_run
 
 
 def test_other_processes_start_after_the_parent_run_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,19 +77,28 @@ def test_other_processes_start_after_the_parent_run_is_recorded(tmp_path: Path, 
     assert seen and seen[0]
 
 
+def test_a_trial_that_does_not_count_below_the_budget_is_made_up_for_and_no_more(tmp_path: Path) -> None:
+    """Trial numbers bound the count from above, so the loop reads the study only near the budget; there it
+    must count exactly: an interrupted trial leaves its slot to a trial numbered past the budget."""
+    ctx = prepared(tmp_path, trials=3)
+    died = ctx.study.ask()
+    write_trial(ctx.study, died, failure="interrupted: process elsewhere:1 died", interrupted=True)
+    ctx.study.tell(died, state=TrialState.FAIL)
+    ctx.evaluator = SimpleNamespace(run=lambda job: ({"accuracy": 90.0, "accuracy_drop": 1.0, "bops": 1e6}, {}, {}))
+    assert runner.run_trials(ctx, deadline=None) == 3
+    assert [t.state for t in ctx.study.trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3, "no trial asked only to be skipped"
+    assert runner.run_trials(ctx, deadline=None) == 0
+
+
 def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the trial has an owner, no orphan check can fail it: the loop itself must, or it holds a slot."""
     ctx = prepared(tmp_path, trials=3)
 
-    calls: list[int] = []
+    def interrupted_before_it_begins(ctx: object, trial: optuna.Trial) -> None:
+        assert read_trial(trial).owner is None
+        raise KeyboardInterrupt
 
-    def interrupted_once_asked(study: object, number: int) -> int:
-        calls.append(number)
-        if len(calls) > 1:  # the first call counts the budget before any ask
-            raise KeyboardInterrupt
-        return 0
-
-    monkeypatch.setattr(runner, "counted_before", interrupted_once_asked)
+    monkeypatch.setattr(runner, "run_in_process", interrupted_before_it_begins)
     with pytest.raises(KeyboardInterrupt):
         runner.run_trials(ctx, deadline=None)
     assert_one_trial_failed_by_ctrl_c(ctx)
@@ -118,6 +131,22 @@ def test_the_loop_runs_a_trial_in_place_of_one_whose_process_died(tmp_path: Path
     assert runner.run_trials(ctx, deadline=None) == 2
     states = {t.number: (t.state, read_trial(t).interrupted) for t in ctx.study.get_trials()}
     assert states == {0: (TrialState.FAIL, True), 1: (TrialState.COMPLETE, False), 2: (TrialState.COMPLETE, False)}
+
+
+def test_a_trial_whose_process_died_while_asking_for_it_is_failed_once_its_grace_period_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between Optuna's ask and the owner's record, a trial has neither an owner nor a heartbeat: the
+    loop waits for its grace period (it may be another process's, about to be owned), then runs one in its place."""
+    ctx = prepared(tmp_path, trials=2)
+    unowned = ctx.study.ask()
+    assert lifecycle.fail_orphaned_trials(ctx.study) == []  # too young to tell from a trial being asked
+    monkeypatch.setattr(lifecycle, "GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(runner, "ORPHAN_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(runner, "run_in_process", lambda ctx, trial: ctx.study.tell(trial, [90.0, 1.0]))
+    assert runner.run_trials(ctx, deadline=None) == 2
+    trials = {t.number: t for t in ctx.study.get_trials()}
+    assert {n: t.state for n, t in trials.items()} == {unowned.number: TrialState.FAIL, 1: TrialState.COMPLETE, 2: TrialState.COMPLETE}
+    assert read_trial(trials[unowned.number]).interrupted
+    assert read_trial(trials[unowned.number]).failure == "interrupted: its process died while asking for it"
 
 
 def test_a_trial_beats_while_it_runs_and_goes_stale_once_it_stops(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ class Processes:
         return None
 
     def run(self, ctx: "SearchContext", config: "SearchConfig", *, deadline: float | None) -> int:
-        from autoprune.search.lifecycle import fail_orphaned_trials
+        from autoprune.search.lifecycle import awaiting_owner, fail_orphaned_trials
         from autoprune.search.runner import run_trials, storage_url
 
         threads = share_cores(config.jobs)
@@ -80,8 +80,9 @@ class Processes:
                 proc.wait()
             orphans = fail_orphaned_trials(ctx.study)
         # A worker that died after this loop's last look held a slot of the budget that no one else will
-        # run: every other process has already seen the budget spent.
-        if orphans and (deadline is None or time.monotonic() < deadline):
+        # run: every other process has already seen the budget spent. (One that died asking left a trial
+        # with no owner, which run_trials fails once its grace period has passed.)
+        if (orphans or awaiting_owner(ctx.study)) and (deadline is None or time.monotonic() < deadline):
             ran += run_trials(ctx, deadline=deadline)
         return ran
 

@@ -7,19 +7,18 @@ Also the budget: which trials count toward it, and failing the trials of process
 from __future__ import annotations
 
 import math
-import os
 import signal
-import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.policy import Policy
-from autoprune.processes import alive
+from autoprune.processes import owner_alive, this_process
 from autoprune.search.evaluate import TrialFailed
 from autoprune.search.record import TrialRecord, read_trial, write_trial
 
@@ -27,8 +26,11 @@ if TYPE_CHECKING:
     from autoprune.search.runner import SearchContext
     from autoprune.search.strategies import TrialJob
 
-OWNER = f"{socket.gethostname()}:{os.getpid()}"
+OWNER = this_process()
 SKIPPED = "skipped: another worker took the last trial of the budget"
+# How long a trial may go without sign of its process (a heartbeat; an owner, for one just asked) before
+# another process fails it as interrupted. Optuna's storage is opened with it as its grace period.
+GRACE_SECONDS = 40
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -108,9 +110,9 @@ def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> Iterator[None]:
 def begin(ctx: "SearchContext", trial: optuna.Trial) -> "TrialJob | None":
     """Own the trial and record its policy (a learned strategy: its run config, the policy comes with the
     result); a point the space cannot turn into a job fails the trial at once (returns None)."""
-    trial.set_user_attr("owner", OWNER)
+    write_trial(ctx.study, trial, owner=OWNER)
     try:
-        job = ctx.space.job(trial.params, seed=ctx.meta.seed + trial.number, study_name=ctx.study.study_name)
+        job = ctx.space.job(trial.params, seed=ctx.seed + trial.number, study_name=ctx.study.study_name)
     except Exception as exc:  # noqa: BLE001 - a bad point is a failed trial, as any other
         finish(ctx, trial, Outcome(failure=failure_reason(exc)))
         return None
@@ -253,20 +255,21 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials whose process is gone become FAIL (interrupted), so a resume redoes them.
 
     A trial owned by a dead process on this host is failed at once; one on another host waits for
-    Optuna's heartbeat grace period.
+    Optuna's heartbeat grace period. A trial with no owner was asked by a process that died before it could
+    own it (the ask samples its parameters first, tens of milliseconds); it never beat either, so it is
+    failed once it is GRACE_SECONDS old.
     """
-    host = socket.gethostname()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = read_trial(trial).owner or ""
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not alive(int(pid)):
-            write_trial(study, trial, failure=f"interrupted: process {owner} died", interrupted=True)
-            try:
-                study.tell(trial.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):  # another process failed it a moment ago
-                continue
-            failed.append(trial.number)
+        reason = _orphaned(trial)
+        if reason is None:
+            continue
+        write_trial(study, trial, failure=reason, interrupted=True)
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another process failed it a moment ago
+            continue
+        failed.append(trial.number)
     try:
         failed += [t.number for t in optuna.storages.fail_stale_trials(study) or []]
     except Exception:  # noqa: BLE001 - fail_stale_trials is best effort on storages without heartbeats
@@ -274,7 +277,27 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
+def _orphaned(trial: FrozenTrial) -> str | None:
+    """Why a RUNNING trial is known to have lost its process, or None while it may still have one."""
+    owner = read_trial(trial).owner
+    if owner is None:
+        return "interrupted: its process died while asking for it" if _age_seconds(trial) > GRACE_SECONDS else None
+    return f"interrupted: process {owner} died" if owner_alive(owner) is False else None
+
+
+def _age_seconds(trial: FrozenTrial) -> float:
+    # datetime_start is the asking host's local time, as datetime.now() here: hosts' clocks must agree to
+    # well within the grace period, as they must for Optuna's own heartbeats
+    return (datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
+
+
+def awaiting_owner(study: optuna.Study) -> bool:
+    """Whether a RUNNING trial has no owner yet: being asked by a live process (it owns it in a moment), or
+    left by one that died asking (failed once GRACE_SECONDS old). Until then it holds a slot of the budget."""
+    return any(read_trial(t).owner is None for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 __all__ = [
-    "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "new_trial", "evaluate_fidelities",
+    "GRACE_SECONDS", "awaiting_owner", "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "new_trial", "evaluate_fidelities",
     "counts_toward_budget", "counted_before", "spent", "fail_orphaned_trials",
 ]

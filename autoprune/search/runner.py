@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.search.fidelity import FidelitySpec, steps_spent
-from autoprune.search.lifecycle import OWNER, SKIPPED, Outcome, counted_before, fail_orphaned_trials, finish, new_trial, run_in_process, spent
+from autoprune.search.lifecycle import GRACE_SECONDS, OWNER, SKIPPED, awaiting_owner, Outcome, counted_before, fail_orphaned_trials, finish, new_trial, run_in_process, spent
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, read_trial, sampler_constraints, write_meta
@@ -34,6 +34,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
+# how often a process whose budget looks spent looks again while a trial there has no owner yet
+ORPHAN_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if not parent.is_dir():
             raise AutopruneError("--storage", url, f"points into a folder that does not exist ({parent})")
     try:
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=40, engine_kwargs=_engine_kwargs(url))
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=GRACE_SECONDS, engine_kwargs=_engine_kwargs(url))
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a down server
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutopruneError("--storage", url, f"cannot be reached ({first[:160]})") from None
@@ -211,6 +213,8 @@ class SearchContext:
     notify: Callable[[FrozenTrial], None] | None = None
     # multi-fidelity trials and the fine-tune steps they may spend (search.fidelity); None: off
     fidelity: FidelitySpec | None = None
+    # the study's seed (StudyMeta.seed), kept here because every trial's job derives its own from it
+    seed: int = 0
 
     @property
     def budget_steps(self) -> int | None:
@@ -271,7 +275,7 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
         if meta.prior_bits:
             # the same narrowed space as the first run and as every worker (context_from_study)
             space.narrowed_to(meta.prior_bits)
-    return SearchContext(study, task, space, objectives, config.trials, fidelity=fidelity)
+    return SearchContext(study, task, space, objectives, config.trials, fidelity=fidelity, seed=(meta or wanted).seed)
 
 
 def _normalised(value: Any) -> Any:
@@ -290,7 +294,7 @@ def context_from_study(study: optuna.Study, *, device: str | None = None) -> Sea
         space.narrowed_to(meta.prior_bits)
     objectives = ObjectiveSpec.from_dict(meta.objectives)
     fidelity = FidelitySpec.model_validate(meta.fidelity) if meta.fidelity else None
-    return SearchContext(study, task, space, objectives, meta.budget, fidelity=fidelity)
+    return SearchContext(study, task, space, objectives, meta.budget, fidelity=fidelity, seed=meta.seed)
 
 
 def record_base(ctx: SearchContext, evaluator: Any) -> None:
@@ -405,24 +409,31 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
         return _run_fidelity_trials(ctx, deadline=deadline)
     distributions = ctx.space.distributions()
     ran = 0
+    # ``asked`` bounds the trials that count toward the budget from above (counted_before(n) <= n: trial
+    # numbers are dense), so the study is read to count them exactly only once the bound reaches the budget.
     asked = counted_before(ctx.study, _next_number(ctx.study))
     while deadline is None or time.monotonic() < deadline:
-        # A worker process that died mid-trial left it RUNNING, holding a slot of the budget: fail it
-        # (as interrupted) so that a trial runs in its place. That changes nothing until the slots look
-        # spent, so the study is read for orphans then, not before every trial.
         if asked >= ctx.budget:
+            asked = counted_before(ctx.study, _next_number(ctx.study))
+            if asked < ctx.budget:
+                continue
+            # A worker process that died mid-trial left it RUNNING, holding a slot of the budget: fail it
+            # (as interrupted) so that a trial runs in its place. That changes nothing until the slots look
+            # spent, so the study is read for orphans then, not before every trial. One killed while it
+            # was being asked has no owner to tell by: the loop waits out its grace period.
             if not fail_orphaned_trials(ctx.study):
-                break
+                if not awaiting_owner(ctx.study):
+                    break
+                time.sleep(ORPHAN_POLL_SECONDS)
             asked = counted_before(ctx.study, _next_number(ctx.study))
             continue
         with new_trial(ctx, distributions) as trial:
-            asked = counted_before(ctx.study, trial.number)
-            if asked >= ctx.budget:
+            if trial.number >= ctx.budget and counted_before(ctx.study, trial.number) >= ctx.budget:
                 finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
                 break
             run_in_process(ctx, trial)
         ran += 1
-        asked += 1
+        asked = trial.number + 1
     return ran
 
 
