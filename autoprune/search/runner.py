@@ -411,7 +411,7 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
     ran = 0
     # ``asked`` bounds the trials that count toward the budget from above (counted_before(n) <= n: trial
     # numbers are dense), so the study is read to count them exactly only once the bound reaches the budget.
-    asked = counted_before(ctx.study, _next_number(ctx.study))
+    asked = _next_number(ctx.study)
     while deadline is None or time.monotonic() < deadline:
         if asked >= ctx.budget:
             asked = counted_before(ctx.study, _next_number(ctx.study))
@@ -425,8 +425,7 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
                 if not awaiting_owner(ctx.study):
                     break
                 time.sleep(ORPHAN_POLL_SECONDS)
-            asked = counted_before(ctx.study, _next_number(ctx.study))
-            continue
+            continue  # ``asked`` still bounds at the budget: the top of the loop counts again
         with new_trial(ctx, distributions) as trial:
             if trial.number >= ctx.budget and counted_before(ctx.study, trial.number) >= ctx.budget:
                 finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autoprune.files import atomic_path, cache_root
 from autoprune.processes import alive
 
 DEFAULT_DIR = "mlruns"
@@ -117,8 +118,6 @@ def _schema_copy() -> Path:
     experiment with the new store's own artifact folder."""
     import mlflow
 
-    from autoprune.files import cache_root
-
     return cache_root() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
 
 
@@ -144,8 +143,6 @@ def _keep_schema(store: Path) -> None:
     """Keep a just-built store, less its Default experiment (whose artifact folder is that store's), as the
     schema later stores copy. Best effort: without it, the next store is built as this one was."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    from autoprune.files import atomic_path
 
     try:
         with atomic_path(_schema_copy()) as tmp:
