@@ -4,23 +4,83 @@
     result = autoprune.search(task, trials=60)
     compressed = autoprune.apply(model, result.front()[0].policy, task=task)
 
-``search`` runs on the study runner (``autoprune.search.runner``) through ``run_search``; ``space`` and
-``objectives`` take a shipped name, a YAML/JSON file, or a mapping of the same shape.
+Each command of the CLI parses its flags into these functions' arguments and calls one of them: ``search``,
+``apply``, ``cost``, ``export``, ``pareto``, ``signals``, ``worker``, ``ui``. Arguments are validated before any
+work (``SearchConfig``, ``TaskArgs``: pydantic models whose errors name the field and the value), and this is
+the one module that builds a ``SearchConfig``. ``space`` and ``objectives`` take a shipped name, a YAML/JSON
+file, or a mapping of the same shape.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import json
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+from pydantic import Field
 from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.policy import Policy
 from autoprune.task import Task
+from autoprune.validated import Validated
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoprune.compress import CompressionResult
+    from autoprune.cost import CostReport
+    from autoprune.export import Exported
+    from autoprune.search.study import RayOptions, SearchConfig, SearchContext
+    from autoprune.sensitivity import SensitivityTable
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NaturalInt = Annotated[int, Field(ge=0)]
+
+
+class TaskArgs(Validated):
+    """A task named the way the CLI's flags name it: a built-in one (``model`` on ``dataset``, trained once and
+    cached), ``model`` with the user's ``weights`` on a built-in dataset (nothing trained), or ``reference``, a
+    ``package.module:function`` returning the user's ``Task``."""
+
+    model: str = "digits_cnn"
+    dataset: str | None = None
+    data_dir: str | Path | None = None
+    epochs: PositiveInt | None = None
+    seed: NaturalInt = 0
+    weights: str | Path | None = None
+    reference: str | None = None
+    device: str | None = None
+    val_samples: PositiveInt | None = None
+    bf16: bool = False
+
+    def build(self) -> Task:
+        """The task, its device checked first (before any data is read or model trained)."""
+        from autoprune.task import cli_task
+
+        return cli_task(
+            model=self.model, weights=self.weights, task=self.reference, dataset=self.dataset,
+            data_dir=str(self.data_dir) if self.data_dir is not None else None, seed=self.seed, epochs=self.epochs,
+            device=self.device, val_samples=self.val_samples, bf16=self.bf16,
+        )
+
+
+def task_of(task: Task | TaskArgs | Mapping[str, Any] | None) -> Task:
+    """A Task from a Task, task arguments (or their mapping), or None (the default built-in task)."""
+    if isinstance(task, Task):
+        return task
+    if task is None:
+        return TaskArgs().build()
+    if isinstance(task, Mapping):
+        task = TaskArgs(**task)
+    if not isinstance(task, TaskArgs):
+        raise AutopruneError("task", type(task).__name__, "is not an autoprune.Task (build one with Task.from_model) nor task arguments")
+    return task.build()
 
 
 def _spec(kind: str, value: str | Path | Mapping[str, Any], loader: Any, field_name: str) -> Any:
@@ -29,6 +89,8 @@ def _spec(kind: str, value: str | Path | Mapping[str, Any], loader: Any, field_n
 
     if isinstance(value, Mapping):
         return loader.from_dict(dict(value), source=field_name)
+    if not isinstance(value, (str, Path)):
+        raise AutopruneError(field_name, type(value).__name__, "must be a shipped name, a file or a mapping")
     return loader.load(shipped(kind, str(value)))
 
 
@@ -37,6 +99,8 @@ def _policy(policy: Policy | str | Path | Mapping[str, Any]) -> Policy:
         return policy
     if isinstance(policy, Mapping):
         return Policy.from_dict(dict(policy))
+    if not isinstance(policy, (str, Path)):
+        raise AutopruneError("policy", type(policy).__name__, "must be a Policy, a policy file or a mapping")
     return Policy.load(policy)
 
 
@@ -49,28 +113,141 @@ def _on_device(task: Task, device: str | None) -> Task:
     return task
 
 
-def apply(model: nn.Module, policy: Policy | str | Path | Mapping[str, Any], *, task: Task, device: str | None = None) -> Any:
-    """Compress ``model`` with ``policy`` on the task's data (fine-tune, calibration, BN update) and device.
+# --- apply and cost --------------------------------------------------------------------------------
+
+
+def apply(
+    model: nn.Module | None, policy: Policy | str | Path | Mapping[str, Any], *, task: Task | TaskArgs | Mapping[str, Any] | None,
+    device: str | None = None, score: bool = False, out: str | Path | None = None,
+) -> CompressionResult:
+    """Compress ``model`` (None: the task's base model, trained once and cached for a built-in task) with
+    ``policy`` on the task's data (fine-tune, calibration, BN update) and device. The given model is not changed.
 
     Returns a ``CompressionResult``: ``.model``, ``.cost(task.input_shape)``, ``.summary()`` per layer.
-    The given model is not changed.
+    ``score=True`` fills ``.metrics`` with the task's metric on val and test (and the base model's);
+    ``out`` saves it: ``FILE.onnx`` as ONNX with QDQ nodes and packed weights (``.deployed`` measures them),
+    anything else as safetensors with its policy.
     """
-    from autoprune.compress import compress
+    from autoprune.compress import check_policy, compress, save_compressed
+    from autoprune.files import check_writable
 
-    _on_device(task, device)
+    chosen = _policy(policy)
+    onnx_out = out is not None and Path(out).suffix == ".onnx"
+    if onnx_out:
+        from autoprune.deps import require
+
+        for package in ("onnx", "onnxruntime"):
+            require(package)
+    built = _on_device(task_of(task), device)
+    if out is not None:
+        check_writable("out", out)
+    evaluator = None
+    if model is None:
+        # on a freshly built model: a policy the model cannot take is refused before its base model is trained
+        check_policy(built.build(), chosen, input_shape=built.input_shape)
+        from autoprune.search.evaluate import Evaluator
+
+        evaluator = Evaluator.for_task(built, progress=False)
+        model = evaluator.base.model
+    elif not isinstance(model, nn.Module):
+        raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module")
     # The policy check traces the model with a CPU input: a model on a GPU is read through a CPU copy.
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    return compress(model if on_cpu else copy.deepcopy(model).cpu(), _policy(policy), task=task)
+    result = compress(model if on_cpu else copy.deepcopy(model).cpu(), chosen, task=built)
+    if score:
+        if evaluator is None:
+            from autoprune.search.evaluate import Evaluator
+
+            evaluator = Evaluator.for_task(built, progress=False)
+        name = built.metric_name
+        result.metrics = {**evaluator.score(result, test=True), f"base_{name}": evaluator.base.val_accuracy, f"base_test_{name}": evaluator.base.test_accuracy}
+    if onnx_out:
+        from autoprune.deploy.point import deploy_point
+
+        path = Path(out)  # type: ignore[arg-type]
+        base = evaluator.base.model if evaluator is not None else model
+        result.deployed = deploy_point(result, task=built, base_model=base, onnx_path=path, packed_path=path.with_suffix(".apw"))
+    elif out is not None:
+        save_compressed(result, out, task=built)
+    return result
 
 
-def cost(model: nn.Module, *, input_shape: tuple[int, ...], policy: Policy | str | Path | Mapping[str, Any] | None = None) -> Any:
-    """The cost model (MACs, BOPs, ESN, memory) of ``model``, float or with ``policy`` applied statically (no data)."""
+def cost(
+    model: nn.Module | str | Task, *, input_shape: Sequence[int] | None = None, policy: Policy | str | Path | Mapping[str, Any] | None = None,
+    weights: str | Path | None = None, dataset: str | None = None, seed: int = 0,
+) -> CostReport:
+    """The cost model (MACs, BOPs, ESN, memory) of ``model``, float or with ``policy`` applied statically (no data).
+
+    ``model``: a module, a zoo name or ``package.module:factory`` (with ``weights``, else the cached trained
+    base model's when there is one, the model's on ``dataset`` with task seed ``seed``: ESN depends on weight
+    values), or a Task (its model and input shape).
+    """
     from autoprune.compress import static_compress
     from autoprune.cost import measure_cost
+    from autoprune.models import build_model, default_input_shape
 
-    if policy is None:
-        return measure_cost(model, input_shape=tuple(input_shape))
-    return static_compress(model, _policy(policy), input_shape=tuple(input_shape)).cost(tuple(input_shape))
+    chosen = _policy(policy) if policy is not None else None
+    source = None
+    if isinstance(model, Task):
+        if weights is not None:
+            raise AutopruneError("weights", str(weights), "cannot go with a task (the task brings its own weights)")
+        known, name, net = tuple(model.input_shape), model.key(), None
+    elif isinstance(model, str):
+        known, name, net = default_input_shape(model), model, None
+    elif isinstance(model, nn.Module):
+        known, name, net = None, type(model).__name__, model
+    else:
+        raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module, a model name or a Task")
+    shape = _input_shape(input_shape, known, name)
+    if isinstance(model, Task):
+        net, source = model.build(), "trained weights"
+    elif isinstance(model, str):
+        net = build_model(model, in_channels=shape[0])
+        if weights is not None:
+            from autoprune.weights import load_weights
+
+            net, source = load_weights(net, weights), "trained weights"
+        else:
+            source = "trained weights" if _cached_weights(model, net, dataset=dataset, seed=seed) else "untrained weights (no cached base model: ESN uses random init)"
+    assert net is not None
+    report = static_compress(net, chosen, input_shape=shape).cost(shape) if chosen is not None else measure_cost(net, input_shape=shape)
+    return replace(report, weights=source)
+
+
+def _input_shape(given: Sequence[int] | None, known: tuple[int, ...] | None, name: str) -> tuple[int, ...]:
+    if given is None:
+        if known is None:
+            raise AutopruneError("input_shape", None, f"is required for model {name!r} (give CxHxW or CxL)")
+        return known
+    shape = tuple(given)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise AutopruneError("input_shape", given, "must be positive integer sizes of one sample, e.g. (3, 32, 32) or (1, 40)")
+    if known is not None and len(shape) != len(known):
+        raise AutopruneError("input_shape", "x".join(map(str, shape)), f"has {len(shape)} sizes, but {name} reads {'x'.join(map(str, known))}")
+    return shape
+
+
+def _cached_weights(model_name: str, net: nn.Module, *, dataset: str | None, seed: int) -> bool:
+    """Load the cached trained base model's weights when there is one for this zoo model on ``dataset``."""
+    from autoprune.task import task_for
+
+    try:
+        task = task_for(model_name, dataset=dataset, seed=seed)
+    except AutopruneError:
+        return False
+    weights = task.cache_dir() / "model.safetensors"
+    if not weights.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    try:
+        net.load_state_dict(load_file(weights))
+    except (RuntimeError, OSError):  # a cached model of another input shape, or a damaged file: random init it is
+        return False
+    return True
+
+
+# --- search ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -83,11 +260,26 @@ class FrontPoint:
 
 
 class SearchResult:
-    """A finished (or resumed) study: its front, the base model's metric, and export."""
+    """A finished (or resumed, or reopened) study: its front, the base model's metric, and export.
 
-    def __init__(self, study: Any, task: Task) -> None:
+    It keeps the task and, after a search, the context the search ran with (its evaluator included), so
+    export replays the front on them instead of rebuilding them from the study's record.
+    """
+
+    def __init__(self, study: optuna.Study, task: Task | None = None, *, context: SearchContext | None = None, tracking_uri: str | None = None) -> None:
         self.study = study
-        self.task = task
+        self._context = context
+        self.task = task if task is not None else context.task if context is not None else None
+        self.tracking_uri = tracking_uri
+
+    @property
+    def context(self) -> SearchContext:
+        if self._context is None:
+            from autoprune.search.study import context_from_study
+
+            self._context = context_from_study(self.study, task=self.task)
+            self.task = self._context.task
+        return self._context
 
     @property
     def base(self) -> dict[str, Any]:
@@ -113,19 +305,40 @@ class SearchResult:
         records = [(t.number, read_trial(t)) for t in sorted(front_trials(self.study), key=lambda t: t.number)]
         return [FrontPoint(number, Policy.from_dict(r.policy or {}), dict(r.metrics or {})) for number, r in records]
 
+    def rows(self) -> dict[str, Any]:
+        """The front as ``autoprune pareto --json`` gives it: the study, its base model, hypervolume and rows."""
+        from autoprune.search.report import front_rows
+
+        return front_rows(self.study)
+
     def export(
         self, directory: str | Path, *, select: str = "pareto", replay: bool = True, format: str = "policy",
         register: str | None = None, tracking_uri: str | None = None,
-    ) -> Any:
+    ) -> Exported:
         """Write what ``autoprune export`` writes: policies, front.csv/json, report.json/md; with
-        ``format="onnx"`` each point's ONNX file and packed weights too (``register``: Model Registry name)."""
-        from autoprune.export import export_study
+        ``format="onnx"`` each point's ONNX file and packed weights too (``register``: Model Registry name),
+        logged in ``tracking_uri`` (default: the search's)."""
+        from autoprune.export import check_select, export_study
+        from autoprune.files import check_writable
 
-        return export_study(self.study, out=Path(directory), select=select, replay=replay, format=format, register=register, tracking_uri=tracking_uri)
+        check_writable("out", directory)
+        check_select(select)
+        uri = tracking_uri if tracking_uri is not None else self.tracking_uri
+        return export_study(self.context, out=Path(directory), select=select, replay=replay, format=format, register=register, tracking_uri=uri)
+
+
+def search_config(*, priors: bool | Sequence[str] = True, ray: RayOptions | Mapping[str, Any] | None = None, **options: Any) -> SearchConfig:
+    """The validated configuration of a search from ``search``'s keyword arguments (``trials``, ``study``, ...;
+    also ``task`` as a built-in ``TaskSpec`` and ``space_path`` / ``objectives_path`` for the runner's own use):
+    the one place a ``SearchConfig`` is built."""
+    from autoprune.search.study import RayOptions, SearchConfig
+
+    ray_options = ray if isinstance(ray, RayOptions) else RayOptions(**dict(ray or {}))
+    return SearchConfig(priors=priors if isinstance(priors, bool) else tuple(priors), ray=ray_options, **options)
 
 
 def search(
-    task: Task,
+    task: Task | TaskArgs | Mapping[str, Any] | None = None,
     *,
     space: str | Path | Mapping[str, Any] = "default",
     objectives: str | Path | Mapping[str, Any] = "accuracy_bops",
@@ -136,36 +349,168 @@ def search(
     sampler: str = "tpe",
     device: str | None = None,
     executor: str = "local",
-    priors: bool = True,
+    priors: bool | Sequence[str] = True,
     seed: int = 0,
     jobs: int = 1,
     timeout: float | None = None,
-    progress: bool = False,
     confirm: int = 0,
+    fidelity: float | None = None,
+    budget_steps: int | None = None,
+    ray: RayOptions | Mapping[str, Any] | None = None,
+    export: str | Path | None = None,
+    progress: bool = False,
+    quiet: bool = True,
 ) -> SearchResult:
     """Search compression policies of ``task``'s model: an Optuna study in ``storage``, tracked in MLflow.
 
-    ``priors=False`` enqueues no S/N prior (and a user task skips its S/N fine-tune); the study records why.
-    Worker processes (``jobs > 1``, Ray) rebuild a user task from its ``reference``.
-    ``confirm=R`` re-runs each front candidate with R fine-tuning seeds after the search and recomputes
-    the front from the means (export then reports validation and test side by side).
+    ``task``: a ``Task``, task arguments (``TaskArgs`` or a mapping: a built-in model and dataset, or your
+    weights), or None for the default built-in task. ``priors=False`` enqueues no prior (and a user task skips
+    its S/N fine-tune; the study records why); a list names the prior kinds. Worker processes (``jobs > 1``,
+    Ray) rebuild a user task from its ``reference``. ``confirm=R`` re-runs each front candidate with R
+    fine-tuning seeds after the search and recomputes the front from the means. ``fidelity`` (and
+    ``budget_steps``) turn on multi-fidelity trials; ``ray`` holds the Ray executor's options
+    (``RayOptions``). ``export``: a folder the front is exported to at the end. ``progress`` shows the bar;
+    ``quiet=False`` prints the front table (and the export) at the end.
     """
     from autoprune.search.objectives import ObjectiveSpec
-    from autoprune.search.runner import SearchConfig, run_search
+    from autoprune.search.runner import run_search
     from autoprune.search.space import SpaceSpec
 
-    if not isinstance(task, Task):
-        raise AutopruneError("task", type(task).__name__, "is not an autoprune.Task (build one with Task.from_model)")
-    _on_device(task, device)
-    if (jobs > 1 or executor != "local") and task.is_user and task.record().get("reference") is None:
-        raise AutopruneError("jobs" if jobs > 1 else "executor", jobs if jobs > 1 else executor, "needs a task other processes can rebuild: Task.from_model(..., reference='package.module:function')")
+    config = search_config(
+        study=study, storage=storage, trials=trials, timeout=timeout, sampler=sampler, seed=seed, jobs=jobs, tracking_uri=tracking_uri,
+        priors=priors, executor=executor, ray=ray, progress=progress, confirm=confirm, fidelity=fidelity, budget_steps=budget_steps,
+    )
     space_spec = _spec("search_spaces", space, SpaceSpec, "space")
     objective_spec = _spec("objectives", objectives, ObjectiveSpec, "objectives")
-    if not priors:
-        task.skip_signals(reason="priors=False: no S/N prior is enqueued")
-    config = SearchConfig(
-        study_name=study, storage=storage, trials=trials, timeout=timeout, sampler=sampler, seed=seed, jobs=jobs,
-        tracking_uri=tracking_uri, priors=priors, executor=executor, progress=progress, confirm=confirm,
+    if export is not None:
+        from autoprune.files import check_writable
+
+        check_writable("export", export)
+    built = _on_device(task_of(task), device)
+    if (jobs > 1 or executor != "local") and built.is_user and built.record().get("reference") is None:
+        raise AutopruneError("jobs" if jobs > 1 else "executor", jobs if jobs > 1 else executor, "needs a task other processes can rebuild: Task.from_model(..., reference='package.module:function')")
+    if not config.priors:
+        built.skip_signals(reason="priors=False (--no-priors): no S/N prior is enqueued")
+    outcome = run_search(config, task=built, space=space_spec, objectives=objective_spec)
+    result = SearchResult(outcome.study, context=outcome.context, tracking_uri=tracking_uri)
+    if not quiet:
+        from autoprune.search.report import print_front
+
+        print_front(result.rows())
+    if export is not None:
+        written = result.export(export)
+        if not quiet:
+            print(f"exported {len(written.policies)} policies to {export} (report: {written.report})")
+    return result
+
+
+def load(study: str, *, storage: str | None = None) -> SearchResult:
+    """A study a search created, reopened from its storage (its task is rebuilt from the record when needed)."""
+    from autoprune.search.study import load_study
+
+    return SearchResult(load_study(study, storage))
+
+
+def pareto(study: str, *, storage: str | None = None) -> dict[str, Any]:
+    """A study's front as rows, with its objectives, base model and hypervolume (``autoprune pareto --json``)."""
+    return load(study, storage=storage).rows()
+
+
+def export(
+    study: str, *, out: str | Path, storage: str | None = None, select: str = "pareto", format: str = "policy",
+    register: str | None = None, tracking_uri: str | None = None,
+) -> Exported:
+    """Export a stored study's chosen points (``SearchResult.export``); every argument is checked before the study is read."""
+    from autoprune.export import FORMATS, check_select
+    from autoprune.files import check_writable
+
+    check_writable("out", out)
+    check_select(select)
+    if format not in FORMATS:
+        raise AutopruneError("format", format, f"is not an export format ({', '.join(FORMATS)})")
+    return load(study, storage=storage).export(out, select=select, format=format, register=register, tracking_uri=tracking_uri)
+
+
+# --- the base model's signals -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signals:
+    """A task's training-time S/N per layer at its plateau epoch, the priors they imply, and the sensitivity table."""
+
+    epoch: int
+    layers: list[dict[str, Any]]
+    sensitivity: SensitivityTable
+
+
+def signals(task: Task | TaskArgs | Mapping[str, Any] | None = None, *, progress: bool = False) -> Signals:
+    """The base model's training-time S/N record (seed 000 eq. 5) and the sensitivity table behind the default priors."""
+    from autoprune.search.evaluate import Evaluator
+    from autoprune.sensitivity import load_or_measure
+    from autoprune.signals import plateau_epoch, prior_rows
+
+    built = task_of(task)
+    evaluator = Evaluator.for_task(built, progress=progress)
+    record = evaluator.base.extras.get("signals")
+    if record is None:
+        if built.is_user:
+            raise AutopruneError("task", built.key(), "gives a task with signal_steps=0: it has no training-time S/N record to show")
+        raise AutopruneError("signals", str(built.cache_dir()), "has no training-time S/N record (delete the cached model to retrain)")
+    epoch = plateau_epoch(record)
+    return Signals(
+        epoch=record["epochs"][epoch],
+        layers=prior_rows(evaluator.base.model, record, epoch=epoch),
+        sensitivity=load_or_measure(evaluator.base.model, built),
     )
-    outcome = run_search(config, task=task, space=space_spec, objectives=objective_spec)
-    return SearchResult(outcome.study, task)
+
+
+# --- workers and the UI -----------------------------------------------------------------------------
+
+
+class WorkerArgs(Validated):
+    """A worker process's arguments; ``parent``: the process whose end ends this one too."""
+
+    study: str
+    storage: str
+    tracking_uri: str | None = None
+    threads: PositiveInt | None = None
+    device: str | None = None
+    progress: bool = True
+    parent: int | None = None
+
+
+def worker(
+    *, study: str, storage: str, tracking_uri: str | None = None, threads: int | None = None, device: str | None = None, progress: bool = True,
+) -> int:
+    """Join a study created by a search and run its trials until its budget is spent by all its processes."""
+    from autoprune.search.runner import run_worker
+
+    args = WorkerArgs(study=study, storage=storage, tracking_uri=tracking_uri, threads=threads, device=device, progress=progress)
+    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=args.progress, threads=args.threads, device=args.device)
+
+
+def worker_process(arguments: str) -> int:
+    """The entry point of a worker process a search starts (``--jobs N``): ``WorkerArgs`` as JSON. Ctrl-C ends it
+    as it ends the CLI (status 130, its trial failed as interrupted); bad input is one line and status 2."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        args = WorkerArgs(**json.loads(arguments))
+        return worker(**args.model_dump(exclude={"parent"}))
+    except AutopruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def ui(*, port: int = 5000, tracking_uri: str | None = None) -> int:
+    """Serve the MLflow UI on 127.0.0.1 over the tracking store, opened on the runs of machine-learning runs."""
+    from autoprune.tracking import serve_ui
+
+    return serve_ui(port=port, tracking_uri=tracking_uri)
+
+
+__all__ = [
+    "TaskArgs", "WorkerArgs", "FrontPoint", "SearchResult", "Signals",
+    "search", "search_config", "apply", "cost", "export", "pareto", "load", "signals", "worker", "worker_process", "ui", "task_of",
+]

@@ -7,15 +7,24 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from autoprune.errors import AutopruneError
-from autoprune.specs import shipped
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line and exit status 2 like every other input error."""
+    """argparse, but a bad argument is one line and exit status 2 like every other input error, and the flag of
+    every destination is kept: the API's errors name a field (``trials``), shown here as its flag (``--trials``)."""
+
+    flags: dict[str, str]
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        longest = max(action.option_strings, key=len, default=None)
+        if longest is not None:
+            # argparse's own __init__ adds --help before any attribute of ours exists
+            self.__dict__.setdefault("flags", {})[action.dest] = longest
+        return action
 
     def error(self, message: str) -> NoReturn:
         # a value refused by its type reads as every other input error: "error: --flag: 'value' rule"
@@ -91,29 +100,25 @@ def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn")
     p.add_argument("--bf16", action="store_true", help="fine-tune the float parts under bf16 autocast")
 
 
-def _task(args: argparse.Namespace):  # noqa: ANN202 - returns autoprune.task.Task, imported lazily
-    """The task the flags name (``--task``, ``--model --weights``, or a built-in one); the device is checked first."""
-    from autoprune.task import cli_task
+def _task_args_of(args: argparse.Namespace):  # noqa: ANN202 - autoprune.api.TaskArgs, imported lazily
+    """The task flags as the API's validated task arguments."""
+    from autoprune.api import TaskArgs
 
-    return cli_task(
-        model=args.model, weights=args.weights, task=args.task_ref, dataset=args.dataset, data_dir=args.data_dir, seed=args.task_seed,
-        epochs=args.epochs, device=args.device, val_samples=args.val_samples, bf16=args.bf16,
+    return TaskArgs(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, seed=args.task_seed, weights=args.weights,
+        reference=args.task_ref, device=args.device, val_samples=args.val_samples, bf16=args.bf16,
     )
 
 
-def _task_name(task: Any) -> str:
-    """The zoo model or factory of a built-in task, else the user task's reference (or its model's class)."""
-    if task.spec is not None:
-        return task.spec.model
-    record = task.record()
-    return record.get("model") or record.get("reference") or task.key()
+def _task_name(args: argparse.Namespace) -> str:
+    """What the flags named: the reference of a --task, else the model."""
+    return args.task_ref or args.model
 
 
 def console() -> Any:
-    """A rich console that does not squeeze tables to 80 columns when the output is a file or pipe."""
-    from rich.console import Console
+    from autoprune.search.report import wide_console
 
-    return Console(width=None if sys.stdout.isatty() else 200)
+    return wide_console()
 
 
 def _print_json(payload: Any) -> None:
@@ -121,112 +126,53 @@ def _print_json(payload: Any) -> None:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
+    import autoprune.api as api
+    from autoprune.cost import format_cost_table
+    from autoprune.models import default_input_shape
 
-    from autoprune.compress import static_compress
-    from autoprune.cost import format_cost_table, measure_cost
-    from autoprune.models import build_model, default_input_shape
-    from autoprune.policy import Policy
-
+    model: Any = args.model
     if args.task_ref is not None:
-        from autoprune.task import task_from_reference
-
         if args.weights is not None:
             raise AutopruneError("--weights", args.weights, "cannot go with --task (the task brings its own weights)")
-        task = task_from_reference(args.task_ref)
-        known, model_name = tuple(task.input_shape), args.task_ref
-    else:
-        known, model_name = default_input_shape(args.model), args.model
-    shape = parse_input_shape(args.input) or known
-    if shape is None:
-        raise AutopruneError("--input", None, f"is required for model {model_name!r} (give CxHxW or CxL)")
-    if known is not None and len(shape) != len(known):
-        raise AutopruneError("--input", args.input, f"has {len(shape)} sizes, but {model_name} reads {'x'.join(map(str, known))}")
-    policy = Policy.load(args.policy) if args.policy else None
-    if args.task_ref is not None:
-        model, trained = task.build(), True
-    elif args.weights is not None:
-        from autoprune.weights import load_weights
+        from autoprune.task import task_from_reference
 
-        model = load_weights(build_model(args.model, in_channels=shape[0]), args.weights)
-        trained = True
-    else:
-        model = build_model(args.model, in_channels=shape[0])
-        trained = _cached_weights(args, model)
-    if policy is not None:
-        report = static_compress(model, policy, input_shape=shape).cost(shape)
-    else:
-        report = measure_cost(model, input_shape=shape)
+        model = task_from_reference(args.task_ref)
+    given = parse_input_shape(args.input)
+    report = api.cost(model, input_shape=given, policy=args.policy, weights=args.weights, dataset=args.dataset, seed=args.task_seed)
     if args.json:
         _print_json(report.to_dict())
         return 0
-    source = "trained weights" if trained else "untrained weights (no cached base model: ESN uses random init)"
-    console().print(format_cost_table(report, title=f"{model_name} {'x'.join(map(str, shape))} - {source}"))
+    shape = given or (tuple(model.input_shape) if args.task_ref is not None else default_input_shape(args.model))
+    console().print(format_cost_table(report, title=f"{_task_name(args)} {'x'.join(map(str, shape or ()))} - {report.weights}"))
     return 0
 
 
-def _cached_weights(args: argparse.Namespace, model: Any) -> bool:
-    """Load the cached trained base model's weights when there is one (ESN depends on weight values)."""
-    from autoprune.task import task_for
-
-    try:
-        task = task_for(args.model, dataset=getattr(args, "dataset", None), seed=getattr(args, "task_seed", 0))
-    except AutopruneError:
-        return False
-    weights = task.cache_dir() / "model.safetensors"
-    if not weights.is_file():
-        return False
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(weights))
-    return True
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
-    from autoprune.compress import compress, save_compressed
+    import autoprune.api as api
     from autoprune.cost import format_cost_table
+
     from autoprune.policy import Policy
-    from autoprune.search.evaluate import Evaluator
 
-    from autoprune.compress import check_policy
-    from autoprune.files import check_writable
-
-    onnx_out = args.out is not None and Path(args.out).suffix == ".onnx"
-    if onnx_out:
-        from autoprune.deploy.deps import require
-
-        for package in ("onnx", "onnxruntime"):
-            require(package)
     policy = Policy.load(args.policy)
-    task = _task(args)
-    # on a freshly built model: a policy the model cannot take is refused before its base model is trained
-    check_policy(task.build(), policy, input_shape=task.input_shape)
-    if args.out:
-        check_writable("--out", args.out)
-    evaluator = Evaluator.for_task(task, progress=not args.json)
-    result = compress(evaluator.base.model, policy, task=task)
-    metrics = evaluator.score(result, test=True)
-    deployed = None
-    if onnx_out:
-        from autoprune.deploy.point import deploy_point
-
-        out_path = Path(args.out)
-        deployed = deploy_point(result, task=task, base_model=evaluator.base.model, onnx_path=out_path, packed_path=out_path.with_suffix(".apw"))
-    elif args.out:
-        save_compressed(result, args.out, task=task)
+    task = _task_args_of(args).build()
+    result = api.apply(None, policy, task=task, score=True, out=args.out)
+    metrics, deployed = result.metrics, result.deployed
+    cost = result.cost(task.input_shape)
     if args.json:
-        _print_json({"metrics": metrics, "cost": result.cost(task.input_shape).to_dict(), "out": args.out, "deploy": deployed.model_dump() if deployed else None})
+        _print_json({"metrics": metrics, "cost": cost.to_dict(), "out": args.out, "deploy": deployed.model_dump() if deployed else None})
         return 0
+    name = task.metric_name
     out = console()
-    out.print(format_cost_table(result.cost(task.input_shape), title=f"{args.policy} on {_task_name(task)}"))
+    out.print(format_cost_table(cost, title=f"{args.policy} on {_task_name(args)}"))
     out.print(
-        f"validation accuracy {metrics['accuracy']:.2f}% (base {evaluator.base.val_accuracy:.2f}%), "
-        f"test accuracy {metrics['test_accuracy']:.2f}% (base {evaluator.base.test_accuracy:.2f}%), "
+        f"validation {name} {metrics[name]:.2f} (base {metrics['base_' + name]:.2f}), "
+        f"test {name} {metrics['test_' + name]:.2f} (base {metrics['base_test_' + name]:.2f}), "
         f"BOPs {metrics['bops']:.4g} ({metrics['bops_reduction']:.1f}x smaller)"
     )
     if deployed is not None:
         out.print(
-            f"saved {deployed.onnx_file} and {deployed.packed_file}: test accuracy PyTorch {deployed.torch_test_accuracy:.2f}%, "
-            f"onnxruntime {deployed.onnx_test_accuracy:.2f}%, top-1 agreement {deployed.top1_agreement:.2f}%; packed weights "
+            f"saved {deployed.onnx_file} and {deployed.packed_file}: test {name} PyTorch {deployed.torch_test_accuracy:.2f}, "
+            f"onnxruntime {deployed.onnx_test_accuracy:.2f}, top-1 agreement {deployed.top1_agreement:.2f}%; packed weights "
             f"{deployed.packed_weight_mbit:.4f} Mb (cost model {deployed.cost_weight_mbit:.4f} Mb, ratio {deployed.packed_over_cost_weight:.3f})"
         )
     elif args.out:
@@ -234,111 +180,69 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_config(args: argparse.Namespace, task: Any):  # noqa: ANN202
-    """The search's flags are named after SearchConfig's (and RayOptions') fields: they go across as they are."""
-    from autoprune.search.runner import SearchConfig
-    from autoprune.task import TaskSpec
-
-    values = vars(args)
-    return SearchConfig.from_values(
-        values,
-        # a user task has no spec: run_search takes the task itself
-        task=task.spec or TaskSpec(),
-        space_path=shipped("search_spaces", args.space_path),
-        objectives_path=shipped("objectives", args.objectives_path),
-        priors=() if args.no_priors else args.priors,
-    )
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    from autoprune.files import check_writable
-    from autoprune.search.runner import run_search
+    import autoprune.api as api
 
-    if args.export:
-        check_writable("--export", args.export)
-    task = _task(args)
-    config = _search_config(args, task)
-    if args.no_priors:
-        task.skip_signals(reason="--no-priors: no S/N prior is enqueued")
-    outcome = run_search(config, task=task)
-    from autoprune.search.report import print_front
-
-    print_front(outcome.study, console=console())
-    if args.export:
-        from autoprune.export import export_study
-
-        written = export_study(outcome.study, out=Path(args.export), select="pareto")
-        print(f"exported {len(written.policies)} policies to {args.export} (report: {written.report})")
+    api.search(
+        _task_args_of(args), space=args.space_path, objectives=args.objectives_path, trials=args.trials, study=args.study_name,
+        storage=args.storage, tracking_uri=args.tracking_uri, sampler=args.sampler, executor=args.executor,
+        priors=() if args.no_priors else args.priors, seed=args.seed, jobs=args.jobs, timeout=args.timeout, confirm=args.confirm,
+        fidelity=args.fidelity, budget_steps=args.budget_steps, export=args.export, progress=args.progress, quiet=False,
+        ray={"address": args.address, "workers": args.workers, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, "retries": args.retries},
+    )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from autoprune.search.runner import run_worker
+    import autoprune.api as api
 
-    return run_worker(study_name=args.study, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet, threads=args.threads, device=args.device)
+    return api.worker(study=args.study, storage=args.storage, tracking_uri=args.tracking_uri, threads=args.threads, device=args.device, progress=not args.quiet)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from autoprune.search.report import front_rows, print_front
-    from autoprune.search.runner import load_study
+    import autoprune.api as api
+    from autoprune.search.report import print_front
 
-    study = load_study(args.study, args.storage)
+    data = api.pareto(args.study, storage=args.storage)
     if args.json:
-        _print_json(front_rows(study))
+        _print_json(data)
     else:
-        print_front(study, console=console())
+        print_front(data, console=console())
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autoprune.export import check_select, export_study
-    from autoprune.files import check_writable
-    from autoprune.search.runner import load_study
+    import autoprune.api as api
 
-    check_writable("--out", args.out)
-    check_select(args.select)
-    study = load_study(args.study, args.storage)
-    written = export_study(study, out=Path(args.out), select=args.select, format=args.format, register=args.register, tracking_uri=args.tracking_uri)
+    written = api.export(args.study, out=args.out, storage=args.storage, select=args.select, format=args.format, register=args.register, tracking_uri=args.tracking_uri)
     what = "policies and ONNX models" if args.format == "onnx" else "policies"
     print(f"exported {len(written.policies)} {what} to {args.out} (report: {written.report})")
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from autoprune.tracking import serve_ui
+    import autoprune.api as api
 
-    return serve_ui(port=args.port, tracking_uri=args.tracking_uri)
+    return api.ui(port=args.port, tracking_uri=args.tracking_uri)
 
 
 def cmd_signals(args: argparse.Namespace) -> int:
-    from autoprune.search.evaluate import Evaluator
-    from autoprune.signals import plateau_epoch, prior_rows
+    import autoprune.api as api
+    from autoprune.sensitivity import rich_table
 
-    task = _task(args)
-    evaluator = Evaluator.for_task(task, progress=not args.json)
-    signals = evaluator.base.extras.get("signals")
-    if signals is None:
-        if task.is_user:
-            raise AutopruneError("--task", args.task_ref, "gives a task with signal_steps=0: it has no training-time S/N record to show")
-        raise AutopruneError("signals", str(task.cache_dir()), "has no training-time S/N record (delete the cached model to retrain)")
-    epoch = plateau_epoch(signals)
-    rows = prior_rows(evaluator.base.model, signals, epoch=epoch)
-    from autoprune.sensitivity import load_or_measure, rich_table
-
-    # the per-layer loss increases behind the sensitivity priors, measured once and cached with the model
-    sensitivity = load_or_measure(evaluator.base.model, task)
+    report = api.signals(_task_args_of(args), progress=not args.json)
     if args.json:
-        _print_json({"epoch": signals["epochs"][epoch], "layers": rows, "sensitivity": sensitivity.model_dump(mode="json")})
+        _print_json({"epoch": report.epoch, "layers": report.layers, "sensitivity": report.sensitivity.model_dump(mode="json")})
         return 0
     from rich.table import Table
 
-    table = Table(title=f"training-time S/N at epoch {signals['epochs'][epoch]} (first to reach the final accuracy) and the priors it implies: {_task_name(task)}")
-    for column in rows[0]:
+    table = Table(title=f"training-time S/N at epoch {report.epoch} (first to reach the final accuracy) and the priors it implies: {_task_name(args)}")
+    for column in report.layers[0]:
         table.add_column(column, justify="left" if column == "name" else "right")
-    for row in rows:
+    for row in report.layers:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console().print(table)
-    console().print(rich_table(sensitivity))
+    console().print(rich_table(report.sensitivity))
     return 0
 
 
@@ -355,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task-seed", type=NATURAL_INT, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_cost)
+    p.set_defaults(handler=cmd_cost, flags=p.flags)
 
     p = sub.add_parser("apply", help="apply a policy file to the task's trained base model")
     p.add_argument("policy")
     _task_args(p)
     p.add_argument("--out", default=None, help="save the compressed model here: FILE.onnx (ONNX with QDQ, plus FILE.apw packed weights), else safetensors + policy")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_apply)
+    p.set_defaults(handler=cmd_apply, flags=p.flags)
 
     from autoprune.search.priors import DEFAULT_PRIORS, KINDS
     from autoprune.search.record import SAMPLERS
@@ -392,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm", type=NATURAL_INT, default=0, help="re-run each front candidate with this many fine-tuning seeds; the front is recomputed from the means")
     p.add_argument("--export", default=None, help="export the front's policies to this folder at the end")
     p.add_argument("--quiet", dest="progress", action="store_false")
-    p.set_defaults(handler=cmd_search)
+    p.set_defaults(handler=cmd_search, flags=p.flags)
 
     p = sub.add_parser("worker", help="join an existing study and run trials until its budget is spent")
     p.add_argument("--study", required=True)
@@ -401,36 +305,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (give cores / workers when several share a machine)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); the task comes from the study")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(handler=cmd_worker)
+    p.set_defaults(handler=cmd_worker, flags=p.flags)
 
     p = sub.add_parser("pareto", help="print a study's Pareto front and hypervolume")
     p.add_argument("--study", required=True)
     p.add_argument("--storage", default=None)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_pareto)
+    p.set_defaults(handler=cmd_pareto, flags=p.flags)
 
     p = sub.add_parser("export", help="write selected policies, the front and a replay report")
     p.add_argument("--study", required=True)
     p.add_argument("--storage", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--select", default="pareto", help='pareto, knee, "bops<=X", "accuracy>=Y" (any metric)')
-    from autoprune.export import FORMATS
-
-    p.add_argument("--format", default="policy", choices=list(FORMATS), help="onnx: also each point's model.onnx (QDQ) and packed weights, measured in the report and logged in MLflow")
+    p.add_argument("--format", default="policy", help="policy, or onnx: also each point's model.onnx (QDQ) and packed weights, measured in the report and logged in MLflow")
     p.add_argument("--register", default=None, metavar="NAME", help="register the exported ONNX models under NAME in the MLflow Model Registry (needs --format onnx)")
     p.add_argument("--tracking-uri", default=None, help="the search's MLflow tracking URI (default ./mlruns)")
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(handler=cmd_export, flags=p.flags)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 over the tracking store")
     p.add_argument("--port", type=PORT, default=5000)
     p.add_argument("--tracking-uri", default=None)
-    p.set_defaults(handler=cmd_ui)
+    p.set_defaults(handler=cmd_ui, flags=p.flags)
 
     p = sub.add_parser("signals", help="training-time S/N per layer and the bit-width priors it implies")
     _task_args(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_signals)
+    p.set_defaults(handler=cmd_signals, flags=p.flags)
     return parser
+
+
+# API fields whose destination is named otherwise
+_ALIASES = {"input_shape": "input", "reference": "task_ref", "task": "task_ref", "study": "study_name", "space": "space_path", "objectives": "objectives_path"}
+
+
+def flag_of(field: str, flags: dict[str, str]) -> str:
+    """The flag that sets an API field (``ray.workers`` -> ``--workers``); the field itself when none does."""
+    if field.startswith("-"):
+        return field
+    last = field.rsplit(".", 1)[-1]
+    for dest in (field, last, _ALIASES.get(last)):
+        if dest in flags:
+            return flags[dest]
+    return field
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,8 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A shell that starts a command in the background hands it SIGINT ignored; Ctrl-C (or a supervisor's
     # SIGINT) must still stop a search or the UI cleanly, so KeyboardInterrupt is restored explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # a bad argument (status 2, already printed) or --help (0)
         return int(exc.code or 0)
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -452,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             resolve_device(args.device, field="--device")
         return handler(args)
     except AutopruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        exc.field = flag_of(exc.field, args.flags)
+        print(f"error: {exc.field}: {exc.value!r} {exc.rule}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -51,6 +51,10 @@ class CompressionResult:
     act_bits: dict[str, int] = field(default_factory=dict)
     structured: Any = None
     seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The task's metric and the cost, when the model was scored (``autoprune.apply(..., score=True)``)."""
+    deployed: Any = None
+    """The deployed files' measurements (``autoprune.deploy.point.DeployedPoint``), when exported to ONNX."""
 
     def cost_layers(self) -> dict[str, Any]:
         """Each layer as the cost model reads it: its steps and the grid its weight quantizer produced."""

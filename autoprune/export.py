@@ -29,6 +29,7 @@ from autoprune.policy import Policy
 from autoprune.search.pareto import front_trials, normalised_losses, study_spec_and_base
 from autoprune.search.record import read_confirmations, read_meta, read_trial
 from autoprune.search.report import front_table, interval
+from autoprune.search.study import SearchContext
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,20 @@ FORMATS = ("policy", "onnx")
 
 
 def export_study(
-    study: optuna.Study, *, out: Path, select: str = "pareto", replay: bool = True, format: str = "policy",
+    ctx: SearchContext, *, out: Path, select: str = "pareto", replay: bool = True, format: str = "policy",
     register: str | None = None, tracking_uri: str | None = None,
 ) -> Exported:
-    """Policies, front and replay report; ``format="onnx"`` adds each point's ONNX file and packed weights
-    (``points/trial_NNNN/``), measured in the report and logged as an MLflow model in the trial's run;
-    ``register`` also registers them under that name in the Model Registry."""
-    from autoprune.search.runner import context_from_study
-
+    """Policies, front and replay report of the study ``ctx`` holds (with its task and, once built, its
+    evaluator); ``format="onnx"`` adds each point's ONNX file and packed weights (``points/trial_NNNN/``),
+    measured in the report and logged as an MLflow model in the trial's run; ``register`` also registers
+    them under that name in the Model Registry."""
+    study = ctx.study
     if format not in FORMATS:
         raise AutopruneError("--format", format, f"is not an export format ({', '.join(FORMATS)})")
     if register is not None and format != "onnx":
         raise AutopruneError("--register", register, "needs --format onnx (the registry holds ONNX models)")
     if format == "onnx":
-        from autoprune.deploy.deps import require
+        from autoprune.deps import require
 
         for package in ("onnx", "onnxruntime"):  # a missing extra fails before the replay's minutes
             require(package)
@@ -106,7 +107,6 @@ def export_study(
     confirmations = read_confirmations(study)
     meta = read_meta(study)
     name = meta.base.metric if meta and meta.base else "accuracy"
-    ctx = context_from_study(study)
     evaluator = ctx.ensure_evaluator(progress=False) if replay else None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +207,7 @@ def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], t
     import sys
 
     from autoprune.deploy.point import example_input
+    from autoprune.deploy.verify import run_onnx
     from autoprune.tracking.models import log_onnx_model, register_onnx_model, registry_tags, trial_run_id
     from autoprune.tracking.store import open_client, resolve_store
 
@@ -226,7 +227,8 @@ def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], t
             experiment = client.get_experiment_by_name(study.study_name)
             run_id = client.create_run(experiment.experiment_id if experiment else client.create_experiment(study.study_name), run_name=f"export trial {number}").info.run_id
             client.set_terminated(run_id)
-        model_uri = log_onnx_model(tracking_uri=uri, run_id=run_id, onnx_path=out / row["deploy"]["onnx_file"], input_example=example)
+        onnx_file = out / row["deploy"]["onnx_file"]
+        model_uri = log_onnx_model(tracking_uri=uri, run_id=run_id, onnx_path=onnx_file, input_example=example, output_example=run_onnx(onnx_file, example))
         row["deploy"]["mlflow_model_uri"] = model_uri
         if register is not None:
             record = read_trial(by_number[number])

@@ -1,16 +1,21 @@
-"""Operator configs: the small typed settings of the weight quantizer, activation quantizer and pruner.
+"""Operators: the small typed configs of the weight quantizer, activation quantizer and pruner, and the one
+registry of the transforms that handle them.
 
 Torch-free on purpose: a Policy validates its operator fields against these classes, and ``import
-autoprune.policy`` must not pull torch. Each operator module registers the transform that handles a config
-class (``autoprune.quant.weight``, ``autoprune.quant.act``, ``autoprune.prune.structured``); the config
-itself is only data. A policy field accepts a config, its bare kind (``"midrise"``) or a mapping with a
-``kind``; the serialised form is always the mapping. Adding an operator touches one place: its config class
-here (decorated with its family) and its registered handler beside the transform.
+autoprune.policy`` must not pull torch. A config class is registered in its family (``register_config``), and
+the transform that handles it (a quantizer class, a pruner function) is registered for the config class in the
+same registry (``WEIGHT_QUANTIZERS.register(Midrise)``, in ``autoprune.quant.weight``, ``autoprune.quant.act``,
+``autoprune.prune.structured``); the config itself is only data. A policy field accepts a config, its bare kind
+(``"midrise"``) or a mapping with a ``kind``; the serialised form is always the mapping.
+
+Adding an operator touches one module: its config class (decorated with its family) and its handler, beside
+each other. A weight quantizer whose levels are new declares them too (``WeightQuantizer.grid_for``, a
+``autoprune.quant.grids.Grid``), which is all the cost model and the exporters ask of it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, TypeVar
+from typing import Annotated, Any, Callable, ClassVar, Generic, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +62,58 @@ def kinds(family: str) -> tuple[str, ...]:
     return tuple(_CONFIGS[family])
 
 
+H = TypeVar("H")
+# config class -> the transform handling it, for every family: the one operator registry
+_HANDLERS: dict[type["OperatorConfig"], Any] = {}
+
+
+class Family(Generic[H]):
+    """The operators of one policy field (``quantizer``, ``act_quantizer``, ``pruner``) in the one registry."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+
+    def register(self, config: type["OperatorConfig"]) -> Callable[[H], H]:
+        """Decorator: make a transform the handler of a config class of this family."""
+
+        def add(handler: H) -> H:
+            if config not in _CONFIGS[self.family].values():
+                raise AutopruneError(f"policy.{self.family}", config.__name__, f"is not a {self.family} config (register_config({self.family!r}) first)")
+            if config in _HANDLERS:
+                raise AutopruneError(f"policy.{self.family}", config.__name__, f"already has a handler ({_HANDLERS[config]!r})")
+            _HANDLERS[config] = handler
+            if isinstance(handler, type):
+                handler.config_class = config  # type: ignore[attr-defined]
+            return handler
+
+        return add
+
+    def config(self, value: Any) -> "OperatorConfig":
+        """A config of this family from a config, a bare kind or a mapping."""
+        return parse_config(self.family, value)
+
+    def lookup(self, value: Any) -> H:
+        config = self.config(value)
+        handler = _HANDLERS.get(type(config))
+        if handler is None:
+            raise AutopruneError(f"policy.{self.family}", config.kind, f"has no registered handler (registered: {', '.join(self.kinds())})")
+        return handler
+
+    def create(self, value: Any, **options: Any) -> Any:
+        """A new instance of the handler class for ``value`` (options such as ``bits`` go to its ``from_config``)."""
+        config = self.config(value)
+        return self.lookup(config).from_config(config, **options)  # type: ignore[attr-defined]
+
+    def kind_of(self, handler: Any) -> str:
+        for config, registered in _HANDLERS.items():
+            if registered is handler and config in _CONFIGS[self.family].values():
+                return config.model_fields["kind"].default
+        raise AutopruneError(f"policy.{self.family}", getattr(handler, "__qualname__", handler), "is not a registered handler")
+
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind, config in _CONFIGS[self.family].items() if config in _HANDLERS)
+
+
 def parse_config(family: str, value: Any) -> "OperatorConfig":
     """A config of ``family`` from a config, a bare kind or a mapping with ``kind``; AutopruneError otherwise."""
     if isinstance(value, OperatorConfig):
@@ -77,6 +134,11 @@ def parse_config(family: str, value: Any) -> "OperatorConfig":
         if err.get("type") == "extra_forbidden":
             raise AutopruneError(f"policy.{family}.{where}", where.rsplit(".", 1)[-1], "is not a known field") from None
         raise AutopruneError(f"policy.{family}.{where}", err.get("input"), err.get("msg", "is invalid")) from None
+
+
+WEIGHT_QUANTIZERS: Family[Any] = Family(WEIGHT_QUANTIZER)
+ACT_QUANTIZERS: Family[Any] = Family(ACT_QUANTIZER)
+PRUNERS: Family[Any] = Family(PRUNER)
 
 
 # Seed 004's settings, the same rule wherever a weight or an activation config has them.

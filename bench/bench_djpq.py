@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from autoprune.policy import load_mapping  # noqa: E402
 from autoprune.search.pareto import front_trials, hypervolume  # noqa: E402
 from autoprune.search.record import read_trial  # noqa: E402
-from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
+from autoprune.api import search_config  # noqa: E402
+from autoprune.search.runner import run_search  # noqa: E402
 from autoprune.search.space import SpaceSpec  # noqa: E402
 from autoprune.specs import shipped  # noqa: E402
 from autoprune.task import Task, TaskSpec  # noqa: E402
@@ -130,8 +131,8 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
     for seed in args.seeds:
         for name in STRATEGIES:
-            config = SearchConfig(
-                task=spec, study_name=f"{name}-{seed}", storage=f"sqlite:///{workdir / 'bench.db'}", trials=10_000,
+            config = search_config(
+                task=spec, study=f"{name}-{seed}", storage=f"sqlite:///{workdir / 'bench.db'}", trials=10_000,
                 timeout=args.budget_seconds, sampler="tpe", seed=seed, priors=False, progress=False,
                 tracking_uri=tracking,
             )

@@ -45,7 +45,8 @@ from autoprune.policy import LayerPolicy, Policy  # noqa: E402
 from autoprune.search.evaluate import Evaluator  # noqa: E402
 from autoprune.search.pareto import front_trials, hypervolume_history  # noqa: E402
 from autoprune.search.record import read_trial  # noqa: E402
-from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
+from autoprune.api import search_config  # noqa: E402
+from autoprune.search.runner import run_search  # noqa: E402
 from autoprune.task import Task, task_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,11 +209,11 @@ def f4(evaluators: dict[str, Evaluator], seeds: list[int], quick: bool) -> Findi
 
 def search(workdir: Path, *, seed: int, trials: int, priors: tuple[str, ...] | bool) -> object:
     label = "warm" if priors else "cold"
-    config = SearchConfig(
+    config = search_config(
         task=TASKS["mnist1d"],
         space_path=REPO / "autoprune/specs/search_spaces/default.yaml",
         objectives_path=REPO / "autoprune/specs/objectives/accuracy_bops.yaml",
-        study_name=f"{label}-{seed}",
+        study=f"{label}-{seed}",
         storage=f"sqlite:///{workdir / 'findings.db'}",
         trials=trials,
         seed=seed,

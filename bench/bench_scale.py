@@ -128,6 +128,7 @@ def overhead_run(trials: int, *, tracking: bool) -> None:
     import datetime as dt
     import json
 
+    from autoprune.api import search_config
     from autoprune.search import runner
     from autoprune.search.record import read_trial
 
@@ -138,9 +139,9 @@ def overhead_run(trials: int, *, tracking: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="autoprune-overhead-"))
     # the shipped space and objectives, as ``autoprune search`` and ``make run`` use them (a SearchConfig
     # without them searches an empty space: every trial the float model, which once stood in for this bench)
-    config = runner.SearchConfig(
+    config = search_config(
         space_path=_shipped("search_spaces", "default.yaml"), objectives_path=_shipped("objectives", "accuracy_bops.yaml"),
-        study_name="overhead", storage=f"sqlite:///{workdir / 'study.db'}", trials=trials,
+        study="overhead", storage=f"sqlite:///{workdir / 'study.db'}", trials=trials,
         tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}", progress=False,
     )
     started = dt.datetime.now()
@@ -176,13 +177,14 @@ def main() -> None:
     if args.trials < 2 * WINDOW:
         parser.error(f"--trials must be 0 (the overhead part alone) or at least {2 * WINDOW}")
 
-    from autoprune.search import runner
+    from autoprune.api import search_config
+    from autoprune.search import loop, progress, study
 
     workdir = Path(tempfile.mkdtemp(prefix="autoprune-scale-"))
-    config = runner.SearchConfig(
+    config = search_config(
         space_path=_shipped("search_spaces", "default.yaml"),
         objectives_path=_shipped("objectives", "accuracy_bops.yaml"),
-        study_name="scale",
+        study="scale",
         storage=f"sqlite:///{workdir / 'scale.db'}",
         trials=args.trials,
         sampler=args.sampler,
@@ -190,14 +192,14 @@ def main() -> None:
         priors=False,
         progress=False,
     )
-    ctx = runner.prepare(config)
+    ctx = study.prepare(config)
     stub = StubEvaluator()
     ctx.evaluator = stub
-    runner.record_base(ctx, stub)
-    reporter = runner.Reporter(ctx, tracker=runner.open_tracker(ctx, config.tracking_uri), progress=False)
+    study.record_base(ctx, stub)
+    reporter = progress.Reporter(ctx, tracker=progress.open_tracker(ctx, config.tracking_uri), progress=False)
     ctx.notify = reporter.told
     start = time.perf_counter()
-    runner.run_trials(ctx, deadline=None)
+    loop.run_trials(ctx, deadline=None)
     wall = time.perf_counter() - start
     reporter.close(status="FINISHED")
 

@@ -48,7 +48,8 @@ from autoprune.policy import Policy  # noqa: E402
 from autoprune.search import runner  # noqa: E402
 from autoprune.search.pareto import front_trials, hypervolume  # noqa: E402
 from autoprune.search.record import read_trial  # noqa: E402
-from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
+from autoprune.api import search_config  # noqa: E402
+from autoprune.search.runner import run_search  # noqa: E402
 from autoprune.files import CACHE_ENV  # noqa: E402
 from autoprune.task import Task, TaskSpec  # noqa: E402
 
@@ -170,8 +171,8 @@ def search(job: Job) -> Finished:
     sampler, priors, fidelity = ARMS[job.arm]
     name = f"{spec.dataset}-{job.arm}-{job.seed}"
     storage = f"sqlite:///{job.workdir / f'{name}.db'}"
-    config = SearchConfig(
-        task=spec, space_path=job.space, objectives_path=OBJECTIVES, study_name=name, storage=storage,
+    config = search_config(
+        task=spec, space_path=job.space, objectives_path=OBJECTIVES, study=name, storage=storage,
         trials=UNBOUNDED_TRIALS, timeout=job.seconds, sampler=sampler, seed=job.seed,
         tracking_uri=tracking_uri(job.workdir) if job.tracking else None, priors=priors, fidelity=fidelity, progress=False,
     )
@@ -208,11 +209,12 @@ def warm(workdir: Path, spec: TaskSpec, space: Path, *, tracking: bool, name: st
     """Train the base model and measure its sensitivity table once, outside every arm's time (study ``name``,
     by default one per dataset)."""
     from autoprune.search.priors import sensitivity_policies
-    from autoprune.search.runner import open_tracker, prepare
+    from autoprune.search.progress import open_tracker
+    from autoprune.search.study import prepare
 
     name = name or f"warm-{spec.dataset}"
-    config = SearchConfig(
-        task=spec, space_path=space, objectives_path=OBJECTIVES, study_name=name, storage=f"sqlite:///{workdir / f'{name}.db'}", tracking_uri=tracking_uri(workdir), progress=False
+    config = search_config(
+        task=spec, space_path=space, objectives_path=OBJECTIVES, study=name, storage=f"sqlite:///{workdir / f'{name}.db'}", tracking_uri=tracking_uri(workdir), progress=False
     )
     ctx = prepare(config)
     sensitivity_policies(ctx, ctx.ensure_evaluator(progress=False))

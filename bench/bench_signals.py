@@ -40,7 +40,8 @@ from autoprune.policy import LayerPolicy, Policy  # noqa: E402
 from autoprune.search.evaluate import Evaluator  # noqa: E402
 from autoprune.search.pareto import hypervolume_history  # noqa: E402
 from autoprune.search.priors import prior_policies  # noqa: E402
-from autoprune.search.runner import SearchConfig, run_search  # noqa: E402
+from autoprune.api import search_config  # noqa: E402
+from autoprune.search.runner import run_search  # noqa: E402
 from autoprune.signals import SignalTracker  # noqa: E402
 from autoprune.task import Task, accuracy, train  # noqa: E402
 
@@ -92,10 +93,10 @@ def print_overheads(timings: dict[str, dict[str, float]]) -> None:
 
 
 def search(*, seed: int, trials: int, priors: bool):
-    config = SearchConfig(
+    config = search_config(
         space_path=REPO / "autoprune/specs/search_spaces/default.yaml",
         objectives_path=REPO / "autoprune/specs/objectives/accuracy_bops.yaml",
-        study_name=f"{'warm' if priors else 'cold'}-{seed}",
+        study=f"{'warm' if priors else 'cold'}-{seed}",
         storage=f"sqlite:///{WORKDIR / 'bench.db'}",
         trials=trials,
         sampler="tpe",

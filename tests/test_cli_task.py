@@ -207,11 +207,12 @@ def test_the_cli_steps_of_docs_deploy_md_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("gpus, device", [(0.0, "cpu"), (0.5, "cuda")])
 def test_a_ray_trial_runs_on_cuda_when_given_a_gpu(gpus: float, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autoprune.search import ray_executor
-    from autoprune.search.runner import RayOptions, SearchConfig, prepare
+    from autoprune.api import search_config
+    from autoprune.search.study import RayOptions, prepare
     from autoprune.task import Task
 
     task = Task(device="cpu", val_samples=100)
-    ctx = prepare(SearchConfig(storage=f"sqlite:///{tmp_path / 'study.db'}", trials=1), task=task)
+    ctx = prepare(search_config(storage=f"sqlite:///{tmp_path / 'study.db'}", trials=1), task=task)
     job = ray_executor._worker_job(ctx, RayOptions(gpus_per_trial=gpus))
     assert job.device == device and job.task["val_samples"] == 100
     if device == "cuda" and not torch.cuda.is_available():

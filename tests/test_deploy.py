@@ -271,7 +271,7 @@ def test_deploy_import_is_lean_and_missing_packages_name_the_extra() -> None:
         "import sys, autoprune.deploy\n"
         "assert not {'onnx', 'onnxruntime', 'mlflow'} & set(sys.modules), sorted({'onnx', 'onnxruntime', 'mlflow'} & set(sys.modules))\n"
         "sys.modules['onnx'] = None\n"
-        "from autoprune.deploy.deps import require\n"
+        "from autoprune.deps import require\n"
         "from autoprune.errors import AutopruneError\n"
         "try:\n    require('onnx')\nexcept AutopruneError as exc:\n    print(exc)\n"
     )
@@ -290,7 +290,9 @@ def test_registered_model_loads_back_through_mlflow_onnx(digits: SimpleNamespace
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("s", artifact_location=str(tmp_path / "artifacts"))).info.run_id
     example = digits.task.splits.test.tensors[0][:4].numpy()
-    model_uri = log_onnx_model(tracking_uri=uri, run_id=run_id, onnx_path=digits.path, input_example=example)
+    from autoprune.deploy.verify import run_onnx
+
+    model_uri = log_onnx_model(tracking_uri=uri, run_id=run_id, onnx_path=digits.path, input_example=example, output_example=run_onnx(digits.path, example))
     tags = registry_tags(study="s", policy_json=digits.result.policy.to_json(), metrics={"accuracy": 95.5, "bops": 1e6})
     version = register_onnx_model(tracking_uri=uri, model_uri=model_uri, name="digits", tags=tags)
     assert version == 1

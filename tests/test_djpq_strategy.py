@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from autoprune.errors import AutopruneError
 from autoprune.search.space import SpaceSpec
+from autoprune.search.strategies import run_job
 from autoprune.specs import shipped
 from cli_support import autoprune, storage_of, tracking_of
 
@@ -76,7 +77,7 @@ def test_a_learned_trial_is_scored_as_learned_and_keeps_its_model(strategy: str,
     # alpha_th far above every alpha: every group is pruned down to one channel, so the cost must fall
     config = learned_config({"steps": 3, "batch_size": 16, "alpha_th": 1e6}, seed=0)
     job = TrialJob(strategy=strategy, learn=config, artifact=str(tmp_path / "m.safetensors"), replay={"finetune_steps": 7})
-    metrics, layers, record = evaluator.run(job)
+    metrics, layers, record = run_job(evaluator, job)
 
     assert record["artifact"] == job.artifact and Path(job.artifact).is_file()
     assert record["policy"]["finetune_steps"] == 7

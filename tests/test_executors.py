@@ -15,17 +15,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoprune.search import executors, lifecycle, runner
+from autoprune.api import search_config
+from autoprune.search import executors, lifecycle, loop, runner, study
 from autoprune.search.record import read_trial, write_trial
 
 
-def prepared(tmp_path: Path, *, trials: int) -> runner.SearchContext:
+def prepared(tmp_path: Path, *, trials: int) -> study.SearchContext:
     """A new digits study of ``trials`` trials, without priors."""
-    config = runner.SearchConfig(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=trials, priors=False, progress=False)
-    return runner.prepare(config)
+    config = search_config(study="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=trials, priors=False, progress=False)
+    return study.prepare(config)
 
 
-def assert_one_trial_failed_by_ctrl_c(ctx: runner.SearchContext) -> None:
+def assert_one_trial_failed_by_ctrl_c(ctx: study.SearchContext) -> None:
     (trial,) = ctx.study.get_trials()
     record = read_trial(trial)
     assert trial.state == TrialState.FAIL and record.interrupted and record.failure == "interrupted: Ctrl-C"
@@ -34,7 +35,7 @@ def assert_one_trial_failed_by_ctrl_c(ctx: runner.SearchContext) -> None:
 def test_a_slot_freed_by_a_late_dead_worker_is_run_by_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     rounds: list[float | None] = []
     orphans = iter([[4], []])
-    monkeypatch.setattr(runner, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 1)
+    monkeypatch.setattr(loop, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 1)
     monkeypatch.setattr(lifecycle, "fail_orphaned_trials", lambda study: next(orphans))
     monkeypatch.setattr(executors, "share_cores", lambda processes: 1)
     ctx = SimpleNamespace(study=SimpleNamespace(study_name="s"))
@@ -48,7 +49,7 @@ def test_a_second_round_only_for_a_trial_left_without_its_process(monkeypatch: p
     """No orphan failed: one round, unless a worker died asking and left a trial no one owns (the second
     round's loop waits out its grace period and runs one in its place)."""
     rounds: list[float | None] = []
-    monkeypatch.setattr(runner, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 3)
+    monkeypatch.setattr(loop, "run_trials", lambda ctx, *, deadline: rounds.append(deadline) or 3)
     monkeypatch.setattr(lifecycle, "fail_orphaned_trials", lambda study: [])
     monkeypatch.setattr(lifecycle, "awaiting_owner", lambda study: unowned)
     monkeypatch.setattr(executors, "share_cores", lambda processes: 1)
@@ -69,8 +70,8 @@ def test_other_processes_start_after_the_parent_run_is_recorded(tmp_path: Path, 
         return 0
 
     monkeypatch.setattr(executors.Processes, "run", run)
-    config = runner.SearchConfig(
-        study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    config = search_config(
+        study="s", storage=f"sqlite:///{tmp_path / 's.db'}", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         trials=2, jobs=2, priors=False, progress=False,
     )
     runner.run_search(config)
@@ -84,10 +85,10 @@ def test_a_trial_that_does_not_count_below_the_budget_is_made_up_for_and_no_more
     died = ctx.study.ask()
     write_trial(ctx.study, died, failure="interrupted: process elsewhere:1 died", interrupted=True)
     ctx.study.tell(died, state=TrialState.FAIL)
-    ctx.evaluator = SimpleNamespace(run=lambda job: ({"accuracy": 90.0, "accuracy_drop": 1.0, "bops": 1e6}, {}, {}))
-    assert runner.run_trials(ctx, deadline=None) == 3
+    ctx.evaluator = SimpleNamespace(evaluate=lambda policy: ({"accuracy": 90.0, "accuracy_drop": 1.0, "bops": 1e6}, {}))
+    assert loop.run_trials(ctx, deadline=None) == 3
     assert [t.state for t in ctx.study.trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3, "no trial asked only to be skipped"
-    assert runner.run_trials(ctx, deadline=None) == 0
+    assert loop.run_trials(ctx, deadline=None) == 0
 
 
 def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,9 +99,9 @@ def test_a_ctrl_c_right_after_the_ask_fails_the_trial_as_interrupted(tmp_path: P
         assert read_trial(trial).owner is None
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_in_process", interrupted_before_it_begins)
+    monkeypatch.setattr(loop, "run_in_process", interrupted_before_it_begins)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_trials(ctx, deadline=None)
+        loop.run_trials(ctx, deadline=None)
     assert_one_trial_failed_by_ctrl_c(ctx)
 
 
@@ -116,7 +117,7 @@ def test_a_ctrl_c_during_the_ask_waits_for_it_and_fails_the_new_trial(tmp_path: 
 
     monkeypatch.setattr(optuna.Study, "ask", ask_interrupted_midway)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_trials(ctx, deadline=None)
+        loop.run_trials(ctx, deadline=None)
     assert_one_trial_failed_by_ctrl_c(ctx)
 
 
@@ -127,8 +128,8 @@ def test_the_loop_runs_a_trial_in_place_of_one_whose_process_died(tmp_path: Path
     dead.wait()
     orphan = ctx.study.ask()
     write_trial(ctx.study, orphan, owner=f"{socket.gethostname()}:{dead.pid}")
-    monkeypatch.setattr(runner, "run_in_process", lambda ctx, trial: ctx.study.tell(trial, [90.0, 1.0]))
-    assert runner.run_trials(ctx, deadline=None) == 2
+    monkeypatch.setattr(loop, "run_in_process", lambda ctx, trial: ctx.study.tell(trial, [90.0, 1.0]))
+    assert loop.run_trials(ctx, deadline=None) == 2
     states = {t.number: (t.state, read_trial(t).interrupted) for t in ctx.study.get_trials()}
     assert states == {0: (TrialState.FAIL, True), 1: (TrialState.COMPLETE, False), 2: (TrialState.COMPLETE, False)}
 
@@ -140,9 +141,9 @@ def test_a_trial_whose_process_died_while_asking_for_it_is_failed_once_its_grace
     unowned = ctx.study.ask()
     assert lifecycle.fail_orphaned_trials(ctx.study) == []  # too young to tell from a trial being asked
     monkeypatch.setattr(lifecycle, "GRACE_SECONDS", 0.5)
-    monkeypatch.setattr(runner, "ORPHAN_POLL_SECONDS", 0.1)
-    monkeypatch.setattr(runner, "run_in_process", lambda ctx, trial: ctx.study.tell(trial, [90.0, 1.0]))
-    assert runner.run_trials(ctx, deadline=None) == 2
+    monkeypatch.setattr(loop, "ORPHAN_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(loop, "run_in_process", lambda ctx, trial: ctx.study.tell(trial, [90.0, 1.0]))
+    assert loop.run_trials(ctx, deadline=None) == 2
     trials = {t.number: t for t in ctx.study.get_trials()}
     assert {n: t.state for n, t in trials.items()} == {unowned.number: TrialState.FAIL, 1: TrialState.COMPLETE, 2: TrialState.COMPLETE}
     assert read_trial(trials[unowned.number]).interrupted

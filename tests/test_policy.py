@@ -74,7 +74,7 @@ def test_operator_fields_take_a_kind_a_mapping_or_a_config_and_serialise_as_mapp
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"quantizer": "lloyd"}, "policy.quantizer: 'lloyd' is not registered (registered: midrise, clip_uniform, delayed, saturated)"),
+        ({"quantizer": "lloyd"}, "policy.quantizer: 'lloyd' is not registered (registered: midrise, clip_uniform, delayed, saturated"),
         ({"act_quantizer": "midrise"}, "policy.act_quantizer: 'midrise' is not registered"),
         ({"pruner": {"kind": "pfq", "eps": -1}}, "policy.pruner.eps: -1"),
         ({"quantizer": {"kind": "midrise", "delay": 3}}, "policy.quantizer.delay: 'delay' is not a known field"),

@@ -125,15 +125,16 @@ def test_a_resumed_study_gets_the_priors_it_has_not_had_spread_over_the_trials_l
 
 def test_a_resumed_search_samples_the_space_its_first_run_narrowed_to_the_prior(tmp_path) -> None:  # noqa: ANN001
     """As every worker does (context_from_study): the resumed driver sampled the whole space before."""
-    from autoprune.search import runner
+    from autoprune.api import search_config
+    from autoprune.search import study
     from autoprune.search.record import read_meta, write_meta
 
     (tmp_path / "space.yaml").write_text("narrow_bits_to_prior: 1\nlayers: {_default: {w_bits: {choices: [2, 3, 4, 5, 6, 8]}}}\n")
-    config = runner.SearchConfig(space_path=tmp_path / "space.yaml", study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=2, priors=False, progress=False)
-    first = runner.prepare(config)
+    config = search_config(space_path=tmp_path / "space.yaml", study="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=2, priors=False, progress=False)
+    first = study.prepare(config)
     layers = [name for name, dims in first.space.layer_dims.items() if "w_bits" in dims]
     write_meta(first.study, read_meta(first.study).model_copy(update={"prior_bits": {name: 4 for name in layers}}))
 
-    resumed = runner.prepare(config)
+    resumed = study.prepare(config)
     assert layers and all(list(resumed.space.layer_dims[name]["w_bits"].values()) == [3, 4, 5] for name in layers)
-    assert resumed.space.distributions() == runner.context_from_study(resumed.study).space.distributions()
+    assert resumed.space.distributions() == study.context_from_study(resumed.study).space.distributions()

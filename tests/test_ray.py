@@ -19,7 +19,7 @@ from autoprune.cli import main
 from cli_support import PATIENCE, _no_leftover_processes, autoprune, storage_of, tracking_of, wait_for  # noqa: F401 (autouse fixture)
 
 if TYPE_CHECKING:
-    from autoprune.search.runner import SearchContext
+    from autoprune.search.study import SearchContext
 
 FAST_SPACE = "layers: {_default: {w_bits: {choices: [4, 8]}}}\npolicy: {finetune_steps: 20}\n"
 # Trials of a few seconds, long enough to kill a worker or interrupt the driver in the middle of one.
@@ -193,10 +193,11 @@ def test_bad_ray_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag:
 
 
 def prepared(tmp_path: Path, trials: int) -> "SearchContext":
-    from autoprune.search.runner import SearchConfig, prepare
+    from autoprune.api import search_config
+    from autoprune.search.study import prepare
 
     (tmp_path / "space.yaml").write_text(FAST_SPACE)
-    return prepare(SearchConfig(space_path=tmp_path / "space.yaml", study_name="s", storage=storage_of(tmp_path), trials=trials))
+    return prepare(search_config(space_path=tmp_path / "space.yaml", study="s", storage=storage_of(tmp_path), trials=trials))
 
 
 def outcome(**payload: object) -> dict[str, str]:
@@ -242,7 +243,7 @@ def test_searcher_asks_and_tells_the_study_also_as_a_shipped_copy(tmp_path: Path
 
 
 def test_searcher_stops_at_the_deadline_and_abandons_as_interrupted(tmp_path: Path) -> None:
-    from autoprune.search.lifecycle import spent
+    from autoprune.search.budget import spent
     from autoprune.search.ray_executor import StudySearcher
 
     ctx = prepared(tmp_path, trials=4)
@@ -264,7 +265,7 @@ def test_worker_on_a_node_without_the_cache_uses_the_shipped_base_model(tmp_path
     import dataclasses
 
     from autoprune.search import ray_executor
-    from autoprune.search.runner import RayOptions
+    from autoprune.search.study import RayOptions
 
     ctx = prepared(tmp_path, trials=1)
     job = ray_executor._worker_job(ctx, RayOptions())

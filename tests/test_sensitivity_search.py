@@ -13,7 +13,9 @@ from autoprune.search import fidelity
 from autoprune.search.front import Front
 from autoprune.search.pareto import front_trials
 from autoprune.search.record import read_meta, read_trial
-from autoprune.search.runner import SearchConfig, prepare, record_base, run_trials
+from autoprune.search.loop import run_trials
+from autoprune.api import search_config
+from autoprune.search.study import prepare, record_base
 from autoprune.search.space import SpaceSpec
 
 SPACE = {
@@ -23,7 +25,7 @@ SPACE = {
 
 
 def _ctx(tmp_path: Path, **config):  # noqa: ANN202
-    cfg = SearchConfig(storage=f"sqlite:///{tmp_path / 'study.db'}", progress=False, priors=False, **config)
+    cfg = search_config(storage=f"sqlite:///{tmp_path / 'study.db'}", progress=False, priors=False, **config)
     return prepare(cfg, space=SpaceSpec.from_dict(SPACE))
 
 
@@ -183,7 +185,7 @@ def test_config_accepts_the_sensitivity_kind_and_refuses_a_bad_fidelity() -> Non
 
     args = build_parser().parse_args(["search", "--priors", "sensitivity,snr", "--fidelity", "0.25", "--budget-steps", "600"])
     assert (args.priors, args.fidelity, args.budget_steps) == (("sensitivity", "snr"), 0.25, 600)
-    assert SearchConfig(priors=("sensitivity",), fidelity=0.25).priors == ("sensitivity",)
+    assert search_config(priors=("sensitivity",), fidelity=0.25).priors == ("sensitivity",)
     for bad in ({"fidelity": 1.0}, {"fidelity": 0.25, "executor": "ray"}, {"budget_steps": 0}, {"priors": ("sensitivty",)}):
         with pytest.raises(AutopruneError):
-            SearchConfig(**bad)
+            search_config(**bad)

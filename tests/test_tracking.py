@@ -22,7 +22,7 @@ from autoprune.files import CACHE_ENV
 from autoprune.search.front import Front, event_of
 from autoprune.search.pareto import front_trials, pareto_ranks
 from autoprune.search.record import StudyMeta, read_meta, write_meta
-from autoprune.search.runner import finished_events, start_tracker
+from autoprune.search.progress import finished_events, start_tracker
 from autoprune.tracking import (
     FAILED_REASON,
     FAILURE_TAG,

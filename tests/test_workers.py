@@ -97,7 +97,7 @@ def test_two_workers_finish_the_budget_of_an_interrupted_search(tmp_path: Path) 
 
 
 def worker_children(driver: int) -> list[int]:
-    """The `autoprune worker` processes that a `search --jobs N` started."""
+    """The worker processes that a `search --jobs N` started (the API's ``worker_process`` entry point)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -106,7 +106,7 @@ def worker_children(driver: int) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError):
                 continue
-            if ppid == driver and b"worker" in cmdline:
+            if ppid == driver and any(b"worker_process" in part for part in cmdline):
                 found.append(int(entry.name))
     return found
 

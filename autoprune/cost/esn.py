@@ -1,4 +1,5 @@
-"""Effective Signal Norms of one layer's mid-rise integer weights (seed 000 eq. 2-4, 7)."""
+"""Effective Signal Norms of one layer's integer weights (seed 000 eq. 2-4, 7), read on the grid its
+quantizer produced (``autoprune.quant.grids``: mid-rise levels by default)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,11 @@ import math
 
 import torch
 
-from autoprune.quant.midrise import level_bits, tread_level_bits
-
-GRIDS = ("midrise", "midtread")
-"""How integer weights are read: mid-rise levels {+-0.5, +-1.5, ...} (App. A) or mid-tread integers k."""
+from autoprune.quant.grids import MIDRISE, Grid, grid_named
 
 
-def bits_of_levels(w_int: torch.Tensor, grid: str = "midrise") -> torch.Tensor:
-    return tread_level_bits(w_int) if grid == "midtread" else level_bits(w_int.to(torch.float64))
+def bits_of_levels(w_int: torch.Tensor, grid: Grid | str = MIDRISE) -> torch.Tensor:
+    return grid_named(grid).level_bits(w_int)
 
 
 def esn_a(w_int: torch.Tensor) -> float:
@@ -21,12 +19,12 @@ def esn_a(w_int: torch.Tensor) -> float:
     return float(w_int.to(torch.float64).square().sum().item())
 
 
-def esn_d(w_int: torch.Tensor, grid: str = "midrise") -> float:
+def esn_d(w_int: torch.Tensor, grid: Grid | str = MIDRISE) -> float:
     """Linear sum of the bits of every level (eq. 3 as autoprune reads it, c = 1)."""
     return float(bits_of_levels(w_int, grid).sum().item())
 
 
-def filter_bits(w_int: torch.Tensor, grid: str = "midrise") -> torch.Tensor:
+def filter_bits(w_int: torch.Tensor, grid: Grid | str = MIDRISE) -> torch.Tensor:
     """Bits of each output filter's widest level (dim 0 indexes filters); 0 for a pruned filter."""
     return bits_of_levels(w_int, grid).flatten(1).amax(dim=1)
 

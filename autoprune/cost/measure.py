@@ -9,11 +9,12 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 from torch import nn
 
-from autoprune.cost.esn import GRIDS, esn_a, esn_d, filter_bits
+from autoprune.bits import FLOAT_BITS
+from autoprune.cost.esn import esn_a, esn_d, filter_bits
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, CONVS, probing, reads_tensor
-from autoprune.policy import FLOAT_BITS
-from autoprune.quant.midrise import midrise_delta, midrise_int, tread_int
+from autoprune.quant.grids import MIDRISE, Grid, grid_named
+from autoprune.quant.midrise import midrise_delta
 
 
 def _check_bits(name: str, bits: Any) -> None:
@@ -26,8 +27,9 @@ class LayerQuant:
     """How one layer is costed: its weight bits and the bits / sparsity of the features it reads.
 
     ``delta`` is the weight step: one float, or one per output channel (per-channel quantization); ``grid``
-    says which levels the weight quantizer produced (``midrise``: App. A's, ``midtread``: integers k), so the
-    cost counts the levels really used. ``masked`` says that an unstructured mask zeroed some of the weights,
+    says which levels the weight quantizer produced (``autoprune.quant.grids``: ``midrise``, App. A's, or
+    ``midtread``, integers k, or any registered grid, by object or name), so the cost counts the levels really
+    used. ``masked`` says that an unstructured mask zeroed some of the weights,
     so the exact zeros of a float (``w_bits`` 32) layer are pruned weights; without it a float layer's exact
     zeros are weights like any other. A quantized layer's zeros are always pruned (by a mask, or by the
     quantizer mapping them to 0).
@@ -37,7 +39,7 @@ class LayerQuant:
     a_bits: int = FLOAT_BITS
     f_sparsity: float = 0.0
     delta: float | tuple[float, ...] | None = None
-    grid: str = "midrise"
+    grid: Grid | str = MIDRISE
     masked: bool = False
 
     def __post_init__(self) -> None:
@@ -50,8 +52,7 @@ class LayerQuant:
         steps = self.delta if isinstance(self.delta, tuple) else (self.delta,)
         if self.delta is not None and not (steps and all(math.isfinite(d) and d > 0 for d in steps)):
             raise AutopruneError("delta", self.delta, "must be positive finite steps (or None for max|W| / 2^(b-1))")
-        if self.grid not in GRIDS:
-            raise AutopruneError("grid", self.grid, f"must be one of {', '.join(GRIDS)}")
+        object.__setattr__(self, "grid", grid_named(self.grid))
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,14 @@ class CostTotal:
 class CostReport:
     layers: tuple[LayerCost, ...]
     total: CostTotal = field(init=False)
+    # where the weights the ESN figures read came from, when the caller knows ("trained weights", ...)
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "total", CostTotal.of(self.layers))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total.to_dict(), "layers": [layer.to_dict() for layer in self.layers]}
+        return {"total": self.total.to_dict(), "layers": [layer.to_dict() for layer in self.layers], **({"weights": self.weights} if self.weights else {})}
 
     def performance_density(self, accuracy_percent: float) -> float:
         """Accuracy (%) per megabit of weights and features (seed 004)."""
@@ -186,13 +189,11 @@ def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, in
         if len(delta) != weight.shape[0]:
             raise AutopruneError(f"layers[{name!r}].delta", len(delta), f"steps given for {weight.shape[0]} output channels")
         delta = torch.tensor(delta, dtype=torch.float64).view(-1, *([1] * (weight.dim() - 1)))
-    if quant.grid == "midtread":
-        w_int = tread_int(weight, delta, quant.w_bits)
-    else:
-        w_int = midrise_int(weight, delta, quant.w_bits)
-        if quant.w_bits == FLOAT_BITS and not quant.masked:
-            # Nothing removed these zeros (no mask, no quantizer): mid-rise has no zero level, so they read as +-0.5.
-            w_int = torch.where(w_int == 0, torch.floor(weight.to(torch.float64) / delta) + 0.5, w_int)
+    grid = grid_named(quant.grid)
+    w_int = grid.read(weight, delta, quant.w_bits)
+    if grid is MIDRISE and quant.w_bits == FLOAT_BITS and not quant.masked:
+        # Nothing removed these zeros (no mask, no quantizer): mid-rise has no zero level, so they read as +-0.5.
+        w_int = torch.where(w_int == 0, torch.floor(weight.to(torch.float64) / delta) + 0.5, w_int)
     nonzero_per_filter = (w_int != 0).flatten(1).sum(dim=1).to(torch.float64)
     params = int(nonzero_per_filter.sum().item())
     dense = weight.numel()
@@ -200,8 +201,8 @@ def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, in
     # c^l of eq. 1 for the computation-weighted ESN: the MACs each nonzero weight takes part in.
     computations = positions * keep_f
     macs = params * computations
-    esn_d_prime = float((nonzero_per_filter * filter_bits(w_int, quant.grid)).sum().item()) * computations
-    layer_esn_a, layer_esn_d = esn_a(w_int), esn_d(w_int, quant.grid)
+    esn_d_prime = float((nonzero_per_filter * filter_bits(w_int, grid)).sum().item()) * computations
+    layer_esn_a, layer_esn_d = esn_a(w_int), esn_d(w_int, grid)
     return LayerCost(
         name=name, kind=kind, in_channels=in_ch, out_channels=out_ch, groups=groups, kernel=kernel,
         out_hw=tuple(out_hw), in_elements=seen.in_elements, dense_params=dense, params=params,

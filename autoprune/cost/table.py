@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from autoprune.cost.measure import CostReport, LayerCost
-from autoprune.policy import FLOAT_BITS
+from autoprune.bits import FLOAT_BITS
 
 _PREFIXES = ("K", "M", "G", "T", "P", "E", "Z", "Y")
 

@@ -7,11 +7,11 @@ use. The MLflow model functions live in ``autoprune.tracking.models``, with the 
 from autoprune.deploy.levels import WeightLevels, layer_levels, weight_levels
 from autoprune.deploy.onnx_export import ActQdq, LayerQdq, OnnxExport, export_onnx, float_copy
 from autoprune.deploy.packed import PackedLayer, PackedReport, pack_weights, unpack_weights, write_packed_weights
-from autoprune.deploy.verify import Latency, OnnxComparison, compare_onnx, measure_latency, onnx_session
+from autoprune.deploy.verify import Latency, OnnxComparison, compare_onnx, measure_latency, onnx_session, run_onnx
 
 __all__ = [
     "export_onnx", "OnnxExport", "LayerQdq", "ActQdq", "float_copy",
     "pack_weights", "write_packed_weights", "unpack_weights", "PackedReport", "PackedLayer",
-    "compare_onnx", "measure_latency", "onnx_session", "OnnxComparison", "Latency",
+    "compare_onnx", "measure_latency", "onnx_session", "run_onnx", "OnnxComparison", "Latency",
     "WeightLevels", "weight_levels", "layer_levels",
 ]

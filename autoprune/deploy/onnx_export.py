@@ -5,12 +5,13 @@ every initializer has the pruned shape. The float graph is traced by the TorchSc
 eval mode without BatchNorm folding, which would move the weights off their grid), converted to ``opset``
 (21 by default: the first with 16-bit QDQ), then each layer gets what its PyTorch hooks did:
 
-- Weights: the integer levels (``autoprune.deploy.levels``) are stored as an integer initializer, read by a
-  DequantizeLinear (per-tensor, or per-axis on axis 0 when the layer has one step per output channel) whose
-  output replaces the float weight: the form runtimes expect for constant weights (a QuantizeLinear on a
-  constant would only be folded away). Zero points are 0 (symmetric grids). Storage is int8 when the levels fit
-  (b <= 8 bits mid-tread, b <= 7 mid-rise, whose odd levels 2k + 1 at scale delta / 2 need b + 1 bits), else
-  int16, else int32; the levels never leave the real b-bit range, the exporter checks it.
+- Weights: the integer levels (``autoprune.deploy.levels``, on the grid the quantizer kind declares) are stored
+  as an integer initializer, read by a DequantizeLinear (per-tensor, or per-axis on axis 0 when the layer has
+  one step per output channel) whose output replaces the float weight: the form runtimes expect for constant
+  weights (a QuantizeLinear on a constant would only be folded away). Zero points are 0 (symmetric grids).
+  Storage is int8 when the grid's levels fit (b <= 8 bits mid-tread, b <= 7 mid-rise, whose odd levels
+  2k + 1 at scale delta / 2 need b + 1 bits), else int16, else int32; the levels never leave the grid's
+  b-bit range, the exporter checks it.
 - Activations a layer reads: QuantizeLinear -> DequantizeLinear with the quantizer's step as scale, zero point
   0, int8 when signed and uint8 after a ReLU (int16 / uint16 for 9-16 bits). Below the storage width the
   integers are clipped to the real b-bit range [-2^(b-1), 2^(b-1) - 1] or [0, 2^b - 1]: by a Clip on the
@@ -35,13 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from autoprune.bits import FLOAT_BITS
 from autoprune.compress import CompressionResult
-from autoprune.deploy.deps import require
 from autoprune.deploy.levels import WeightLevels, layer_levels
+from autoprune.deps import require
 from autoprune.errors import AutopruneError
 from autoprune.files import atomic_path
 from autoprune.models import compressible_layers
-from autoprune.policy import FLOAT_BITS
 from autoprune.prune.unstructured import FEATURE_MASK
 from autoprune.quant import ACT_QUANT
 from autoprune.quant.uniform import level_range

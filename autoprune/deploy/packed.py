@@ -8,11 +8,12 @@ The file measures what the cost model estimates. Its layout (little-endian):
     H bytes      UTF-8 JSON header: one record per layer (``PackedLayer``), offsets into the payload
     payload      per layer, byte-aligned: [bitmask] codes
 
-A quantized layer of b bits stores one b-bit unsigned code per weight, bits big-endian, packed across bytes:
+A quantized layer of b bits stores one b-bit unsigned code per weight, bits big-endian, packed across bytes,
+as its grid encodes its levels (``autoprune.quant.grids.Grid.codes``; the header names the grid):
 
 - mid-tread grids (W = step * n, n in -2^(b-1) .. 2^(b-1) - 1): code = n + 2^(b-1);
 - mid-rise grids (W = delta * (k + 0.5)): code = k + 2^(b-1). Zero is not a mid-rise level, so a layer with
-  pruned (zero) weights is always stored with a bitmask.
+  pruned (zero) weights is always stored with a bitmask (so is any grid whose codes have no zero).
 
 Encoding ``dense`` stores every weight's code; ``bitmask`` stores one bit per weight (1 = nonzero) and the codes
 of the nonzero weights only. Each layer takes the smaller of the two it can use: numel x b bits against
@@ -36,12 +37,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from autoprune.bits import FLOAT_BITS
 from autoprune.compress import CompressionResult
 from autoprune.deploy.levels import WeightLevels, layer_levels, rebuild
 from autoprune.errors import AutopruneError
 from autoprune.files import atomic_path
 from autoprune.models import compressible_layers
-from autoprune.policy import FLOAT_BITS
+from autoprune.quant.grids import grid_named
 
 MAGIC = b"APWEIGHT"
 VERSION = 1
@@ -55,7 +57,8 @@ class PackedLayer(BaseModel):
     name: str
     shape: tuple[int, ...]
     bits: int
-    grid: Literal["midtread", "midrise", "float"]
+    # a registered grid's name (autoprune.quant.grids), or "float"
+    grid: str
     steps: list[float]
     per_channel: bool
     encoding: Literal["dense", "bitmask"]
@@ -102,11 +105,14 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
 
 
 def _codes(levels: WeightLevels) -> tuple[np.ndarray, np.ndarray]:
-    """The b-bit codes of every weight, and the nonzero mask."""
-    n = levels.levels.reshape(-1).numpy()
-    half = 2 ** (levels.bits - 1)
-    codes = (n - 1) // 2 + half if levels.midrise else n + half
-    return codes, n != 0
+    """The b-bit codes of every weight (zeros of a grid without a zero code are left to the bitmask), and the nonzero mask."""
+    n = levels.levels.reshape(-1)
+    nonzero = n != 0
+    if levels.grid.zero_is_level:
+        return levels.grid.codes(n, levels.bits).numpy(), nonzero.numpy()
+    codes = torch.zeros_like(n)
+    codes[nonzero] = levels.grid.codes(n[nonzero], levels.bits)
+    return codes.numpy(), nonzero.numpy()
 
 
 def _encode(values: np.ndarray, nonzero: np.ndarray, width: int, *, dense_allowed: bool, as_float: bool) -> tuple[str, bytes]:
@@ -135,10 +141,9 @@ def write_packed_weights(result: CompressionResult, path: str | Path) -> dict[st
             grid, bits, steps, per_channel = "float", FLOAT_BITS, [], False
         else:
             codes, nonzero = _codes(level)
-            encoding, data = _encode(codes, nonzero, level.bits, dense_allowed=not level.midrise or bool(nonzero.all()), as_float=False)
-            grid, bits, per_channel = ("midrise" if level.midrise else "midtread"), level.bits, level.per_channel
-            step = level.scale * 2 if level.midrise else level.scale
-            steps = step.tolist() if per_channel else [float(step[0])]
+            encoding, data = _encode(codes, nonzero, level.bits, dense_allowed=level.grid.zero_is_level or bool(nonzero.all()), as_float=False)
+            grid, bits, per_channel = level.grid.name, level.bits, level.per_channel
+            steps = level.steps.tolist() if per_channel else [float(level.steps[0])]
         records.append(PackedLayer(
             name=name, shape=tuple(weight.shape), bits=bits, grid=grid, steps=steps, per_channel=per_channel,
             encoding=encoding, nonzero=int(nonzero.sum()), offset=offset, nbytes=len(data),
@@ -194,10 +199,9 @@ def _decode(record: PackedLayer, data: bytes) -> torch.Tensor:
         values = np.zeros(numel, dtype=np.float32)
         values[nonzero] = np.frombuffer(data, dtype="<f4", count=count)
         return torch.from_numpy(values).reshape(record.shape)
-    half = 2 ** (record.bits - 1)
-    codes = unpack_bits(data, record.bits, count).astype(np.int64) - half
-    levels = np.zeros(numel, dtype=np.int64)
-    levels[nonzero] = 2 * codes + 1 if record.grid == "midrise" else codes
+    grid = grid_named(record.grid)
+    codes = torch.from_numpy(unpack_bits(data, record.bits, count).astype(np.int64))
+    levels = torch.zeros(numel, dtype=torch.int64)
+    levels[torch.from_numpy(nonzero)] = grid.from_codes(codes, record.bits)
     steps = torch.tensor(record.steps if record.per_channel else record.steps * record.shape[0], dtype=torch.float64)
-    scale = steps / 2 if record.grid == "midrise" else steps
-    return rebuild(torch.from_numpy(levels).reshape(record.shape), scale)
+    return rebuild(levels.reshape(record.shape), steps * grid.unit)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from autoprune.compress import CompressionResult
-from autoprune.deploy.deps import require
+from autoprune.deps import require
 
 
 class OnnxComparison(BaseModel):
@@ -46,6 +46,14 @@ def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | Path, inputs: Any) -> Any:
+    """onnxruntime's first output for a float32 array of inputs."""
+    import numpy as np
+
+    session = onnx_session(path)
+    return session.run(None, {session.get_inputs()[0].name: np.asarray(inputs, dtype=np.float32)})[0]
 
 
 @torch.no_grad()

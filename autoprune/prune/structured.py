@@ -31,7 +31,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, compressible_layers
-from autoprune.operators import PRUNER, NoPruning, PrunerConfig, SignalNorm, kinds, parse_config
+from autoprune.operators import PRUNER, PRUNERS, NoPruning, PrunerConfig, SignalNorm, parse_config
 
 
 @dataclass(frozen=True)
@@ -135,25 +135,16 @@ class PrunePlan:
 
 
 Pruner = Callable[[PruneRequest], PrunePlan]
-_PRUNERS: dict[type[PrunerConfig], Pruner] = {}
 
 
 def register_pruner(config: type[PrunerConfig]) -> Callable[[Pruner], Pruner]:
     """Register a structured pruner as the handler of a pruner config class (the policy's ``pruner``)."""
-
-    def decorate(fn: Pruner) -> Pruner:
-        _PRUNERS[config] = fn
-        return fn
-
-    return decorate
+    return PRUNERS.register(config)
 
 
 def pruner(config: PrunerConfig | str | Any) -> Pruner:
     """The pruner registered for a config (or a bare kind)."""
-    config = parse_config(PRUNER, config)
-    if type(config) not in _PRUNERS:
-        raise AutopruneError("policy.pruner", config.kind, f"has no registered pruner (registered: {', '.join(kinds(PRUNER))})")
-    return _PRUNERS[type(config)]
+    return PRUNERS.lookup(config)
 
 
 def keep_count(ratio: float, channels: int) -> int:

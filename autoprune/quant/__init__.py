@@ -9,10 +9,10 @@ config class.
 """
 
 from autoprune.operators import (
-    ClipUniform, ClipUniformAct, Delayed, DelayedAct, Midrise, Saturated, SaturatedAct,
+    ACT_QUANTIZERS, WEIGHT_QUANTIZERS, ClipUniform, ClipUniformAct, Delayed, DelayedAct, Midrise, Saturated, SaturatedAct,
 )
 from autoprune.quant.act import (
-    ACT_QUANTIZERS, ActQuantizer, ClipUniformActQuantizer, DelayedActQuantizer, SaturatedActQuantizer, act_quantizer,
+    ActQuantizer, ClipUniformActQuantizer, DelayedActQuantizer, SaturatedActQuantizer, act_quantizer,
     make_act_quantizer, register_act_quantizer,
 )
 from autoprune.quant.midrise import level_bits, midrise_delta, midrise_int
@@ -20,8 +20,9 @@ from autoprune.quant.model import (
     ACT_QUANT, advance_quantizers, attach_act_quantizer, bake_weights, calibrate, recalibrate_batchnorm,
 )
 from autoprune.quant.pow2 import pow2_bit_map, pow2_bits
+from autoprune.quant.grids import GRIDS, MIDRISE, MIDTREAD, Grid
 from autoprune.quant.weight import (
-    WEIGHT_QUANTIZERS, ClipUniformWeight, DelayedWeight, MidriseWeight, SaturatedWeight, WeightQuantizer,
+    ClipUniformWeight, DelayedWeight, MidriseWeight, SaturatedWeight, WeightQuantizer,
     make_weight_quantizer, register_weight_quantizer, weight_quantizer,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "WeightQuantizer", "MidriseWeight", "ClipUniformWeight", "DelayedWeight", "SaturatedWeight",
     "weight_quantizer", "make_weight_quantizer", "register_weight_quantizer",
     "midrise_delta", "midrise_int", "level_bits", "pow2_bits", "pow2_bit_map",
+    "Grid", "GRIDS", "MIDRISE", "MIDTREAD",
     "attach_act_quantizer", "advance_quantizers", "calibrate", "bake_weights", "recalibrate_batchnorm",
 ]

@@ -25,10 +25,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from autoprune.bits import FLOAT_BITS
 from autoprune.errors import AutopruneError
-from autoprune.operators import ACT_QUANTIZER, ActQuantizerConfig, ClipUniformAct, DelayedAct, OperatorConfig, SaturatedAct, parse_config
-from autoprune.policy import FLOAT_BITS, Policy
-from autoprune.quant.registry import Registry
+from autoprune.operators import ACT_QUANTIZER, ACT_QUANTIZERS, ActQuantizerConfig, ClipUniformAct, DelayedAct, OperatorConfig, SaturatedAct, parse_config
+from autoprune.policy import Policy
 from autoprune.quant.uniform import fake_uniform, mse_optimal_step, quantile, uniform_step
 from autoprune.quant.weight import check_bits, check_delay
 
@@ -134,9 +134,6 @@ class ActQuantizer(nn.Module, ABC):
     @abstractmethod
     def _choose_delta(self, sample: torch.Tensor) -> float:
         """The step, from the statistics observed and a sample of the observed values."""
-
-
-ACT_QUANTIZERS: Registry[type[ActQuantizer]] = Registry(ACT_QUANTIZER)
 
 
 def register_act_quantizer(config: type[ActQuantizerConfig]) -> Callable[[type[ActQuantizer]], type[ActQuantizer]]:

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError
-from autoprune.policy import FLOAT_BITS
+from autoprune.bits import FLOAT_BITS
 from autoprune.quant.act import ActQuantizer
 from autoprune.quant.weight import WeightQuantizer, quantizer_name
 

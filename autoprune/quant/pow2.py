@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from autoprune.policy import POW2_BITS
+from autoprune.bits import POW2_BITS
 from autoprune.quant.weight import check_bits
 
 

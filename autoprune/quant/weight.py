@@ -4,14 +4,14 @@ Use one as ``torch.nn.utils.parametrize.register_parametrization(layer, "weight"
 computes with the quantized weights while the optimizer updates the float ones (STE). Every quantizer has
 ``bits``, ``delta`` (the step it used, once known) and ``freeze()``; 32 bits leaves the weights as they are.
 
-How the cost model reads them. It computes ``midrise_int(W_q, delta, bits)`` from the baked weights W_q:
+How the cost model and the exporters read them: each quantizer class declares the grid it produces at each
+bit-width (``grid_for(bits)``, an ``autoprune.quant.grids.Grid``), and they read the baked weights W_q on it.
 
 - ``midrise`` produces W_q = delta * midrise_int(W, delta, bits) exactly, so the cost model reads back the
   very levels used (App. A of seed 000).
 - ``clip_uniform``, ``delayed`` and ``saturated`` are mid-tread from 3 bits: W_q = k * delta with an integer
   k in [-2^(b-1), 2^(b-1) - 1] (exact in float32 up to 16 bits, see ``uniform_step``); below 3 bits they are
-  mid-rise (both signs at 1 and 2 bits, see ``autoprune.quant.uniform``). ``grid_for(bits)`` tells the cost
-  model which, so it reads back the integers k (``tread_int``) or the mid-rise levels actually produced.
+  mid-rise (both signs at 1 and 2 bits, see ``autoprune.quant.uniform``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from autoprune.bits import FLOAT_BITS
 from autoprune.errors import AutopruneError
 from autoprune.operators import (
-    WEIGHT_QUANTIZER, ClipUniform, Delayed, Midrise, OperatorConfig, Saturated, WeightQuantizerConfig, parse_config,
+    WEIGHT_QUANTIZER, WEIGHT_QUANTIZERS, ClipUniform, Delayed, Midrise, OperatorConfig, Saturated, WeightQuantizerConfig, parse_config,
 )
-from autoprune.policy import FLOAT_BITS, Policy
+from autoprune.policy import Policy
+from autoprune.quant.grids import MIDRISE, MIDTREAD, Grid
 from autoprune.quant.midrise import midrise_delta, midrise_int
-from autoprune.quant.registry import Registry
 from autoprune.quant.uniform import fake_uniform, is_midrise, mse_optimal_step, quantile, straight_through, uniform_step
 
 
@@ -133,9 +134,9 @@ class WeightQuantizer(nn.Module, ABC):
         return f"bits={self._bits}, delay={self.delay}, per_channel={self.per_channel}, frozen={self.frozen}"
 
     @classmethod
-    def grid_for(cls, bits: int) -> str:
-        """The levels this quantizer produces at ``bits``, as the cost model reads them (``LayerQuant.grid``)."""
-        return "midrise"
+    def grid_for(cls, bits: int) -> Grid:
+        """The levels this quantizer produces at ``bits``: what the cost model and the exporters read."""
+        return MIDRISE
 
     def _step_for(self, weight: torch.Tensor) -> float | torch.Tensor:
         # At 32 bits the step is the cost model's reading of a float layer (max|W| / 2^31).
@@ -153,9 +154,6 @@ class WeightQuantizer(nn.Module, ABC):
     @abstractmethod
     def _fake_quantize(self, weight: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         """The quantized weights with the STE gradient."""
-
-
-WEIGHT_QUANTIZERS: Registry[type[WeightQuantizer]] = Registry(WEIGHT_QUANTIZER)
 
 
 def register_weight_quantizer(config: type[WeightQuantizerConfig]) -> Callable[[type[WeightQuantizer]], type[WeightQuantizer]]:
@@ -212,8 +210,8 @@ class ClipUniformWeight(WeightQuantizer):
     the gradient passes inside the clip range only, which matters once the step is frozen."""
 
     @classmethod
-    def grid_for(cls, bits: int) -> str:
-        return "midrise" if bits == FLOAT_BITS or is_midrise(bits=bits, signed=True) else "midtread"
+    def grid_for(cls, bits: int) -> Grid:
+        return MIDRISE if bits == FLOAT_BITS or is_midrise(bits=bits, signed=True) else MIDTREAD
 
     def _choose_delta(self, weight: torch.Tensor) -> float:
         return uniform_step(weight.abs().max().item(), bits=self._bits, signed=True)

@@ -73,12 +73,6 @@ class Evaluator:
             metrics[f"full_val_{name}"] = self.task.evaluate(result.model, "val", full=True)
         return metrics
 
-    def run(self, job: Any) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]:
-        """One trial's job by its strategy (``strategies``): metrics, layers and the record fields it learned."""
-        from autoprune.search.strategies import run_job
-
-        return run_job(self, job)
-
     def interval(self, value: float) -> dict[str, float]:
         """The metric's 95% Wilson interval on the val search subset and that subset's size, as metrics
         (``{name}_ci_low``, ``{name}_ci_high``, ``val_samples``); none for a metric that is not an accuracy,

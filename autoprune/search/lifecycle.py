@@ -1,7 +1,7 @@
 """One trial's life, the same under every executor: begin (owner, policy, heartbeat), evaluate somewhere,
 finish (record the result or the failure, tell the study, fetch the told trial, notify).
 
-Also the budget: which trials count toward it, and failing the trials of processes that died.
+Also failing the trials of processes that died (the budget itself is ``search.budget``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -20,17 +20,13 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.policy import Policy
 from autoprune.processes import owner_alive, this_process
 from autoprune.search.evaluate import TrialFailed
+from autoprune.search.fidelity import low_fidelity, promote, steps_spent
 from autoprune.search.record import TrialRecord, read_trial, write_trial
-
-if TYPE_CHECKING:
-    from autoprune.search.runner import SearchContext
-    from autoprune.search.strategies import TrialJob
+from autoprune.search.strategies import TrialJob, run_job
+from autoprune.search.study import GRACE_SECONDS, SearchContext
 
 OWNER = this_process()
 SKIPPED = "skipped: another worker took the last trial of the budget"
-# How long a trial may go without sign of its process (a heartbeat; an owner, for one just asked) before
-# another process fails it as interrupted. Optuna's storage is opened with it as its grace period.
-GRACE_SECONDS = 40
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -66,7 +62,7 @@ class Outcome:
 
     @classmethod
     def of(cls, evaluate: Callable[[], tuple[dict[str, float], dict[str, Any], dict[str, Any]]], *, worker: str | None = None) -> "Outcome":
-        """Run an evaluation (``Evaluator.run``); any failure of the policy becomes a failed outcome with its
+        """Run an evaluation (``strategies.run_job``); any failure of the policy becomes a failed outcome with its
         reason. ``worker``: where it ran, when not in the owner's process."""
         try:
             metrics, layers, record = evaluate()
@@ -76,7 +72,7 @@ class Outcome:
 
 
 @contextmanager
-def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> Iterator[None]:
+def heartbeat(ctx: SearchContext, trial: optuna.Trial) -> Iterator[None]:
     """The running trial's heartbeat, recorded every interval the storage asks for, so that any process
     (``fail_orphaned_trials``, another host) fails it once its owner has died silently. Optuna beats only
     inside Study.optimize; the search runs ask/tell, so it beats through the storage's own methods."""
@@ -107,7 +103,7 @@ def heartbeat(ctx: "SearchContext", trial: optuna.Trial) -> Iterator[None]:
         thread.join()
 
 
-def begin(ctx: "SearchContext", trial: optuna.Trial) -> "TrialJob | None":
+def begin(ctx: SearchContext, trial: optuna.Trial) -> TrialJob | None:
     """Own the trial and record its policy (a learned strategy: its run config, the policy comes with the
     result); a point the space cannot turn into a job fails the trial at once (returns None)."""
     write_trial(ctx.study, trial, owner=OWNER)
@@ -123,7 +119,7 @@ def begin(ctx: "SearchContext", trial: optuna.Trial) -> "TrialJob | None":
     return job
 
 
-def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> FrozenTrial:
+def finish(ctx: SearchContext, trial: optuna.Trial, outcome: Outcome) -> FrozenTrial:
     """Record the outcome, tell the study, notify; returns the told trial. A result whose objective is
     not finite is a failure. ``interrupted``: cut short, not the policy's fault, run again on resume."""
     failure = outcome.failure
@@ -138,6 +134,10 @@ def finish(ctx: "SearchContext", trial: optuna.Trial, outcome: Outcome) -> Froze
             failure = failure_reason(TrialFailed(f"{bad[0]} is {outcome.metrics[bad[0]]}"))
     if failure is None:
         record = TrialRecord(metrics=outcome.metrics, layers=outcome.layers, constraints=ctx.objectives.violations(outcome.metrics))
+        if isinstance(trial, optuna.Trial):
+            # what the samplers read: <= 0 is feasible
+            for constraint, violation in zip(ctx.objectives.constraints, record.constraints or []):
+                trial.set_constraint(str(constraint), violation)
         write_trial(ctx.study, trial, metrics=record.metrics, layers=record.layers, constraints=record.constraints, **outcome.record, **interval_fields(outcome.metrics))
         if outcome.low_metrics is not None:
             write_trial(ctx.study, trial, low_metrics=outcome.low_metrics)
@@ -168,7 +168,7 @@ def interval_fields(metrics: dict[str, float]) -> dict[str, Any]:
     return {"metric_interval": interval, **({"val_samples": int(samples)} if samples is not None else {})}
 
 
-def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | None:
+def run_in_process(ctx: SearchContext, trial: optuna.Trial) -> FrozenTrial | None:
     """The whole lifecycle in this process (the in-process and multi-process executors); the caller holds
     ``new_trial`` around it."""
     evaluator = ctx.ensure_evaluator(progress=False)
@@ -177,14 +177,14 @@ def run_in_process(ctx: "SearchContext", trial: optuna.Trial) -> FrozenTrial | N
         if job is None:
             return None
         if ctx.fidelity is None or job.strategy != "sampled":
-            outcome = Outcome.of(lambda: evaluator.run(job))
+            outcome = Outcome.of(lambda: run_job(evaluator, job))
         else:
             outcome = evaluate_fidelities(ctx, trial, evaluator, Policy.from_dict(job.policy or {}))
         return finish(ctx, trial, outcome)
 
 
 @contextmanager
-def new_trial(ctx: "SearchContext", distributions: dict[str, Any]) -> Iterator[optuna.Trial]:
+def new_trial(ctx: SearchContext, distributions: dict[str, Any]) -> Iterator[optuna.Trial]:
     """A newly asked trial, failed as interrupted (a resume runs it again) if a Ctrl-C comes before it is
     told. Optuna creates the trial, RUNNING, before it samples, so a Ctrl-C during the ask would leave a
     trial nobody knows, with no owner for any orphan check, holding a slot of the budget for good: in the
@@ -207,12 +207,10 @@ def new_trial(ctx: "SearchContext", distributions: dict[str, Any]) -> Iterator[o
         raise
 
 
-def evaluate_fidelities(ctx: "SearchContext", trial: optuna.Trial, evaluator: Any, policy: "Policy") -> Outcome:
+def evaluate_fidelities(ctx: SearchContext, trial: optuna.Trial, evaluator: Any, policy: Policy) -> Outcome:
     """The short fine-tune, then the full one when the candidate could still reach the front and the step
     budget has room for it (search.fidelity). The steps are reserved on the trial before each fine-tune,
     so that other processes of the study see them spent."""
-    from autoprune.search.fidelity import low_fidelity, promote, steps_spent
-
     spec = ctx.fidelity
     assert spec is not None
     short = low_fidelity(policy, spec.fraction)
@@ -230,25 +228,7 @@ def evaluate_fidelities(ctx: "SearchContext", trial: optuna.Trial, evaluator: An
     return replace(Outcome.of(lambda: (*evaluator.evaluate(policy), {})), low_metrics=low.metrics, steps=spent_steps)
 
 
-# --- the budget ---------------------------------------------------------------------------------------
-
-
-def counts_toward_budget(state: TrialState, record: TrialRecord) -> bool:
-    if state in (TrialState.COMPLETE, TrialState.RUNNING):
-        return True
-    return state == TrialState.FAIL and record.failure is not None and not record.interrupted
-
-
-def counted_before(study: optuna.Study, number: int) -> int:
-    """Trials numbered below ``number`` that count toward the budget. Trial numbers are dense, so this
-    reads only the trials that do not count (waiting, interrupted, pruned: few), not the whole study."""
-    others = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.FAIL, TrialState.PRUNED))
-    return number - sum(1 for t in others if t.number < number and not counts_toward_budget(t.state, read_trial(t)))
-
-
-def spent(study: optuna.Study) -> int:
-    """Trials of the whole study that count toward its budget."""
-    return sum(counts_toward_budget(t.state, read_trial(t)) for t in study.get_trials(deepcopy=False))
+# --- processes that died ---------------------------------------------------------------------------
 
 
 def fail_orphaned_trials(study: optuna.Study) -> list[int]:
@@ -298,6 +278,6 @@ def awaiting_owner(study: optuna.Study) -> bool:
 
 
 __all__ = [
-    "GRACE_SECONDS", "awaiting_owner", "OWNER", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "new_trial", "evaluate_fidelities",
-    "counts_toward_budget", "counted_before", "spent", "fail_orphaned_trials",
+    "awaiting_owner", "OWNER", "SKIPPED", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "new_trial", "evaluate_fidelities",
+    "fail_orphaned_trials",
 ]

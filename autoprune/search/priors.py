@@ -102,7 +102,7 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
     at a few trials and resumed with more still starts from every prior. A study begun without priors
     (``--no-priors``) stays without them.
     """
-    from autoprune.search.lifecycle import spent
+    from autoprune.search.budget import spent
 
     trials = ctx.study.get_trials(deepcopy=False)
     had = {read_trial(t).prior for t in trials} - {None}

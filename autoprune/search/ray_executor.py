@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from autoprune.errors import AutopruneError
 from autoprune.files import write_atomic
-from autoprune.search.lifecycle import Outcome, begin, failure_reason, finish, heartbeat, spent
+from autoprune.search.budget import over_budget, spent
+from autoprune.search.evaluate import Evaluator
+from autoprune.search.lifecycle import SKIPPED, Outcome, begin, failure_reason, finish, heartbeat
+from autoprune.search.progress import Reporter, open_tracker
+from autoprune.search.strategies import TrialJob, run_job
+from autoprune.search.study import RayOptions, SearchConfig, SearchContext, context_from_study, load_study, storage_url
+from autoprune.task import task_from_record
 
 try:  # this module is imported only for --executor ray, so Ray loads only then (design decision 4)
     import ray
@@ -38,8 +44,6 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from autoprune.search.evaluate import Evaluator
-    from autoprune.search.runner import RayOptions, SearchConfig, SearchContext
 
 RESULT_KEY = "autoprune"
 _RAY_ENV = {
@@ -52,7 +56,7 @@ _RAY_ENV = {
 # A local Ray instance listens on every interface unless this is off; Ray reads it once, at import.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _CONNECT_TIMEOUT_S = 5.0
-_EVALUATORS: dict[str, "Evaluator"] = {}
+_EVALUATORS: dict[str, Evaluator] = {}
 
 
 # --- the worker side --------------------------------------------------------------------------------
@@ -70,10 +74,8 @@ class WorkerJob:
     device: str = "cpu"
 
 
-def _evaluator(job: WorkerJob) -> "Evaluator":
-    from autoprune.search.evaluate import Evaluator
+def _evaluator(job: WorkerJob) -> Evaluator:
     from autoprune.files import CACHE_ENV
-    from autoprune.task import task_from_record
 
     key = json.dumps(job.task, sort_keys=True)
     if key not in _EVALUATORS:
@@ -97,19 +99,17 @@ def _install_base(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def run_trial(config: dict[str, Any], job: WorkerJob) -> None:
-    """The Ray Tune trainable: run one trial job (``Evaluator.run``) and report the outcome as one JSON result.
+    """The Ray Tune trainable: run one trial job (``strategies.run_job``) and report the outcome as one JSON result.
 
     A failure of the policy (diverged, invalid) is reported as a result with its reason; only a worker
     that dies, or a fault of Ray itself, becomes a Ray trial error, which ``--retries`` may retry.
     """
     import torch
 
-    from autoprune.search.strategies import TrialJob
-
     torch.set_num_threads(job.threads)
     # the driver records a failure's reason and the search goes on
     node = f"ray:{ray.get_runtime_context().get_node_id()}"
-    outcome = Outcome.of(lambda: _evaluator(job).run(TrialJob.model_validate(config["job"])), worker=node)
+    outcome = Outcome.of(lambda: run_job(_evaluator(job), TrialJob.model_validate(config["job"])), worker=node)
     # Tune flattens nested results into "a/b" keys; one JSON string comes back as it was sent.
     tune.report({RESULT_KEY: json.dumps(outcome.to_dict())})
 
@@ -133,7 +133,7 @@ class StudySearcher(Searcher):
 
     def __init__(
         self,
-        ctx: "SearchContext",
+        ctx: SearchContext,
         *,
         storage: str,
         tracking_uri: str | None,
@@ -150,7 +150,7 @@ class StudySearcher(Searcher):
         }
         self._live(ctx, on_result)
 
-    def _live(self, ctx: "SearchContext", on_result: Callable[["FrozenTrial"], None]) -> None:
+    def _live(self, ctx: SearchContext, on_result: Callable[["FrozenTrial"], None]) -> None:
         self._ctx = ctx
         ctx.notify = on_result
         self._distributions = ctx.space.distributions()
@@ -163,10 +163,8 @@ class StudySearcher(Searcher):
         self.__dict__.update(state)
         self._ctx = None
 
-    def _context(self) -> "SearchContext":
+    def _context(self) -> SearchContext:
         if self._ctx is None:
-            from autoprune.search.runner import Reporter, context_from_study, load_study, open_tracker
-
             ctx = context_from_study(load_study(self._recipe["study"], self._recipe["storage"]))
             tracker = open_tracker(ctx, self._recipe["tracking_uri"]) if self._recipe["tracking_uri"] else None
             self._live(ctx, Reporter(ctx, tracker=tracker, progress=False).told)
@@ -178,13 +176,10 @@ class StudySearcher(Searcher):
         return (deadline is not None and time.time() >= deadline) or spent(ctx.study) >= ctx.budget
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        from autoprune.search.lifecycle import SKIPPED
-        from autoprune.search.runner import over_budget
-
         ctx = self._context()
         while not self.finished():
             trial = ctx.study.ask(self._distributions)
-            if over_budget(ctx, trial.number):
+            if over_budget(ctx.study, trial.number, ctx.budget):
                 finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
                 break
             # The driver tells the study, so it owns the trial: if it dies, a resume fails the trial.
@@ -276,21 +271,19 @@ def _environment(*, local: bool) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def cluster_address(opts: "RayOptions") -> str | None:
+def cluster_address(opts: RayOptions) -> str | None:
     """--address, else RAY_ADDRESS (set by ``ray job submit`` on a cluster), else None: start a local instance."""
     return opts.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _source(opts: "RayOptions") -> str:
+def _source(opts: RayOptions) -> str:
     """What an address error names: the flag, or the environment variable the address came from."""
     return "--address" if opts.address else "RAY_ADDRESS"
 
 
-def preflight(config: "SearchConfig") -> None:
+def preflight(config: SearchConfig) -> None:
     """Every check that needs no training, so an unreachable cluster fails in seconds (the numbers of
     RayOptions are checked when it is built)."""
-    from autoprune.search.runner import storage_url
-
     address, source = cluster_address(config.ray), _source(config.ray)
     if address is None:
         return
@@ -350,7 +343,7 @@ def ray_session(address: str | None) -> Iterator[bool]:
                 ray.shutdown()
 
 
-def _slots(config: "RayOptions", resources: dict[str, float]) -> int:
+def _slots(config: RayOptions, resources: dict[str, float]) -> int:
     """Trials run at once: --workers, else as many as the cluster's CPUs (and GPUs) hold."""
     if config.workers is not None:
         return config.workers
@@ -360,7 +353,7 @@ def _slots(config: "RayOptions", resources: dict[str, float]) -> int:
     return max(1, int(fits))
 
 
-def _check_fits(config: "RayOptions", resources: dict[str, float]) -> None:
+def _check_fits(config: RayOptions, resources: dict[str, float]) -> None:
     """On the local instance a trial that cannot fit would wait forever (a cluster may scale up)."""
     for flag, wanted, kind in (("--cpus-per-trial", config.cpus_per_trial, "CPU"), ("--gpus-per-trial", config.gpus_per_trial, "GPU")):
         have = resources.get(kind, 0.0)
@@ -368,7 +361,7 @@ def _check_fits(config: "RayOptions", resources: dict[str, float]) -> None:
             raise AutopruneError(flag, wanted, f"is more than the {have:g} {kind}s of this machine's Ray instance")
 
 
-def _worker_job(ctx: "SearchContext", config: "RayOptions") -> WorkerJob:
+def _worker_job(ctx: SearchContext, config: RayOptions) -> WorkerJob:
     from autoprune.files import cache_root
 
     evaluator = ctx.ensure_evaluator(progress=False)
@@ -398,13 +391,11 @@ class RayExecutor:
 
     starts_other_processes = True
 
-    def preflight(self, config: "SearchConfig") -> None:
+    def preflight(self, config: SearchConfig) -> None:
         preflight(config)
 
-    def run(self, ctx: "SearchContext", config: "SearchConfig", *, deadline: float | None) -> int:
+    def run(self, ctx: SearchContext, config: SearchConfig, *, deadline: float | None) -> int:
         """Run the study's remaining budget on Ray Tune; returns how many trials Tune ran."""
-        from autoprune.search.runner import storage_url
-
         opts = config.ray
         with ray_session(cluster_address(opts)) as started:
             resources = ray.cluster_resources()
@@ -430,7 +421,7 @@ class RayExecutor:
                 searcher.abandon("interrupted: Ray Tune stopped before the trial finished")
 
 
-def _fit(searcher: StudySearcher, job: WorkerJob, config: "RayOptions", *, slots: int, name: str) -> int:
+def _fit(searcher: StudySearcher, job: WorkerJob, config: RayOptions, *, slots: int, name: str) -> int:
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial})
     with tempfile.TemporaryDirectory(prefix="autoprune-tune-") as storage:
         tuner = tune.Tuner(

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 META_KEY = "autoprune"
 RECORD_VERSION = 1
-# the samplers a study may be created with (runner.make_sampler builds them)
+# the samplers a study may be created with (study.make_sampler builds them)
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 
 
@@ -174,12 +174,7 @@ def write_confirmations(study: "optuna.Study", confirmations: dict[int, Confirma
     study.set_user_attr(CONFIRM_KEY, {str(n): c.model_dump() for n, c in sorted(confirmations.items())})
 
 
-def sampler_constraints(trial: "FrozenTrial") -> list[float]:
-    """Optuna's constraints_func: the violations the record holds (<= 0 feasible)."""
-    return list(trial.user_attrs.get("constraints", [1.0]))
-
-
 __all__ = [
     "StudyMeta", "TrialRecord", "BaseSummary", "Confirmation", "META_KEY", "SAMPLERS", "RECORD_VERSION",
-    "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_trial", "write_trial", "enqueue", "sampler_constraints",
+    "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_trial", "write_trial", "enqueue",
 ]

@@ -77,11 +77,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_front(study: optuna.Study, *, console: Any = None) -> None:
+def wide_console() -> Any:
+    """A rich console that does not squeeze tables to 80 columns when the output is a file or pipe."""
+    import sys
+
     from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def print_front(data: Mapping[str, Any], *, console: Any = None) -> None:
+    """Print ``front_rows``' data as a table, with the hypervolume and the base model below it."""
     from rich.table import Table
 
-    data = front_rows(study)
     objectives = ", ".join(f"{o['direction'][:3]} {o['metric']}" for o in (data["objectives"] or {}).get("objectives", []))
     base = data["base"] or {}
     table = Table(title=f"Pareto front of study {data['study']!r} ({objectives})")
@@ -97,7 +105,7 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
         label = f"{row['trial']}" + ("*" if row["prior"] else "")
         cells = [c for m in TABLE_METRICS for c in ((_fmt(row.get(m)), _fmt_interval(row["accuracy_ci"])) if m == "accuracy" else (_fmt(row.get(m)),))]
         table.add_row(label, row["strategy"], *cells, _fmt(row.get("bops_reduction")), row["policy"])
-    console = console or Console()
+    console = console or wide_console()
     console.print(table)
     hv = data["hypervolume"]
     base_line = ""
@@ -113,4 +121,4 @@ def print_front(study: optuna.Study, *, console: Any = None) -> None:
         console.print(f"acc 95% CI: Wilson score interval on the {'/'.join(map(str, samples))} validation samples each accuracy was scored on")
 
 
-__all__ = ["front_rows", "front_table", "print_front", "COST_METRICS", "TABLE_METRICS"]
+__all__ = ["front_rows", "front_table", "print_front", "wide_console", "COST_METRICS", "TABLE_METRICS"]

@@ -195,7 +195,7 @@ def _check_value(value: Any, *, field: str, path: str, kind: type, owner: type =
     info = owner.model_fields[field]
     try:
         # The field's own type and bounds; rules across fields (workflow pfq needs pruner pfq) are the Policy's.
-        TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation).validate_python(value)
+        TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation).validate_python(value)
     except Exception as exc:
         msg = str(exc).splitlines()
         raise AutopruneError(path, value, f"is not a valid {field} ({msg[2].strip() if len(msg) > 2 else msg[0]})") from None

@@ -15,12 +15,11 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-if TYPE_CHECKING:
-    from autoprune.search.evaluate import Evaluator
+from autoprune.search.evaluate import Evaluator, TrialFailed
 
 StrategyName = Literal["sampled", "djpq", "two_stage"]
 # the strategies that learn a policy instead of sampling one (the spec's ``djpq:`` block configures them)
@@ -55,17 +54,16 @@ def artifact_path(study_name: str) -> Path:
     return cache_root() / "djpq" / safe / f"{uuid.uuid4().hex}.safetensors"
 
 
-def _run_sampled(evaluator: "Evaluator", job: TrialJob) -> Scored:
+def _run_sampled(evaluator: Evaluator, job: TrialJob) -> Scored:
     from autoprune.policy import Policy
 
     metrics, layers = evaluator.evaluate(Policy.from_dict(job.policy or {}))
     return metrics, layers, {}
 
 
-def _run_learned(evaluator: "Evaluator", job: TrialJob) -> Scored:
+def _run_learned(evaluator: Evaluator, job: TrialJob) -> Scored:
     from autoprune.djpq import DJPQConfig, learn_policy, learn_two_stage
     from autoprune.policy import Policy
-    from autoprune.search.evaluate import TrialFailed
 
     learn = learn_policy if job.strategy == "djpq" else learn_two_stage
     start = time.perf_counter()
@@ -82,14 +80,15 @@ def _run_learned(evaluator: "Evaluator", job: TrialJob) -> Scored:
     return metrics, {name: lp.model_dump() for name, lp in policy.layers.items()}, fields
 
 
-STRATEGIES: dict[str, Callable[["Evaluator", TrialJob], Scored]] = {
+STRATEGIES: dict[str, Callable[[Evaluator, TrialJob], Scored]] = {
     "sampled": _run_sampled,
     "djpq": _run_learned,
     "two_stage": _run_learned,
 }
 
 
-def run_job(evaluator: "Evaluator", job: TrialJob) -> Scored:
+def run_job(evaluator: Evaluator, job: TrialJob) -> Scored:
+    """One trial's job by its strategy: metrics, layers and the record fields it learned."""
     return STRATEGIES[job.strategy](evaluator, job)
 
 

@@ -1,7 +1,7 @@
 """An exported ONNX file as an MLflow model of its trial's run, and in the Model Registry.
 
-Plain arguments only (a tracking URI, a run id, a file, tags): the tracker and export call them with what
-they have. The registry works on any store MLflow's registry supports, the default SQLite file
+Plain arguments only (a tracking URI, a run id, a verified file, its example input and output, tags): export
+builds and checks the ONNX file and hands it here; nothing here builds or runs a model. The registry works on any store MLflow's registry supports, the default SQLite file
 included. mlflow's fluent API holds the tracking URI globally: each call sets it for its own duration only.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from autoprune.deploy.deps import require
+from autoprune.deps import require
 
 ARTIFACT_NAME = "onnx_model"
 TAG_PREFIX = "autoprune."
@@ -59,20 +59,17 @@ def trial_run_id(*, tracking_uri: str, parent_run_id: str | None, trial: int) ->
 
 
 def log_onnx_model(
-    *, tracking_uri: str, run_id: str, onnx_path: str | Path, input_example: np.ndarray, name: str = ARTIFACT_NAME,
-    tags: Mapping[str, str] | None = None,
+    *, tracking_uri: str, run_id: str, onnx_path: str | Path, input_example: np.ndarray, output_example: np.ndarray,
+    name: str = ARTIFACT_NAME, tags: Mapping[str, str] | None = None,
 ) -> str:
     """Log the file in the run as an MLflow model (onnx flavour) with the example and its signature; its URI.
 
-    The signature is inferred from the example and onnxruntime's output on it, so it names the real
-    input and output shapes (batch dimension free).
+    The signature is inferred from the example and the model's output on it (the caller ran the file), so it
+    names the real input and output shapes (batch dimension free).
     """
     onnx = require("onnx")
-    from autoprune.deploy.verify import onnx_session
-
-    session = onnx_session(onnx_path)
     example = np.asarray(input_example, dtype=np.float32)
-    output = session.run(None, {session.get_inputs()[0].name: example})[0]
+    output = np.asarray(output_example)
     with _tracking(tracking_uri) as mlflow:
         from mlflow.models import infer_signature
 
