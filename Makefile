@@ -11,7 +11,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # MNIST-1D, where compression has a price (digits stays the fast task of the tests). One torch thread:
 # on two cores shared with anything else, tiny convolutions run many times slower with two.
 run: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/autoprune search --dataset mnist1d --model mnist1d_cnn --trials 60 --confirm 3 --export exports/default
+	OMP_NUM_THREADS=1 $(BIN)/autoprune search --dataset mnist1d --model mnist1d_cnn --trials 60 --finalize --export exports/default
 
 test: $(VENV)/.installed browser postgres
 	$(BIN)/python -m pytest -q -rs

@@ -356,6 +356,10 @@ def search(
     confirm: int = 0,
     fidelity: float | None = None,
     budget_steps: int | None = None,
+    ladder: bool = True,
+    finalize: bool = False,
+    final_steps: int | None = None,
+    final_seeds: int = 1,
     ray: RayOptions | Mapping[str, Any] | None = None,
     export: str | Path | None = None,
     progress: bool = False,
@@ -369,16 +373,22 @@ def search(
     Ray) rebuild a user task from its ``reference``. ``confirm=R`` re-runs each front candidate with R
     fine-tuning seeds after the search and recomputes the front from the means. ``fidelity`` (and
     ``budget_steps``) turn on multi-fidelity trials; ``ray`` holds the Ray executor's options
-    (``RayOptions``). ``export``: a folder the front is exported to at the end. ``progress`` shows the bar;
-    ``quiet=False`` prints the front table (and the export) at the end.
+    (``RayOptions``). ``ladder`` (on by default) fine-tunes a trial only when its post-training result could
+    still reach the front; ``finalize`` trains the candidates that could be on the final front further
+    (``final_steps``, default 1,500, with ``final_seeds`` seeds each), and the front, hypervolume and export
+    then read the final models. ``export``: a folder the front is exported to at the end. ``progress`` shows
+    the bar; ``quiet=False`` prints the predicted and final tables (and the export) at the end.
     """
     from autoprune.search.objectives import ObjectiveSpec
     from autoprune.search.runner import run_search
     from autoprune.search.space import SpaceSpec
 
+    from autoprune.search.ladder import DEFAULT_STEPS
+
     config = search_config(
         study=study, storage=storage, trials=trials, timeout=timeout, sampler=sampler, seed=seed, jobs=jobs, tracking_uri=tracking_uri,
         priors=priors, executor=executor, ray=ray, progress=progress, confirm=confirm, fidelity=fidelity, budget_steps=budget_steps,
+        ladder=ladder, finalize=finalize, final_steps=DEFAULT_STEPS if final_steps is None else final_steps, final_seeds=final_seeds,
     )
     space_spec = _spec("search_spaces", space, SpaceSpec, "space")
     objective_spec = _spec("objectives", objectives, ObjectiveSpec, "objectives")
@@ -401,6 +411,37 @@ def search(
         written = result.export(export)
         if not quiet:
             print(f"exported {len(written.policies)} policies to {export} (report: {written.report})")
+    return result
+
+
+def finalize(
+    study: str, *, storage: str | None = None, steps: int | None = None, seeds: int = 1, select: str = "pareto", out: str | Path | None = None,
+    tracking_uri: str | None = None, task: Task | None = None, progress: bool = False, quiet: bool = True,
+) -> SearchResult:
+    """Final training of a stored study's candidates (rung 3 of the fidelity ladder, ``search.finalize``): those
+    that could be on the final front (``select="pareto"``; ``"front"``: the whole search front; or a bound), each
+    continued from its fine-tuned weights by ``steps`` (default 1,500) more steps of the recipe with ``seeds``
+    seeds; the front is recomputed from the final results, and ``out`` exports the trained weights (with the
+    policy; ONNX too when the deploy extra is installed). ``task``: the study's task, when this process holds it."""
+    from autoprune.files import check_writable
+    from autoprune.search.ladder import DEFAULT_STEPS
+    from autoprune.search.runner import run_finalize
+
+    if out is not None:
+        check_writable("out", out)
+    ctx = run_finalize(
+        study_name=study, storage=storage, tracking_uri=tracking_uri, steps=DEFAULT_STEPS if steps is None else steps, seeds=seeds, select=select,
+        progress=progress, task=task,
+    )
+    result = SearchResult(ctx.study, context=ctx, tracking_uri=tracking_uri)
+    if not quiet:
+        from autoprune.search.report import print_front
+
+        print_front(result.rows())
+    if out is not None:
+        written = result.export(out)
+        if not quiet:
+            print(f"exported {len(written.policies)} final models to {out} (report: {written.report})")
     return result
 
 
@@ -512,5 +553,5 @@ def ui(*, port: int = 5000, tracking_uri: str | None = None) -> int:
 
 __all__ = [
     "TaskArgs", "WorkerArgs", "FrontPoint", "SearchResult", "Signals",
-    "search", "search_config", "apply", "cost", "export", "pareto", "load", "signals", "worker", "worker_process", "ui", "task_of",
+    "search", "search_config", "finalize", "apply", "cost", "export", "pareto", "load", "signals", "worker", "worker_process", "ui", "task_of",
 ]

@@ -188,7 +188,18 @@ def cmd_search(args: argparse.Namespace) -> int:
         storage=args.storage, tracking_uri=args.tracking_uri, sampler=args.sampler, executor=args.executor,
         priors=() if args.no_priors else args.priors, seed=args.seed, jobs=args.jobs, timeout=args.timeout, confirm=args.confirm,
         fidelity=args.fidelity, budget_steps=args.budget_steps, export=args.export, progress=args.progress, quiet=False,
+        ladder=not args.no_ladder, finalize=args.finalize, final_steps=args.final_steps, final_seeds=args.final_seeds,
         ray={"address": args.address, "workers": args.workers, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, "retries": args.retries},
+    )
+    return 0
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    import autoprune.api as api
+
+    api.finalize(
+        args.study, storage=args.storage, steps=args.steps, seeds=args.seeds, select=args.select, out=args.out, tracking_uri=args.tracking_uri,
+        progress=not args.quiet, quiet=False,
     )
     return 0
 
@@ -294,9 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=NATURAL_FLOAT, default=0.0, help="GPUs of each Ray trial (above 0 the trial runs on cuda)")
     p.add_argument("--retries", type=NATURAL_INT, default=0, help="Ray retries of a trial whose worker died")
     p.add_argument("--confirm", type=NATURAL_INT, default=0, help="re-run each front candidate with this many fine-tuning seeds; the front is recomputed from the means")
+    p.add_argument("--no-ladder", action="store_true", help="fine-tune every trial (by default a trial is fine-tuned only when its post-training result could still reach the front)")
+    p.add_argument("--finalize", action="store_true", help="after the search, train the candidates that could be on the final front further: the front and the export read the final models")
+    p.add_argument("--final-steps", type=POSITIVE_INT, default=None, help="steps of final training (default 1500)")
+    p.add_argument("--final-seeds", type=POSITIVE_INT, default=1, help="seeds of final training per candidate (mean and 95%% interval reported)")
     p.add_argument("--export", default=None, help="export the front's policies to this folder at the end")
     p.add_argument("--quiet", dest="progress", action="store_false")
     p.set_defaults(handler=cmd_search, flags=p.flags)
+
+    p = sub.add_parser("finalize", help="train a study's candidates that could be on the final front further, and export them")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", default=None)
+    p.add_argument("--select", default="pareto", help='pareto (the candidates that could reach the final front), front (the whole search front), or "bops<=X"')
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="steps of final training (default 1500)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="seeds per candidate (mean and 95%% interval reported; the best-validation seed's model is kept)")
+    p.add_argument("--out", default=None, help="export the final models (weights, policies, ONNX with the deploy extra) to this folder")
+    p.add_argument("--tracking-uri", default=None, help="the search's MLflow tracking URI (default ./mlruns)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_finalize, flags=p.flags)
 
     p = sub.add_parser("worker", help="join an existing study and run trials until its budget is spent")
     p.add_argument("--study", required=True)
@@ -336,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # API fields whose destination is named otherwise
-_ALIASES = {"input_shape": "input", "reference": "task_ref", "task": "task_ref", "study": "study_name", "space": "space_path", "objectives": "objectives_path"}
+_ALIASES = {
+    "input_shape": "input", "reference": "task_ref", "task": "task_ref", "study": "study_name", "space": "space_path", "objectives": "objectives_path",
+    "final_steps": "steps", "final_seeds": "seeds",
+}
 
 
 def flag_of(field: str, flags: dict[str, str]) -> str:

@@ -17,11 +17,19 @@ step sizes and activation ranges are computed before pruning (``quantize_then_pr
 masks are fitted on calibration batches. Either way the model
 ends with BatchNorm statistics re-estimated on unlabeled training data (seed 000 sec. 3) and its
 weights baked to their quantized values, which are what the cost model reads.
+
+The fine-tune follows the policy's recipe (``Policy.distill``, ``warmup``, ``keep_best``): the loss distils
+from the float base model when the task's outputs are class logits, the learning rate warms up then follows
+a cosine, the best-validation checkpoint is kept among ``evaluations`` checks spread over the steps where
+every transform has reached its final form, and the post-training result of the same policy is kept instead
+when it scores better on validation: a policy never comes out worse than its own post-training compression.
+``train_further`` continues a compressed model's training by more steps of the same recipe (final training).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -37,6 +45,7 @@ from autoprune.errors import AutopruneError
 from autoprune.models import check_supported, compressible_layers, input_readers
 from autoprune.files import atomic_path, write_atomic
 from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
+from autoprune.quant.model import ACT_QUANT
 
 
 @dataclass
@@ -51,10 +60,23 @@ class CompressionResult:
     act_bits: dict[str, int] = field(default_factory=dict)
     structured: Any = None
     seconds: float = 0.0
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    """What keep_best chose: ``kept`` ("post_training", "finetuned", "further", "start"), ``step``, and the
+    validation metric of each candidate compared (``post_training``, ``finetuned``)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The task's metric and the cost, when the model was scored (``autoprune.apply(..., score=True)``)."""
     deployed: Any = None
     """The deployed files' measurements (``autoprune.deploy.point.DeployedPoint``), when exported to ONNX."""
+
+    def checksum(self) -> str:
+        """SHA-256 (16 hex digits) of every tensor of the model's state, names and shapes included: what
+        identifies the weights a later rung continues from."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            value = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+            digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def cost_layers(self) -> dict[str, Any]:
         """Each layer as the cost model reads it: its steps and the grid its weight quantizer produced."""
@@ -298,6 +320,15 @@ class _Session:
         if self.feature_masker is not None:
             self.feature_masker.update(step)
 
+    def in_final_form(self) -> bool:
+        """Every transform the policy names is in place and at its final setting (quantizers quantizing,
+        sparsity at its target): only then is the model a candidate for the kept checkpoint."""
+        if not (self.pruned and self.quantized):
+            return False
+        if any(not q.active for q in self.weight_quant.values()) or any(q.current_step < q.delay for q in self.act_quant.values()):
+            return False
+        return all(m is None or m.levels == m.targets for m in (self.weight_masker, self.feature_masker))
+
     def final_weight_sparsity(self) -> None:
         if self.weight_masker is not None:
             self.weight_masker.final()
@@ -353,11 +384,28 @@ class _FloatWeights:
 # --- entry points ---------------------------------------------------------------------------------
 
 
-def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool = False) -> CompressionResult:
+def compress(base_model: nn.Module, policy: Policy, *, task: Any, post_training: CompressionResult | None = None) -> CompressionResult:
     """A compressed copy of ``base_model`` on the task's device; the base model is left untouched.
 
-    Fine-tuning reads the task's train loader and minimises the task's loss (bf16 autocast if the task asks).
+    Fine-tuning reads the task's train loader and minimises the task's loss, distilled from ``base_model``
+    when the policy and the task allow it (bf16 autocast if the task asks). With ``keep_best`` the policy's
+    post-training result (``post_training`` when the caller already made it) is returned instead when it
+    scores better on validation.
     """
+    if policy.finetune_steps == 0 or not policy.keep_best:
+        return _compress(base_model, policy, task=task)
+    ptq = post_training or _compress(base_model, policy.model_copy(update={"finetune_steps": 0}), task=task)
+    tuned = _compress(base_model, policy, task=task)
+    before, after = task.evaluate(ptq.model, "val"), task.evaluate(tuned.model, "val")
+    chosen = tuned if after >= before else ptq
+    kept = "finetuned" if chosen is tuned else "post_training"
+    chosen.policy = policy
+    chosen.checkpoint = {**tuned.checkpoint, "kept": kept, "post_training": before, "finetuned": after}
+    chosen.seconds = ptq.seconds + tuned.seconds if post_training is None else tuned.seconds
+    return chosen
+
+
+def _compress(base_model: nn.Module, policy: Policy, *, task: Any) -> CompressionResult:
     layers = check_policy(base_model, policy, input_shape=task.input_shape)
     start = time.perf_counter()
     torch.manual_seed(policy.seed)
@@ -366,8 +414,10 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
     session = _Session(model, policy, layers, input_shape=task.input_shape, task=task, device=device)
     total = policy.finetune_steps
     half = total // 2
+    teacher = _teacher(base_model, policy, task)
+    best = _Best(task, evaluations=policy.evaluations, end=total) if policy.keep_best and total > 0 else None
     if policy.workflow == "pfq":
-        _pfq_workflow(session, task)
+        _pfq_workflow(session, task, teacher=teacher, best=best)
     elif total == 0:
         _post_training(session)
     else:
@@ -384,15 +434,65 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, progress: bool
                 arrived = True
             return arrived
 
-        _fine_tune(session, task, steps=range(total), introduce=introduce)
+        _fine_tune(session, task, steps=range(total), introduce=introduce, teacher=teacher, best=best)
+    checkpoint = best.restore(model) if best is not None else {}
     steps = session.finish(keep_ranges=total == 0 and policy.order == "quantize_then_prune", fine_tuned=total > 0)
     act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
-    return CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
+    result = CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
+    result.checkpoint = checkpoint
+    return result
 
 
-def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callable[[int], bool] | None = None) -> None:
-    """SGD over ``steps`` (numbered, so delays and sparsity schedules count across phases), cosine learning
-    rate over the phase; ``introduce(step)`` may add transforms before a step and says whether it did."""
+def _teacher(base_model: nn.Module, policy: Policy, task: Any) -> nn.Module | None:
+    """The float base model the fine-tune distils from, on the task's device (a copy where it lives elsewhere)."""
+    if not policy.distill or policy.finetune_steps == 0 or not task.distills:
+        return None
+    teacher = base_model if all(p.device == task.device for p in base_model.parameters()) else copy.deepcopy(base_model).to(task.device)
+    return teacher.eval()
+
+
+class _Best:
+    """The best-validation checkpoint of a fine-tune: ``evaluations`` checks spread evenly from the first step
+    where every transform is final to the last step, the last step always among them."""
+
+    def __init__(self, task: Any, *, evaluations: int, end: int) -> None:
+        self.task = task
+        self.evaluations = evaluations
+        self.end = end
+        self.due: set[int] | None = None
+        self.value = -math.inf
+        self.step = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def after_step(self, step: int, model: nn.Module, *, final_form: bool) -> None:
+        if not final_form:
+            return
+        if self.due is None:
+            # from here to the end, evenly: the last step is the last check
+            span = self.end - step
+            self.due = {self.end - 1 - round(i * span / self.evaluations) for i in range(self.evaluations)}
+        if step in self.due:
+            value = self.task.evaluate(model, "val")
+            if value > self.value:
+                self.value, self.step = value, step
+                self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: nn.Module) -> dict[str, Any]:
+        """Load the best checkpoint into ``model`` (the same object, so its hooks and quantizers stay); what was kept."""
+        if self.state is None:
+            return {}
+        model.load_state_dict(self.state)
+        return {"step": self.step, "best_during_finetune": self.value}
+
+
+def _fine_tune(
+    session: _Session, task: Any, *, steps: range, introduce: Callable[[int], bool] | None = None, teacher: nn.Module | None = None,
+    best: _Best | None = None, fixed_masks: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """SGD over ``steps`` (numbered, so delays and sparsity schedules count across phases), the learning rate
+    warming up over the policy's share of the phase then following a cosine; ``introduce(step)`` may add
+    transforms before a step and says whether it did. With ``teacher`` the loss distils from it; ``best``
+    checks the model after each step; ``fixed_masks`` keeps zeros of named layers' weights at zero."""
     from autoprune.task import cycle
 
     policy, model = session.policy, session.model
@@ -401,7 +501,7 @@ def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callabl
     for step in steps:
         if introduce is not None and introduce(step):
             optimizer = None
-        lr = _cosine(policy.finetune_lr, step - steps.start, len(steps))
+        lr = _learning_rate(policy.finetune_lr, step - steps.start, len(steps), warmup=policy.warmup)
         if optimizer is None:
             # Pruning replaces parameters, so the optimizer is rebuilt whenever a transform arrives.
             optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -412,15 +512,19 @@ def _fine_tune(session: _Session, task: Any, *, steps: range, introduce: Callabl
         batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=session.device.type, dtype=torch.bfloat16, enabled=task.bf16):
-            loss = task.loss(model, batch)
+            loss = task.fine_tune_loss(model, batch, teacher=teacher, temperature=policy.distill_temperature, weight=policy.distill_weight)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at fine-tune step {step}")
         loss.backward()
         optimizer.step()
         session.step_hooks(step)
+        if fixed_masks:
+            _apply_masks(model, fixed_masks)
+        if best is not None:
+            best.after_step(step, model, final_form=session.in_final_form())
 
 
-def _pfq_workflow(session: _Session, task: Any) -> None:
+def _pfq_workflow(session: _Session, task: Any, *, teacher: nn.Module | None = None, best: _Best | None = None) -> None:
     """Seed 003 sec. 3.3: (1) PfQ, (2) fine-tune with activations quantized, (3) PfQ again, (4) BN folded into
     the weights, (5) fine-tune with activations and weights quantized, the weights quantized after folding.
     Each fine-tune takes half of ``finetune_steps``; with none, the steps run as post-training compression."""
@@ -428,7 +532,7 @@ def _pfq_workflow(session: _Session, task: Any) -> None:
     half = total // 2
     session.introduce_pruning(at_step=0)
     session.introduce_act_quantization(at_step=0, post_training=total == 0)
-    _fine_tune(session, task, steps=range(half))
+    _fine_tune(session, task, steps=range(half), teacher=teacher)
     session.prune_again()
     session.fold_batchnorm()
     session.attach_weight_quantizers(at_step=half)
@@ -436,11 +540,15 @@ def _pfq_workflow(session: _Session, task: Any) -> None:
         for quantizer in session.weight_quant.values():
             quantizer.freeze()
     session.quantized = True
-    _fine_tune(session, task, steps=range(half, total))
+    _fine_tune(session, task, steps=range(half, total), teacher=teacher, best=best)
 
 
-def _cosine(lr: float, step: int, total: int) -> float:
-    return 0.5 * lr * (1 + math.cos(math.pi * step / max(1, total)))
+def _learning_rate(lr: float, step: int, total: int, *, warmup: float) -> float:
+    """Linear warmup over ``warmup`` x ``total`` steps, then a cosine from ``lr`` down to 0 over the rest."""
+    rise = int(warmup * total)
+    if step < rise:
+        return lr * (step + 1) / rise
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - rise) / max(1, total - rise)))
 
 
 def _post_training(session: _Session) -> None:
@@ -474,6 +582,62 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
     session.attach_weight_quantizers(at_step=0)
     steps = {name: info["delta"] for name, info in bake_weights(model).items()}
     return CompressionResult(model.eval(), policy, layers, steps, session.act_bits(), session.structured)
+
+
+def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any, steps: int, seed: int | None = None) -> CompressionResult:
+    """``steps`` more steps of the policy's recipe on an already compressed model, starting from its weights
+    (final training: the rung above the search's fine-tune continues it instead of starting over).
+
+    The baked weights become the trained ones again under their weight quantizers; activation ranges,
+    fitted feature masks and removed channels stay, and weights an unstructured mask zeroed stay zero.
+    Distillation from ``base_model``, warmup and cosine, the best-validation checkpoint, BN statistics and
+    activation ranges measured again at the end; the result is never worse on validation than ``result``
+    itself, which is returned unchanged (``checkpoint["kept"] == "start"``) when no checkpoint beat it.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AutopruneError("steps", steps, "must be a positive number of training steps")
+    policy = result.policy.model_copy(update={"finetune_steps": steps, **({"seed": seed} if seed is not None else {})})
+    start = time.perf_counter()
+    torch.manual_seed(policy.seed)
+    model = copy.deepcopy(result.model).to(task.device)
+    session = _Session(model, policy, dict(result.layers), input_shape=task.input_shape, task=task, device=task.device)
+    session.structured, session.pruned = result.structured, True
+    layers = compressible_layers(model)
+    session.act_quant = {name: getattr(layer, ACT_QUANT) for name, layer in layers.items() if hasattr(layer, ACT_QUANT)}
+    for quantizer in session.act_quant.values():
+        quantizer.delay = 0  # its range is known already: quantize from the first step
+    masked = {name: layers[name].weight.detach() != 0 for name, lp in result.layers.items() if lp.w_sparsity > 0}
+    session.attach_weight_quantizers(at_step=0)
+    for quantizer in session.weight_quant.values():
+        quantizer.delay = 0
+    session.quantized = True
+    start_value = task.evaluate(result.model, "val")
+    best = _Best(task, evaluations=policy.evaluations, end=steps)
+    best.value = start_value
+    _fine_tune(session, task, steps=range(steps), teacher=_teacher(base_model, policy, task), best=best, fixed_masks=masked)
+    if best.state is None:
+        result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value}
+        return result
+    checkpoint = best.restore(model)
+    weight_steps = session.finish(fine_tuned=True)
+    act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
+    further = CompressionResult(model, policy, dict(result.layers), weight_steps, act_bits, result.structured, time.perf_counter() - start)
+    value = task.evaluate(further.model, "val")
+    if value < start_value:  # BN statistics and ranges measured again can cost what the checkpoint gained
+        result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value, "further": value}
+        return result
+    further.checkpoint = {**checkpoint, "kept": "further", "start": start_value, "further": value}
+    return further
+
+
+def _apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the masked weights again (on the trained tensor under a weight quantizer)."""
+    layers = compressible_layers(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            layer = layers[name]
+            weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+            weight.mul_(mask)
 
 
 # --- saving and loading ---------------------------------------------------------------------------

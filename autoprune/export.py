@@ -26,8 +26,8 @@ from optuna.trial import FrozenTrial
 from autoprune.errors import AutopruneError
 from autoprune.metrics import BY_NAME, front_csv, parse_bound
 from autoprune.policy import Policy
-from autoprune.search.pareto import front_trials, normalised_losses, study_spec_and_base
-from autoprune.search.record import read_confirmations, read_meta, read_trial
+from autoprune.search.pareto import final_front, front_trials, normalised_losses, study_spec_and_base
+from autoprune.search.record import FinalRecord, read_confirmations, read_meta, read_trial
 from autoprune.search.report import front_table, interval
 from autoprune.search.study import SearchContext
 
@@ -103,11 +103,15 @@ def export_study(
             require(package)
         if not replay:
             raise AutopruneError("--format", format, "needs the replay: the ONNX file is the replayed compressed model")
-    chosen = select_trials(study, select)
+    finals = final_front(study, ctx.objectives) if select == "pareto" else []
+    trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
+    chosen = [trials[number] for number, _ in finals] if finals else select_trials(study, select)
+    final_of = dict(finals)
     confirmations = read_confirmations(study)
     meta = read_meta(study)
     name = meta.base.metric if meta and meta.base else "accuracy"
-    evaluator = ctx.ensure_evaluator(progress=False) if replay else None
+    evaluator = ctx.ensure_evaluator(progress=False) if replay or finals else None
+    onnx = format == "onnx" or (bool(finals) and _deploy_installed())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Everything is written to a sibling folder first and swapped in at the end: an interrupted
@@ -133,7 +137,19 @@ def export_study(
             }
             if record.learn is not None:
                 row.update(strategy=record.strategy, **_export_learned(record, staging / "djpq" / f"{stem}.safetensors", evaluator, name))
-            if evaluator is not None:
+            if trial.number in final_of:
+                assert evaluator is not None
+                result, fields = _export_final(final_of[trial.number], staging / "points" / stem, ctx=ctx, evaluator=evaluator, name=name)
+                row.update(fields)
+                if onnx:
+                    from autoprune.deploy.point import deploy_point
+
+                    point = deploy_point(
+                        result, task=ctx.task, base_model=evaluator.base.model,
+                        onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw",
+                    )
+                    row["deploy"] = {**point.model_dump(), "onnx_file": f"points/{stem}/model.onnx", "packed_file": f"points/{stem}/model.apw"}
+            elif evaluator is not None and replay:
                 from autoprune.compress import compress
 
                 replayed = Policy.load(json_path)
@@ -176,7 +192,8 @@ def export_study(
         gaps = [abs(r["confirmed"]["gap"] if "confirmed" in r else r["gap"]) for r in report_rows if "confirmed" in r or "gap" in r]
         report = {
             "study": study.study_name, "select": select, "base": base, "task": meta.task if meta else None,
-            "confirmed": bool(confirmations) and select == "pareto",
+            "rung": "final" if finals else "finetune",
+            "confirmed": bool(confirmations) and select == "pareto" and not finals,
             "mean_abs_gap": sum(gaps) / len(gaps) if gaps else None,
             "exported": report_rows,
         }
@@ -196,6 +213,44 @@ def export_study(
     if format == "onnx":
         _log_models(study, out=out, rows=report_rows, task=ctx.task, register=register, tracking_uri=tracking_uri)
     return Exported(policies, out / "report.json")
+
+
+def _deploy_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(package) is not None for package in ("onnx", "onnxruntime"))
+
+
+def _export_final(final: FinalRecord, folder: Path, *, ctx: SearchContext, evaluator: Any, name: str) -> tuple[Any, dict[str, Any]]:
+    """A finally trained point's model, copied into the export with its policy and loaded back from there:
+    ``reloads_exactly`` says the loaded model scores what final training recorded for it."""
+    from autoprune.compress import load_compressed
+
+    source = Path(final.weights or "")
+    if not source.is_file():
+        raise AutopruneError("final model", str(source), "is gone (the cache was cleared or the study was finalized on another machine): run autoprune finalize again")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, folder / "model.safetensors")
+    shutil.copyfile(source.with_suffix(".policy.json"), folder / "model.policy.json")
+    loaded = load_compressed(folder / "model.safetensors", task=ctx.task)
+    value = ctx.task.evaluate(loaded.model, "val")
+    metrics = evaluator.score(loaded, test=True, val=value)
+    fields = {
+        "rung": "final",
+        "weights_file": f"points/{folder.name}/model.safetensors",
+        "reloads_exactly": value == final.kept[name] and loaded.checksum() == final.checksum,
+        "val_accuracy": metrics[name], "full_val_accuracy": metrics[f"full_val_{name}"], "test_accuracy": metrics[f"test_{name}"],
+        "bops": metrics["bops"], "bops_reduction": metrics["bops_reduction"], "memory_mb": metrics["memory_mb"], "esn_d_prime": metrics["esn_d_prime"],
+        "gap": metrics[name] - metrics[f"test_{name}"],
+        "final": {
+            "steps": final.steps, "seeds": final.seeds, "kept_seed": final.kept_seed,
+            "val_mean": final.mean[name], "val_ci": final.interval.get(name),
+            "test_mean": final.mean[f"test_{name}"], "test_ci": final.interval.get(f"test_{name}"),
+            "full_val_mean": final.mean.get(f"full_val_{name}"),
+            "start_checksum": final.start_checksum, "checksum": final.checksum,
+        },
+    }
+    return loaded, fields
 
 
 def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], task: Any, register: str | None, tracking_uri: str | None) -> None:
@@ -280,7 +335,25 @@ def _markdown(report: dict[str, Any]) -> str:
         "| trial | policy file | val acc (recorded) | val 95% CI | val acc (replayed) | test acc | gap | confirmed val (mean +- sd) | confirmed test | confirmed gap | BOPs reduction | memory (Mb) | replays |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["exported"]:
+    finals = [r for r in report["exported"] if "final" in r]
+    if finals:
+        lines[0] = f"# Finally trained models of study `{report['study']}` (the front after final training)"
+        lines[3:7] = [
+            "Final training continued each candidate's fine-tuned weights; val and test are means over the seeds with their 95% intervals "
+            "(Student t over seeds, or Wilson over the samples with one seed); the model exported is the seed best on validation, "
+            "its own scores beside; reloads: the exported weights loaded back score exactly what final training recorded.",
+            "",
+            "| trial | weights | steps | seeds | val (search) at the proxy rung | final val | val 95% CI | final test | test 95% CI | exported model: val / full val / test | BOPs reduction | memory (Mb) | reloads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in finals:
+            f = r["final"]
+            lines.append(
+                f"| {r['trial']} | {r['weights_file']} | {f['steps']} | {len(f['seeds'])} | {r['recorded_val_accuracy']:.2f} | {f['val_mean']:.2f} | {ci(f['val_ci'])} | "
+                f"{f['test_mean']:.2f} | {ci(f['test_ci'])} | {r['val_accuracy']:.2f} / {r['full_val_accuracy']:.2f} / {r['test_accuracy']:.2f} | "
+                f"{r['bops_reduction']:.1f}x | {r['memory_mb']:.4f} | {r['reloads_exactly']} |"
+            )
+    for r in [r for r in report["exported"] if "final" not in r]:
         gap = f"{r['confirmed']['gap']:+.2f}" if "confirmed" in r else "-"
         lines.append(
             f"| {r['trial']} | {r['policy_file']} | {r['recorded_val_accuracy']:.2f} | {ci(r.get('recorded_val_ci'))} | {r.get('val_accuracy', nan):.2f} | "

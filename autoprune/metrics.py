@@ -98,6 +98,8 @@ class FrontRow:
     layers: Mapping[str, Mapping[str, Any]] | None = None
     # how the trial got its policy (TrialRecord.strategy): sampled, prior, djpq, two_stage
     strategy: str = "sampled"
+    # the rung of the fidelity ladder the metrics come from: post_training, finetune, final
+    rung: str = "finetune"
 
 
 def front_csv(rows: Sequence[FrontRow], objectives: Sequence[str]) -> str:

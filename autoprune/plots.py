@@ -141,6 +141,45 @@ def pareto_png(
     return path
 
 
+def ladder_png(
+    predicted: Sequence[Mapping[str, Any]], proxy: Sequence[Mapping[str, float]], final: Sequence[Mapping[str, float]], path: Path, *,
+    objectives: Sequence[str], cost: str, base: Mapping[str, float] | None = None, title: str = "",
+) -> Path:
+    """The fronts of the fidelity ladder on one plot: the proxy (rung 2, the search's fine-tune) and the final
+    (rung 3) fronts as the first objective against ``cost``, and the predicted front (rung 0, the integer
+    program) as its predicted loss increase against the same cost, on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next(m for m in objectives if m != cost)
+    fig, ax = plt.subplots(figsize=(7.4, 4.8))
+    for rows, style in ((proxy, {"color": "tab:blue", "label": "proxy front (search's fine-tune)"}), (final, {"color": "tab:red", "label": "final front (final training)"})):
+        kept = sorted((r[cost], r[metric]) for r in rows if cost in r and metric in r)
+        if kept:
+            ax.plot(*zip(*kept), "o-", **style)
+    if base and cost in base and metric in base:
+        ax.scatter([base[cost]], [base[metric]], marker="*", s=220, color="black", label="base model")
+    ax.set_xscale("log")
+    ax.set_xlabel(label(cost))
+    ax.set_ylabel(label(metric))
+    ax.grid(True, which="both", alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    points = sorted((float(p["cost"]), float(p["predicted_loss"])) for p in predicted)
+    if points:
+        twin = ax.twinx()
+        line = twin.plot(*zip(*points), "s--", color="tab:green", alpha=0.7, label="predicted front (loss increase, right axis)")
+        twin.set_ylabel("predicted loss increase")
+        handles, names = handles + line, names + [line[0].get_label()]
+    # lower right: high accuracy sits top, low cost left, so that corner holds no point of a front
+    ax.legend(handles, names, loc="lower right", fontsize=8)
+    fig.suptitle(title or "Fronts of the fidelity ladder")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _hover(point: TrialPoint, objectives: Sequence[str]) -> str:
     lines = [f"trial {point.number}" + (f" (prior {point.prior})" if point.prior else "") + (f" ({point.strategy})" if point.strategy in LEARNED_MARKERS else "")]
     lines += [f"{m}: {point.metrics[m]:.6g}" for m in objectives if m in point.metrics]

@@ -12,6 +12,12 @@ Operator settings are typed configs (``autoprune.operators``): ``quantizer`` (we
 and ``pruner`` each take a config, its bare kind or a mapping with a kind. Version 1 files, whose operators
 were bare names beside the flat ``quant_delay`` / ``saturation_quantile`` / ``pfq_eps``, are migrated on read
 (``migrate_v1``) and replay as they did.
+
+The fine-tune follows one recipe (version 3): distillation from the float base model (soft targets at a
+temperature beside the task's loss) when the task's outputs are class logits, a learning rate that warms up
+then follows a cosine, the checkpoint with the best validation metric once every transform has reached its
+final form, and never a model worse on validation than the policy's own post-training result. Version 2
+files, fine-tuned without any of these, are migrated with the recipe off (``migrate_v2``) and replay as they did.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Collection, Iterable, Literal, Mapping, Sequence, TypeVa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from autoprune.bits import FLOAT_BITS
 from autoprune.errors import AutopruneError
 from autoprune.files import write_atomic
 from autoprune.operators import (
@@ -31,12 +38,11 @@ from autoprune.operators import (
     WeightQuantizerConfig, parse_config,
 )
 
-POLICY_VERSION = 2
+POLICY_VERSION = 3
 V1_PFQ_EPS = 1e-6
 """Version 1's default PfQ threshold: a migrated v1 file keeps it so that it replays as it did."""
 Order = Literal["prune_then_quantize", "quantize_then_prune", "joint"]
 ORDERS: tuple[str, ...] = get_args(Order)
-FLOAT_BITS = 32
 DEFAULT_KEY = "_default"
 PATTERN_PREFIX = "re:"
 
@@ -88,19 +94,27 @@ class Policy(_Frozen):
     bn_recalibration: bool = True
     calibration_batches: int = Field(8, ge=1)
     seed: int = 0
+    distill: bool = Field(True, description="distil from the float base model when the task's outputs are class logits (or the task gives its own distillation loss)")
+    distill_temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature T of the soft targets")
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0, description="share of T^2 KL(teacher || student) in the loss; the task's loss has the rest")
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="share of the fine-tune steps the learning rate rises over before its cosine")
+    keep_best: bool = Field(True, description="keep the best-validation checkpoint, or the post-training model when it is better")
+    evaluations: int = Field(4, ge=1, le=1000, description="validation checks of keep_best, spread over the steps where every transform is final")
 
     @model_validator(mode="before")
     @classmethod
     def _migrate(cls, data: Any) -> Any:
         if isinstance(data, Mapping) and data.get("version") == 1:
-            return migrate_v1(data)
+            data = migrate_v1(data)
+        if isinstance(data, Mapping) and data.get("version") == 2:
+            data = migrate_v2(data)
         return data
 
     @field_validator("version")
     @classmethod
     def _known_version(cls, version: int) -> int:
         if version != POLICY_VERSION:
-            raise ValueError(f"must be {POLICY_VERSION} (or 1, migrated on read)")
+            raise ValueError(f"must be {POLICY_VERSION} (or 1 or 2, migrated on read)")
         return version
 
     @field_validator("quantizer", mode="before")
@@ -183,7 +197,6 @@ class Policy(_Frozen):
         return path
 
 
-POW2_BITS = (2, 4, 8, 16, 32)
 
 
 # --- layer keys, shared by policies and search spaces ------------------------------------------------
@@ -225,12 +238,18 @@ def check_layer_keys(keys: Iterable[str], layer_names: Sequence[str], *, field: 
             raise AutopruneError(field, key, f"is not a layer of the model (layers: {listing})")
 
 
+def migrate_v2(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A version 2 policy mapping in version 3's shape: it was fine-tuned without the recipe (no
+    distillation, no warmup, the last step kept), so it replays with the recipe off."""
+    return {"distill": False, "warmup": 0.0, "keep_best": False, **data, "version": 3}
+
+
 def migrate_v1(data: Mapping[str, Any]) -> dict[str, Any]:
     """A version 1 policy mapping in version 2's shape: operator names become configs carrying the flat
     ``quant_delay`` / ``saturation_quantile`` / ``pfq_eps`` that concerned them (a missing ``pfq_eps`` is v1's
     default 1e-6); fields no operator reads are dropped."""
     new = {k: v for k, v in data.items() if k not in ("quant_delay", "saturation_quantile", "pfq_eps")}
-    new["version"] = POLICY_VERSION
+    new["version"] = 2
     delay = data.get("quant_delay", 0)
     quantile = data.get("saturation_quantile", 0.999)
     for field, default in (("quantizer", "midrise"), ("act_quantizer", "clip_uniform")):

@@ -34,6 +34,8 @@ from autoprune.models import build_model, check_supported, default_input_shape
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]
 Loss = Callable[[nn.Module, Any], torch.Tensor]
+DistillLoss = Callable[[nn.Module, nn.Module, Any], torch.Tensor]
+"""``distill_loss(student, teacher, batch)``: a user task's own fine-tuning loss with its float teacher."""
 # The short fine-tune that measures a given model's S/N: few steps, small lr, so the weights barely move.
 SIGNAL_STEPS = 200
 SIGNAL_LR = 1e-3
@@ -118,6 +120,17 @@ def cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
+def distilled_cross_entropy(student: nn.Module, teacher: nn.Module, batch: Any, *, temperature: float, weight: float) -> torch.Tensor:
+    """(1 - weight) x cross-entropy + weight x T^2 KL(teacher || student) on soft targets at temperature T
+    (Hinton et al. 2015): the T^2 keeps the soft term's gradients on the scale of the hard one's."""
+    x, y = batch[0], batch[1]
+    logits = student(x)
+    with torch.no_grad():
+        soft = nn.functional.log_softmax(teacher(x).float() / temperature, dim=-1)
+    kl = nn.functional.kl_div(nn.functional.log_softmax(logits.float() / temperature, dim=-1), soft, reduction="batchmean", log_target=True)
+    return (1 - weight) * nn.functional.cross_entropy(logits, y) + weight * temperature**2 * kl
+
+
 def accuracy(model: nn.Module, data: Dataset | Iterable[Any], *, batch_size: int = 512) -> float:
     """Top-1 accuracy in percent of a dataset (read in batches) or of a loader, on the model's device."""
     model.eval()
@@ -190,6 +203,7 @@ class _UserParts:
     reference: str | None
     signal_steps: int
     signal_lr: float
+    distill_loss: DistillLoss | None = None
     no_signals_reason: str = "signal_steps=0: no S/N fine-tune was asked for, so no S/N prior is enqueued"
     # How another process rebuilds the task when no reference does (``weights_task``'s model, weights, dataset).
     description: dict[str, Any] | None = None
@@ -231,6 +245,7 @@ class Task:
         signal_steps: int = SIGNAL_STEPS,
         signal_lr: float = SIGNAL_LR,
         device: str | torch.device | None = None,
+        distill_loss: DistillLoss | None = None,
     ) -> "Task":
         """A task around a trained model: nothing is trained, the given weights are the base model.
 
@@ -239,6 +254,9 @@ class Task:
         batches already on the task's device. ``reference`` (``package.module:function`` returning this
         task) lets worker processes and Ray nodes rebuild it. ``signal_steps`` fine-tune steps at
         ``signal_lr`` measure the training-time S/N for the priors; 0 records that there are none.
+        Fine-tuning distils from the float model (``Policy.distill``) when the outputs are class logits, which
+        the default loss implies; with a loss of your own, give ``distill_loss(student, teacher, batch)`` to
+        distil, or fine-tuning uses your loss alone.
         """
         if not isinstance(model, nn.Module):
             raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module")
@@ -255,7 +273,9 @@ class Task:
         # A CPU copy: the user's module is never moved or changed, and the cost model reads the copy.
         base = copy.deepcopy(model).cpu().eval()
         check_supported(base)
-        task._user = _UserParts(base, metric or top1_accuracy, loss or cross_entropy, reference, signal_steps, signal_lr)
+        if distill_loss is not None and not callable(distill_loss):
+            raise AutopruneError("distill_loss", type(distill_loss).__name__, "must be a function (student, teacher, batch) -> loss")
+        task._user = _UserParts(base, metric or top1_accuracy, loss or cross_entropy, reference, signal_steps, signal_lr, distill_loss)
         test = val if test is None else test
         shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(example_input, train)
         task.__dict__["splits"] = Splits(train, val, test, None, shape)  # type: ignore[arg-type]
@@ -341,6 +361,21 @@ class Task:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self._user.loss(model, batch) if self._user is not None else cross_entropy(model, batch)
+
+    @property
+    def distills(self) -> bool:
+        """Whether fine-tuning can distil from a teacher: a built-in task or the default loss (class logits),
+        or a user task with its own distillation loss."""
+        return self._user is None or self._user.loss is cross_entropy or self._user.distill_loss is not None
+
+    def fine_tune_loss(self, model: nn.Module, batch: Any, *, teacher: nn.Module | None, temperature: float, weight: float) -> torch.Tensor:
+        """The fine-tuning loss: the task's own, or with ``teacher`` the distillation loss (the user's, else
+        cross-entropy and soft targets of the class logits)."""
+        if teacher is None or not self.distills:
+            return self.loss(model, batch)
+        if self._user is not None and self._user.distill_loss is not None:
+            return self._user.distill_loss(model, teacher, batch)
+        return distilled_cross_entropy(model, teacher, batch, temperature=temperature, weight=weight)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "val", *, full: bool = False) -> float:

@@ -17,7 +17,7 @@ from autoprune.djpq import (
 )
 from autoprune.errors import AutopruneError
 from autoprune.models import ResNetCifar, compressible_layers
-from autoprune.policy import POW2_BITS
+from autoprune.bits import POW2_BITS
 from autoprune.prune import channel_groups
 from autoprune.task import Task, TrainSettings, accuracy, train
 

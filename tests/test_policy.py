@@ -102,7 +102,8 @@ def test_version_1_policy_is_migrated_on_read(tmp_path: Path, suffix: str) -> No
     path = tmp_path / f"v1{suffix}"
     path.write_text(json.dumps(v1) if suffix == ".json" else __import__("yaml").safe_dump(v1))
     policy = Policy.load(path)
-    assert policy.version == 2 and policy.order == "joint" and policy.finetune_steps == 20
+    assert policy.version == 3 and policy.order == "joint" and policy.finetune_steps == 20
+    assert (policy.distill, policy.warmup, policy.keep_best) == (False, 0.0, False)
     assert policy.quantizer == Saturated(delay=7, quantile=0.98)
     assert policy.act_quantizer == DelayedAct(delay=7)
     assert policy.pruner == PfQ(eps=3e-4)
@@ -110,7 +111,17 @@ def test_version_1_policy_is_migrated_on_read(tmp_path: Path, suffix: str) -> No
     # v1 defaults replay as they did: PfQ's old 1e-6 threshold, delay 0, clip-uniform activations.
     old = Policy.from_dict({"version": 1, "pruner": "pfq", "quantizer": "delayed"})
     assert old.pruner == PfQ(eps=1e-6) and old.quantizer.delay == 0 and old.act_quantizer == ClipUniformAct()
-    assert Policy.from_dict(old.to_dict()) == old  # saved again, it is a version 2 file
+    assert Policy.from_dict(old.to_dict()) == old  # saved again, it is a version 3 file
+
+
+def test_version_2_policy_replays_without_the_fine_tune_recipe() -> None:
+    """Version 2 fine-tuned with plain cross-entropy, a cosine from step 0 and the last step kept: migrated
+    with the recipe off, a v2 file replays as it did; a new policy has it on."""
+    v2 = Policy.from_dict({"version": 2, "finetune_steps": 30, "warmup": 0.3})
+    assert v2.version == 3 and (v2.distill, v2.keep_best) == (False, False) and v2.warmup == 0.3
+    assert (Policy().distill, Policy().keep_best, Policy().warmup) == (True, True, 0.1)
+    with pytest.raises(AutopruneError, match="version"):
+        Policy.from_dict({"version": 4})
 
 
 def test_pfq_threshold_defaults_to_the_papers_eps() -> None:

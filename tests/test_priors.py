@@ -55,21 +55,34 @@ def _recording_ctx(monkeypatch: pytest.MonkeyPatch, *, budget: int = 60) -> tupl
     return SimpleNamespace(study=SimpleNamespace(get_trials=lambda deepcopy: []), space=space, budget=budget, fidelity=None), enqueued
 
 
-def test_the_default_enqueues_the_sensitivity_policies_alone(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+def _solved(policies: list[tuple[object, str]]) -> list[object]:
+    from autoprune.search.sensitivity_priors import SolvedPrior
+
+    return [SolvedPrior(policy=policy, tag=tag, budget=float(i + 1), cost=float(i + 1), loss=0.0) for i, (policy, tag) in enumerate(policies)]
+
+
+def _patch_solutions(monkeypatch: pytest.MonkeyPatch, policies: list[tuple[object, str]], uniform: list[tuple[object, str]] = ()) -> None:
+    monkeypatch.setattr(priors, "sensitivity_solutions", lambda ctx, ev: _solved(policies))
+    monkeypatch.setattr(priors, "uniform_solutions", lambda ctx, ev, *, budgets: _solved(list(uniform)))
+
+
+def test_the_default_enqueues_the_sensitivity_policies_then_the_uniform_ones(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     from autoprune.policy import Policy
 
     ctx, enqueued = _recording_ctx(monkeypatch)
     cheap = Policy(layers={"conv1": {"w_bits": 2}})
-    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(cheap, "prior=sensitivity:budget=0"), (Policy(), "prior=sensitivity:budget=1")])
+    uniform = Policy(layers={"_default": {"w_bits": 4, "a_bits": 4}})
+    _patch_solutions(monkeypatch, [(cheap, "prior=sensitivity:budget=0"), (Policy(), "prior=sensitivity:budget=1")], [(uniform, "prior=uniform:keep=1,bits=4")])
     evaluator.task = SimpleNamespace(spec=object())  # a built-in task
-    assert priors.enqueue_priors(ctx, evaluator) == enqueued == ["sensitivity:budget=0", "sensitivity:budget=1"]  # no S/N policy: the bench found it tied random
+    # no S/N policy: the bench found it tied random
+    assert priors.enqueue_priors(ctx, evaluator) == enqueued == ["sensitivity:budget=0", "sensitivity:budget=1", "uniform:keep=1,bits=4"]
 
 
 def test_a_user_task_gets_the_sensitivity_policies_too(evaluator: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     from autoprune.policy import Policy
 
     ctx, enqueued = _recording_ctx(monkeypatch)
-    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(Policy(), "prior=sensitivity:budget=0")])
+    _patch_solutions(monkeypatch, [(Policy(), "prior=sensitivity:budget=0")])
     evaluator.task = SimpleNamespace(spec=None)  # Task.from_model: its table is measured with its own loss
     assert priors.enqueue_priors(ctx, evaluator) == enqueued == ["sensitivity:budget=0"]
 
@@ -82,7 +95,7 @@ def test_a_budget_of_fewer_trials_than_priors_gets_them_spread_over_the_cost_ran
 
     ctx, enqueued = _recording_ctx(monkeypatch, budget=budget)
     eight = [(Policy(finetune_steps=10 + i), f"prior=sensitivity:budget={i}") for i in range(8)]
-    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: eight)
+    _patch_solutions(monkeypatch, eight)
     evaluator.task = SimpleNamespace(spec=object())
     assert priors.enqueue_priors(ctx, evaluator) == enqueued == [f"sensitivity:budget={i}" for i in kept]
 
@@ -96,7 +109,7 @@ def test_a_resumed_study_gets_the_priors_it_has_not_had_spread_over_the_trials_l
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"])
-    monkeypatch.setattr(priors, "sensitivity_policies", lambda ctx, ev: [(Policy(finetune_steps=10 + i), f"prior=sensitivity:budget={i}") for i in range(8)])
+    _patch_solutions(monkeypatch, [(Policy(finetune_steps=10 + i), f"prior=sensitivity:budget={i}") for i in range(8)])
     evaluator.task = SimpleNamespace(spec=object())
     space = SimpleNamespace(params_for=lambda policy: {"finetune_steps": policy.finetune_steps}, spec=SimpleNamespace(narrow_bits_to_prior=None))
     ctx = SimpleNamespace(study=study, space=space, budget=3, fidelity=None)

@@ -89,6 +89,11 @@ class _Scheduled:
         """The sparsity each layer is currently fitted at."""
         return dict(self._levels)
 
+    @property
+    def targets(self) -> dict[str, float]:
+        """The sparsity each layer reaches at the end of the schedule."""
+        return dict(self._targets)
+
     def _refit(self, name: str, level: float) -> None:
         raise NotImplementedError
 

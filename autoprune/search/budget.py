@@ -1,8 +1,8 @@
 """The trial budget: which trials of a study count toward it. Read by every process of the study.
 
-A trial counts when it is running or finished with a result or the policy's own failure; waiting, pruned
-(a multi-fidelity candidate judged on its short run) and interrupted trials (Ctrl-C, a dead process: run
-again on resume) do not.
+A trial counts when it is running or finished with a result or the policy's own failure, or judged on its
+post-training rung alone (the ladder, ``search.ladder``); waiting, pruned by multi-fidelity (whose budget is
+fine-tune steps) and interrupted trials (Ctrl-C, a dead process: run again on resume) do not.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from autoprune.search.record import TrialRecord, read_trial
 def counts_toward_budget(state: TrialState, record: TrialRecord) -> bool:
     if state in (TrialState.COMPLETE, TrialState.RUNNING):
         return True
+    if state == TrialState.PRUNED:
+        return record.rung == "post_training"
     return state == TrialState.FAIL and record.failure is not None and not record.interrupted
 
 

@@ -51,10 +51,11 @@ class Evaluator:
 
         check_policy(self.base.model, policy, input_shape=self.task.input_shape)
 
-    def score(self, result: Any, *, test: bool = False) -> dict[str, float]:
-        """The task's metric (named as the task names it) on the val search subset, and the cost."""
+    def score(self, result: Any, *, test: bool = False, val: float | None = None) -> dict[str, float]:
+        """The task's metric (named as the task names it) on the val search subset (``val`` when the caller has
+        just measured it on that model), and the cost."""
         name = self.task.metric_name
-        acc = self.task.evaluate(result.model, "val")
+        acc = self.task.evaluate(result.model, "val") if val is None else val
         if not math.isfinite(acc):
             raise TrialFailed(f"{name} is {acc}")
         total = result.cost(self.task.input_shape).to_dict()["total"]
@@ -88,14 +89,52 @@ class Evaluator:
 
     def evaluate(self, policy: Policy) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
         """Compress and score; returns the metrics and the per-layer settings actually applied."""
-        from autoprune.compress import compress
-
         start = time.perf_counter()
-        try:
-            result = compress(self.base.model, policy, task=self.task)
-        except FloatingPointError as exc:
-            raise TrialFailed(f"diverged: {exc}") from None
+        result = self._compress(policy)
+        metrics = self.score(result, val=result.checkpoint.get(result.checkpoint.get("kept", ""), None))
+        metrics["trial_seconds"] = time.perf_counter() - start
+        return metrics, _layers(result)
+
+    # --- the fidelity ladder (search.ladder): post-training (rung 1), then the fine-tune (rung 2) ----------
+
+    def post_training(self, policy: Policy) -> tuple[Any, dict[str, float]]:
+        """Rung 1: the policy's post-training compression and its scores."""
+        start = time.perf_counter()
+        result = self._compress(policy.model_copy(update={"finetune_steps": 0}))
         metrics = self.score(result)
         metrics["trial_seconds"] = time.perf_counter() - start
-        layers = {name: lp.model_dump() for name, lp in result.layers.items()}
-        return metrics, layers
+        return result, metrics
+
+    def fine_tuned(self, policy: Policy, *, post_training: tuple[Any, dict[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]:
+        """Rung 2: the policy's fine-tune, kept only where it beats rung 1's model (``compress``'s keep_best).
+        Returns its metrics, its layers, and the record of the ladder: each rung's metrics, the rung reached and
+        the checksum of the weights final training starts from."""
+        ptq, ptq_metrics = post_training
+        start = time.perf_counter()
+        result = self._compress(policy, post_training=ptq)
+        metrics = self.score(result, val=result.checkpoint.get(result.checkpoint.get("kept", ""), None))
+        metrics["trial_seconds"] = ptq_metrics["trial_seconds"] + time.perf_counter() - start
+        rungs = {"post_training": ptq_metrics, "finetune": metrics}
+        return metrics, _layers(result), {"rungs": rungs, "rung": "finetune", "checksum": result.checksum()}
+
+    def climb(self, policy: Policy) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]:
+        """Rung 1 then rung 2, when nothing decides in between whether the candidate climbs (Ray's workers)."""
+        if policy.finetune_steps == 0:
+            result, metrics = self.post_training(policy)
+            return metrics, _layers(result), {"rungs": {"post_training": metrics}, "rung": "post_training", "checksum": result.checksum()}
+        if not policy.keep_best:
+            metrics, layers = self.evaluate(policy)
+            return metrics, layers, {}
+        return self.fine_tuned(policy, post_training=self.post_training(policy))
+
+    def _compress(self, policy: Policy, *, post_training: Any = None) -> Any:
+        from autoprune.compress import compress
+
+        try:
+            return compress(self.base.model, policy, task=self.task, post_training=post_training)
+        except FloatingPointError as exc:
+            raise TrialFailed(f"diverged: {exc}") from None
+
+
+def _layers(result: Any) -> dict[str, dict[str, Any]]:
+    return {name: lp.model_dump() for name, lp in result.layers.items()}

@@ -49,7 +49,7 @@ with multi-fidelity stops when its trials have spent ``budget_steps`` (default: 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     import optuna
 
     from autoprune.policy import Policy
+    from autoprune.search.record import TrialRecord
 
 
 class FidelitySpec(BaseModel):
@@ -115,15 +116,19 @@ def could_reach_front(
     return not any(dominates(np.array(losses(point, directions)), optimistic) for point in front)
 
 
-def promote(study: "optuna.Study", low_metrics: Mapping[str, float], *, metrics: Sequence[str], directions: Sequence[str], spec: FidelitySpec) -> bool:
+def promote(
+    study: "optuna.Study", low_metrics: Mapping[str, float], *, metrics: Sequence[str], directions: Sequence[str], spec: FidelitySpec,
+    low_of: Callable[["TrialRecord"], Mapping[str, float] | None] = lambda record: record.low_metrics,
+) -> bool:
     """Whether a candidate with these low-fidelity metrics gets the full fine-tune: one read of the
-    study's full-fidelity trials gives both the pairs and the front."""
+    study's full-fidelity trials gives both the pairs (each one's ``low_of`` its record beside its metrics)
+    and the front."""
     from autoprune.search.record import read_trial
 
     complete = [(t, read_trial(t)) for t in _complete(study)]
-    paired = [r for _, r in complete if r.low_metrics and r.metrics]
+    paired = [(low, r.metrics) for _, r in complete if (low := low_of(r)) and r.metrics]
     agreements = [
-        agreement([(r.low_metrics[m], r.metrics[m]) for r in paired], direction=d, quantile=spec.quantile, min_pairs=spec.min_pairs)  # type: ignore[index]
+        agreement([(low[m], high[m]) for low, high in paired], direction=d, quantile=spec.quantile, min_pairs=spec.min_pairs)
         for m, d in zip(metrics, directions)
     ]
     # dominated trials cannot change the answer, infeasible ones are on no front

@@ -21,6 +21,7 @@ from autoprune.policy import Policy
 from autoprune.processes import owner_alive, this_process
 from autoprune.search.evaluate import TrialFailed
 from autoprune.search.fidelity import low_fidelity, promote, steps_spent
+from autoprune.search.ladder import climbs
 from autoprune.search.record import TrialRecord, read_trial, write_trial
 from autoprune.search.strategies import TrialJob, run_job
 from autoprune.search.study import GRACE_SECONDS, SearchContext
@@ -142,7 +143,7 @@ def finish(ctx: SearchContext, trial: optuna.Trial, outcome: Outcome) -> FrozenT
         if outcome.low_metrics is not None:
             write_trial(ctx.study, trial, low_metrics=outcome.low_metrics)
         if outcome.fidelity < 1.0:
-            # judged on the short fine-tune alone: PRUNED keeps it off every front (search.fidelity)
+            # judged on a lower rung alone: PRUNED keeps it off every front (search.fidelity, search.ladder)
             write_trial(ctx.study, trial, fidelity=outcome.fidelity)
             frozen = ctx.study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -176,10 +177,12 @@ def run_in_process(ctx: SearchContext, trial: optuna.Trial) -> FrozenTrial | Non
         job = begin(ctx, trial)
         if job is None:
             return None
-        if ctx.fidelity is None or job.strategy != "sampled":
+        if job.strategy != "sampled" or (ctx.fidelity is None and not ctx.ladder):
             outcome = Outcome.of(lambda: run_job(evaluator, job))
-        else:
+        elif ctx.fidelity is not None:
             outcome = evaluate_fidelities(ctx, trial, evaluator, Policy.from_dict(job.policy or {}))
+        else:
+            outcome = evaluate_ladder(ctx, evaluator, Policy.from_dict(job.policy or {}))
         return finish(ctx, trial, outcome)
 
 
@@ -205,6 +208,23 @@ def new_trial(ctx: SearchContext, distributions: dict[str, Any]) -> Iterator[opt
         if any(t.number == trial.number for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
             finish(ctx, trial, Outcome(failure="interrupted: Ctrl-C", interrupted=True))
         raise
+
+
+def evaluate_ladder(ctx: SearchContext, evaluator: Any, policy: Policy) -> Outcome:
+    """Rung 1 (post-training), then rung 2 (the fine-tune) only when the candidate's rung-1 values, predicted
+    up, could still reach the rung-2 front (``search.ladder``); a candidate that stops is told PRUNED."""
+    if policy.finetune_steps == 0 or not policy.keep_best:
+        return Outcome.of(lambda: evaluator.climb(policy))
+    try:
+        post_training = evaluator.post_training(policy)
+    except Exception as exc:  # noqa: BLE001 - one trial's failure is recorded, the study goes on
+        return Outcome(failure=failure_reason(exc))
+    result, metrics = post_training
+    if not climbs(ctx.study, metrics, metrics=ctx.objectives.metrics, directions=ctx.objectives.directions):
+        layers = {name: lp.model_dump() for name, lp in result.layers.items()}
+        record = {"rungs": {"post_training": metrics}, "rung": "post_training", "checksum": result.checksum()}
+        return Outcome(metrics=metrics, layers=layers, record=record, fidelity=0.0)
+    return Outcome.of(lambda: evaluator.fine_tuned(policy, post_training=post_training))
 
 
 def evaluate_fidelities(ctx: SearchContext, trial: optuna.Trial, evaluator: Any, policy: Policy) -> Outcome:
@@ -279,5 +299,6 @@ def awaiting_owner(study: optuna.Study) -> bool:
 
 __all__ = [
     "awaiting_owner", "OWNER", "SKIPPED", "Outcome", "failure_reason", "begin", "finish", "heartbeat", "run_in_process", "new_trial", "evaluate_fidelities",
+    "evaluate_ladder",
     "fail_orphaned_trials",
 ]

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.search.objectives import METRICS, ObjectiveSpec
-from autoprune.search.record import read_meta, read_trial
+from autoprune.search.record import FinalRecord, read_finals, read_meta, read_trial
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -68,6 +68,18 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     ranks = pareto_ranks(study)
     front = [t for t in scored_trials(study) if ranks.get(t.number) == 0]
     return sorted(front, key=lambda t: t.values[0], reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
+
+
+def final_front(study: optuna.Study, objectives: ObjectiveSpec, finals: Mapping[int, FinalRecord] | None = None) -> list[tuple[int, FinalRecord]]:
+    """The front of the finally trained points (``search.finalize``; feasible means), best first objective first."""
+    finals = read_finals(study) if finals is None else finals
+    kept = [(n, f) for n, f in finals.items() if all(v <= 0 for v in objectives.violations(f.mean))]
+    if not kept:
+        return []
+    ranks = nondomination_ranks([objectives.values(f.mean) for _, f in kept], objectives.directions)
+    front = [pair for pair, rank in zip(kept, ranks) if rank == 0]
+    first = objectives.metrics[0]
+    return sorted(front, key=lambda pair: pair[1].mean[first], reverse=objectives.directions[0] == "maximize")
 
 
 COST_DECADES = 4.0

@@ -20,7 +20,12 @@ sensitivity table (measured once, cached with the model), with the choices of th
 the first trials already span the front. Tagged ``prior=sensitivity:budget=<i>``, cheapest first; they are
 enqueued before the S/N kinds' policies.
 
-``sensitivity`` is the default: on digits it gave 1.31-1.37x random search's hypervolume at equal wall time
+A fifth kind, ``uniform``, is the baselines a user compares a front against: one keep ratio and one bit-width
+for every layer (W8A8, W4A4, keep 0.5 W4A4, ...), the most expensive of the grid that fits each of the integer
+program's budgets, tagged ``prior=uniform:keep=<k>,bits=<b>``; enqueued after the sensitivity policies, so no
+uniform policy can dominate the front unseen.
+
+``sensitivity`` and ``uniform`` are the default: on digits the sensitivity kind gave 1.31-1.37x random search's hypervolume at equal wall time
 and reached random's final hypervolume in 16-18% of its time, where the S/N bit prior tied random
 (bench/bench_search.py), and on a cold cache it adds 1-2 s (table and 8 solves) to a search on MNIST-1D or
 digits. The table is measured with the task's loss, cross-entropy for a built-in task and a user task's own
@@ -55,9 +60,10 @@ def _a_floor(layer: LayerPolicy, prior: Any, kappa: float) -> LayerPolicy:
 # applied in this order, whatever order a caller names them in
 PRIOR_KINDS: dict[str, Callable[[LayerPolicy, Any, float], LayerPolicy]] = {"snr": _snr, "keep": _keep, "a_floor": _a_floor}
 SENSITIVITY = "sensitivity"
-DEFAULT_PRIORS: tuple[str, ...] = (SENSITIVITY,)
+UNIFORM = "uniform"
+DEFAULT_PRIORS: tuple[str, ...] = (SENSITIVITY, UNIFORM)
 # every name --priors accepts
-KINDS: tuple[str, ...] = (*PRIOR_KINDS, SENSITIVITY)
+KINDS: tuple[str, ...] = (*PRIOR_KINDS, SENSITIVITY, UNIFORM)
 # cost budgets the integer program spreads over the cost range
 SENSITIVITY_BUDGETS = 8
 
@@ -114,9 +120,11 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
         if tag not in had and all(params != seen for seen, _ in queued):
             queued.append((params, tag))
 
-    if SENSITIVITY in kinds:
-        for policy, tag in sensitivity_policies(ctx, evaluator):
-            queue(ctx.space.params_for(policy), tag.removeprefix("prior="))
+    if SENSITIVITY in kinds or UNIFORM in kinds:
+        solutions = sensitivity_solutions(ctx, evaluator)
+        chosen = (solutions if SENSITIVITY in kinds else []) + (uniform_solutions(ctx, evaluator, budgets=[s.cost for s in solutions]) if UNIFORM in kinds else [])
+        for prior in chosen:
+            queue(ctx.space.params_for(prior.policy), prior.tag.removeprefix("prior="))
     policies = prior_policies(evaluator, kinds=kinds)
     if policies and ctx.space.spec.narrow_bits_to_prior is not None and "snr" in kinds:
         meta = read_meta(ctx.study)
@@ -137,17 +145,46 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
 
 
 def sensitivity_policies(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVITY_BUDGETS) -> list[tuple[Policy, str]]:
-    """The integer program's policies over ``budgets`` cost budgets, inside the bound space, with their tags.
-    The template carries the space's fixed policy fields (order, quantizer, fine-tune steps)."""
-    from autoprune.search.sensitivity_priors import sensitivity_priors, space_choices
+    """The integer program's policies over ``budgets`` cost budgets, inside the bound space, with their tags."""
+    return [(prior.policy, prior.tag) for prior in sensitivity_solutions(ctx, evaluator, budgets=budgets)]
+
+
+def uniform_solutions(ctx: Any, evaluator: Any, *, budgets: Sequence[float]) -> list[Any]:
+    """The uniform policies of the bound space placed along ``budgets`` (the integer program's costs)."""
+    from autoprune.search.sensitivity_priors import space_choices, uniform_solutions as place
 
     template = ctx.space.policy(ctx.space.params_for(Policy()))
     metric = next((m for m in ctx.objectives.metrics if m in ("bops", "macs")), "bops")
-    return sensitivity_priors(
-        evaluator.base.model, evaluator.task, space_choices=space_choices(ctx.space), budgets=budgets, objective_metric=metric, template=template
-    )
+    return place(evaluator.base.model, evaluator.task, space_choices=space_choices(ctx.space), budgets=budgets, objective_metric=metric, template=template)
+
+
+def predicted_front(ctx: Any, evaluator: Any) -> list[Any]:
+    """Rung 0 of the fidelity ladder: the integer program's policy per cost budget with its exact cost and its
+    predicted loss increase (``search.ladder.PredictedPoint``), cheapest first."""
+    from autoprune.search.ladder import PredictedPoint
+
+    metric = next((m for m in ctx.objectives.metrics if m in ("bops", "macs")), "bops")
+    layer_names = ctx.space.layer_names
+    return [
+        PredictedPoint(
+            tag=prior.tag.removeprefix("prior="), budget=prior.budget, cost=prior.cost, metric=metric, predicted_loss=prior.loss,
+            policy=prior.policy.to_dict(), summary=prior.policy.summary(layer_names),
+        )
+        for prior in sensitivity_solutions(ctx, evaluator)
+    ]
+
+
+def sensitivity_solutions(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVITY_BUDGETS) -> list[Any]:
+    """The integer program's solutions over ``budgets`` cost budgets (policy, tag, cost, predicted loss), inside
+    the bound space. The template carries the space's fixed policy fields (order, quantizer, fine-tune steps)."""
+    from autoprune.search.sensitivity_priors import sensitivity_solutions as solve, space_choices
+
+    template = ctx.space.policy(ctx.space.params_for(Policy()))
+    metric = next((m for m in ctx.objectives.metrics if m in ("bops", "macs")), "bops")
+    return solve(evaluator.base.model, evaluator.task, space_choices=space_choices(ctx.space), budgets=budgets, objective_metric=metric, template=template)
 
 
 __all__ = [
-    "PRIOR_KINDS", "DEFAULT_PRIORS", "SENSITIVITY", "KINDS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag", "sensitivity_policies",
+    "PRIOR_KINDS", "DEFAULT_PRIORS", "SENSITIVITY", "UNIFORM", "KINDS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag", "sensitivity_policies",
+    "sensitivity_solutions", "uniform_solutions", "predicted_front",
 ]

@@ -58,6 +58,10 @@ class StudyMeta(BaseModel):
     # multi-fidelity trials (search.fidelity.FidelitySpec as a mapping); None: every trial at full fidelity
     fidelity: dict[str, Any] | None = None
     mlflow_parent_run_id: str | None = None
+    # the fidelity ladder (search.ladder): a trial's post-training result decides whether it is fine-tuned
+    ladder: bool = False
+    # rung 0: the integer program's predicted front, one point per cost budget (search.ladder.PredictedPoint)
+    predicted: list[dict[str, Any]] | None = None
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed search must repeat exactly."""
@@ -109,6 +113,11 @@ class TrialRecord(BaseModel):
     metric_interval: dict[str, tuple[float, float]] = Field(default_factory=dict)
     # validation samples the metric was scored on (the interval's n)
     val_samples: int | None = None
+    # the fidelity ladder: each rung's metrics ("post_training", "finetune"), the highest rung the told values
+    # come from, and the checksum of that rung's weights, which final training starts from (search.ladder)
+    rungs: dict[str, dict[str, float]] = Field(default_factory=dict)
+    rung: str | None = None
+    checksum: str | None = None
 
     @property
     def feasible(self) -> bool:
@@ -160,6 +169,38 @@ def enqueue(study: "optuna.Study", params: dict[str, Any], **fields: Any) -> Non
     study.enqueue_trial(params, user_attrs=checked)
 
 
+class FinalRecord(BaseModel):
+    """A candidate's final training (rung 3, ``search.finalize``): the steps it continued its fine-tuned weights
+    by, the seeds it ran with, per metric the mean, sample standard deviation and 95% interval over the
+    seeds, the seed whose model is kept (best on validation) with its own metrics, the checksum of the weights
+    it started from and of the kept model, and the kept model's file."""
+
+    model_config = ConfigDict(extra="ignore")
+    steps: int
+    seeds: list[int]
+    mean: dict[str, float]
+    std: dict[str, float]
+    interval: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    kept_seed: int
+    kept: dict[str, float]
+    start_checksum: str
+    checksum: str
+    weights: str | None = None
+
+
+FINAL_KEY = "autoprune_final"
+
+
+def read_finals(study: "optuna.Study") -> dict[int, FinalRecord]:
+    """Trial number -> its final training, kept in a study attribute (finished trials take no new user attributes)."""
+    raw = study.user_attrs.get(FINAL_KEY) or {}
+    return {int(number): FinalRecord.model_validate(value) for number, value in raw.items()}
+
+
+def write_finals(study: "optuna.Study", finals: dict[int, FinalRecord]) -> None:
+    study.set_user_attr(FINAL_KEY, {str(n): f.model_dump() for n, f in sorted(finals.items())})
+
+
 CONFIRM_KEY = "autoprune_confirmation"
 
 
@@ -175,6 +216,6 @@ def write_confirmations(study: "optuna.Study", confirmations: dict[int, Confirma
 
 
 __all__ = [
-    "StudyMeta", "TrialRecord", "BaseSummary", "Confirmation", "META_KEY", "SAMPLERS", "RECORD_VERSION",
-    "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_trial", "write_trial", "enqueue",
+    "StudyMeta", "TrialRecord", "BaseSummary", "Confirmation", "FinalRecord", "META_KEY", "SAMPLERS", "RECORD_VERSION",
+    "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_finals", "write_finals", "read_trial", "write_trial", "enqueue",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -21,8 +23,12 @@ from autoprune.search.executors import executor_for
 from autoprune.search.lifecycle import OWNER, fail_orphaned_trials
 from autoprune.search.loop import run_trials
 from autoprune.search.objectives import ObjectiveSpec
-from autoprune.search.priors import enqueue_priors
+from autoprune.search.evaluate import Evaluator
+from autoprune.search.ladder import PredictedPoint
+from autoprune.search.priors import SENSITIVITY, UNIFORM, enqueue_priors, predicted_front
 from autoprune.search.progress import Reporter, open_tracker
+from autoprune.search.record import FinalRecord, write_meta
+from autoprune.search.report import final_rows, print_predicted
 from autoprune.search.space import SpaceSpec
 from autoprune.search.study import SearchConfig, SearchContext, context_from_study, load_study, prepare, record_base
 from autoprune.task import Task
@@ -49,10 +55,15 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     # a learned strategy's trials learn their policy: there is no policy to warm-start
     if config.priors and not ctx.space.learned:
         enqueue_priors(ctx, evaluator, kinds=config.priors)
+    predicted = record_predicted(ctx, evaluator) if not ctx.space.learned and {SENSITIVITY, UNIFORM} & set(config.priors) else []
     tracker = open_tracker(ctx, config.tracking_uri)
     signals = evaluator.base.extras.get("signals")
     if signals:
         tracker.log_signals(signals)
+    if predicted:
+        tracker.log_predicted([p.model_dump() for p in predicted], metric=predicted[0].metric)
+        if config.progress:
+            print_predicted(predicted)
     deadline = start + config.timeout if config.timeout else None
     if executor.starts_other_processes:
         tracker.drain()  # the parent run is recorded in the study before any other process looks it up
@@ -61,6 +72,8 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     status = "FAILED"
     try:
         ran = executor.run(ctx, config, deadline=deadline)
+        if config.finalize:
+            finalize_trials(ctx, tracker, steps=config.final_steps, seeds=config.final_seeds, select=config.final_select, progress=config.progress)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -70,6 +83,68 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     if config.confirm:
         confirm_front(ctx, evaluator, repeats=config.confirm)
     return SearchOutcome(ctx.study, ran, time.monotonic() - start, ctx)
+
+
+def record_predicted(ctx: SearchContext, evaluator: Evaluator) -> list[PredictedPoint]:
+    """Rung 0 (``search.ladder``): the predicted front, measured and solved once per base model and space (the
+    cache keeps it), kept in the study's record the first time."""
+    meta = ctx.meta
+    if meta.predicted is not None:
+        return [PredictedPoint.model_validate(point) for point in meta.predicted]
+    points = predicted_front(ctx, evaluator)
+    write_meta(ctx.study, meta.model_copy(update={"predicted": [p.model_dump() for p in points]}))
+    return points
+
+
+def final_folder(study_name: str) -> Path:
+    """Where a study's final models are kept until export copies them (under the cache root)."""
+    from autoprune.files import cache_root
+
+    return cache_root() / "final" / "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name)
+
+
+def finalize_trials(ctx: SearchContext, tracker: Any, *, steps: int, seeds: int, select: str, progress: bool) -> dict[int, FinalRecord]:
+    """Rung 3 of the study's candidates (``search.finalize``), each final model logged in its trial's MLflow run,
+    then the predicted, proxy and final fronts on one plot in the parent run."""
+    from autoprune.search.finalize import finalize_study
+    from autoprune.search.pareto import final_front
+    from autoprune.search.report import proxy_table
+    from autoprune.task import batch_inputs
+
+    example = batch_inputs(next(iter(ctx.task.loader("val", batch_size=4))))[:4].detach().cpu().float().numpy()
+
+    def log(number: int, final: FinalRecord, model: Any) -> None:
+        tracker.log_final(number, metrics={**final.mean, "seeds": float(len(final.seeds)), "steps": float(final.steps)}, model=model, example=example, files=[Path(final.weights)] if final.weights else [])
+
+    finals = finalize_study(ctx, steps=steps, seeds=seeds, select=select, folder=final_folder(ctx.study.study_name), progress=progress, on_final=log)
+    front = final_front(ctx.study, ctx.objectives, finals)
+    tracker.log_ladder(
+        predicted=ctx.meta.predicted or [], proxy=proxy_table(ctx.study), final=final_rows(ctx.study, front),
+        metric=next((m for m in ctx.objectives.metrics if m in ("bops", "macs")), "bops"),
+    )
+    return finals
+
+
+def run_finalize(
+    *, study_name: str, storage: str | None, tracking_uri: str | None, steps: int, seeds: int, select: str, progress: bool, task: Task | None = None,
+) -> SearchContext:
+    """Final training of a stored study's candidates (``autoprune finalize``), logged in its MLflow runs."""
+    from autoprune.search.ladder import check_final
+
+    check_final(steps=steps, seeds=seeds, select=select)
+    ctx = context_from_study(load_study(study_name, storage), task=task)
+    ctx.ensure_evaluator(progress=progress)
+    tracker = open_tracker(ctx, tracking_uri)
+    status = "FAILED"
+    try:
+        finalize_trials(ctx, tracker, steps=steps, seeds=seeds, select=select, progress=progress)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status=status)
+    return ctx
 
 
 def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progress: bool, threads: int | None = None, device: str | None = None) -> int:
@@ -104,4 +179,4 @@ def run_worker(*, study_name: str, storage: str, tracking_uri: str | None, progr
     return 0
 
 
-__all__ = ["SearchOutcome", "run_search", "run_worker"]
+__all__ = ["SearchOutcome", "run_search", "run_worker", "run_finalize", "finalize_trials", "final_folder", "record_predicted"]

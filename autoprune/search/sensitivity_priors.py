@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from autoprune.cost import LayerQuant, measure_cost
 from autoprune.models import COMPRESSIBLE, compressible_layers, input_readers
-from autoprune.policy import FLOAT_BITS, Policy, write_atomic
+from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy, write_atomic
 from autoprune.prune.structured import dependency_graph, groups_in_graph
-from autoprune.search.budget_ip import CostModel, LayerChoices, LayerCostModel, Metric, SpaceChoices, solve_budgets
+from autoprune.search.budget_ip import Assignment, CostModel, LayerChoices, LayerCostModel, Metric, SpaceChoices, assignment_cost, solve_budgets
 from autoprune.sensitivity import DEFAULT_METHOD, Method, load_or_measure, table_path
 
 if TYPE_CHECKING:
@@ -82,7 +84,19 @@ def space_choices(space: "SearchSpace") -> SpaceChoices:
     return SpaceChoices(default=LayerChoices(w_bits=(FLOAT_BITS,), a_bits=(FLOAT_BITS,)), layers=layers)
 
 
-def sensitivity_priors(
+class SolvedPrior(BaseModel):
+    """One budget's least-predicted-loss policy with its tag, the budget, its exact cost and its predicted loss
+    increase (rung 0 of the fidelity ladder: ``search.ladder``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    policy: Policy
+    tag: str
+    budget: float
+    cost: float
+    loss: float
+
+
+def sensitivity_solutions(
     base_model: nn.Module,
     task: "Task",
     *,
@@ -92,8 +106,9 @@ def sensitivity_priors(
     method: Method = DEFAULT_METHOD,
     batches: int = 4,
     template: Policy | None = None,
-) -> list[tuple[Policy, str]]:
-    """The least-predicted-loss policy for each of ``budgets`` cost budgets, with its tag, cheapest first.
+) -> list[SolvedPrior]:
+    """The least-predicted-loss policy for each of ``budgets`` cost budgets, cheapest first, with its tag, cost and
+    predicted loss; a policy equal to a cheaper budget's is left out.
 
     Choices come only from ``space_choices``, so every policy is inside the search space; ``template``
     gives the other policy fields (its ``input_bits`` costs the layers reading the network input).
@@ -111,15 +126,71 @@ def sensitivity_priors(
     ).encode()).hexdigest()[:16]
     path = table_path(task, base_model).parent / PRIORS_FILE
     solved = _read_cache(path)
-    if key in solved:
-        return [(Policy.from_dict(policy), tag) for policy, tag in solved[key]]
+    if isinstance(solved.get(key), list) and all(isinstance(entry, dict) for entry in solved[key]):
+        return [SolvedPrior.model_validate(entry) for entry in solved[key]]
     costs = cost_model(base_model, input_shape=task.input_shape, w_bits=w_bits, input_bits=input_bits, metric=objective_metric)
-    priors: list[tuple[Policy, str]] = []
+    priors: list[SolvedPrior] = []
     for index, solution in enumerate(solve_budgets(table, costs, choices=space_choices, budgets=budgets, template=template)):
-        if all(solution.policy != policy for policy, _ in priors):
-            priors.append((solution.policy, TAG.format(index=index)))
-    write_atomic(path, json.dumps({**solved, key: [(policy.to_dict(), tag) for policy, tag in priors]}))
+        if all(solution.policy != prior.policy for prior in priors):
+            priors.append(SolvedPrior(policy=solution.policy, tag=TAG.format(index=index), budget=solution.budget, cost=solution.cost, loss=solution.loss))
+    write_atomic(path, json.dumps({**solved, key: [prior.model_dump(mode="json") for prior in priors]}))
     return priors
+
+
+def sensitivity_priors(base_model: nn.Module, task: "Task", **options: Any) -> list[tuple[Policy, str]]:
+    """``sensitivity_solutions``' policies with their tags, cheapest budget first."""
+    return [(prior.policy, prior.tag) for prior in sensitivity_solutions(base_model, task, **options)]
+
+
+UNIFORM_KEEP = (1.0, 0.75, 0.5, 0.25)
+UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
+UNIFORM_TAG = "prior=uniform:keep={keep:g},bits={bits}"
+
+
+def uniform_solutions(
+    base_model: nn.Module, task: "Task", *, space_choices: SpaceChoices, budgets: Sequence[float], objective_metric: Metric = "bops",
+    template: Policy | None = None,
+) -> list[SolvedPrior]:
+    """Uniform policies (one keep ratio and one bit-width for weights and activations of every layer, as far
+    as each layer's choices allow) placed along ``budgets``: for each budget, the most expensive uniform
+    policy of the grid ``UNIFORM_KEEP`` x ``UNIFORM_BITS`` that fits it. So the first trials hold the
+    baselines a user compares a front against (W8A8, W4A4, keep 0.5 W4A4, ...), at the costs the integer
+    program's policies sit at, and no uniform policy can dominate the front unseen."""
+    w_bits = sorted({b for c in (space_choices.default, *space_choices.layers.values()) for b in c.w_bits})
+    input_bits = template.input_bits if template is not None else Policy().input_bits
+    costs = cost_model(base_model, input_shape=task.input_shape, w_bits=w_bits, input_bits=input_bits, metric=objective_metric)
+    options: list[tuple[float, float, int, Policy]] = []
+    for keep in UNIFORM_KEEP:
+        for bits in UNIFORM_BITS:
+            assignment, policy = _uniform(costs, space_choices, keep=keep, bits=bits, template=template)
+            options.append((assignment_cost(costs, assignment), keep, bits, policy))
+    chosen: list[SolvedPrior] = []
+    for budget in budgets:
+        fitting = [option for option in options if option[0] <= budget * (1 + 1e-9)]
+        if not fitting:
+            continue
+        cost, keep, bits, policy = max(fitting, key=lambda option: (option[0], option[1]))
+        if all(policy != prior.policy for prior in chosen):
+            chosen.append(SolvedPrior(policy=policy, tag=UNIFORM_TAG.format(keep=keep, bits=bits), budget=budget, cost=cost, loss=math.nan))
+    return chosen
+
+
+def _uniform(costs: CostModel, choices: SpaceChoices, *, keep: float, bits: int, template: Policy | None) -> tuple[Assignment, Policy]:
+    """The assignment and policy nearest to one keep ratio and one bit-width inside each layer's choices."""
+    def nearest(options: Sequence[float], target: float) -> Any:
+        return min(options, key=lambda option: (abs(option - target), -option))
+
+    pairs = {name: (nearest(choices.for_layer(name).w_bits, bits), nearest(choices.for_layer(name).a_bits, bits)) for name in costs.layers}
+    keeps = {}
+    for name, layer in costs.layers.items():
+        if layer.out_group is not None and layer.out_group not in keeps:
+            keeps[layer.out_group] = nearest(choices.for_layer(name).keep_ratio, keep)
+    assignment = Assignment(bits=pairs, keep=keeps)
+    layers = {
+        name: LayerPolicy(keep_ratio=keeps.get(costs.layers[name].out_group, 1.0) if costs.layers[name].out_group else 1.0, w_bits=w, a_bits=a)
+        for name, (w, a) in pairs.items()
+    }
+    return assignment, (template or Policy()).model_copy(update={"layers": layers})
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

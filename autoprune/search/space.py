@@ -41,7 +41,8 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.operators import OperatorConfig, parse_config
-from autoprune.policy import POW2_BITS, LayerPolicy, Policy, check_layer_keys, layer_key, load_mapping, pattern_error
+from autoprune.bits import POW2_BITS
+from autoprune.policy import LayerPolicy, Policy, check_layer_keys, layer_key, load_mapping, pattern_error
 from autoprune.search.strategies import LEARNED, STRATEGY_NAMES, UNSEARCHED, TrialJob, artifact_path, learned_config
 
 LAYER_FIELDS: dict[str, type] = {"keep_ratio": float, "w_bits": int, "a_bits": int, "w_sparsity": float, "f_sparsity": float}

@@ -1,7 +1,8 @@
 """Strategies: how a trial turns its parameters into a scored model. The space spec names one (``strategy:``);
 every executor runs it through the same lifecycle, so all strategies share one study, front, plots and MLflow.
 
-- ``sampled`` (default): the parameters are a policy; compress it and score (``Evaluator.evaluate``).
+- ``sampled`` (default): the parameters are a policy; compress it and score, post-training then fine-tuned
+  (``Evaluator.climb``; in-process, the fidelity ladder decides between the two: ``search.ladder``).
 - ``djpq`` / ``two_stage``: the parameters are the regularisation strengths of a DJPQ run (seed 002) or of
   its two-stage baseline (sec. 4.2), read from the spec's ``djpq:`` block. The run learns bits and widths;
   the learned DJPQ model is scored as it is (its own non-linear quantizers, the cost model at its learned
@@ -57,8 +58,7 @@ def artifact_path(study_name: str) -> Path:
 def _run_sampled(evaluator: Evaluator, job: TrialJob) -> Scored:
     from autoprune.policy import Policy
 
-    metrics, layers = evaluator.evaluate(Policy.from_dict(job.policy or {}))
-    return metrics, layers, {}
+    return evaluator.climb(Policy.from_dict(job.policy or {}))
 
 
 def _run_learned(evaluator: Evaluator, job: TrialJob) -> Scored:

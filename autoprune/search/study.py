@@ -23,6 +23,7 @@ from autoprune.errors import AutopruneError
 from autoprune.policy import Policy
 from autoprune.search.evaluate import Evaluator
 from autoprune.search.fidelity import FidelitySpec
+from autoprune.search.ladder import DEFAULT_STEPS, check_final
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, write_meta
@@ -83,6 +84,14 @@ class SearchConfig(Validated):
     budget_steps: PositiveInt | None = None
     # fine-tuning seeds each front candidate is re-run with after the search (0: no confirmation stage)
     confirm: NaturalInt = 0
+    # the fidelity ladder (search.ladder): a sampled trial is fine-tuned only when its post-training result could
+    # still reach the front; off (or with multi-fidelity), every trial is fine-tuned
+    ladder: bool = True
+    # final training after the search (search.finalize): the candidates that could be on the final front
+    finalize: bool = False
+    final_steps: PositiveInt = DEFAULT_STEPS
+    final_seeds: Annotated[int, Field(ge=1, le=100)] = 1
+    final_select: str = "pareto"
 
     @field_validator("priors", mode="after")
     @classmethod
@@ -102,6 +111,7 @@ class SearchConfig(Validated):
 
     @model_validator(mode="after")
     def _combinations(self) -> "SearchConfig":
+        check_final(steps=self.final_steps, seeds=self.final_seeds, select=self.final_select)
         if self.budget_steps is not None and self.fidelity is None:
             raise AutopruneError("budget_steps", self.budget_steps, "counts the fine-tune steps of a multi-fidelity search: give fidelity too")
         if self.fidelity is not None and self.executor == "ray":
@@ -194,6 +204,8 @@ class SearchContext:
     fidelity: FidelitySpec | None = None
     # the study's seed (StudyMeta.seed), kept here because every trial's job derives its own from it
     seed: int = 0
+    # the fidelity ladder decides whether a sampled trial climbs from post-training to its fine-tune
+    ladder: bool = False
 
     @property
     def budget_steps(self) -> int | None:
@@ -236,7 +248,7 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
         fidelity = FidelitySpec(fraction=config.fidelity, budget_steps=config.budget_steps or config.trials * steps)
     wanted = StudyMeta(
         task=task.record(), space=space_spec.raw, objectives=objectives.to_dict(), budget=config.trials, sampler=config.sampler, seed=config.seed,
-        fidelity=fidelity.model_dump() if fidelity else None,
+        fidelity=fidelity.model_dump() if fidelity else None, ladder=config.ladder and fidelity is None,
     )
     meta = read_meta(study)
     if meta is None:
@@ -247,12 +259,12 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
         for key, value in wanted.identity().items():
             if _normalised(meta.identity()[key]) != _normalised(value):
                 raise AutopruneError("study", config.study, f"exists with a different {key}; resume it with the same arguments or pick a new --study")
-        if meta.budget != config.trials or meta.fidelity != wanted.fidelity:
-            write_meta(study, meta.model_copy(update={"budget": config.trials, "fidelity": wanted.fidelity}))
+        if meta.budget != config.trials or meta.fidelity != wanted.fidelity or meta.ladder != wanted.ladder:
+            write_meta(study, meta.model_copy(update={"budget": config.trials, "fidelity": wanted.fidelity, "ladder": wanted.ladder}))
         if meta.prior_bits:
             # the same narrowed space as the first run and as every worker (context_from_study)
             bound.narrowed_to(meta.prior_bits)
-    return SearchContext(study, task, bound, objectives, config.trials, fidelity=fidelity, seed=(meta or wanted).seed)
+    return SearchContext(study, task, bound, objectives, config.trials, fidelity=fidelity, seed=(meta or wanted).seed, ladder=wanted.ladder)
 
 
 def _normalised(value: Any) -> Any:
@@ -271,7 +283,7 @@ def context_from_study(study: optuna.Study, *, device: str | None = None, task: 
         space.narrowed_to(meta.prior_bits)
     objectives = ObjectiveSpec.from_dict(meta.objectives)
     fidelity = FidelitySpec.model_validate(meta.fidelity) if meta.fidelity else None
-    return SearchContext(study, task, space, objectives, meta.budget, fidelity=fidelity, seed=meta.seed)
+    return SearchContext(study, task, space, objectives, meta.budget, fidelity=fidelity, seed=meta.seed, ladder=meta.ladder)
 
 
 def record_base(ctx: SearchContext, evaluator: Evaluator) -> None:

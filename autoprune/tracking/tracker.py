@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 import sys
@@ -535,6 +536,56 @@ class Tracker:
             "policy": row.policy,
         }
 
+    # -- the fidelity ladder ---------------------------------------------------------------------------
+    @_guarded
+    def log_predicted(self, points: Sequence[Mapping[str, Any]], *, metric: str) -> None:
+        """Rung 0, the predicted front (one point per cost budget: ``cost``, ``predicted_loss``, ``tag``,
+        ``summary``), in the parent run before any trial: metrics at step = budget index, and a table."""
+        client, parent = self._require_started()
+        if any(name.startswith("predicted.") for name in self._parent_metrics):
+            return
+        now = _ms(None)
+        rows = [
+            row for i, point in enumerate(points)
+            for row in _metric_rows({f"predicted.{metric}": float(point["cost"]), "predicted.loss_increase": float(point["predicted_loss"])}, step=i, timestamp=now)
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            _write_json(folder / "predicted_front.json", list(points))
+            client.log_artifacts(parent, str(folder))
+        self._log(parent, metric_rows=rows)
+
+    @_guarded
+    def log_final(self, number: int, *, metrics: Mapping[str, float], model: Any = None, example: Any = None, files: Sequence[Path] = ()) -> None:
+        """A trial's final training (rung 3) in its run: ``final.*`` metrics, its files, and the kept model as
+        an MLflow model (pytorch flavour) of that run, which ``mlflow.pytorch.load_model`` loads back."""
+        client, _ = self._require_started()
+        child = self._child(number)
+        if child is None:
+            return
+        self._log(child.run_id, metrics={f"final.{k}": float(v) for k, v in metrics.items()})
+        for path in files:
+            client.log_artifact(child.run_id, str(path), artifact_path="final")
+        if model is not None:
+            _log_torch_model(self.tracking_uri, child.run_id, model, example)
+
+    @_guarded
+    def log_ladder(self, *, predicted: Sequence[Mapping[str, Any]], proxy: Sequence[FrontRow], final: Sequence[FrontRow], metric: str) -> None:
+        """The predicted (rung 0), proxy (rung 2) and final (rung 3) fronts on one plot in the parent run."""
+        from autoprune import plots
+
+        client, parent = self._require_started()
+        study = self._study
+        assert study is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            plots.ladder_png(
+                predicted, [dict(r.metrics) for r in proxy], [dict(r.metrics) for r in final], folder / "ladder_fronts.png",
+                objectives=study.metric_names, cost=metric, base=_base_point(study.base), title=f"{self.study_name}: predicted, proxy and final fronts",
+            )
+            _write_json(folder / "final_front.json", [self._front_json(r, study.metric_names) for r in final])
+            client.log_artifacts(parent, str(folder))
+
     # -- the base model -------------------------------------------------------------------------------
     @_guarded
     def log_signals(self, signals: Mapping[str, Any]) -> None:
@@ -571,6 +622,36 @@ class Tracker:
         if latest is not None and (_drawing(latest) != self._drawn_key or not self._drawn_in_full):
             self._draw(latest, in_full=True)
         client.set_terminated(parent, status=status)
+
+
+def _log_torch_model(tracking_uri: str, run_id: str, model: Any, example: Any) -> str:
+    """The model as an MLflow model of the run (pytorch flavour, pickled: loading it needs autoprune), with the
+    signature of the example and the model's output on it; its URI. Requirements are given, not inferred (an
+    inference imports and times every package, about 15 s)."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    signature = None
+    if example is not None:
+        inputs = np.asarray(example, dtype=np.float32)
+        with torch.no_grad():
+            signature = infer_signature(inputs, model(torch.from_numpy(inputs)).numpy())
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    # its warning that pickles run code when loaded, once per model: the model is the user's own, saved by them
+    quiet = logging.getLogger("mlflow.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name="final_model", signature=signature, serialization_format="pickle", pip_requirements=["torch", "autoprune"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+        quiet.setLevel(level)
+    return info.model_uri
 
 
 def _base_metrics(base: Mapping[str, Any]) -> dict[str, float]:
