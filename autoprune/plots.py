@@ -153,7 +153,7 @@ def ladder_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = next(m for m in objectives if m != cost)
+    metric = next((m for m in objectives if m != cost), objectives[0])
     fig, ax = plt.subplots(figsize=(7.4, 4.8))
     for rows, style in ((proxy, {"color": "tab:blue", "label": "proxy front (search's fine-tune)"}), (final, {"color": "tab:red", "label": "final front (final training)"})):
         kept = sorted((r[cost], r[metric]) for r in rows if cost in r and metric in r)

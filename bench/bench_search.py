@@ -1,8 +1,16 @@
-"""Search-quality benchmark (issue 16): five search arms at equal wall time per arm, side by side.
+"""Search-quality benchmark (issues 16 and 22): search arms at equal wall time per arm, side by side.
 
 Arms: random search; TPE; TPE + the S/N bit prior (``--priors snr``); TPE + the sensitivity priors (the
-integer program's policies over K cost budgets); TPE + sensitivity priors + multi-fidelity trials (a quarter
-of the fine-tune first, the full one only for a candidate that could still reach the front).
+integer program's policies over K cost budgets); and the three ways to spend a trial of issue 22, all with the
+default priors (sensitivity and uniform): ``no-ladder`` fine-tunes every trial; ``restart-mf`` is issue 16's
+multi-fidelity (a quarter of the fine-tune first, the full one, started over from the base model, only for a
+candidate that could still reach the front); ``ladder`` (the default) runs the post-training rung first and
+fine-tunes only a candidate whose rung-1 values, predicted up, could still reach the front.
+
+With ``--final-steps N`` every arm's search is then finalized (``autoprune finalize``: the candidates that could
+be on the final front, trained further by N steps of the recipe), and the report adds the final front's
+hypervolume and, over every finalized candidate of every arm, Spearman's rank correlation of the final accuracy
+with the search's fine-tuned accuracy (rung 2) and with the integer program's predicted loss increase (rung 0).
 
 Per dataset and arm, over the seeds, it prints:
 - the final hypervolume (log-scale BOPs, the float base model as the reference point, autoprune.search.pareto);
@@ -57,13 +65,15 @@ REPO = Path(__file__).resolve().parent.parent
 SPACE = REPO / "autoprune/specs/search_spaces/default.yaml"
 OBJECTIVES = REPO / "autoprune/specs/objectives/accuracy_bops.yaml"
 DATASETS = {"digits": TaskSpec(), "mnist1d": TaskSpec(dataset="mnist1d", model="mnist1d_cnn")}
-# name -> (sampler, priors, fidelity)
-ARMS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
-    "random": ("random", (), None),
-    "tpe": ("tpe", (), None),
-    "tpe+snr": ("tpe", ("snr",), None),
-    "tpe+sens": ("tpe", ("sensitivity",), None),
-    "tpe+sens+mf": ("tpe", ("sensitivity",), 0.25),
+# name -> (sampler, priors, fidelity, ladder)
+ARMS: dict[str, tuple[str, tuple[str, ...], float | None, bool]] = {
+    "random": ("random", (), None, False),
+    "tpe": ("tpe", (), None, False),
+    "tpe+snr": ("tpe", ("snr",), None, False),
+    "tpe+sens": ("tpe", ("sensitivity",), None, False),
+    "no-ladder": ("tpe", ("sensitivity", "uniform"), None, False),
+    "restart-mf": ("tpe", ("sensitivity", "uniform"), 0.25, False),
+    "ladder": ("tpe", ("sensitivity", "uniform"), None, True),
 }
 # more trials than any arm runs in the time: the wall-time budget is what binds
 UNBOUNDED_TRIALS = 100_000
@@ -141,6 +151,15 @@ class NoTracker:
     def log_signals(self, signals: Mapping[str, Any]) -> None:
         pass
 
+    def log_predicted(self, points: Any, *, metric: str) -> None:
+        pass
+
+    def log_final(self, number: int, **kwargs: Any) -> None:
+        pass
+
+    def log_ladder(self, **kwargs: Any) -> None:
+        pass
+
     def log_trial(self, event: Any, *, rank: int | None = None) -> None:
         pass
 
@@ -168,13 +187,13 @@ def without_tracking() -> None:
 def search(job: Job) -> Finished:
     """Run one arm's search for ``job.seconds`` in this process."""
     spec = DATASETS[job.dataset]
-    sampler, priors, fidelity = ARMS[job.arm]
+    sampler, priors, fidelity, ladder = ARMS[job.arm]
     name = f"{spec.dataset}-{job.arm}-{job.seed}"
     storage = f"sqlite:///{job.workdir / f'{name}.db'}"
     config = search_config(
         task=spec, space_path=job.space, objectives_path=OBJECTIVES, study=name, storage=storage,
         trials=UNBOUNDED_TRIALS, timeout=job.seconds, sampler=sampler, seed=job.seed,
-        tracking_uri=tracking_uri(job.workdir) if job.tracking else None, priors=priors, fidelity=fidelity, progress=False,
+        tracking_uri=tracking_uri(job.workdir) if job.tracking else None, priors=priors, fidelity=fidelity, ladder=ladder, progress=False,
     )
     start = dt.datetime.now()
     clock = time.perf_counter()
@@ -248,11 +267,49 @@ def best_reduction_on_test(spec: TaskSpec, runs: list[Run]) -> tuple[float, floa
     return None
 
 
-def report(dataset: str, runs: list[Run], seconds: float, *, jobs: int) -> None:
+def finalized(spec: TaskSpec, runs: list[Run], *, steps: int, workdir: Path) -> tuple[dict[str, list[float]], list[tuple[float, float, float]]]:
+    """Finalize every run's study (the candidates that could be on the final front, ``steps`` more steps);
+    per arm the final fronts' hypervolumes, and over every finalized candidate (rung-2 accuracy, predicted loss
+    increase, final accuracy)."""
+    from autoprune.search import pareto
+    from autoprune.search.finalize import finalize_study
+    from autoprune.search.study import context_from_study
+    from autoprune.search.report import final_rows
+    from autoprune.sensitivity import load_or_measure
+
+    task = Task(spec)
+    hvs: dict[str, list[float]] = {}
+    pairs: list[tuple[float, float, float]] = []
+    for run in runs:
+        ctx = context_from_study(run.study, task=task)  # type: ignore[arg-type]
+        finals = finalize_study(ctx, steps=steps, folder=workdir / "final" / run.study.study_name)  # type: ignore[attr-defined]
+        front = pareto.final_front(ctx.study, ctx.objectives, finals)
+        meta = ctx.meta
+        spec_ = pareto.ObjectiveSpec.from_dict(meta.objectives)
+        points = [pareto.normalised_losses(row.metrics, spec_, meta.base.reference()) for row in final_rows(ctx.study, front)]  # type: ignore[union-attr]
+        hvs.setdefault(run.arm, []).append(pareto.hypervolume_of(points))
+        table = load_or_measure(ctx.ensure_evaluator(progress=False).base.model, ctx.task)
+        trials = {t.number: read_trial(t) for t in ctx.study.get_trials(deepcopy=False)}
+        for number, final in finals.items():
+            record = trials[number]
+            pairs.append(((record.metrics or {})["accuracy"], predicted_loss(table, ctx, Policy.from_dict(record.policy or {})), final.mean["accuracy"]))
+    return hvs, pairs
+
+
+def predicted_loss(table: Any, ctx: Any, policy: Policy) -> float:
+    """The integer program's additive loss increase of a policy (rung 0's prediction of any candidate)."""
+    from autoprune.search.budget_ip import Assignment, assignment_loss
+
+    layers = policy.resolve(ctx.space.layer_names)
+    keep = {group.name: layers[group.name].keep_ratio for group in ctx.space.groups if layers[group.name].keep_ratio < 1.0}
+    return assignment_loss(table, Assignment(bits={n: (lp.w_bits, lp.a_bits) for n, lp in layers.items()}, keep=keep))
+
+
+def report(dataset: str, runs: list[Run], seconds: float, *, jobs: int, final: tuple[dict[str, list[float]], list[tuple[float, float, float]]] | None = None) -> None:
     spec = DATASETS[dataset]
     random_final = {r.seed: hypervolume(r.study) for r in runs if r.arm == "random"}  # type: ignore[arg-type]
     print(f"\n{dataset} ({spec.model}), {seconds:.0f} s per arm, seeds {sorted(random_final)}, {jobs} search(es) at a time")
-    header = f"{'arm':<12} {'HV mean':>8} {'xrandom':>8} {'t95% s':>8} {'t100% s':>8} {'reach':>6} {'trials/min':>10} {'cand/min':>9} {'BOPs red. @<=1.5 test':>22}"
+    header = f"{'arm':<12} {'HV mean':>8} {'xrandom':>8} {'t95% s':>8} {'t100% s':>8} {'reach':>6} {'trials/min':>10} {'cand/min':>9} {'BOPs red. @<=1.5 test':>22} {'final HV':>9}"
     print(header)
     print("-" * len(header))
     for arm in ARMS:
@@ -270,13 +327,23 @@ def report(dataset: str, runs: list[Run], seconds: float, *, jobs: int) -> None:
         candidates = sum(r.candidates() for r in mine) / minutes
         best = best_reduction_on_test(spec, mine)
         best_text = f"{best[0]:.1f}x ({best[1]:+.2f} pts)" if best else "none"
+        final_hv = statistics.mean(final[0][arm]) if final and final[0].get(arm) else None
         print(
             f"{arm:<12} {hv:>8.4f} {fmt(ratio, '.3f'):>8} {fmt(statistics.mean([t for t in t95 if t is not None]) if any(t is not None for t in t95) else None):>8}"
-            f" {fmt(statistics.mean(reached) if reached else None):>8} {f'{len(reached)}/{len(t100)}':>6} {trials:>10.1f} {candidates:>9.1f} {best_text:>22}",
+            f" {fmt(statistics.mean(reached) if reached else None):>8} {f'{len(reached)}/{len(t100)}':>6} {trials:>10.1f} {candidates:>9.1f} {best_text:>22} {fmt(final_hv, '.4f'):>9}",
             flush=True,
         )
     print("t95%/t100%: mean wall seconds (over the seeds that got there) to 95% / 100% of random's final hypervolume of the same seed;")
     print("reach: seeds that reached 100%. Random reaches its own final value at its last front change, not at the budget's end.")
+    print("cand/min: candidates judged (fine-tuned, or stopped at a lower rung) per minute; final HV: the hypervolume of the front after final training.")
+    if final and final[1]:
+        from autoprune.search.finalize import spearman
+
+        short, predicted, last = zip(*final[1])
+        print(
+            f"over {len(last)} finalized candidates: Spearman(fine-tuned accuracy, final accuracy) {spearman(list(short), list(last)):+.3f}; "
+            f"Spearman(-predicted loss increase, final accuracy) {spearman([-p for p in predicted], list(last)):+.3f}"
+        )
 
 
 def main() -> None:
@@ -288,6 +355,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps of the default space (150 unless given)")
     parser.add_argument("--jobs", type=int, default=1, help="searches at a time, each in its own process on one core (default 1: one after another here)")
     parser.add_argument("--no-tracking", action="store_true", help="no MLflow: every search's tracker does nothing")
+    parser.add_argument("--final-steps", type=int, default=None, help="finalize every arm's search with this many steps of final training (default: none)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     if not 1 <= args.jobs <= cores:
@@ -316,7 +384,8 @@ def main() -> None:
                 print(f"  warning: {run.arm} seed {run.seed} imported mlflow despite --no-tracking", flush=True)
         if args.no_tracking and "mlflow" in sys.modules:
             print("warning: this process imported mlflow despite --no-tracking", flush=True)
-        report(dataset, runs, args.budget_seconds, jobs=args.jobs)
+        final = finalized(DATASETS[dataset], runs, steps=args.final_steps, workdir=workdir) if args.final_steps else None
+        report(dataset, runs, args.budget_seconds, jobs=args.jobs, final=final)
 
 
 if __name__ == "__main__":

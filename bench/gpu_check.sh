@@ -16,6 +16,6 @@ echo "== device tests on cuda"
 status=0
 AUTOPRUNE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_task_api.py || status=$?
 
-echo "== trials per minute, ResNet-20 on random 3x32x32 data"
+echo "== trials per minute and final training, ResNet-20 on random 3x32x32 data"
 "$PYTHON" bench/bench_device.py --devices cuda cpu --trials "$TRIALS"
 exit $status

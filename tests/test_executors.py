@@ -22,7 +22,7 @@ from autoprune.search.record import read_trial, write_trial
 
 def prepared(tmp_path: Path, *, trials: int) -> study.SearchContext:
     """A new digits study of ``trials`` trials, without priors."""
-    config = search_config(study="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=trials, priors=False, progress=False)
+    config = search_config(study="s", storage=f"sqlite:///{tmp_path / 's.db'}", trials=trials, priors=False, progress=False, ladder=False)
     return study.prepare(config)
 
 
@@ -85,7 +85,7 @@ def test_a_trial_that_does_not_count_below_the_budget_is_made_up_for_and_no_more
     died = ctx.study.ask()
     write_trial(ctx.study, died, failure="interrupted: process elsewhere:1 died", interrupted=True)
     ctx.study.tell(died, state=TrialState.FAIL)
-    ctx.evaluator = SimpleNamespace(evaluate=lambda policy: ({"accuracy": 90.0, "accuracy_drop": 1.0, "bops": 1e6}, {}))
+    ctx.evaluator = SimpleNamespace(climb=lambda policy: ({"accuracy": 90.0, "accuracy_drop": 1.0, "bops": 1e6}, {}, {}))
     assert loop.run_trials(ctx, deadline=None) == 3
     assert [t.state for t in ctx.study.trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3, "no trial asked only to be skipped"
     assert loop.run_trials(ctx, deadline=None) == 0

@@ -60,7 +60,7 @@ def test_a_new_kind_of_levels_is_costed_and_exported_as_it_was_produced(task: Ta
     exported = export_onnx(result, tmp_path / "model.onnx", input_shape=SHAPE)
     assert exported.layers["0"].w_storage == "int8" and exported.layers["0"].w_bits == bits
     comparison = compare_onnx(result, tmp_path / "model.onnx", loader)
-    assert comparison.top1_agreement == 100.0 and comparison.max_abs_diff < 1e-4
+    assert comparison.top1_agreement == 100.0 and comparison.max_abs_diff < 1e-3
     pack_weights(result, tmp_path / "model.apw", input_shape=SHAPE)
     unpacked = unpack_weights(tmp_path / "model.apw")
     assert all(torch.equal(unpacked[name], layer.weight.detach()) for name, layer in {"0": result.model[0], "3": result.model[3]}.items())

@@ -37,7 +37,8 @@ def planted() -> nn.Module:
 
 
 def policy(**fields: object) -> Policy:
-    defaults = {"finetune_steps": 60, "batch_size": 32, "calibration_batches": 2}
+    # keep_best off: the workflow alone, without the post-training model it would be compared with
+    defaults = {"finetune_steps": 60, "batch_size": 32, "calibration_batches": 2, "keep_best": False}
     return Policy(workflow="pfq", pruner="pfq", layers={"_default": LayerPolicy(w_bits=4, a_bits=4)}, **{**defaults, **fields})
 
 

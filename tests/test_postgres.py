@@ -61,7 +61,7 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path: Path, postg
     # trials of a few seconds: the driver must not spend the budget before both workers have started
     (tmp_path / "space.yaml").write_text(space(800))
     args = [
-        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(BUDGET), "--study", "s", "--no-priors",
+        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(BUDGET), "--study", "s", "--no-priors", "--no-ladder",
         "--storage", postgres_url, "--tracking-uri", tracking_of(tmp_path), "--quiet", "--jobs", "3",
     ]
     driver = autoprune(tmp_path, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -28,7 +28,8 @@ policy:
 
 def search_args(tmp_path: Path, trials: int, *extra: str) -> list[str]:
     return [
-        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s",
+        # every trial fine-tuned (no ladder): the budget is then this many complete trials
+        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-ladder",
         "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
         "--quiet", *extra,
     ]

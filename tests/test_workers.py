@@ -25,7 +25,8 @@ def space(steps: int) -> str:
 def search_args(tmp_path: Path, trials: int, *extra: str, steps: int = 150) -> list[str]:
     (tmp_path / "space.yaml").write_text(space(steps))
     return [
-        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-priors",
+        # every trial fine-tuned (no ladder): the budget is then this many complete trials
+        "search", "--space", str(tmp_path / "space.yaml"), "--trials", str(trials), "--study", "s", "--no-priors", "--no-ladder",
         "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--quiet", *extra,
     ]
 

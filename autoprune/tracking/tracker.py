@@ -549,9 +549,15 @@ class Tracker:
             row for i, point in enumerate(points)
             for row in _metric_rows({f"predicted.{metric}": float(point["cost"]), "predicted.loss_increase": float(point["predicted_loss"])}, step=i, timestamp=now)
         ]
+        from autoprune import plots
+
+        study = self._study
+        assert study is not None
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             _write_json(folder / "predicted_front.json", list(points))
+            # the ladder's plot, its first front only until the search and final training add theirs
+            plots.ladder_png(points, [], [], folder / "ladder_fronts.png", objectives=study.metric_names, cost=metric, title=f"{self.study_name}: predicted front")
             client.log_artifacts(parent, str(folder))
         self._log(parent, metric_rows=rows)
 
