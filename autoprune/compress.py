@@ -61,8 +61,9 @@ class CompressionResult:
     structured: Any = None
     seconds: float = 0.0
     checkpoint: dict[str, Any] = field(default_factory=dict)
-    """What keep_best chose: ``kept`` ("post_training", "finetuned", "further", "start"), ``step``, and the
-    validation metric of each candidate compared (``post_training``, ``finetuned``)."""
+    """What keep_best chose: ``kept`` ("post_training", "finetuned", "further", "start"), ``step``, the
+    validation metric of each candidate compared (``post_training``, ``finetuned``, ``start``, ``further``) and
+    ``val``, the kept model's (the task's metric on the validation search subset)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The task's metric and the cost, when the model was scored (``autoprune.apply(..., score=True)``)."""
     deployed: Any = None
@@ -400,7 +401,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, post_training:
     chosen = tuned if after >= before else ptq
     kept = "finetuned" if chosen is tuned else "post_training"
     chosen.policy = policy
-    chosen.checkpoint = {**tuned.checkpoint, "kept": kept, "post_training": before, "finetuned": after}
+    chosen.checkpoint = {**tuned.checkpoint, "kept": kept, "post_training": before, "finetuned": after, "val": max(before, after)}
     chosen.seconds = ptq.seconds + tuned.seconds if post_training is None else tuned.seconds
     return chosen
 
@@ -616,7 +617,7 @@ def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any
     best.value = start_value
     _fine_tune(session, task, steps=range(steps), teacher=_teacher(base_model, policy, task), best=best, fixed_masks=masked)
     if best.state is None:
-        result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value}
+        result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value, "val": start_value}
         return result
     checkpoint = best.restore(model)
     weight_steps = session.finish(fine_tuned=True)
@@ -624,9 +625,9 @@ def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any
     further = CompressionResult(model, policy, dict(result.layers), weight_steps, act_bits, result.structured, time.perf_counter() - start)
     value = task.evaluate(further.model, "val")
     if value < start_value:  # BN statistics and ranges measured again can cost what the checkpoint gained
-        result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value, "further": value}
+        result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value, "further": value, "val": start_value}
         return result
-    further.checkpoint = {**checkpoint, "kept": "further", "start": start_value, "further": value}
+    further.checkpoint = {**checkpoint, "kept": "further", "start": start_value, "further": value, "val": value}
     return further
 
 

@@ -91,7 +91,7 @@ class Evaluator:
         """Compress and score; returns the metrics and the per-layer settings actually applied."""
         start = time.perf_counter()
         result = self._compress(policy)
-        metrics = self.score(result, val=result.checkpoint.get(result.checkpoint.get("kept", ""), None))
+        metrics = self.score(result, val=result.checkpoint.get("val"))
         metrics["trial_seconds"] = time.perf_counter() - start
         return metrics, _layers(result)
 
@@ -112,7 +112,7 @@ class Evaluator:
         ptq, ptq_metrics = post_training
         start = time.perf_counter()
         result = self._compress(policy, post_training=ptq)
-        metrics = self.score(result, val=result.checkpoint.get(result.checkpoint.get("kept", ""), None))
+        metrics = self.score(result, val=result.checkpoint.get("val"))
         metrics["trial_seconds"] = ptq_metrics["trial_seconds"] + time.perf_counter() - start
         rungs = {"post_training": ptq_metrics, "finetune": metrics}
         return metrics, _layers(result), {"rungs": rungs, "rung": "finetune", "checksum": result.checksum()}

@@ -12,7 +12,8 @@
 A candidate climbs only while its objectives, as predicted from its current rung, could still reach the front
 of the rung above (issue 16's promotion rule, ``fidelity.promote``, per rung): its rung-1 values predict its
 rung-2 values through the line and margin learned from the candidates that climbed (``fidelity.agreement``);
-until three have, every candidate climbs. A candidate that stops at rung 1 is told PRUNED with its rung-1
+until three have, every candidate climbs, and so does every prior (a budget's least-predicted-loss policy, a
+uniform baseline: chosen on purpose, they anchor the front). A candidate that stops at rung 1 is told PRUNED with its rung-1
 metrics (``fidelity = 0``), so no front reads it as a finished one, and it counts toward the trial budget: it
 was judged. The study records every rung's metrics (``TrialRecord.rungs``); the front, hypervolume, plots and
 export read the highest rung reached and say which.

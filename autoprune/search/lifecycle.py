@@ -182,7 +182,9 @@ def run_in_process(ctx: SearchContext, trial: optuna.Trial) -> FrozenTrial | Non
         elif ctx.fidelity is not None:
             outcome = evaluate_fidelities(ctx, trial, evaluator, Policy.from_dict(job.policy or {}))
         else:
-            outcome = evaluate_ladder(ctx, evaluator, Policy.from_dict(job.policy or {}))
+            # a prior was chosen on purpose (a budget's best predicted policy, a uniform baseline): it climbs
+            climb = read_trial(trial).prior is not None
+            outcome = evaluate_ladder(ctx, evaluator, Policy.from_dict(job.policy or {}), climb=climb)
         return finish(ctx, trial, outcome)
 
 
@@ -210,9 +212,10 @@ def new_trial(ctx: SearchContext, distributions: dict[str, Any]) -> Iterator[opt
         raise
 
 
-def evaluate_ladder(ctx: SearchContext, evaluator: Any, policy: Policy) -> Outcome:
+def evaluate_ladder(ctx: SearchContext, evaluator: Any, policy: Policy, *, climb: bool = False) -> Outcome:
     """Rung 1 (post-training), then rung 2 (the fine-tune) only when the candidate's rung-1 values, predicted
-    up, could still reach the rung-2 front (``search.ladder``); a candidate that stops is told PRUNED."""
+    up, could still reach the rung-2 front (``search.ladder``), or ``climb`` says it climbs anyway; a candidate
+    that stops is told PRUNED."""
     if policy.finetune_steps == 0 or not policy.keep_best:
         return Outcome.of(lambda: evaluator.climb(policy))
     try:
@@ -220,7 +223,7 @@ def evaluate_ladder(ctx: SearchContext, evaluator: Any, policy: Policy) -> Outco
     except Exception as exc:  # noqa: BLE001 - one trial's failure is recorded, the study goes on
         return Outcome(failure=failure_reason(exc))
     result, metrics = post_training
-    if not climbs(ctx.study, metrics, metrics=ctx.objectives.metrics, directions=ctx.objectives.directions):
+    if not climb and not climbs(ctx.study, metrics, metrics=ctx.objectives.metrics, directions=ctx.objectives.directions):
         layers = {name: lp.model_dump() for name, lp in result.layers.items()}
         record = {"rungs": {"post_training": metrics}, "rung": "post_training", "checksum": result.checksum()}
         return Outcome(metrics=metrics, layers=layers, record=record, fidelity=0.0)

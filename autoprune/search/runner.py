@@ -73,6 +73,7 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     try:
         ran = executor.run(ctx, config, deadline=deadline)
         if config.finalize:
+            reporter.bar.close()  # the trials are done: final training shows its own bar
             finalize_trials(ctx, tracker, steps=config.final_steps, seeds=config.final_seeds, select=config.final_select, progress=config.progress)
         status = "FINISHED"
     except KeyboardInterrupt:

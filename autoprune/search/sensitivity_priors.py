@@ -142,8 +142,8 @@ def sensitivity_priors(base_model: nn.Module, task: "Task", **options: Any) -> l
     return [(prior.policy, prior.tag) for prior in sensitivity_solutions(base_model, task, **options)]
 
 
-UNIFORM_KEEP = (1.0, 0.75, 0.5, 0.25)
-UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
+UNIFORM_KEEP = (1.0, 0.5, 0.25)
+UNIFORM_BITS = (8, 4, 3)
 UNIFORM_TAG = "prior=uniform:keep={keep:g},bits={bits}"
 
 
@@ -152,10 +152,11 @@ def uniform_solutions(
     template: Policy | None = None,
 ) -> list[SolvedPrior]:
     """Uniform policies (one keep ratio and one bit-width for weights and activations of every layer, as far
-    as each layer's choices allow) placed along ``budgets``: for each budget, the most expensive uniform
-    policy of the grid ``UNIFORM_KEEP`` x ``UNIFORM_BITS`` that fits it. So the first trials hold the
-    baselines a user compares a front against (W8A8, W4A4, keep 0.5 W4A4, ...), at the costs the integer
-    program's policies sit at, and no uniform policy can dominate the front unseen."""
+    as each layer's choices allow): the grid ``UNIFORM_KEEP`` x ``UNIFORM_BITS`` (W8A8, W4A4, W3A3, each at full,
+    half and quarter width), those whose cost lies in the span of ``budgets`` (widened twofold), cheapest first. So the first
+    trials hold the baselines a user compares a front against, along the costs the integer program's policies
+    sit at, and no uniform policy of them can dominate the front unseen (a grid placed by cost alone chose
+    extremes such as W2A2 at full width instead, and missed keep 0.5 W4A4, which then beat the final front)."""
     w_bits = sorted({b for c in (space_choices.default, *space_choices.layers.values()) for b in c.w_bits})
     input_bits = template.input_bits if template is not None else Policy().input_bits
     costs = cost_model(base_model, input_shape=task.input_shape, w_bits=w_bits, input_bits=input_bits, metric=objective_metric)
@@ -164,14 +165,15 @@ def uniform_solutions(
         for bits in UNIFORM_BITS:
             assignment, policy = _uniform(costs, space_choices, keep=keep, bits=bits, template=template)
             options.append((assignment_cost(costs, assignment), keep, bits, policy))
+    if not budgets:
+        return []
+    # the span, widened by a factor of two either way: the dearest budget is the space's dearest mixed policy,
+    # which can cost less than W8A8 everywhere (the layer reading the input pays its input bits, not 8)
+    low, high = min(budgets) / 2, max(budgets) * 2
     chosen: list[SolvedPrior] = []
-    for budget in budgets:
-        fitting = [option for option in options if option[0] <= budget * (1 + 1e-9)]
-        if not fitting:
-            continue
-        cost, keep, bits, policy = max(fitting, key=lambda option: (option[0], option[1]))
-        if all(policy != prior.policy for prior in chosen):
-            chosen.append(SolvedPrior(policy=policy, tag=UNIFORM_TAG.format(keep=keep, bits=bits), budget=budget, cost=cost, loss=math.nan))
+    for cost, keep, bits, policy in sorted(options, key=lambda option: option[0]):
+        if low <= cost <= high and all(policy != prior.policy for prior in chosen):
+            chosen.append(SolvedPrior(policy=policy, tag=UNIFORM_TAG.format(keep=keep, bits=bits), budget=cost, cost=cost, loss=math.nan))
     return chosen
 
 
