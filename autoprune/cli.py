@@ -371,7 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except AutopruneError as exc:
         exc.field = flag_of(exc.field, args.flags)
-        print(f"error: {exc.field}: {exc.value!r} {exc.rule}", file=sys.stderr)
+        print(f"error: {exc.line()}", file=sys.stderr)
+        frame = getattr(exc, "frame", None)  # the user's own code failed (usercode.UserCodeError): where
+        if frame:
+            print(f"  at {frame}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -4,6 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
+# An error is one line a user reads: a value or a rule longer than this is cut (a YAML alias bomb's value
+# once made an error line of 322 MB).
+MAX_VALUE_CHARS = 200
+MAX_RULE_CHARS = 600
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters with the length it had."""
+    flat = " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+    if len(flat) <= limit:
+        return flat
+    return f"{flat[:limit]}... ({len(flat)} characters)"
+
+
+def shown(value: Any) -> str:
+    """How an error line shows a value: its repr, on one line, cut to MAX_VALUE_CHARS."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a user object whose repr fails is still named by its type
+        text = f"<{type(value).__name__}>"
+    return shorten(text, MAX_VALUE_CHARS)
+
 
 class AutopruneError(Exception):
     """Bad input. The CLI prints `error: <message>` on one line and exits with status 2."""
@@ -12,7 +34,15 @@ class AutopruneError(Exception):
         self.field = field
         self.value = value
         self.rule = rule
-        super().__init__(f"{field}: {value!r} {rule}")
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """``field: value rule``, one line whatever the value and the rule hold."""
+        return f"{self.field}: {shown(self.value)} {shorten(str(self.rule), MAX_RULE_CHARS)}"
+
+    def __str__(self) -> str:
+        # the CLI renames the field to its flag after the error was raised
+        return self.line()
 
 
 class UnsupportedLayerError(AutopruneError):

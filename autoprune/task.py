@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import math
 import time
@@ -493,27 +492,14 @@ def _infer_input_shape(example_input: torch.Tensor | None, train: Any) -> tuple[
     return tuple(example_input.shape[1:])
 
 
-def load_reference(reference: str, *, field: str = "--task") -> Any:
-    """The object a ``package.module:attribute`` reference names, imported now."""
-    module_name, sep, attr = reference.partition(":")
-    if not sep or not module_name or not attr:
-        raise AutopruneError(field, reference, "is not of the form package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AutopruneError(field, reference, f"cannot be imported ({exc})") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise AutopruneError(field, reference, f"names nothing: {module_name} has no {attr!r}") from None
+def task_from_reference(reference: str, *, field: str = "--task") -> Task:
+    """Call ``package.module:function`` and check that it returned a Task; the reference is kept for workers.
+    What the function raises is the user's, named by the reference (``usercode.UserCodeError``)."""
+    from autoprune.usercode import call_user, load_reference
 
-
-def task_from_reference(reference: str) -> Task:
-    """Call ``package.module:function`` and check that it returned a Task; the reference is kept for workers."""
-    factory = load_reference(reference)
-    task = factory()
+    task = call_user(field, reference, load_reference(reference, field=field))
     if not isinstance(task, Task):
-        raise AutopruneError("--task", reference, f"returned {type(task).__name__}, not an autoprune.Task")
+        raise AutopruneError(field, reference, f"returned {type(task).__name__}, not an autoprune.Task")
     if task._user is not None and task._user.reference is None:
         task._user.reference = reference
     return task
