@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, FaultError, disk_full
 
 
 class _Parser(argparse.ArgumentParser):
@@ -376,8 +376,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if frame:
             print(f"  at {frame}", file=sys.stderr)
         return 2
+    except FaultError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"error: the disk is full ({reason}): what was written whole is kept; free some space and run the same command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the study keeps every finished trial; run the same command to resume", file=sys.stderr)
         return 130

@@ -45,5 +45,31 @@ class AutopruneError(Exception):
         return self.line()
 
 
+class FaultError(Exception):
+    """Not the input but the machine or a store failed (a full disk, a store that refused a write, a damaged
+    database): the CLI prints `error: <message>` on one line, and what survived, and exits with status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shorten(message, MAX_RULE_CHARS))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an exception, or one it was raised from, says the disk (or the user's quota) is full: an OSError
+    of ENOSPC or EDQUOT, or a database reporting it (SQLite: "database or disk is full")."""
+    import errno
+
+    seen: BaseException | None = exc
+    for _ in range(20):  # a chain is short; a cycle in it must not hang the error path
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen).lower()
+        if "disk is full" in text or "no space left on device" in text or "disk quota exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class UnsupportedLayerError(AutopruneError):
     """A module type that autoprune cannot compress, reported by its module name."""

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 
@@ -36,4 +39,22 @@ def alive(pid: int) -> bool:
         return True
 
 
-__all__ = ["alive", "owner_alive", "this_process"]
+def watch_parent(parent: int, *, every: float = 1.0, grace: float = 30.0) -> threading.Thread:
+    """End this process when ``parent`` ends (a worker of ``search --jobs N`` whose search was killed, even by
+    SIGKILL, which leaves no chance to stop its workers): the main thread gets a KeyboardInterrupt, as from
+    Ctrl-C, so the trial it runs is failed as interrupted and the process exits; one that does not exit
+    within ``grace`` seconds (stuck outside Python) is ended outright."""
+
+    def watch() -> None:
+        while os.getppid() == parent and alive(parent):
+            time.sleep(every)
+        _thread.interrupt_main()
+        time.sleep(grace)
+        os._exit(130)
+
+    thread = threading.Thread(target=watch, name="autoprune-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = ["alive", "owner_alive", "this_process", "watch_parent"]

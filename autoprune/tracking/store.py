@@ -69,6 +69,73 @@ def check_readable(tracking_uri: str | None) -> None:
         raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} does not exist): run a search first, or point it at one")
 
 
+def check_writable_store(tracking_uri: str | None, *, field: str = "--tracking-uri") -> None:
+    """Refuse a SQLite store this process could not write (a read-only file, folder or artifact folder),
+    before the work whose results it would log (an export's ONNX models)."""
+    from autoprune.errors import AutopruneError
+
+    uri, artifacts = resolve_store(tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    given = tracking_uri or uri
+    if db.exists() and not os.access(db, os.W_OK):
+        raise AutopruneError(field, given, f"is read-only ({db} cannot be written): MLflow could not log the models there")
+    for folder in (db.parent, artifacts):
+        existing = folder
+        while existing is not None and not existing.exists():
+            existing = existing.parent if existing.parent != existing else None
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+            raise AutopruneError(field, given, f"is read-only (the folder {existing} cannot be written): MLflow could not log the models there")
+    damage = store_damage(db)
+    if damage:
+        raise AutopruneError(field, given, f"is damaged ({damage}): move it aside (a new one is made) or point --tracking-uri elsewhere")
+
+
+# Above this size the store is checked by its header alone: a full check reads every page.
+FULL_CHECK_BYTES = 64 * 2**20
+
+
+def store_damage(db: Path) -> str | None:
+    """Why the SQLite file ``db`` cannot be an MLflow store (not SQLite, cut short, corrupt), or None when it
+    looks whole or does not exist. A damaged store made every MLflow call fail, one by one, in silence."""
+    if not db.is_file():
+        return None
+    size = db.stat().st_size
+    if size == 0:
+        return None  # SQLite makes an empty file a new database
+    with db.open("rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return "not an SQLite database"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # the header's page count is valid when its change counter matches the one it was written with; with a
+    # write-ahead log beside it, the file may lag the header while a checkpoint runs, and the check below says
+    wal = db.with_name(db.name + "-wal")
+    settled = not (wal.is_file() and wal.stat().st_size > 0)
+    if settled and header[24:28] == header[92:96] and pages * page_size > size:
+        return f"cut short: {size} of {pages * page_size} bytes"
+    if size <= FULL_CHECK_BYTES:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=20)) as connection:
+                row = connection.execute("PRAGMA quick_check(1)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return None  # another process writes it: alive, not damaged
+            return str(exc)
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        if row and row[0] != "ok":
+            return str(row[0])
+    return None
+
+
+class DamagedStore(Exception):
+    """The tracking store exists but cannot be read as one: tracking stops, said in one line, the search goes on."""
+
+
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
@@ -168,6 +235,10 @@ def open_client(tracking_uri: str) -> Any:
 
     quiet_mlflow()
     create_whole(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        damage = store_damage(Path(tracking_uri.removeprefix("sqlite:///")))
+        if damage:
+            raise DamagedStore(f"the MLflow store {tracking_uri} is damaged ({damage})")
     if is_server(tracking_uri):
         # MLflow retries an unreachable server for minutes by default; a search should not wait that long.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -209,4 +280,6 @@ class _RetryOnLock:
         return call
 
 
-__all__ = ["default_tracking_uri", "resolve_store", "check_readable", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]
+__all__ = [
+    "DamagedStore", "check_writable_store", "store_damage", "default_tracking_uri", "resolve_store", "check_readable", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR",
+]
