@@ -21,7 +21,7 @@ from autoprune.search.executors import executor_for
 from autoprune.search.lifecycle import OWNER, fail_orphaned_trials
 from autoprune.search.loop import run_trials
 from autoprune.search.objectives import ObjectiveSpec
-from autoprune.search.priors import enqueue_priors
+from autoprune.search.priors import drop_waiting, enqueue_priors
 from autoprune.search.progress import Reporter, open_tracker
 from autoprune.search.space import SpaceSpec
 from autoprune.search.study import SearchConfig, SearchContext, context_from_study, load_study, prepare, record_base
@@ -61,6 +61,9 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     status = "FAILED"
     try:
         ran = executor.run(ctx, config, deadline=deadline)
+        if deadline is None or time.monotonic() < deadline:
+            # the budget is spent: a queued prior left waiting would sit in the study for good
+            drop_waiting(ctx.study)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
