@@ -52,12 +52,15 @@ class LayerPolicy(_Frozen):
     w_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="unstructured weight sparsity target")
     f_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="input feature sparsity target")
 
-    def summary(self) -> str:
+    def summary(self, *, a_bits: int | None = None) -> str:
+        """``k0.5W4A8``; ``a_bits``: the activation bits applied when they differ from the policy's (the layer
+        reading the network input gets ``input_bits``)."""
+        a_bits = self.a_bits if a_bits is None else a_bits
         parts = []
         if self.keep_ratio < 1.0:
             parts.append(f"k{self.keep_ratio:.2g}")
         parts.append(f"W{self.w_bits if self.w_bits < FLOAT_BITS else 'f'}")
-        parts.append(f"A{self.a_bits if self.a_bits < FLOAT_BITS else 'f'}")
+        parts.append(f"A{a_bits if a_bits < FLOAT_BITS else 'f'}")
         if self.w_sparsity > 0:
             parts.append(f"sw{self.w_sparsity:.2g}")
         if self.f_sparsity > 0:
@@ -146,8 +149,9 @@ class Policy(_Frozen):
         check_layer_keys(self.layers, layer_names, field="policy.layers")
         return {name: self.for_layer(name) for name in layer_names}
 
-    def summary(self, layer_names: list[str] | None = None) -> str:
-        """One line: order and each layer's settings (or each key's, without a model)."""
+    def summary(self, layer_names: list[str] | None = None, *, applied: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """One line: order and each layer's settings (or each key's, without a model). ``applied``: a trial's
+        recorded layers, whose ``a_bits_applied`` shows the bits the layer reading the input really got."""
         head = {"prune_then_quantize": "P>Q", "quantize_then_prune": "Q>P", "joint": "P+Q"}[self.order]
         if self.workflow == "pfq":
             head = "PfQ-workflow"
@@ -155,7 +159,8 @@ class Policy(_Frozen):
             items = [(k, v) for k, v in self.layers.items()]
         else:
             items = list(self.resolve(layer_names).items())
-        body = " ".join(f"{k}:{v.summary()}" for k, v in items)
+        applied = applied or {}
+        body = " ".join(f"{k}:{v.summary(a_bits=applied.get(k, {}).get('a_bits_applied'))}" for k, v in items)
         return f"{head} {body}".strip()
 
     def to_dict(self) -> dict[str, Any]:

@@ -97,5 +97,6 @@ class Evaluator:
             raise TrialFailed(f"diverged: {exc}") from None
         metrics = self.score(result)
         metrics["trial_seconds"] = time.perf_counter() - start
-        layers = {name: lp.model_dump() for name, lp in result.layers.items()}
+        # the activation bits applied, beside the policy's: a layer reading the network input gets the input's
+        layers = {name: {**lp.model_dump(), "a_bits_applied": result.act_bits.get(name, lp.a_bits)} for name, lp in result.layers.items()}
         return metrics, layers
