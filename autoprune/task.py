@@ -241,12 +241,18 @@ class Task:
         """
         if not isinstance(model, nn.Module):
             raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module")
-        if not metric_name.isidentifier() or not metric_name.islower():
+        if not isinstance(metric_name, str) or not metric_name.isidentifier() or not metric_name.islower():
             raise AutopruneError("metric_name", metric_name, "must be a lower-case identifier (it names objectives and constraints)")
-        if signal_steps < 0:
+        if not _is_int(signal_steps) or signal_steps < 0:
             raise AutopruneError("signal_steps", signal_steps, "must be 0 (no priors) or a positive number of steps")
-        if signal_lr <= 0:
-            raise AutopruneError("signal_lr", signal_lr, "must be positive")
+        if not isinstance(signal_lr, (int, float)) or isinstance(signal_lr, bool) or not signal_lr > 0 or not math.isfinite(signal_lr):
+            raise AutopruneError("signal_lr", signal_lr, "must be a positive number")
+        for name, function in (("metric", metric), ("loss", loss)):
+            if function is not None and not callable(function):
+                raise AutopruneError(name, function, f"must be a function ({'metric(model, loader) -> float' if name == 'metric' else 'loss(model, batch) -> Tensor'})")
+        for name, split in (("train", train), ("val", val), ("test", test)):
+            if split is not None:
+                _check_split(name, split)
         task = cls.__new__(cls)
         task.spec = None
         task.metric_name = metric_name
@@ -264,15 +270,52 @@ class Task:
 
     def configure(self, *, device: str | torch.device | None = None, val_samples: int | None = None, bf16: bool = False, num_workers: int = 0) -> "Task":
         """Where and how the task runs; none of it changes results beyond floating-point order."""
-        if val_samples is not None and val_samples < 1:
-            raise AutopruneError("val_samples", val_samples, "must be a positive number of samples (or None for the whole split)")
-        if num_workers < 0:
-            raise AutopruneError("num_workers", num_workers, "must be 0 or more")
-        self.device = resolve_device(device)
+        self.device = device  # type: ignore[assignment] - resolved by the property
         self.val_samples = val_samples
         self.bf16 = bf16
         self.num_workers = num_workers
         return self
+
+    # Settings a user may also assign (``task.val_samples = 200``): checked when set, as configure checks them,
+    # so that a bad one is refused before any work rather than met in the middle of a search.
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @device.setter
+    def device(self, value: str | torch.device | None) -> None:
+        self._device = resolve_device(value)
+
+    @property
+    def val_samples(self) -> int | None:
+        return self._val_samples
+
+    @val_samples.setter
+    def val_samples(self, value: int | None) -> None:
+        if value is not None and (not _is_int(value) or value < 1):
+            raise AutopruneError("val_samples", value, "must be a positive number of samples (or None for the whole split)")
+        self._val_samples = value
+
+    @property
+    def bf16(self) -> bool:
+        return self._bf16
+
+    @bf16.setter
+    def bf16(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise AutopruneError("bf16", value, "must be True or False")
+        self._bf16 = value
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @num_workers.setter
+    def num_workers(self, value: int) -> None:
+        if not _is_int(value) or value < 0:
+            raise AutopruneError("num_workers", value, "must be 0 or more")
+        self._num_workers = value
 
     @property
     def is_user(self) -> bool:
@@ -339,7 +382,15 @@ class Task:
         return model
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return self._user.loss(model, batch) if self._user is not None else cross_entropy(model, batch)
+        if self._user is None:
+            return cross_entropy(model, batch)
+        from autoprune.usercode import call_user, reference_of
+
+        loss = self._user.loss
+        value = loss(model, batch) if loss is cross_entropy else call_user("loss", reference_of(loss), loss, model, batch)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise AutopruneError("loss", reference_of(loss), f"returned {_what(value)}: it must return a scalar tensor")
+        return value
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "val", *, full: bool = False) -> float:
@@ -351,8 +402,18 @@ class Task:
         was_training = model.training
         model.to(self.device).eval()
         try:
+            loader = self.loader(split, batch_size=512, full=full)
             metric = self._user.metric if self._user is not None else top1_accuracy
-            return float(metric(model, self.loader(split, batch_size=512, full=full)))
+            if metric is top1_accuracy:
+                return float(metric(model, loader))
+            from autoprune.usercode import call_user, reference_of
+
+            value = call_user("metric", reference_of(metric), metric, model, loader)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+                raise AutopruneError("metric", reference_of(metric), f"returned {_what(value)}: it must return a number (higher is better)")
+            return float(value)
         finally:
             model.train(was_training)
             model.to(home)
@@ -410,6 +471,11 @@ class Task:
         assert self._user is not None
         model = self._user.model
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
+        for split, value in (("val", val), ("test", test)):
+            if not math.isfinite(value):
+                from autoprune.usercode import reference_of
+
+                raise AutopruneError("metric", reference_of(self._user.metric), f"gives {value} for the given model on {split}: it must give a finite number, or no trial could be ranked")
         return BaseModel(model, val, test, 0.0, None, False, self.signal_record(model))
 
     def signal_record(self, model: nn.Module) -> dict[str, Any]:
@@ -480,10 +546,40 @@ MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
 MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _what(value: Any) -> str:
+    """A returned value as an error line names it: its type, and the value when short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
+
+
+def _check_split(name: str, split: Any) -> None:
+    """A split is a Dataset or a DataLoader (or any iterable of batches) holding at least one sample: an
+    empty one would end fine-tuning with a bare StopIteration, or score every model 0."""
+    if isinstance(split, (str, bytes)) or not hasattr(split, "__iter__") and not hasattr(split, "__getitem__"):
+        raise AutopruneError(name, type(split).__name__, "must be a Dataset or a DataLoader")
+    dataset = split.dataset if isinstance(split, DataLoader) else split
+    try:
+        empty = len(dataset) == 0  # type: ignore[arg-type]
+    except TypeError:  # an iterable dataset has no length: its first batch says
+        try:
+            next(iter(split))
+            empty = False
+        except StopIteration:
+            empty = True
+    if empty:
+        raise AutopruneError(name, f"{type(dataset).__name__} of 0 samples", "is empty: every split needs samples")
+
+
 def _infer_input_shape(example_input: torch.Tensor | None, train: Any) -> tuple[int, ...]:
     """The shape of one sample: from ``example_input`` (a batch of one or more) or the first training batch."""
     if example_input is None:
-        first = next(iter(train))
+        first = next(iter(train), None)
+        if first is None:
+            raise AutopruneError("train", type(train).__name__, "is empty: every split needs samples")
         x = batch_inputs(first)
         if not isinstance(x, torch.Tensor):
             raise AutopruneError("input_shape", None, "cannot be inferred: a batch's input is not a tensor (pass input_shape=)")

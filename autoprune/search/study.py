@@ -28,7 +28,7 @@ from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, write_meta
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, task_from_record
-from autoprune.validated import Validated
+from autoprune.validated import StudyName, Validated
 
 # Heartbeats are what let a resume fail the trials of a dead worker; Optuna calls them experimental and
 # expects them with Study.optimize, while we drive ask/tell ourselves. Its INFO lines duplicate our bar.
@@ -64,7 +64,7 @@ class SearchConfig(Validated):
     task: TaskSpec = Field(default_factory=TaskSpec)
     space_path: Path | str | None = None
     objectives_path: Path | str | None = None
-    study: str = "autoprune"
+    study: StudyName = "autoprune"
     storage: str | None = None
     trials: PositiveInt = 60
     timeout: PositiveFloat | None = None
@@ -92,13 +92,6 @@ class SearchConfig(Validated):
         if unknown:
             raise ValueError(f"names an unknown prior kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
         return kinds
-
-    @field_validator("study")
-    @classmethod
-    def _study_name(cls, name: str) -> str:
-        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise ValueError("must be a name with no path separator (it names the study's folders and MLflow experiment)")
-        return name
 
     @model_validator(mode="after")
     def _combinations(self) -> "SearchConfig":
