@@ -10,6 +10,7 @@ an export), and ``SearchConfig`` is the one validated form of a search's options
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,14 +116,36 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         parent = Path(url[len("sqlite:///"):]).parent
         if not parent.is_dir():
             raise AutopruneError("storage", url, f"points into a folder that does not exist ({parent})")
-    try:
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=GRACE_SECONDS, engine_kwargs=_engine_kwargs(url))
-    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a down server
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutopruneError("storage", url, f"cannot be reached ({first[:160]})") from None
+    for attempt in range(SCHEMA_RACE_RETRIES):
+        try:
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=GRACE_SECONDS, engine_kwargs=_engine_kwargs(url))
+            break
+        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a down server
+            if _schema_race(exc) and attempt + 1 < SCHEMA_RACE_RETRIES:
+                # two processes started on one new database: both built Optuna's schema, one lost the race on its
+                # version row; the schema is there now
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AutopruneError("storage", url, f"cannot be reached ({first[:160]})") from None
     if url.startswith("sqlite:///"):
         _write_ahead(storage.engine)
     return storage
+
+
+SCHEMA_RACE_RETRIES = 5
+
+
+def _schema_race(exc: BaseException) -> bool:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, IntegrityError) and "alembic_version" in text or isinstance(seen, OperationalError) and "already exists" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _write_ahead(engine: Any) -> None:

@@ -14,6 +14,7 @@ import random
 import shutil
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -156,8 +157,21 @@ def create_whole(tracking_uri: str) -> None:
     if not tracking_uri.startswith("sqlite:///"):
         return
     db = Path(tracking_uri.removeprefix("sqlite:///"))
-    if db.exists():
+    if db.exists() and not _empty(db):
         return
+    if db.exists():
+        # An empty file (a store cut to nothing, a `touch`) is a new database to SQLite, and MLflow would build
+        # its schema in place, step by step: it is replaced whole like a missing one, and said so, since a
+        # store that held runs has lost them (a resumed study logs its trials again).
+        print(
+            f"autoprune: the MLflow store {db} is empty (0 bytes): a new one is made there; the runs it held are lost, "
+            "a resumed search logs its study's trials again",
+            file=sys.stderr,
+            flush=True,
+        )
+        db.unlink(missing_ok=True) if _empty(db) else None
+        if db.exists():
+            return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     _, artifacts = resolve_store(tracking_uri)
@@ -176,6 +190,13 @@ def create_whole(tracking_uri: str) -> None:
             pass
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _empty(db: Path) -> bool:
+    try:
+        return db.stat().st_size == 0
+    except FileNotFoundError:
+        return False
 
 
 def _schema_copy() -> Path:
