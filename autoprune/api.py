@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ from autoprune.errors import AutopruneError, FaultError, disk_full
 from autoprune.files import EXPORT_MARKER
 from autoprune.policy import Policy
 from autoprune.task import Task
-from autoprune.validated import NaturalInt, Port, PositiveFloat, PositiveInt, RegistryName, Share, StudyName, Validated, validated
+from autoprune.validated import NaturalInt, Port, PositiveFloat, PositiveInt, RegistryName, Share, StudyName, Text, Validated, validated
 
 if TYPE_CHECKING:
     import optuna
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from autoprune.sensitivity import SensitivityTable
 
 Format = Literal["policy", "onnx"]
+# worker processes of one search per core of this machine, at most: more only slow every trial down (a search
+# of --jobs 1000 started 999 processes on two cores)
+JOBS_PER_CORE = 4
 
 
 class TaskArgs(Validated):
@@ -362,7 +366,7 @@ class SearchResult:
     @validated
     def export(
         self, directory: str | Path, *, select: str = "pareto", replay: bool = True, format: Format = "policy",
-        register: RegistryName | None = None, tracking_uri: str | None = None,
+        register: RegistryName | None = None, tracking_uri: Text | None = None,
     ) -> Exported:
         """Write what ``autoprune export`` writes: policies, front.csv/json, report.json/md; with
         ``format="onnx"`` each point's ONNX file and packed weights too, logged as MLflow models in the trials'
@@ -393,8 +397,8 @@ def search(
     objectives: str | Path | Mapping[str, Any] = "accuracy_bops",
     trials: PositiveInt = 60,
     study: StudyName = "autoprune",
-    storage: str | None = None,
-    tracking_uri: str | None = None,
+    storage: Text | None = None,
+    tracking_uri: Text | None = None,
     sampler: str = "tpe",
     device: str | None = None,
     executor: str = "local",
@@ -431,8 +435,14 @@ def search(
         priors=priors, executor=executor, ray=ray, progress=(not quiet) if progress is None else progress, confirm=confirm, fidelity=fidelity,
         budget_steps=budget_steps,
     )
+    cores = os.cpu_count() or 1
+    if executor == "local" and jobs > JOBS_PER_CORE * cores:
+        raise AutopruneError("jobs", jobs, f"is more than {JOBS_PER_CORE} processes for each of the {cores} cores of this machine (each process trains its own trials)")
     space_spec = _spec("search_spaces", space, SpaceSpec, "space")
     objective_spec = _spec("objectives", objectives, ObjectiveSpec, "objectives")
+    from autoprune.tracking.store import check_writable_store
+
+    check_writable_store(tracking_uri, field="tracking_uri", damage=False)
     if export is not None:
         from autoprune.files import check_writable
 
@@ -468,7 +478,7 @@ def search(
 
 
 @validated
-def load(study: StudyName, *, storage: str | None = None, tracking_uri: str | None = None) -> SearchResult:
+def load(study: StudyName, *, storage: Text | None = None, tracking_uri: Text | None = None) -> SearchResult:
     """A study a search created, reopened from its storage (its task is rebuilt from the record when needed);
     ``tracking_uri``: the MLflow store its search tracked to, where an ONNX export logs its models."""
     from autoprune.search.study import load_study
@@ -477,15 +487,15 @@ def load(study: StudyName, *, storage: str | None = None, tracking_uri: str | No
 
 
 @validated
-def pareto(study: StudyName, *, storage: str | None = None) -> dict[str, Any]:
+def pareto(study: StudyName, *, storage: Text | None = None) -> dict[str, Any]:
     """A study's front as rows, with its objectives, base model and hypervolume (``autoprune pareto --json``)."""
     return load(study, storage=storage).rows()
 
 
 @validated
 def export(
-    study: StudyName, *, out: str | Path, storage: str | None = None, select: str = "pareto", format: Format = "policy",
-    register: RegistryName | None = None, tracking_uri: str | None = None,
+    study: StudyName, *, out: str | Path, storage: Text | None = None, select: str = "pareto", format: Format = "policy",
+    register: RegistryName | None = None, tracking_uri: Text | None = None,
 ) -> Exported:
     """Export a stored study's chosen points (``SearchResult.export``); every argument is checked before the study is read."""
     from autoprune.export import check_export
@@ -545,7 +555,7 @@ class WorkerArgs(Validated):
 
 @validated
 def worker(
-    *, study: StudyName, storage: str, tracking_uri: str | None = None, threads: PositiveInt | None = None, device: str | None = None, progress: bool = True,
+    *, study: StudyName, storage: Text, tracking_uri: Text | None = None, threads: PositiveInt | None = None, device: str | None = None, progress: bool = True,
 ) -> int:
     """Join a study created by a search and run its trials until its budget is spent by all its processes."""
     from autoprune.search.runner import run_worker
@@ -573,7 +583,7 @@ def worker_process(arguments: str) -> int:
 
 
 @validated
-def ui(*, port: Port = 5000, tracking_uri: str | None = None) -> int:
+def ui(*, port: Port = 5000, tracking_uri: Text | None = None) -> int:
     """Serve the MLflow UI on 127.0.0.1 over the tracking store, opened on the runs of machine-learning runs."""
     from autoprune.tracking import serve_ui
 

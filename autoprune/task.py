@@ -546,6 +546,19 @@ MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
 MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
 
 
+def check_reads_input(model: nn.Module, input_shape: Sequence[int], *, field: str, value: Any, what: str) -> None:
+    """One forward pass of two zero samples of ``input_shape``: a model that cannot read its task's input
+    (a 32x32 zoo model on 8x8 digits) is refused in one line now, not met as a traceback inside training."""
+    from autoprune.models import probing
+
+    try:
+        with probing(model):
+            model(torch.zeros(2, *input_shape))
+    except Exception as exc:  # noqa: BLE001 - a shape mismatch raises RuntimeError, a user's forward anything
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise AutopruneError(field, value, f"cannot read {what} of shape {'x'.join(map(str, input_shape))} ({reason})") from None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -671,6 +684,8 @@ def cli_task(*, model: str, weights: str | Path | None = None, task: str | None 
     else:
         built = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs)
         built.device = resolve_device(device, field="--device")
+        assert built.spec is not None
+        check_reads_input(built.build(), built.input_shape, field="model", value=model, what=f"the {built.spec.dataset} input")
     if val_samples is not None or bf16:
         built.configure(device=str(built.device), val_samples=val_samples if val_samples is not None else built.val_samples, bf16=bf16 or built.bf16, num_workers=built.num_workers)
     return built

@@ -26,6 +26,8 @@ def first_error(exc: ValidationError, *, prefix: str = "") -> AutopruneError:
     if err.get("type") == "extra_forbidden":
         return AutopruneError(field, location.rsplit(".", 1)[-1], "is not a known argument")
     rule = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+    if err.get("type") == "string_too_short" and (err.get("ctx") or {}).get("min_length") == 1:
+        rule = "must not be empty (leave it out for the default)"
     rule = rule.replace("Input should be", "must be").replace("Input should", "must")
     if isinstance(value, dict) and err.get("type") == "missing":
         value, rule = None, "is required"
@@ -61,6 +63,8 @@ StudyName = Annotated[str, AfterValidator(_study_name)]
 """A study's name: it names its folders and its MLflow experiment, so no path separator, no ``..``."""
 RegistryName = Annotated[str, AfterValidator(_registry_name)]
 """A name of the MLflow Model Registry."""
+Text = Annotated[str, Field(min_length=1)]
+"""A name or URL that must say something: an empty one would silently mean the default."""
 PositiveInt = Annotated[int, Field(ge=1)]
 NaturalInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -146,5 +150,5 @@ def _binding_error(exc: TypeError, signature: inspect.Signature, name: str, kwar
 
 
 __all__ = [
-    "Validated", "first_error", "validated", "StudyName", "RegistryName", "PositiveInt", "NaturalInt", "PositiveFloat", "NaturalFloat", "Share", "Port",
+    "Validated", "first_error", "validated", "StudyName", "RegistryName", "Text", "PositiveInt", "NaturalInt", "PositiveFloat", "NaturalFloat", "Share", "Port",
 ]

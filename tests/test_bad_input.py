@@ -142,6 +142,13 @@ ROUND_FIVE: list[Case] = [
     _search("--gpus-per-trial", "1", needles=("--gpus-per-trial", "1.0"), name="search-gpus-per-trial-locally"),
     _search("--executor", "ray", "--gpus-per-trial", "64", needles=("--gpus-per-trial", "64"), name="search-ray-gpus-this-machine-lacks"),
     _search("--executor", "ray", "--cpus-per-trial", "4096", needles=("--cpus-per-trial", "4096"), name="search-ray-cpus-this-machine-lacks"),
+    # a model that cannot read its data, values that would silently mean the default, a machine's limits
+    _search("--model", "vgg7", "--dataset", "digits", needles=("--model", "vgg7", "1x8x8"), name="search-model-cannot-read-the-dataset"),
+    Case("signals-model-cannot-read-the-dataset", ("signals", *FAST, "--model", "vgg7", "--dataset", "digits"), ("--model", "vgg7", "1x8x8")),
+    _search("--tracking-uri", "", needles=("--tracking-uri", "''", "empty"), name="search-tracking-uri-empty"),
+    _search("--storage", "", needles=("--storage", "''", "empty"), name="search-storage-empty"),
+    _search("--tracking-uri", "{in}/policy.yaml", files={POLICY: "{}\n"}, needles=("--tracking-uri", "policy.yaml", "is a file"), name="search-tracking-uri-under-a-file"),
+    _search("--jobs", "1000", needles=("--jobs", "1000"), name="search-a-thousand-jobs"),
     # a cached trained model that cannot read the input asked for
     Case("cost-input-the-cached-model-cannot-read", ("cost", "--model", "digits_cnn", "--input", "3x8x8"), ("--input", "3x8x8"), cached=True),
     # a key given twice, an alias bomb

@@ -357,7 +357,7 @@ def test_val_samples_fixes_one_subset_for_a_users_loader(weights: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Your own model"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
@@ -370,6 +370,10 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "model.safetensors")  # type: ignore[attr-defined]
     exec(code, {})
     assert (tmp_path / "exports" / "mine" / "report.json").is_file()
+    assert (tmp_path / "front.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert out.count("Pareto front of study") == 2, "the search printed the front table, and result.table() gave it"
+    assert "A bits" in out and "(input)" in out, "the summary is a per-layer table naming the input's bits"
     assert sqlite3.connect(tmp_path / "study.db").execute("select count(*) from trials").fetchone()[0] == 3
 
 

@@ -70,9 +70,10 @@ def check_readable(tracking_uri: str | None) -> None:
         raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} does not exist): run a search first, or point it at one")
 
 
-def check_writable_store(tracking_uri: str | None, *, field: str = "--tracking-uri") -> None:
-    """Refuse a SQLite store this process could not write (a read-only file, folder or artifact folder),
-    before the work whose results it would log (an export's ONNX models)."""
+def check_writable_store(tracking_uri: str | None, *, field: str = "--tracking-uri", damage: bool = True) -> None:
+    """Refuse a SQLite store this process could not write (a read-only file, a folder under a file, a folder it
+    may not write), before the work whose results it would log; ``damage``: a damaged store is refused too
+    (an export's models; a search goes on untracked and says so instead)."""
     from autoprune.errors import AutopruneError
 
     uri, artifacts = resolve_store(tracking_uri)
@@ -80,17 +81,23 @@ def check_writable_store(tracking_uri: str | None, *, field: str = "--tracking-u
         return
     db = Path(uri.removeprefix("sqlite:///"))
     given = tracking_uri or uri
+    if db.is_dir():
+        raise AutopruneError(field, given, f"names a folder as the database file ({db})")
     if db.exists() and not os.access(db, os.W_OK):
-        raise AutopruneError(field, given, f"is read-only ({db} cannot be written): MLflow could not log the models there")
+        raise AutopruneError(field, given, f"is read-only ({db} cannot be written)")
     for folder in (db.parent, artifacts):
+        if folder is None:
+            continue
         existing = folder
-        while existing is not None and not existing.exists():
-            existing = existing.parent if existing.parent != existing else None
-        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-            raise AutopruneError(field, given, f"is read-only (the folder {existing} cannot be written): MLflow could not log the models there")
-    damage = store_damage(db)
-    if damage:
-        raise AutopruneError(field, given, f"is damaged ({damage}): move it aside (a new one is made) or point --tracking-uri elsewhere")
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise AutopruneError(field, given, f"cannot hold a store: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise AutopruneError(field, given, f"is read-only (the folder {existing} cannot be written)")
+    problem = store_damage(db) if damage else None
+    if problem:
+        raise AutopruneError(field, given, f"is damaged ({problem}): move it aside (a new one is made) or point --tracking-uri elsewhere")
 
 
 # Above this size the store is checked by its header alone: a full check reads every page.
