@@ -149,6 +149,8 @@ ROUND_FIVE: list[Case] = [
     _search("--storage", "", needles=("--storage", "''", "empty"), name="search-storage-empty"),
     _search("--tracking-uri", "{in}/policy.yaml", files={POLICY: "{}\n"}, needles=("--tracking-uri", "policy.yaml", "is a file"), name="search-tracking-uri-under-a-file"),
     _search("--jobs", "1000", needles=("--jobs", "1000"), name="search-a-thousand-jobs"),
+    _space("space-log-range-with-a-step", "layers:\n  _default: {w_bits: {low: 2, high: 8, log: true, step: 2}}\n", "w_bits.step", "log"),
+    _space("space-log-not-a-bool", "layers:\n  _default: {keep_ratio: {low: 0.1, high: 0.9, log: 'yes'}}\n", "keep_ratio.log", "'yes'"),
     # a cached trained model that cannot read the input asked for
     Case("cost-input-the-cached-model-cannot-read", ("cost", "--model", "digits_cnn", "--input", "3x8x8"), ("--input", "3x8x8"), cached=True),
     # a key given twice, an alias bomb
