@@ -31,7 +31,7 @@ from autoprune.errors import AutopruneError, FaultError, disk_full
 from autoprune.files import EXPORT_MARKER
 from autoprune.policy import Policy
 from autoprune.task import Task
-from autoprune.validated import NaturalInt, Port, PositiveFloat, PositiveInt, RegistryName, Share, StudyName, Text, Validated, validated
+from autoprune.validated import NaturalInt, Port, PositiveFloat, PositiveInt, RegistryName, Share, Sizes, StudyName, Text, Validated, validated
 
 if TYPE_CHECKING:
     import optuna
@@ -186,7 +186,7 @@ def apply(
 
 @validated
 def cost(
-    model: nn.Module | str | Task, *, input_shape: Sequence[int] | None = None, policy: Policy | str | Path | Mapping[str, Any] | None = None,
+    model: nn.Module | str | Task, *, input_shape: Sizes | None = None, policy: Policy | str | Path | Mapping[str, Any] | None = None,
     weights: str | Path | None = None, dataset: str | None = None, seed: NaturalInt = 0,
 ) -> CostReport:
     """The cost model (MACs, BOPs, ESN, memory) of ``model``, float or with ``policy`` applied statically (no data).

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Callable, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from autoprune.errors import AutopruneError
 
@@ -63,14 +65,33 @@ StudyName = Annotated[str, AfterValidator(_study_name)]
 """A study's name: it names its folders and its MLflow experiment, so no path separator, no ``..``."""
 RegistryName = Annotated[str, AfterValidator(_registry_name)]
 """A name of the MLflow Model Registry."""
+def _whole(value: Any) -> Any:
+    """A whole number of any integer type (numpy's, torch's) as a Python int; anything else as it is, for the
+    strict check to refuse (a string, a fraction, a bool)."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def _real(value: Any) -> Any:
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
+def _sizes(value: Any) -> Any:
+    """Sizes given as any sequence of whole numbers (a torch.Size, a numpy shape) as a tuple of ints."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return value
+    return tuple(_whole(v) for v in value)
+
+
 Text = Annotated[str, Field(min_length=1)]
 """A name or URL that must say something: an empty one would silently mean the default."""
-PositiveInt = Annotated[int, Field(ge=1)]
-NaturalInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NaturalFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Share = Annotated[float, Field(gt=0, lt=1)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveInt = Annotated[int, BeforeValidator(_whole), Field(ge=1)]
+NaturalInt = Annotated[int, BeforeValidator(_whole), Field(ge=0)]
+PositiveFloat = Annotated[float, BeforeValidator(_real), Field(gt=0, allow_inf_nan=False)]
+NaturalFloat = Annotated[float, BeforeValidator(_real), Field(ge=0, allow_inf_nan=False)]
+Share = Annotated[float, BeforeValidator(_real), Field(gt=0, lt=1)]
+Port = Annotated[int, BeforeValidator(_whole), Field(ge=1, le=65535)]
+Sizes = Annotated[tuple[int, ...], BeforeValidator(_sizes)]
+"""Sizes of one sample (``(3, 32, 32)``, a ``torch.Size``)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 _STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True, extra="forbid")
@@ -130,10 +151,11 @@ def validated(function: F) -> F:
         if not model:
             model.append(_arguments_model(function, signature))
         try:
-            model[0].model_validate(bound.arguments)
+            checked = model[0].model_validate(bound.arguments)
         except ValidationError as exc:
             raise _call_error(exc, signature) from None
-        return function(*args, **kwargs)
+        # the values as checked: sizes given as a torch.Size arrive as a tuple, a numpy integer as an int
+        return function(**{name: getattr(checked, f"argument_{name}") for name in bound.arguments})
 
     return call  # type: ignore[return-value]
 
@@ -150,5 +172,5 @@ def _binding_error(exc: TypeError, signature: inspect.Signature, name: str, kwar
 
 
 __all__ = [
-    "Validated", "first_error", "validated", "StudyName", "RegistryName", "Text", "PositiveInt", "NaturalInt", "PositiveFloat", "NaturalFloat", "Share", "Port",
+    "Validated", "first_error", "validated", "StudyName", "RegistryName", "Text", "PositiveInt", "NaturalInt", "PositiveFloat", "NaturalFloat", "Share", "Port", "Sizes",
 ]

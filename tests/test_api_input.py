@@ -104,3 +104,13 @@ def test_a_task_setting_assigned_later_is_checked_as_configure_checks_it() -> No
     with pytest.raises(AutopruneError, match="val_samples"):
         task.val_samples = 0
     assert task.val_samples == 10
+
+
+def test_sizes_and_counts_of_numpy_or_torch_types_are_taken_as_the_numbers_they_are() -> None:
+    import numpy as np
+
+    model = _model()
+    assert autoprune.cost(model, input_shape=torch.Size([6])).to_dict()["total"]["macs"] == 6 * 8 + 8 * 3
+    assert autoprune.cost(model, input_shape=(np.int64(6),)).to_dict()["total"]["macs"] == 6 * 8 + 8 * 3
+    with pytest.raises(AutopruneError, match="input_shape"):
+        autoprune.cost(model, input_shape=(6.5,))
