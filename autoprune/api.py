@@ -385,6 +385,8 @@ def search_config(*, priors: bool | Sequence[str] = True, ray: RayOptions | Mapp
     the one place a ``SearchConfig`` is built."""
     from autoprune.search.study import RayOptions, SearchConfig
 
+    if ray is not None and not isinstance(ray, (RayOptions, Mapping)):
+        raise AutopruneError("ray", ray, "must be RayOptions or a mapping of its fields (address, workers, cpus_per_trial, gpus_per_trial, retries)")
     ray_options = ray if isinstance(ray, RayOptions) else RayOptions(**dict(ray or {}))
     return SearchConfig(priors=priors if isinstance(priors, bool) else tuple(priors), ray=ray_options, **options)
 

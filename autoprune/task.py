@@ -253,6 +253,12 @@ class Task:
         for name, split in (("train", train), ("val", val), ("test", test)):
             if split is not None:
                 _check_split(name, split)
+        if input_shape is not None and (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape or not all(_is_int(d) and d > 0 for d in input_shape)):
+            raise AutopruneError("input_shape", input_shape, "must be the positive integer sizes of one sample, e.g. (3, 32, 32) or (1, 40)")
+        if example_input is not None and not isinstance(example_input, torch.Tensor):
+            raise AutopruneError("example_input", type(example_input).__name__, "must be a tensor (a batch of one or more samples)")
+        if reference is not None and (not isinstance(reference, str) or reference.count(":") != 1):
+            raise AutopruneError("reference", reference, "must be 'package.module:function' (a function returning this task)")
         task = cls.__new__(cls)
         task.spec = None
         task.metric_name = metric_name

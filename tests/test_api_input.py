@@ -70,6 +70,10 @@ CASES: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "empty-val-split": (_empty("val"), ("val", "empty")),
     "empty-train-loader": (_empty("loader"), ("train", "empty")),
     "metric-not-callable": (lambda: _task(metric=3), ("metric", "3")),
+    "input-shape-a-string": (lambda: _task(input_shape="1x6"), ("input_shape", "'1x6'")),
+    "example-input-not-a-tensor": (lambda: _task(example_input=[1.0] * 6), ("example_input", "list")),
+    "reference-not-a-reference": (lambda: _task(reference="my_task"), ("reference", "my_task")),
+    "ray-options-a-number": (_search(executor="ray", ray=5), ("ray", "5")),
     "metric-returns-nan": (lambda: _search(_task(metric=lambda m, loader: float("nan"), metric_name="score"), trials=2)(), ("metric", "nan")),
     "metric-returns-a-string": (lambda: _search(_task(metric=lambda m, loader: "high", metric_name="score"), trials=2)(), ("metric", "str")),
     "metric-raises": (lambda: _search(_task(metric=lambda m, loader: 1 / 0, metric_name="score"), trials=2)(), ("metric", "ZeroDivisionError")),
@@ -114,3 +118,18 @@ def test_sizes_and_counts_of_numpy_or_torch_types_are_taken_as_the_numbers_they_
     assert autoprune.cost(model, input_shape=(np.int64(6),)).to_dict()["total"]["macs"] == 6 * 8 + 8 * 3
     with pytest.raises(AutopruneError, match="input_shape"):
         autoprune.cost(model, input_shape=(6.5,))
+
+
+def test_a_search_results_export_logs_to_the_store_its_search_tracked_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autoprune.export as export_module
+    from autoprune.api import SearchResult
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(export_module, "check_export", lambda out, **kwargs: seen.update(checked=kwargs["tracking_uri"]))
+    monkeypatch.setattr(export_module, "export_study", lambda ctx, **kwargs: seen.update(exported=kwargs["tracking_uri"]))
+    result = SearchResult(None, _task(), tracking_uri="sqlite:///searched.db")  # type: ignore[arg-type]
+    result._context = object()  # type: ignore[assignment] - the search's context, which export_study would read
+    result.export(tmp_path / "out", format="onnx")
+    assert seen == {"checked": "sqlite:///searched.db", "exported": "sqlite:///searched.db"}
+    result.export(tmp_path / "out", format="onnx", tracking_uri="sqlite:///other.db")
+    assert seen["exported"] == "sqlite:///other.db"

@@ -229,10 +229,15 @@ def test_cuda_without_cuda_is_a_clean_error_before_any_work(weights: Path, tmp_p
 def test_apply_runs_on_the_task_device_and_cost_needs_no_data(weights: Path) -> None:
     task = user_task(weights)
     model = task.build()
-    policy = {"finetune_steps": 5, "calibration_batches": 1, "layers": {"_default": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 8}}}
+    policy = {"finetune_steps": 5, "calibration_batches": 1, "input_bits": 6, "layers": {"_default": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 8}}}
     result = autoprune.apply(model, policy, task=task, device=DEVICE)
     assert next(result.model.parameters()).device.type == torch.device(DEVICE).type
-    assert result.summary()["features.0"]["out_channels"] == 4  # half of 8 channels removed
+    summary = result.summary()
+    assert summary["features.0"]["out_channels"] == 4  # half of 8 channels removed
+    # the layer reading the network input gets the input's bits, and the table says so, not the policy's 8
+    assert summary["features.0"]["a_bits"] == 6 and summary["features.3"]["a_bits"] == 8
+    lines = str(summary).splitlines()
+    assert lines[0].split()[:2] == ["layer", "out"] and "6 (input)" in next(line for line in lines if line.startswith("features.0"))
     assert all(p.device.type == "cpu" for p in model.parameters())  # the given model is untouched
     static = autoprune.cost(model, input_shape=(1, 8, 8), policy=policy).to_dict()["total"]
     float_cost = autoprune.cost(model, input_shape=(1, 8, 8)).to_dict()["total"]
