@@ -109,10 +109,6 @@ def _policy(policy: Policy | str | Path | Mapping[str, Any]) -> Policy:
     return Policy.load(policy)
 
 
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:200]
-
-
 def _on_device(task: Task, device: str | None) -> Task:
     """``device`` overrides the task's (checked now, before any work); None keeps the task's own."""
     if device is not None:
@@ -461,9 +457,10 @@ def search(
     try:
         outcome = run_search(config, task=built, space=space_spec, objectives=objective_spec)
     except Exception as exc:
-        if disk_full(exc):
+        full = disk_full(exc)
+        if full:
             raise FaultError(
-                f"the disk is full ({_first_line(exc)}): the study keeps every finished trial and the one cut short runs again; "
+                f"the disk is full ({full}): the study keeps every finished trial and the one cut short runs again; "
                 "free some space and run the same search to resume"
             ) from exc
         raise

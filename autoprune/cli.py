@@ -382,10 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:
-        if not disk_full(exc):
+        full = disk_full(exc)
+        if not full:
             raise
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        print(f"error: the disk is full ({reason}): what was written whole is kept; free some space and run the same command again", file=sys.stderr)
+        print(f"error: the disk is full ({full}): what was written whole is kept; free some space and run the same command again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the study keeps every finished trial; run the same command to resume", file=sys.stderr)

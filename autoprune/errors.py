@@ -53,22 +53,24 @@ class FaultError(Exception):
         super().__init__(shorten(message, MAX_RULE_CHARS))
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether an exception, or one it was raised from, says the disk (or the user's quota) is full: an OSError
-    of ENOSPC or EDQUOT, or a database reporting it (SQLite: "database or disk is full")."""
+def disk_full(exc: BaseException) -> str | None:
+    """What says the disk (or the user's quota) is full, when the exception or one it was raised from does: an
+    OSError of ENOSPC or EDQUOT, or a database reporting it (SQLite: "database or disk is full"); else None."""
     import errno
 
     seen: BaseException | None = exc
     for _ in range(20):  # a chain is short; a cycle in it must not hang the error path
         if seen is None:
-            return False
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(seen).lower()
-        if "disk is full" in text or "no space left on device" in text or "disk quota exceeded" in text:
-            return True
+            return None
+        text = str(seen)
+        lowered = text.lower()
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+            words in lowered for words in ("disk is full", "no space left on device", "disk quota exceeded")
+        ):
+            # the driver's own words, without SQLAlchemy's statement and parameters
+            return shorten((text.strip().splitlines() or [type(seen).__name__])[0], 200)
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 class UnsupportedLayerError(AutopruneError):
