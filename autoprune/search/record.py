@@ -199,8 +199,8 @@ def study_lock(study: "optuna.Study", name: str, *, owner: str) -> Iterator[None
 
 def _engine(study: "optuna.Study") -> Any:
     # Optuna wraps its RDB storage in a cache; the study's own record is written through it elsewhere
-    storage = getattr(study._storage, "_backend", study._storage)
-    return getattr(storage, "engine", None)
+    storage = getattr(study, "_storage", None)
+    return getattr(getattr(storage, "_backend", storage), "engine", None)
 
 
 def _attributes(engine: Any) -> Any:
