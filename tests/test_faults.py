@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -44,8 +45,20 @@ def test_two_searches_started_on_one_new_study_enqueue_the_priors_once(tmp_path:
     assert set(mlflow_children(tmp_path)) == {t.number for t in trials}, "each trial has one child run, skipped ones included"
 
 
-def test_an_export_killed_mid_way_leaves_nothing_the_rerun_does_not_clear(tmp_path: Path) -> None:
-    _finish(autoprune(tmp_path, *search_args(tmp_path, 3, steps=200), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+def _main(tmp_path: Path, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI in this process (no interpreter start-up, MLflow already imported); returns its stderr."""
+    from autoprune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    return err
+
+
+def test_an_export_killed_mid_way_leaves_nothing_the_rerun_does_not_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _main(tmp_path, search_args(tmp_path, 3, steps=200), monkeypatch, capsys)
     export = ["export", "--study", "s", "--storage", storage_of(tmp_path), "--tracking-uri", tracking_of(tmp_path), "--out", "out"]
     killed = autoprune(tmp_path, *export, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + PATIENCE
@@ -55,7 +68,7 @@ def test_an_export_killed_mid_way_leaves_nothing_the_rerun_does_not_clear(tmp_pa
     killed.kill()
     killed.wait()
     assert _hidden(tmp_path, "out") and not (tmp_path / "out").exists(), "killed mid-way: a hidden staging folder, no export"
-    _finish(autoprune(tmp_path, *export, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    _main(tmp_path, export, monkeypatch, capsys)
     assert (tmp_path / "out" / "report.json").is_file()
     assert _hidden(tmp_path, "out") == [], "the rerun removed what the killed export left"
 
@@ -93,6 +106,8 @@ def test_a_full_disk_during_a_search_is_one_line_and_the_rerun_finishes_clean(tm
 
 
 def test_a_damaged_mlflow_store_is_said_in_one_line_and_the_search_runs_untracked(tmp_path: Path) -> None:
+    # each search in a process of its own, as a user runs them: a resume logs again the trials of processes
+    # that are gone, and MLflow keeps an engine per store in a process
     _finish(autoprune(tmp_path, *search_args(tmp_path, 1, steps=20), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     store = tmp_path / "mlruns" / "mlflow.db"
     data = store.read_bytes()
@@ -107,10 +122,12 @@ def test_a_damaged_mlflow_store_is_said_in_one_line_and_the_search_runs_untracke
     err = _finish(autoprune(tmp_path, *search_args(tmp_path, 3, steps=20), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     said = [line for line in err.splitlines() if "empty" in line]
     assert len(said) == 1 and "a new one is made" in said[0], err[-2000:]
-    assert set(mlflow_children(tmp_path)) == {t.number for t in trials_of(tmp_path)}, "the new store holds every trial again"
+    with sqlite3.connect(store) as connection:
+        logged = [int(v) for (v,) in connection.execute("SELECT value FROM tags WHERE key = 'autoprune.trial'")]
+    assert sorted(logged) == sorted(t.number for t in trials_of(tmp_path)), "the new store holds every trial again, once"
 
 
-def test_a_search_killed_outright_takes_its_workers_with_it(tmp_path: Path) -> None:
+def test_a_search_killed_outright_takes_its_workers_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     driver = autoprune(tmp_path, *search_args(tmp_path, 4, "--jobs", "2", steps=400), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     (worker,) = wait_for("the worker process", lambda: worker_children(driver.pid), driver)
     wait_for("a trial of the worker", lambda: [t for t in trials_of(tmp_path) if t.state == TrialState.RUNNING and t.user_attrs.get("owner", "").endswith(f":{worker}")], driver)
@@ -123,7 +140,7 @@ def test_a_search_killed_outright_takes_its_workers_with_it(tmp_path: Path) -> N
     mine = [t for t in trials_of(tmp_path) if t.user_attrs.get("owner", "").endswith(f":{worker}")]
     assert all(t.state != TrialState.RUNNING for t in mine), "the worker failed its trial as interrupted on the way out"
 
-    _finish(autoprune(tmp_path, *search_args(tmp_path, 4, steps=400), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    _main(tmp_path, search_args(tmp_path, 4, steps=400), monkeypatch, capsys)
     assert_budget_spent_once(tmp_path, 4)
 
 
