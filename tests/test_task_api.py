@@ -150,6 +150,13 @@ def test_search_on_user_weights_keeps_them_and_apply_reproduces_the_front(weight
     exported = result.export(tmp_path / "export")
     report = json.loads(Path(exported.report if hasattr(exported, "report") else tmp_path / "export" / "report.json").read_text())
     assert report["exported"] and all(row["replay_matches"] for row in report["exported"])
+    # the tables name the task's metric: its value, drop and interval, never "-" for want of "accuracy"
+    rows = result.rows()
+    assert rows["metric"] == "balanced_acc" and all(r["balanced_acc"] is not None and r["balanced_acc_drop"] is not None for r in rows["front"])
+    header = next(line for line in result.table().splitlines() if "trial" in line and "strategy" in line)
+    assert "balanced_acc" in header and "drop" in header and "accuracy" not in header
+    markdown = (tmp_path / "export" / "report.md").read_text()
+    assert "val balanced_acc (recorded)" in markdown and "val acc" not in markdown
 
 
 @pytest.mark.e2e
