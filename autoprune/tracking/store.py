@@ -67,7 +67,8 @@ def check_readable(tracking_uri: str | None) -> None:
     uri, _ = resolve_store(tracking_uri)
     folder = Path(uri.removeprefix("sqlite:///")).parent
     if uri.startswith("sqlite:///") and not folder.is_dir():
-        raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} does not exist): run a search first, or point it at one")
+        why = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} {why}): run a search first, or point it at one")
 
 
 def check_writable_store(tracking_uri: str | None, *, field: str = "--tracking-uri", damage: bool = True) -> None:
