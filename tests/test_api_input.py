@@ -133,3 +133,19 @@ def test_a_search_results_export_logs_to_the_store_its_search_tracked_to(tmp_pat
     assert seen == {"checked": "sqlite:///searched.db", "exported": "sqlite:///searched.db"}
     result.export(tmp_path / "out", format="onnx", tracking_uri="sqlite:///other.db")
     assert seen["exported"] == "sqlite:///other.db"
+
+
+@pytest.mark.e2e
+def test_the_front_shows_the_bits_the_layer_reading_the_input_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.policy import Policy
+
+    policy = Policy.from_dict({"layers": {"0": {"w_bits": 6}}})
+    assert policy.summary(["0"]) == "P>Q 0:W6Af"
+    assert policy.summary(["0"], applied={"0": {"a_bits_applied": 8}}) == "P>Q 0:W6A8"
+
+    monkeypatch.chdir(tmp_path)
+    space = {"layers": {"_default": {"w_bits": 6}}, "policy": {"finetune_steps": 2}}
+    result = autoprune.search(_task(), space=space, trials=1, storage="sqlite:///s.db", tracking_uri="sqlite:///m.db", priors=False, quiet=True)
+    summary = result.rows()["front"][0]["policy"]
+    # the input is charged at input_bits (8): the table says so, where it once said "Af" for the first layer
+    assert "0:W6A8" in summary and "2:W6Af" in summary, summary
