@@ -9,6 +9,7 @@ old and new version gets its old version back.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -51,7 +52,7 @@ def clean_leftovers(path: str | Path) -> list[Path]:
         return []
     prefix = f".{path.name}.{socket.gethostname()}."
     removed = []
-    for sibling in sorted(path.parent.glob(f".{path.name}.*")):
+    for sibling in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
         rest = sibling.name.removeprefix(prefix)
         pid, _, suffix = rest.partition(".")
         if rest == sibling.name or not pid.isdigit() or suffix not in ("tmp", "old") or alive(int(pid)):
