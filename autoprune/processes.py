@@ -39,6 +39,10 @@ def alive(pid: int) -> bool:
         return True
 
 
+# how often a worker whose parent ended interrupts itself again until it has stopped
+REPEAT_SECONDS = 2.0
+
+
 def watch_parent(parent: int, *, every: float = 1.0, grace: float = 30.0) -> threading.Thread:
     """End this process when ``parent`` ends (a worker of ``search --jobs N`` whose search was killed, even by
     SIGKILL, which leaves no chance to stop its workers): the main thread gets a KeyboardInterrupt, as from
@@ -48,8 +52,11 @@ def watch_parent(parent: int, *, every: float = 1.0, grace: float = 30.0) -> thr
     def watch() -> None:
         while os.getppid() == parent and alive(parent):
             time.sleep(every)
-        _thread.interrupt_main()
-        time.sleep(grace)
+        # again every few seconds: an interrupt that lands where it is swallowed (a callback, a cleanup) is
+        # not the last one
+        for _ in range(max(1, int(grace / REPEAT_SECONDS))):
+            _thread.interrupt_main()
+            time.sleep(REPEAT_SECONDS)
         os._exit(130)
 
     thread = threading.Thread(target=watch, name="autoprune-parent-watch", daemon=True)

@@ -128,20 +128,26 @@ def test_a_damaged_mlflow_store_is_said_in_one_line_and_the_search_runs_untracke
 
 
 def test_a_search_killed_outright_takes_its_workers_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    driver = autoprune(tmp_path, *search_args(tmp_path, 4, "--jobs", "2", steps=400), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # trials of several seconds and a budget the worker cannot finish alone within the wait below: a worker
+    # that outlived its search would still be running trials then
+    args = search_args(tmp_path, 8, "--jobs", "2", steps=1500)
+    driver = autoprune(tmp_path, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     (worker,) = wait_for("the worker process", lambda: worker_children(driver.pid), driver)
     wait_for("a trial of the worker", lambda: [t for t in trials_of(tmp_path) if t.state == TrialState.RUNNING and t.user_attrs.get("owner", "").endswith(f":{worker}")], driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 20  # the watch looks every second; the trial it cuts short ends at its next step
     while Path(f"/proc/{worker}").exists() and _state(worker) != "Z" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{worker}").exists() or _state(worker) == "Z", "the worker outlived its search"
     mine = [t for t in trials_of(tmp_path) if t.user_attrs.get("owner", "").endswith(f":{worker}")]
     assert all(t.state != TrialState.RUNNING for t in mine), "the worker failed its trial as interrupted on the way out"
 
-    _main(tmp_path, search_args(tmp_path, 4, steps=400), monkeypatch, capsys)
-    assert_budget_spent_once(tmp_path, 4)
+    # the rerun fails the trial the killed search left RUNNING and runs one more (a budget one above what is done)
+    done = sum(t.state == TrialState.COMPLETE for t in trials_of(tmp_path))
+    rerun = [a for a in search_args(tmp_path, done + 1, steps=1500)]
+    _main(tmp_path, rerun, monkeypatch, capsys)
+    assert_budget_spent_once(tmp_path, done + 1)
 
 
 def _state(pid: int) -> str:
