@@ -5,30 +5,33 @@
     compressed = autoprune.apply(model, result.front()[0].policy, task=task)
 
 Each command of the CLI parses its flags into these functions' arguments and calls one of them: ``search``,
-``apply``, ``cost``, ``export``, ``pareto``, ``signals``, ``worker``, ``ui``. Arguments are validated before any
-work (``SearchConfig``, ``TaskArgs``: pydantic models whose errors name the field and the value), and this is
-the one module that builds a ``SearchConfig``. ``space`` and ``objectives`` take a shipped name, a YAML/JSON
-file, or a mapping of the same shape.
+``apply``, ``cost``, ``export``, ``pareto``, ``signals``, ``worker``, ``ui``. Every function's arguments are
+checked against its own signature before any work (``validated.validated``: strict types and the constraints
+the annotations give), then by the models they build (``SearchConfig``, ``TaskArgs``); any refusal is one
+``AutopruneError`` naming the argument and the value. This is the one module that builds a ``SearchConfig``.
+``space`` and ``objectives`` take a shipped name, a YAML/JSON file, or a mapping of the same shape.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
 from torch import nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, FaultError, disk_full
+from autoprune.files import EXPORT_MARKER
 from autoprune.policy import Policy
 from autoprune.task import Task
-from autoprune.validated import Validated
+from autoprune.validated import NaturalInt, Port, PositiveFloat, PositiveInt, RegistryName, Share, Sizes, StudyName, Text, Validated, validated
 
 if TYPE_CHECKING:
     import optuna
@@ -39,8 +42,10 @@ if TYPE_CHECKING:
     from autoprune.search.study import RayOptions, SearchConfig, SearchContext
     from autoprune.sensitivity import SensitivityTable
 
-PositiveInt = Annotated[int, Field(ge=1)]
-NaturalInt = Annotated[int, Field(ge=0)]
+Format = Literal["policy", "onnx"]
+# worker processes of one search per core of this machine, at most: more only slow every trial down (a search
+# of --jobs 1000 started 999 processes on two cores)
+JOBS_PER_CORE = 4
 
 
 class TaskArgs(Validated):
@@ -116,21 +121,26 @@ def _on_device(task: Task, device: str | None) -> Task:
 # --- apply and cost --------------------------------------------------------------------------------
 
 
+@validated
 def apply(
-    model: nn.Module | None, policy: Policy | str | Path | Mapping[str, Any], *, task: Task | TaskArgs | Mapping[str, Any] | None,
+    model: nn.Module | None, policy: Policy | str | Path | Mapping[str, Any], *, task: Task | TaskArgs | Mapping[str, Any] | None = None,
     device: str | None = None, score: bool = False, out: str | Path | None = None,
 ) -> CompressionResult:
-    """Compress ``model`` (None: the task's base model, trained once and cached for a built-in task) with
-    ``policy`` on the task's data (fine-tune, calibration, BN update) and device. The given model is not changed.
+    """Compress ``model`` with ``policy`` on the task's data (fine-tune, calibration, BN update) and device. The
+    given model is not changed. ``model=None`` takes the task's base model (a built-in task's, trained once
+    and cached; ``task=None``: the default built-in task); your own model needs its ``task``
+    (``Task.from_model(model, train=..., val=...)``), whose data fine-tunes and calibrates it.
 
-    Returns a ``CompressionResult``: ``.model``, ``.cost(task.input_shape)``, ``.summary()`` per layer.
-    ``score=True`` fills ``.metrics`` with the task's metric on val and test (and the base model's);
-    ``out`` saves it: ``FILE.onnx`` as ONNX with QDQ nodes and packed weights (``.deployed`` measures them),
-    anything else as safetensors with its policy.
+    Returns a ``CompressionResult``: ``.model`` (the compressed ``nn.Module``), ``.cost(task.input_shape)``,
+    ``.summary()`` (a per-layer table; ``print`` it). ``score=True`` fills ``.metrics`` with the task's metric
+    on val and test (and the base model's); ``out`` saves it: ``FILE.onnx`` as ONNX with QDQ nodes and packed
+    weights (``.deployed`` measures them), anything else as safetensors with its policy.
     """
     from autoprune.compress import check_policy, compress, save_compressed
     from autoprune.files import check_writable
 
+    if model is not None and task is None:
+        raise AutopruneError("task", None, "is required with your own model: apply(model, policy, task=Task.from_model(model, train=..., val=...)) gives the data it is fine-tuned and calibrated on")
     chosen = _policy(policy)
     onnx_out = out is not None and Path(out).suffix == ".onnx"
     if onnx_out:
@@ -138,9 +148,9 @@ def apply(
 
         for package in ("onnx", "onnxruntime"):
             require(package)
-    built = _on_device(task_of(task), device)
     if out is not None:
         check_writable("out", out)
+    built = _on_device(task_of(task), device)
     evaluator = None
     if model is None:
         # on a freshly built model: a policy the model cannot take is refused before its base model is trained
@@ -149,8 +159,6 @@ def apply(
 
         evaluator = Evaluator.for_task(built, progress=False)
         model = evaluator.base.model
-    elif not isinstance(model, nn.Module):
-        raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module")
     # The policy check traces the model with a CPU input: a model on a GPU is read through a CPU copy.
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     result = compress(model if on_cpu else copy.deepcopy(model).cpu(), chosen, task=built)
@@ -172,9 +180,10 @@ def apply(
     return result
 
 
+@validated
 def cost(
-    model: nn.Module | str | Task, *, input_shape: Sequence[int] | None = None, policy: Policy | str | Path | Mapping[str, Any] | None = None,
-    weights: str | Path | None = None, dataset: str | None = None, seed: int = 0,
+    model: nn.Module | str | Task, *, input_shape: Sizes | None = None, policy: Policy | str | Path | Mapping[str, Any] | None = None,
+    weights: str | Path | None = None, dataset: str | None = None, seed: NaturalInt = 0,
 ) -> CostReport:
     """The cost model (MACs, BOPs, ESN, memory) of ``model``, float or with ``policy`` applied statically (no data).
 
@@ -194,10 +203,8 @@ def cost(
         known, name, net = tuple(model.input_shape), model.key(), None
     elif isinstance(model, str):
         known, name, net = default_input_shape(model), model, None
-    elif isinstance(model, nn.Module):
-        known, name, net = None, type(model).__name__, model
     else:
-        raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module, a model name or a Task")
+        known, name, net = None, type(model).__name__, model
     shape = _input_shape(input_shape, known, name)
     if isinstance(model, Task):
         net, source = model.build(), "trained weights"
@@ -208,7 +215,7 @@ def cost(
 
             net, source = load_weights(net, weights), "trained weights"
         else:
-            source = "trained weights" if _cached_weights(model, net, dataset=dataset, seed=seed) else "untrained weights (no cached base model: ESN uses random init)"
+            source = _cached_weights(model, net, dataset=dataset, seed=seed, shape=shape, given=input_shape is not None)
     assert net is not None
     report = static_compress(net, chosen, input_shape=shape).cost(shape) if chosen is not None else measure_cost(net, input_shape=shape)
     return replace(report, weights=source)
@@ -227,24 +234,31 @@ def _input_shape(given: Sequence[int] | None, known: tuple[int, ...] | None, nam
     return shape
 
 
-def _cached_weights(model_name: str, net: nn.Module, *, dataset: str | None, seed: int) -> bool:
-    """Load the cached trained base model's weights when there is one for this zoo model on ``dataset``."""
+def _cached_weights(model_name: str, net: nn.Module, *, dataset: str | None, seed: int, shape: tuple[int, ...], given: bool) -> str:
+    """Load the cached trained base model's weights when there is one for this zoo model on ``dataset``; says
+    which weights the report reads. A cached model that cannot read the asked input is refused, not replaced
+    by random weights in silence."""
     from autoprune.task import task_for
 
+    untrained = "untrained weights (no cached base model: ESN uses random init)"
     try:
         task = task_for(model_name, dataset=dataset, seed=seed)
     except AutopruneError:
-        return False
+        return untrained
     weights = task.cache_dir() / "model.safetensors"
     if not weights.is_file():
-        return False
+        return untrained
     from safetensors.torch import load_file
 
     try:
         net.load_state_dict(load_file(weights))
-    except (RuntimeError, OSError):  # a cached model of another input shape, or a damaged file: random init it is
-        return False
-    return True
+    except RuntimeError:
+        if given:
+            raise AutopruneError("input_shape", "x".join(map(str, shape)), f"does not fit the trained {model_name} cached for {task.spec.dataset if task.spec else 'its dataset'} (give --weights of a model of that input)") from None
+        return untrained
+    except OSError:  # a damaged cache file: random init it is, and said so
+        return "untrained weights (the cached base model could not be read: ESN uses random init)"
+    return "trained weights"
 
 
 # --- search ----------------------------------------------------------------------------------------
@@ -311,19 +325,53 @@ class SearchResult:
 
         return front_rows(self.study)
 
+    def table(self) -> str:
+        """The front as the CLI prints it (``autoprune pareto``): one row per point, its metric with its
+        interval, its costs and its policy; ``print(result.table())``."""
+        from rich.console import Console
+
+        from autoprune.search.report import print_front
+
+        console = Console(width=200, record=True, file=io.StringIO())
+        print_front(self.rows(), console=console)
+        return console.export_text()
+
+    @validated
+    def plot(self, path: str | Path = "pareto_front.png") -> Path:
+        """Draw the front against every cost objective (``pareto_front.png`` of the MLflow parent run) to
+        ``path``; returns the path."""
+        from autoprune import plots
+        from autoprune.files import atomic_path, check_writable
+        from autoprune.search.front import Front
+        from autoprune.search.objectives import ObjectiveSpec
+        from autoprune.search.record import read_meta
+
+        check_writable("path", path)
+        meta = read_meta(self.study)
+        assert meta is not None, "a SearchResult holds an autoprune study"
+        snapshot = Front(self.study, meta).snapshot()
+        points = [plots.TrialPoint(n, row.metrics, snapshot.ranks.get(n), row.prior, row.summary, row.strategy) for n, row in snapshot.rows.items()]
+        base = None
+        if meta.base is not None:
+            base = {**meta.base.cost, meta.base.metric: meta.base.val_accuracy, f"{meta.base.metric}_drop": 0.0}
+        title = f"{self.study.study_name}: Pareto front ({len(snapshot.front)} of {len(points)} complete trials)"
+        with atomic_path(path) as tmp:
+            plots.pareto_png(points, ObjectiveSpec.from_dict(meta.objectives).metrics, tmp, base=base, title=title)
+        return Path(path)
+
+    @validated
     def export(
-        self, directory: str | Path, *, select: str = "pareto", replay: bool = True, format: str = "policy",
-        register: str | None = None, tracking_uri: str | None = None,
+        self, directory: str | Path, *, select: str = "pareto", replay: bool = True, format: Format = "policy",
+        register: RegistryName | None = None, tracking_uri: Text | None = None,
     ) -> Exported:
         """Write what ``autoprune export`` writes: policies, front.csv/json, report.json/md; with
-        ``format="onnx"`` each point's ONNX file and packed weights too (``register``: Model Registry name),
-        logged in ``tracking_uri`` (default: the search's)."""
-        from autoprune.export import check_select, export_study
-        from autoprune.files import check_writable
+        ``format="onnx"`` each point's ONNX file and packed weights too, logged as MLflow models in the trials'
+        runs of ``tracking_uri`` (default: the store the search tracked to) and, with ``register``, registered
+        under that name in the Model Registry. Every argument is checked before any work."""
+        from autoprune.export import check_export, export_study
 
-        check_writable("out", directory)
-        check_select(select)
         uri = tracking_uri if tracking_uri is not None else self.tracking_uri
+        check_export(directory, select=select, format=format, register=register, tracking_uri=uri)
         return export_study(self.context, out=Path(directory), select=select, replay=replay, format=format, register=register, tracking_uri=uri)
 
 
@@ -333,37 +381,40 @@ def search_config(*, priors: bool | Sequence[str] = True, ray: RayOptions | Mapp
     the one place a ``SearchConfig`` is built."""
     from autoprune.search.study import RayOptions, SearchConfig
 
+    if ray is not None and not isinstance(ray, (RayOptions, Mapping)):
+        raise AutopruneError("ray", ray, "must be RayOptions or a mapping of its fields (address, workers, cpus_per_trial, gpus_per_trial, retries)")
     ray_options = ray if isinstance(ray, RayOptions) else RayOptions(**dict(ray or {}))
     return SearchConfig(priors=priors if isinstance(priors, bool) else tuple(priors), ray=ray_options, **options)
 
 
+@validated
 def search(
     task: Task | TaskArgs | Mapping[str, Any] | None = None,
     *,
     space: str | Path | Mapping[str, Any] = "default",
     objectives: str | Path | Mapping[str, Any] = "accuracy_bops",
-    trials: int = 60,
-    study: str = "autoprune",
-    storage: str | None = None,
-    tracking_uri: str | None = None,
+    trials: PositiveInt = 60,
+    study: StudyName = "autoprune",
+    storage: Text | None = None,
+    tracking_uri: Text | None = None,
     sampler: str = "tpe",
     device: str | None = None,
     executor: str = "local",
     priors: bool | Sequence[str] = True,
-    seed: int = 0,
-    jobs: int = 1,
-    timeout: float | None = None,
-    confirm: int = 0,
-    fidelity: float | None = None,
-    budget_steps: int | None = None,
+    seed: NaturalInt = 0,
+    jobs: PositiveInt = 1,
+    timeout: PositiveFloat | None = None,
+    confirm: NaturalInt = 0,
+    fidelity: Share | None = None,
+    budget_steps: PositiveInt | None = None,
     ladder: bool = True,
     finalize: bool = False,
-    final_steps: int | None = None,
-    final_seeds: int = 1,
+    final_steps: PositiveInt | None = None,
+    final_seeds: PositiveInt = 1,
     ray: RayOptions | Mapping[str, Any] | None = None,
     export: str | Path | None = None,
-    progress: bool = False,
-    quiet: bool = True,
+    progress: bool | None = None,
+    quiet: bool = False,
 ) -> SearchResult:
     """Search compression policies of ``task``'s model: an Optuna study in ``storage``, tracked in MLflow.
 
@@ -376,8 +427,9 @@ def search(
     (``RayOptions``). ``ladder`` (on by default) fine-tunes a trial only when its post-training result could
     still reach the front; ``finalize`` trains the candidates that could be on the final front further
     (``final_steps``, default 1,500, with ``final_seeds`` seeds each), and the front, hypervolume and export
-    then read the final models. ``export``: a folder the front is exported to at the end. ``progress`` shows
-    the bar; ``quiet=False`` prints the predicted and final tables (and the export) at the end.
+    then read the final models. ``export``: a folder the front is exported to at the end. As the CLI, it
+    shows the predicted front, a progress bar and the front table at the end; ``quiet=True`` shows none of
+    them (``progress`` sets the bar alone).
     """
     from autoprune.search.objectives import ObjectiveSpec
     from autoprune.search.runner import run_search
@@ -387,21 +439,41 @@ def search(
 
     config = search_config(
         study=study, storage=storage, trials=trials, timeout=timeout, sampler=sampler, seed=seed, jobs=jobs, tracking_uri=tracking_uri,
-        priors=priors, executor=executor, ray=ray, progress=progress, confirm=confirm, fidelity=fidelity, budget_steps=budget_steps,
-        ladder=ladder, finalize=finalize, final_steps=DEFAULT_STEPS if final_steps is None else final_steps, final_seeds=final_seeds,
+        priors=priors, executor=executor, ray=ray, progress=(not quiet) if progress is None else progress, confirm=confirm, fidelity=fidelity,
+        budget_steps=budget_steps, ladder=ladder, finalize=finalize, final_steps=DEFAULT_STEPS if final_steps is None else final_steps,
+        final_seeds=final_seeds,
     )
+    cores = os.cpu_count() or 1
+    if executor == "local" and jobs > JOBS_PER_CORE * cores:
+        raise AutopruneError("jobs", jobs, f"is more than {JOBS_PER_CORE} processes for each of the {cores} cores of this machine (each process trains its own trials)")
     space_spec = _spec("search_spaces", space, SpaceSpec, "space")
     objective_spec = _spec("objectives", objectives, ObjectiveSpec, "objectives")
+    from autoprune.tracking.store import check_writable_store
+
+    check_writable_store(tracking_uri, field="tracking_uri", damage=False)
     if export is not None:
         from autoprune.files import check_writable
 
-        check_writable("export", export)
+        check_writable("export", export, kind="folder", replaces=EXPORT_MARKER)
     built = _on_device(task_of(task), device)
     if (jobs > 1 or executor != "local") and built.is_user and built.record().get("reference") is None:
         raise AutopruneError("jobs" if jobs > 1 else "executor", jobs if jobs > 1 else executor, "needs a task other processes can rebuild: Task.from_model(..., reference='package.module:function')")
     if not config.priors:
         built.skip_signals(reason="priors=False (--no-priors): no S/N prior is enqueued")
-    outcome = run_search(config, task=built, space=space_spec, objectives=objective_spec)
+    if built.is_user:
+        # the user's metric and loss meet the given model now: a metric that returns no number, or no finite
+        # one, is refused before the study's database exists (a built-in task's base model is trained later)
+        built.base(progress=config.progress)
+    try:
+        outcome = run_search(config, task=built, space=space_spec, objectives=objective_spec)
+    except Exception as exc:
+        full = disk_full(exc)
+        if full:
+            raise FaultError(
+                f"the disk is full ({full}): the study keeps every finished trial and the one cut short runs again; "
+                "free some space and run the same search to resume"
+            ) from exc
+        raise
     result = SearchResult(outcome.study, context=outcome.context, tracking_uri=tracking_uri)
     if not quiet:
         from autoprune.search.report import print_front
@@ -414,9 +486,10 @@ def search(
     return result
 
 
+@validated
 def finalize(
-    study: str, *, storage: str | None = None, steps: int | None = None, seeds: int = 1, select: str = "pareto", out: str | Path | None = None,
-    tracking_uri: str | None = None, task: Task | None = None, progress: bool = False, quiet: bool = True,
+    study: StudyName, *, storage: Text | None = None, steps: PositiveInt | None = None, seeds: PositiveInt = 1, select: str = "pareto",
+    out: str | Path | None = None, tracking_uri: Text | None = None, task: Task | None = None, progress: bool | None = None, quiet: bool = False,
 ) -> SearchResult:
     """Final training of a stored study's candidates (rung 3 of the fidelity ladder, ``search.finalize``): those
     that could be on the final front (``select="pareto"``; ``"front"``: the whole search front; or a bound), each
@@ -428,10 +501,10 @@ def finalize(
     from autoprune.search.runner import run_finalize
 
     if out is not None:
-        check_writable("out", out)
+        check_writable("out", out, kind="folder", replaces=EXPORT_MARKER)
     ctx = run_finalize(
         study_name=study, storage=storage, tracking_uri=tracking_uri, steps=DEFAULT_STEPS if steps is None else steps, seeds=seeds, select=select,
-        progress=progress, task=task,
+        progress=(not quiet) if progress is None else progress, task=task,
     )
     result = SearchResult(ctx.study, context=ctx, tracking_uri=tracking_uri)
     if not quiet:
@@ -445,31 +518,31 @@ def finalize(
     return result
 
 
-def load(study: str, *, storage: str | None = None) -> SearchResult:
-    """A study a search created, reopened from its storage (its task is rebuilt from the record when needed)."""
+@validated
+def load(study: StudyName, *, storage: Text | None = None, tracking_uri: Text | None = None) -> SearchResult:
+    """A study a search created, reopened from its storage (its task is rebuilt from the record when needed);
+    ``tracking_uri``: the MLflow store its search tracked to, where an ONNX export logs its models."""
     from autoprune.search.study import load_study
 
-    return SearchResult(load_study(study, storage))
+    return SearchResult(load_study(study, storage), tracking_uri=tracking_uri)
 
 
-def pareto(study: str, *, storage: str | None = None) -> dict[str, Any]:
+@validated
+def pareto(study: StudyName, *, storage: Text | None = None) -> dict[str, Any]:
     """A study's front as rows, with its objectives, base model and hypervolume (``autoprune pareto --json``)."""
     return load(study, storage=storage).rows()
 
 
+@validated
 def export(
-    study: str, *, out: str | Path, storage: str | None = None, select: str = "pareto", format: str = "policy",
-    register: str | None = None, tracking_uri: str | None = None,
+    study: StudyName, *, out: str | Path, storage: Text | None = None, select: str = "pareto", format: Format = "policy",
+    register: RegistryName | None = None, tracking_uri: Text | None = None,
 ) -> Exported:
     """Export a stored study's chosen points (``SearchResult.export``); every argument is checked before the study is read."""
-    from autoprune.export import FORMATS, check_select
-    from autoprune.files import check_writable
+    from autoprune.export import check_export
 
-    check_writable("out", out)
-    check_select(select)
-    if format not in FORMATS:
-        raise AutopruneError("format", format, f"is not an export format ({', '.join(FORMATS)})")
-    return load(study, storage=storage).export(out, select=select, format=format, register=register, tracking_uri=tracking_uri)
+    check_export(out, select=select, format=format, register=register, tracking_uri=tracking_uri)
+    return load(study, storage=storage, tracking_uri=tracking_uri).export(out, select=select, format=format, register=register)
 
 
 # --- the base model's signals -----------------------------------------------------------------------
@@ -484,6 +557,7 @@ class Signals:
     sensitivity: SensitivityTable
 
 
+@validated
 def signals(task: Task | TaskArgs | Mapping[str, Any] | None = None, *, progress: bool = False) -> Signals:
     """The base model's training-time S/N record (seed 000 eq. 5) and the sensitivity table behind the default priors."""
     from autoprune.search.evaluate import Evaluator
@@ -520,8 +594,9 @@ class WorkerArgs(Validated):
     parent: int | None = None
 
 
+@validated
 def worker(
-    *, study: str, storage: str, tracking_uri: str | None = None, threads: int | None = None, device: str | None = None, progress: bool = True,
+    *, study: StudyName, storage: Text, tracking_uri: Text | None = None, threads: PositiveInt | None = None, device: str | None = None, progress: bool = True,
 ) -> int:
     """Join a study created by a search and run its trials until its budget is spent by all its processes."""
     from autoprune.search.runner import run_worker
@@ -536,6 +611,10 @@ def worker_process(arguments: str) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = WorkerArgs(**json.loads(arguments))
+        if args.parent is not None:
+            from autoprune.processes import watch_parent
+
+            watch_parent(args.parent)  # a search killed outright (SIGKILL) takes its workers with it
         return worker(**args.model_dump(exclude={"parent"}))
     except AutopruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -544,7 +623,8 @@ def worker_process(arguments: str) -> int:
         return 130
 
 
-def ui(*, port: int = 5000, tracking_uri: str | None = None) -> int:
+@validated
+def ui(*, port: Port = 5000, tracking_uri: Text | None = None) -> int:
     """Serve the MLflow UI on 127.0.0.1 over the tracking store, opened on the runs of machine-learning runs."""
     from autoprune.tracking import serve_ui
 

@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, FaultError, disk_full
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,10 +400,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except AutopruneError as exc:
         exc.field = flag_of(exc.field, args.flags)
-        print(f"error: {exc.field}: {exc.value!r} {exc.rule}", file=sys.stderr)
+        print(f"error: {exc.line()}", file=sys.stderr)
+        frame = getattr(exc, "frame", None)  # the user's own code failed (usercode.UserCodeError): where
+        if frame:
+            print(f"  at {frame}", file=sys.stderr)
         return 2
+    except FaultError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        full = disk_full(exc)
+        if not full:
+            raise
+        print(f"error: the disk is full ({full}): what was written whole is kept; free some space and run the same command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the study keeps every finished trial; run the same command to resume", file=sys.stderr)
         return 130

@@ -106,18 +106,56 @@ class CompressionResult:
         model = self.model if _on_cpu(self.model) else copy.deepcopy(self.model).cpu()
         return measure_cost(model, input_shape=input_shape, layers=self.cost_layers(), input_bits=input_bits_of(self.policy))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> "LayerTable":
+        """Per layer, what was applied: ``print(result.summary())`` shows a table; each row is also a mapping
+        (``summary()["conv1"]["out_channels"]``). ``a_bits`` is the bits the layer's input got: the network
+        input's (``input_bits``) for a layer reading it, whatever the policy's ``a_bits`` for that layer."""
         layers = compressible_layers(self.model)
-        return {
+        return LayerTable({
             name: {
-                **lp.model_dump(),
-                "delta": self.weight_steps.get(name),
-                "a_bits_applied": self.act_bits.get(name, FLOAT_BITS),
                 "out_channels": _out_channels(layers[name]),
+                "keep_ratio": lp.keep_ratio,
+                "w_bits": lp.w_bits,
+                "a_bits": self.act_bits.get(name, lp.a_bits),
+                "reads_input": self.act_bits.get(name, lp.a_bits) != lp.a_bits,
+                "w_sparsity": lp.w_sparsity,
+                "f_sparsity": lp.f_sparsity,
                 "zero_fraction": float((layers[name].weight == 0).float().mean()),
+                "delta": self.weight_steps.get(name),
             }
             for name, lp in self.layers.items()
-        }
+        })
+
+
+class LayerTable(dict):
+    """Layer name -> what compression applied to it; printed as a table."""
+
+    def __str__(self) -> str:
+        def bits(value: int) -> str:
+            return "float" if value >= FLOAT_BITS else str(value)
+
+        def step(value: Any) -> str:
+            if value is None:
+                return "-"
+            if isinstance(value, list):
+                return f"{min(value):.3g}..{max(value):.3g}" if value else "-"
+            return f"{value:.3g}"
+
+        header = ("layer", "out channels", "keep", "W bits", "A bits", "w sparsity", "f sparsity", "zeros", "step")
+        rows = [
+            (
+                name, str(row["out_channels"]), f"{row['keep_ratio']:.2g}", bits(row["w_bits"]),
+                bits(row["a_bits"]) + (" (input)" if row["reads_input"] else ""), f"{row['w_sparsity']:.2g}",
+                f"{row['f_sparsity']:.2g}", f"{row['zero_fraction']:.1%}", step(row["delta"]),
+            )
+            for name, row in self.items()
+        ]
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+        line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        return "\n".join([line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)])
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _on_cpu(model: nn.Module) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, FaultError
+from autoprune.files import atomic_folder, write_atomic
 from autoprune.metrics import BY_NAME, front_csv, parse_bound
 from autoprune.policy import Policy
 from autoprune.search.pareto import final_front, front_trials, normalised_losses, study_spec_and_base
@@ -83,6 +83,24 @@ def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
 FORMATS = ("policy", "onnx")
 
 
+def check_export(out: str | Path, *, select: str, format: str, register: str | None, tracking_uri: str | None) -> None:
+    """Every argument of an export, checked before the study is read: the folder (a new one, an empty one or
+    an earlier export, never a file or a folder of other files), the selection, the format, and for ONNX the
+    MLflow store the models are logged to."""
+    from autoprune.files import EXPORT_MARKER, check_writable
+
+    check_writable("out", out, kind="folder", replaces=EXPORT_MARKER)
+    check_select(select)
+    if format not in FORMATS:
+        raise AutopruneError("format", format, f"is not an export format ({', '.join(FORMATS)})")
+    if register is not None and format != "onnx":
+        raise AutopruneError("register", register, "needs --format onnx (the registry holds ONNX models)")
+    if format == "onnx":
+        from autoprune.tracking.store import check_writable_store
+
+        check_writable_store(tracking_uri, field="tracking_uri")
+
+
 def export_study(
     ctx: SearchContext, *, out: Path, select: str = "pareto", replay: bool = True, format: str = "policy",
     register: str | None = None, tracking_uri: str | None = None,
@@ -113,12 +131,9 @@ def export_study(
     evaluator = ctx.ensure_evaluator(progress=False) if replay or finals else None
     onnx = format == "onnx" or (bool(finals) and _deploy_installed())
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Everything is written to a sibling folder first and swapped in at the end: an interrupted
-    # export never leaves a half-written folder, and never destroys the previous one.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)
-    try:
+    # Everything is written to a sibling folder first and swapped in at the end (files.atomic_folder): an
+    # interrupted export never leaves a half-written folder, and never destroys the previous one.
+    with atomic_folder(out) as staging:
         policies, report_rows = [], []
         for trial in chosen:
             record = read_trial(trial)
@@ -199,17 +214,6 @@ def export_study(
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (staging / "report.md").write_text(_markdown(report))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.replace(old)
-            staging.replace(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if format == "onnx":
         _log_models(study, out=out, rows=report_rows, task=ctx.task, register=register, tracking_uri=tracking_uri)
     return Exported(policies, out / "report.json")
@@ -259,14 +263,27 @@ def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], t
     A point whose trial has no run in the store (a search tracked elsewhere) is said so on stderr and, when
     it is to be registered, logged in a run of its own in the study's experiment.
     """
+    from autoprune.tracking.store import resolve_store
+
+    uri, _ = resolve_store(tracking_uri)
+    try:
+        _log_rows(study, out=out, rows=rows, task=task, register=register, uri=uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types; the export itself is whole already
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise FaultError(
+            f"MLflow at {uri} refused the ONNX models ({type(exc).__name__}: {reason}); the export in {out} is complete: "
+            "fix the store and run the same export again to log" + (" and register" if register else "") + " them"
+        ) from None
+
+
+def _log_rows(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], task: Any, register: str | None, uri: str) -> None:
     import sys
 
     from autoprune.deploy.point import example_input
     from autoprune.deploy.verify import run_onnx
     from autoprune.tracking.models import log_onnx_model, register_onnx_model, registry_tags, trial_run_id
-    from autoprune.tracking.store import open_client, resolve_store
+    from autoprune.tracking.store import open_client
 
-    uri, _ = resolve_store(tracking_uri)
     meta = read_meta(study)
     parent = meta.mlflow_parent_run_id if meta else None
     example = example_input(task)
@@ -293,8 +310,8 @@ def _log_models(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], t
             row["deploy"]["registered"] = {"name": register, "version": register_onnx_model(tracking_uri=uri, model_uri=model_uri, name=register, tags=tags)}
     report = json.loads((out / "report.json").read_text())
     report["exported"] = rows
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text(_markdown(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_atomic(out / "report.md", _markdown(report))
 
 
 def _export_learned(record: Any, path: Path, evaluator: Any, name: str) -> dict[str, Any]:
@@ -326,13 +343,17 @@ def _markdown(report: dict[str, Any]) -> str:
     nan = float("nan")
     ci = lambda pair: f"{pair[0]:.2f}-{pair[1]:.2f}" if pair else "-"  # noqa: E731
     confirmed = lambda r, key: f"{r['confirmed'][key + '_mean']:.2f} +- {r['confirmed'][key + '_std']:.2f}" if "confirmed" in r else "-"  # noqa: E731
+    # the task's own metric is named as the task names it; "top-1" is only ever top-1 accuracy (the ONNX check)
+    metric = base.get("metric", "accuracy")
+    unit = "%" if metric == "accuracy" else ""
     lines = [
         f"# Exported policies of study `{report['study']}` ({report['select']}" + (", front recomputed from the confirmation means" if report.get("confirmed") else "") + ")",
         "",
-        f"Float base model: validation {base.get('val_accuracy', nan):.2f}%, test {base.get('test_accuracy', nan):.2f}%.",
-        "Validation intervals: 95% Wilson score intervals on the validation samples scored; gap: validation - test (points).",
+        f"Float base model: validation {metric} {base.get('val_accuracy', nan):.2f}{unit}, test {metric} {base.get('test_accuracy', nan):.2f}{unit}.",
+        ("Validation intervals: 95% Wilson score intervals on the validation samples scored; " if metric == "accuracy" else "")
+        + f"gap: validation - test {metric}.",
         "",
-        "| trial | policy file | val acc (recorded) | val 95% CI | val acc (replayed) | test acc | gap | confirmed val (mean +- sd) | confirmed test | confirmed gap | BOPs reduction | memory (Mb) | replays |",
+        f"| trial | policy file | val {metric} (recorded) | val 95% CI | val {metric} (replayed) | test {metric} | gap | confirmed val (mean +- sd) | confirmed test | confirmed gap | BOPs reduction | memory (Mb) | replays |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     finals = [r for r in report["exported"] if "final" in r]
@@ -366,9 +387,9 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
             "## Deployable files (ONNX with QDQ, packed weights)",
             "",
-            "Test split; latency is the median CPU time per batch, onnxruntime and PyTorch's float base model timed side by side (1 thread each).",
+            "Test split, top-1 accuracy of the class outputs (whatever the task's metric); latency is the median CPU time per batch, onnxruntime and PyTorch's float base model timed side by side (1 thread each).",
             "",
-            "| trial | ONNX file | PyTorch acc | onnxruntime acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | onnxruntime ms | PyTorch float base ms | MLflow model |",
+            "| trial | ONNX file | PyTorch top-1 acc | onnxruntime top-1 acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | onnxruntime ms | PyTorch float base ms | MLflow model |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in deployed:
@@ -381,12 +402,12 @@ def _markdown(report: dict[str, Any]) -> str:
     learned = [r for r in report["exported"] if r.get("djpq_model_file")]
     if learned:
         lines += ["", "Learned (DJPQ) trials: the policy row is its replay with our quantizers; the exact DJPQ model, loaded again:", ""]
-        lines += ["| trial | strategy | model file | val acc (loaded) | test acc (loaded) | reproduces the trial |", "|---|---|---|---|---|---|"]
+        lines += [f"| trial | strategy | model file | val {metric} (loaded) | test {metric} (loaded) | reproduces the trial |", "|---|---|---|---|---|---|"]
         for r in learned:
             lines.append(
                 f"| {r['trial']} | {r['strategy']} | {r['djpq_model_file']} | {r.get('djpq_model_val_accuracy', float('nan')):.2f} | "
                 f"{r.get('djpq_model_test_accuracy', float('nan')):.2f} | {r.get('replay_matches', '-')} |"
             )
     if report.get("mean_abs_gap") is not None:
-        lines += ["", f"Mean |validation - test| over the exported points: {report['mean_abs_gap']:.2f} points" + (" (confirmation means)." if report.get("confirmed") else ".")]
+        lines += ["", f"Mean |validation - test| {metric} over the exported points: {report['mean_abs_gap']:.2f}" + (" (confirmation means)." if report.get("confirmed") else ".")]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from autoprune.metrics import METRICS, label
+from autoprune.metrics import label
 from autoprune.policy import FLOAT_BITS
 
 # More rows make the per-layer chart unreadable; the rows are spread evenly along the front.
@@ -21,6 +21,8 @@ MAX_LAYER_ROWS = 6
 BITS_AXIS_TOP = 16
 # trials whose policy a strategy learned (DJPQ) are ringed, so that they stand out among sampled policies
 LEARNED_MARKERS = {"djpq": "D", "two_stage": "s"}
+# width of the front plot's legend column, right of its panels
+LEGEND_INCHES = 2.0
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,6 @@ def axis_pairs(objectives: Sequence[str]) -> list[tuple[str, str]]:
     if len(objectives) == 1:
         return [("trial", objectives[0])]
     return [(objectives[j], objectives[i]) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
-
-
-def _utopia_corner(x: str, y: str) -> str:
-    """Where the best values of both axes meet, so usually empty: e.g. "upper left" for accuracy against BOPs."""
-    vertical = "upper" if METRICS.get(y, "maximize") == "maximize" else "lower"
-    horizontal = "left" if METRICS.get(x, "minimize") == "minimize" else "right"
-    return f"{vertical} {horizontal}"
 
 
 def _log_axis(values: Sequence[float]) -> bool:
@@ -85,6 +80,16 @@ def error_bars(points: Sequence[TrialPoint], metric: str) -> tuple[list[float], 
 def pareto_png(
     points: Sequence[TrialPoint], objectives: Sequence[str], path: Path, *, base: Mapping[str, float] | None = None, title: str = ""
 ) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(points, objectives, base=base, title=title)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def pareto_figure(points: Sequence[TrialPoint], objectives: Sequence[str], *, base: Mapping[str, float] | None = None, title: str = "") -> Any:
+    """The front against each pair of objectives (a matplotlib Figure; ``pareto_png`` saves it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +97,10 @@ def pareto_png(
 
     pairs = axis_pairs(objectives)
     front, dominated, infeasible = _groups(points)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(6.4 * len(pairs), 4.8), squeeze=False)
+    # the legend gets a column of its own right of the panels: inside, in the "utopia" corner, it sat on the
+    # front's best trade-offs, which crowd towards that corner
+    width = 6.4 * len(pairs) + LEGEND_INCHES
+    fig, axes = plt.subplots(1, len(pairs), figsize=(width, 4.8), squeeze=False)
     for ax, (x, y) in zip(axes[0], pairs):
         def xy(group: Sequence[TrialPoint]) -> tuple[list[float], list[float]]:
             kept = [p for p in group if x in p.values and y in p.values]
@@ -131,14 +139,12 @@ def pareto_png(
         ax.set_xlabel(label(x))
         ax.set_ylabel(label(y))
         ax.grid(True, which="both", alpha=0.3)
-    # the legend sits in the corner no trade-off reaches (high metric at low cost), and the margins are fixed:
-    # loc="best" and tight_layout measured every point and label again, a fifth of a second per drawing
-    axes[0][0].legend(loc=_utopia_corner(*pairs[0]), fontsize=8)
+    # fixed margins: loc="best" and tight_layout measured every point and label again, a fifth of a second per drawing
+    right = 1 - (LEGEND_INCHES + 0.1) / width
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.suptitle(title or f"Pareto front ({len(front)} of {len(points)} trials)")
-    fig.subplots_adjust(left=0.1 / len(pairs), right=1 - 0.02 / len(pairs), bottom=0.11, top=0.9, wspace=0.25)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.subplots_adjust(left=0.65 / width, right=right, bottom=0.11, top=0.9, wspace=0.25)
+    return fig
 
 
 def ladder_png(
@@ -266,7 +272,9 @@ def layers_png(rows: Sequence[tuple[str, Mapping[str, Mapping[str, float]]]], pa
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.45 / height, bottom=0.9 / height, hspace=0.35, wspace=0.12)
     for (title, layers), (bits_ax, prune_ax) in zip(rows, axes):
         for offset, key, color in ((-0.2, "w_bits", "tab:blue"), (0.2, "a_bits", "tab:orange")):
-            raw = [float(layers.get(n, {}).get(key, FLOAT_BITS)) for n in names]
+            # activation bits as applied (the layer reading the network input gets the input's bits)
+            applied = (lambda d: d.get("a_bits_applied", d.get(key, FLOAT_BITS))) if key == "a_bits" else (lambda d: d.get(key, FLOAT_BITS))
+            raw = [float(applied(layers.get(n, {}))) for n in names]
             bars = bits_ax.bar(idx + offset, [min(b, BITS_AXIS_TOP) for b in raw], width=0.4, color=color, label=key)
             for bar, bits in zip(bars, raw):
                 if bits >= FLOAT_BITS:
@@ -292,7 +300,7 @@ def layers_png(rows: Sequence[tuple[str, Mapping[str, Mapping[str, float]]]], pa
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     axes[0][0].legend(fontsize=7, loc="upper right")
     axes[0][1].legend(fontsize=7, loc="upper right")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -327,6 +335,6 @@ def signals_png(signals: Mapping[str, Any], path: Path) -> Path:
             ax.set_yscale("log")
     snr_ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path

@@ -58,12 +58,15 @@ class LayerPolicy(_Frozen):
     w_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="unstructured weight sparsity target")
     f_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="input feature sparsity target")
 
-    def summary(self) -> str:
+    def summary(self, *, a_bits: int | None = None) -> str:
+        """``k0.5W4A8``; ``a_bits``: the activation bits applied when they differ from the policy's (the layer
+        reading the network input gets ``input_bits``)."""
+        a_bits = self.a_bits if a_bits is None else a_bits
         parts = []
         if self.keep_ratio < 1.0:
             parts.append(f"k{self.keep_ratio:.2g}")
         parts.append(f"W{self.w_bits if self.w_bits < FLOAT_BITS else 'f'}")
-        parts.append(f"A{self.a_bits if self.a_bits < FLOAT_BITS else 'f'}")
+        parts.append(f"A{a_bits if a_bits < FLOAT_BITS else 'f'}")
         if self.w_sparsity > 0:
             parts.append(f"sw{self.w_sparsity:.2g}")
         if self.f_sparsity > 0:
@@ -160,8 +163,9 @@ class Policy(_Frozen):
         check_layer_keys(self.layers, layer_names, field="policy.layers")
         return {name: self.for_layer(name) for name in layer_names}
 
-    def summary(self, layer_names: list[str] | None = None) -> str:
-        """One line: order and each layer's settings (or each key's, without a model)."""
+    def summary(self, layer_names: list[str] | None = None, *, applied: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """One line: order and each layer's settings (or each key's, without a model). ``applied``: a trial's
+        recorded layers, whose ``a_bits_applied`` shows the bits the layer reading the input really got."""
         head = {"prune_then_quantize": "P>Q", "quantize_then_prune": "Q>P", "joint": "P+Q"}[self.order]
         if self.workflow == "pfq":
             head = "PfQ-workflow"
@@ -169,7 +173,8 @@ class Policy(_Frozen):
             items = [(k, v) for k, v in self.layers.items()]
         else:
             items = list(self.resolve(layer_names).items())
-        body = " ".join(f"{k}:{v.summary()}" for k, v in items)
+        applied = applied or {}
+        body = " ".join(f"{k}:{v.summary(a_bits=applied.get(k, {}).get('a_bits_applied'))}" for k, v in items)
         return f"{head} {body}".strip()
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +280,7 @@ def parse_model(cls: type[ModelT], data: Any, *, source: str, shape: str) -> Mod
     """Validate a mapping read from a file into ``cls``; any failure is one AutopruneError line."""
     if not isinstance(data, Mapping):
         raise AutopruneError(source, type(data).__name__, f"must be {shape}")
+    check_size(data, field=source, value=type(data).__name__)
     try:
         return cls.model_validate(dict(data))
     except ValidationError as exc:
@@ -293,16 +299,76 @@ def validation_error(exc: ValidationError, source: str) -> AutopruneError:
     return AutopruneError(f"{source}: {field}" if field else source, value, rule.replace("Value error, ", ""))
 
 
+# A spec or policy file holds at most this many values once YAML's aliases are expanded: an alias bomb
+# (a few lines whose anchors repeat each other) would otherwise expand to gigabytes when shown or stored.
+MAX_VALUES = 100_000
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"the key {key!r} appears twice in one mapping (line {line})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently).
+    Keys a merge (``<<: *anchor``) brings in may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the safe constructor refuses it below
+                continue
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        found[key] = value
+    return found
+
+
+def check_size(data: Any, *, field: str, value: Any) -> None:
+    """Refuse data of more than MAX_VALUES values counted as if every shared or repeated part were
+    written out (what a YAML alias bomb, or a structure holding itself, expands to)."""
+    count = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise AutopruneError(field, value, f"expands to more than {MAX_VALUES:,} values (YAML aliases that repeat each other?): refused")
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def load_mapping(path: str | Path) -> Any:
-    """Read a JSON or YAML file; anything unreadable is an AutopruneError naming the file."""
+    """Read a JSON or YAML file; anything unreadable is an AutopruneError naming the file. A key given twice
+    in one mapping and an alias bomb are refused rather than read as the last one or expanded."""
     path = Path(path)
     if not path.is_file():
         raise AutopruneError("file", str(path), "does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0]
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except (ValueError, yaml.YAMLError) as exc:  # json.JSONDecodeError is a ValueError, as is a duplicate key
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AutopruneError("file", str(path), f"is not valid JSON/YAML ({first})") from None
+    check_size(data, field="file", value=str(path))
+    return data

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 
@@ -36,4 +39,29 @@ def alive(pid: int) -> bool:
         return True
 
 
-__all__ = ["alive", "owner_alive", "this_process"]
+# how often a worker whose parent ended interrupts itself again until it has stopped
+REPEAT_SECONDS = 2.0
+
+
+def watch_parent(parent: int, *, every: float = 1.0, grace: float = 30.0) -> threading.Thread:
+    """End this process when ``parent`` ends (a worker of ``search --jobs N`` whose search was killed, even by
+    SIGKILL, which leaves no chance to stop its workers): the main thread gets a KeyboardInterrupt, as from
+    Ctrl-C, so the trial it runs is failed as interrupted and the process exits; one that does not exit
+    within ``grace`` seconds (stuck outside Python) is ended outright."""
+
+    def watch() -> None:
+        while os.getppid() == parent and alive(parent):
+            time.sleep(every)
+        # again every few seconds: an interrupt that lands where it is swallowed (a callback, a cleanup) is
+        # not the last one
+        for _ in range(max(1, int(grace / REPEAT_SECONDS))):
+            _thread.interrupt_main()
+            time.sleep(REPEAT_SECONDS)
+        os._exit(130)
+
+    thread = threading.Thread(target=watch, name="autoprune-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = ["alive", "owner_alive", "this_process", "watch_parent"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import math
 import time
@@ -260,12 +259,24 @@ class Task:
         """
         if not isinstance(model, nn.Module):
             raise AutopruneError("model", type(model).__name__, "is not a torch.nn.Module")
-        if not metric_name.isidentifier() or not metric_name.islower():
+        if not isinstance(metric_name, str) or not metric_name.isidentifier() or not metric_name.islower():
             raise AutopruneError("metric_name", metric_name, "must be a lower-case identifier (it names objectives and constraints)")
-        if signal_steps < 0:
+        if not _is_int(signal_steps) or signal_steps < 0:
             raise AutopruneError("signal_steps", signal_steps, "must be 0 (no priors) or a positive number of steps")
-        if signal_lr <= 0:
-            raise AutopruneError("signal_lr", signal_lr, "must be positive")
+        if not isinstance(signal_lr, (int, float)) or isinstance(signal_lr, bool) or not signal_lr > 0 or not math.isfinite(signal_lr):
+            raise AutopruneError("signal_lr", signal_lr, "must be a positive number")
+        for name, function in (("metric", metric), ("loss", loss)):
+            if function is not None and not callable(function):
+                raise AutopruneError(name, function, f"must be a function ({'metric(model, loader) -> float' if name == 'metric' else 'loss(model, batch) -> Tensor'})")
+        for name, split in (("train", train), ("val", val), ("test", test)):
+            if split is not None:
+                _check_split(name, split)
+        if input_shape is not None and (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape or not all(_is_int(d) and d > 0 for d in input_shape)):
+            raise AutopruneError("input_shape", input_shape, "must be the positive integer sizes of one sample, e.g. (3, 32, 32) or (1, 40)")
+        if example_input is not None and not isinstance(example_input, torch.Tensor):
+            raise AutopruneError("example_input", type(example_input).__name__, "must be a tensor (a batch of one or more samples)")
+        if reference is not None and (not isinstance(reference, str) or reference.count(":") != 1):
+            raise AutopruneError("reference", reference, "must be 'package.module:function' (a function returning this task)")
         task = cls.__new__(cls)
         task.spec = None
         task.metric_name = metric_name
@@ -285,15 +296,52 @@ class Task:
 
     def configure(self, *, device: str | torch.device | None = None, val_samples: int | None = None, bf16: bool = False, num_workers: int = 0) -> "Task":
         """Where and how the task runs; none of it changes results beyond floating-point order."""
-        if val_samples is not None and val_samples < 1:
-            raise AutopruneError("val_samples", val_samples, "must be a positive number of samples (or None for the whole split)")
-        if num_workers < 0:
-            raise AutopruneError("num_workers", num_workers, "must be 0 or more")
-        self.device = resolve_device(device)
+        self.device = device  # type: ignore[assignment] - resolved by the property
         self.val_samples = val_samples
         self.bf16 = bf16
         self.num_workers = num_workers
         return self
+
+    # Settings a user may also assign (``task.val_samples = 200``): checked when set, as configure checks them,
+    # so that a bad one is refused before any work rather than met in the middle of a search.
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @device.setter
+    def device(self, value: str | torch.device | None) -> None:
+        self._device = resolve_device(value)
+
+    @property
+    def val_samples(self) -> int | None:
+        return self._val_samples
+
+    @val_samples.setter
+    def val_samples(self, value: int | None) -> None:
+        if value is not None and (not _is_int(value) or value < 1):
+            raise AutopruneError("val_samples", value, "must be a positive number of samples (or None for the whole split)")
+        self._val_samples = value
+
+    @property
+    def bf16(self) -> bool:
+        return self._bf16
+
+    @bf16.setter
+    def bf16(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise AutopruneError("bf16", value, "must be True or False")
+        self._bf16 = value
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @num_workers.setter
+    def num_workers(self, value: int) -> None:
+        if not _is_int(value) or value < 0:
+            raise AutopruneError("num_workers", value, "must be 0 or more")
+        self._num_workers = value
 
     @property
     def is_user(self) -> bool:
@@ -360,7 +408,15 @@ class Task:
         return model
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return self._user.loss(model, batch) if self._user is not None else cross_entropy(model, batch)
+        if self._user is None:
+            return cross_entropy(model, batch)
+        from autoprune.usercode import call_user, reference_of
+
+        loss = self._user.loss
+        value = loss(model, batch) if loss is cross_entropy else call_user("loss", reference_of(loss), loss, model, batch)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise AutopruneError("loss", reference_of(loss), f"returned {_what(value)}: it must return a scalar tensor")
+        return value
 
     @property
     def distills(self) -> bool:
@@ -387,8 +443,18 @@ class Task:
         was_training = model.training
         model.to(self.device).eval()
         try:
+            loader = self.loader(split, batch_size=512, full=full)
             metric = self._user.metric if self._user is not None else top1_accuracy
-            return float(metric(model, self.loader(split, batch_size=512, full=full)))
+            if metric is top1_accuracy:
+                return float(metric(model, loader))
+            from autoprune.usercode import call_user, reference_of
+
+            value = call_user("metric", reference_of(metric), metric, model, loader)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+                raise AutopruneError("metric", reference_of(metric), f"returned {_what(value)}: it must return a number (higher is better)")
+            return float(value)
         finally:
             model.train(was_training)
             model.to(home)
@@ -446,6 +512,11 @@ class Task:
         assert self._user is not None
         model = self._user.model
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
+        for split, value in (("val", val), ("test", test)):
+            if not math.isfinite(value):
+                from autoprune.usercode import reference_of
+
+                raise AutopruneError("metric", reference_of(self._user.metric), f"gives {value} for the given model on {split}: it must give a finite number, or no trial could be ranked")
         return BaseModel(model, val, test, 0.0, None, False, self.signal_record(model))
 
     def signal_record(self, model: nn.Module) -> dict[str, Any]:
@@ -516,10 +587,53 @@ MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
 MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
 
 
+def check_reads_input(model: nn.Module, input_shape: Sequence[int], *, field: str, value: Any, what: str) -> None:
+    """One forward pass of two zero samples of ``input_shape``: a model that cannot read its task's input
+    (a 32x32 zoo model on 8x8 digits) is refused in one line now, not met as a traceback inside training."""
+    from autoprune.models import probing
+
+    try:
+        with probing(model):
+            model(torch.zeros(2, *input_shape))
+    except Exception as exc:  # noqa: BLE001 - a shape mismatch raises RuntimeError, a user's forward anything
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise AutopruneError(field, value, f"cannot read {what} of shape {'x'.join(map(str, input_shape))} ({reason})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _what(value: Any) -> str:
+    """A returned value as an error line names it: its type, and the value when short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
+
+
+def _check_split(name: str, split: Any) -> None:
+    """A split is a Dataset or a DataLoader (or any iterable of batches) holding at least one sample: an
+    empty one would end fine-tuning with a bare StopIteration, or score every model 0."""
+    if isinstance(split, (str, bytes)) or not hasattr(split, "__iter__") and not hasattr(split, "__getitem__"):
+        raise AutopruneError(name, type(split).__name__, "must be a Dataset or a DataLoader")
+    dataset = split.dataset if isinstance(split, DataLoader) else split
+    try:
+        empty = len(dataset) == 0  # type: ignore[arg-type]
+    except TypeError:  # an iterable dataset has no length: its first batch says
+        try:
+            next(iter(split))
+            empty = False
+        except StopIteration:
+            empty = True
+    if empty:
+        raise AutopruneError(name, f"{type(dataset).__name__} of 0 samples", "is empty: every split needs samples")
+
+
 def _infer_input_shape(example_input: torch.Tensor | None, train: Any) -> tuple[int, ...]:
     """The shape of one sample: from ``example_input`` (a batch of one or more) or the first training batch."""
     if example_input is None:
-        first = next(iter(train))
+        first = next(iter(train), None)
+        if first is None:
+            raise AutopruneError("train", type(train).__name__, "is empty: every split needs samples")
         x = batch_inputs(first)
         if not isinstance(x, torch.Tensor):
             raise AutopruneError("input_shape", None, "cannot be inferred: a batch's input is not a tensor (pass input_shape=)")
@@ -528,27 +642,14 @@ def _infer_input_shape(example_input: torch.Tensor | None, train: Any) -> tuple[
     return tuple(example_input.shape[1:])
 
 
-def load_reference(reference: str, *, field: str = "--task") -> Any:
-    """The object a ``package.module:attribute`` reference names, imported now."""
-    module_name, sep, attr = reference.partition(":")
-    if not sep or not module_name or not attr:
-        raise AutopruneError(field, reference, "is not of the form package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AutopruneError(field, reference, f"cannot be imported ({exc})") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise AutopruneError(field, reference, f"names nothing: {module_name} has no {attr!r}") from None
+def task_from_reference(reference: str, *, field: str = "--task") -> Task:
+    """Call ``package.module:function`` and check that it returned a Task; the reference is kept for workers.
+    What the function raises is the user's, named by the reference (``usercode.UserCodeError``)."""
+    from autoprune.usercode import call_user, load_reference
 
-
-def task_from_reference(reference: str) -> Task:
-    """Call ``package.module:function`` and check that it returned a Task; the reference is kept for workers."""
-    factory = load_reference(reference)
-    task = factory()
+    task = call_user(field, reference, load_reference(reference, field=field))
     if not isinstance(task, Task):
-        raise AutopruneError("--task", reference, f"returned {type(task).__name__}, not an autoprune.Task")
+        raise AutopruneError(field, reference, f"returned {type(task).__name__}, not an autoprune.Task")
     if task._user is not None and task._user.reference is None:
         task._user.reference = reference
     return task
@@ -624,6 +725,8 @@ def cli_task(*, model: str, weights: str | Path | None = None, task: str | None 
     else:
         built = task_for(model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs)
         built.device = resolve_device(device, field="--device")
+        assert built.spec is not None
+        check_reads_input(built.build(), built.input_shape, field="model", value=model, what=f"the {built.spec.dataset} input")
     if val_samples is not None or bf16:
         built.configure(device=str(built.device), val_samples=val_samples if val_samples is not None else built.val_samples, bf16=bf16 or built.bf16, num_workers=built.num_workers)
     return built

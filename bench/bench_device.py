@@ -47,7 +47,7 @@ def trials_per_minute(device: str, *, trials: int, samples: int, workdir: Path) 
     result = autoprune.search(
         task, space=SPACE, objectives="accuracy_bops", trials=trials, sampler="random", priors=False, device=device,
         study=f"bench-{device.replace(':', '-')}", storage=f"sqlite:///{workdir / 'bench.db'}",
-        tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+        tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", quiet=True,
     )
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in result.study.get_trials() if t.state.name == "COMPLETE"]
     mean = statistics.mean(seconds)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 from autoprune.cli import main
 
@@ -33,6 +34,7 @@ class Case:
     args: tuple[str, ...]
     needles: tuple[str, ...]  # the field and the value the error line must name
     files: dict[str, str] = field(default_factory=dict)  # written into {in} first
+    cached: bool = False  # the model cache holds a trained digits_cnn (in {in}, not in the working folder)
 
 
 def _search(*extra: str, files: dict[str, str] | None = None, needles: tuple[str, ...], name: str) -> Case:
@@ -129,12 +131,103 @@ CASES: list[Case] = [
     Case("signals-no-epochs", ("signals", "--epochs", "0"), ("--epochs", "0")),
 ]
 
+# Issue 25's classes, each refused in one line before anything is written. ``faulty.py`` (the user's own code)
+# and a cached trained digits model live in {in}.
+BOMB = "description:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  b{i}: &b{i} [{', '.join([f'*{p}'] * 9)}]\n" for i, p in enumerate(["a", "b0", "b1", "b2", "b3", "b4", "b5"])
+)
+ROUND_FIVE: list[Case] = [
+    # options that only mean something with another one
+    _search("--budget-steps", "100", needles=("--budget-steps", "100"), name="search-budget-steps-without-fidelity"),
+    _search("--gpus-per-trial", "1", needles=("--gpus-per-trial", "1.0"), name="search-gpus-per-trial-locally"),
+    _search("--executor", "ray", "--gpus-per-trial", "64", needles=("--gpus-per-trial", "64"), name="search-ray-gpus-this-machine-lacks"),
+    _search("--executor", "ray", "--cpus-per-trial", "4096", needles=("--cpus-per-trial", "4096"), name="search-ray-cpus-this-machine-lacks"),
+    # a model that cannot read its data, values that would silently mean the default, a machine's limits
+    _search("--model", "vgg7", "--dataset", "digits", needles=("--model", "vgg7", "1x8x8"), name="search-model-cannot-read-the-dataset"),
+    Case("signals-model-cannot-read-the-dataset", ("signals", *FAST, "--model", "vgg7", "--dataset", "digits"), ("--model", "vgg7", "1x8x8")),
+    _search("--tracking-uri", "", needles=("--tracking-uri", "''", "empty"), name="search-tracking-uri-empty"),
+    _search("--storage", "", needles=("--storage", "''", "empty"), name="search-storage-empty"),
+    _search("--tracking-uri", "{in}/policy.yaml", files={POLICY: "{}\n"}, needles=("--tracking-uri", "policy.yaml", "is a file"), name="search-tracking-uri-under-a-file"),
+    _search("--jobs", "1000", needles=("--jobs", "1000"), name="search-a-thousand-jobs"),
+    _space("space-log-range-with-a-step", "layers:\n  _default: {w_bits: {low: 2, high: 8, log: true, step: 2}}\n", "w_bits.step", "log"),
+    _space("space-log-not-a-bool", "layers:\n  _default: {keep_ratio: {low: 0.1, high: 0.9, log: 'yes'}}\n", "keep_ratio.log", "'yes'"),
+    # a cached trained model that cannot read the input asked for
+    Case("cost-input-the-cached-model-cannot-read", ("cost", "--model", "digits_cnn", "--input", "3x8x8"), ("--input", "3x8x8"), cached=True),
+    # a key given twice, an alias bomb
+    _policy("cost", "duplicate-key-yaml", "layers:\n  _default: {w_bits: 4}\n  _default: {w_bits: 8}\n", "policy.yaml", "_default", "twice"),
+    Case("cost-duplicate-key-json", ("cost", "--model", "digits_cnn", "--policy", "{in}/dup.json"), ("dup.json", "w_bits", "twice"), {"dup.json": '{"layers": {"_default": {"w_bits": 4, "w_bits": 8}}}'}),
+    _space("space-duplicate-key", "layers:\n  _default: {w_bits: {choices: [2, 4]}}\nlayers:\n  _default: {w_bits: 8}\n", "space.yaml", "layers", "twice"),
+    _objectives("objectives-duplicate-key", "objectives: [{metric: accuracy}, {metric: bops}]\nobjectives: [{metric: bops}]\n", "objectives", "twice"),
+    _space("space-alias-bomb", BOMB + "pin: *b6\n", "space.yaml", "100,000"),
+    _policy("apply", "alias-bomb", BOMB + "layers: *b6\n", "policy.yaml", "100,000"),
+    # study names that would name folders outside their own
+    _search("--study", "", needles=("--study", "''"), name="search-empty-study-name"),
+    _search("--study", "..", needles=("--study", "'..'"), name="search-dotdot-study-name"),
+    _search("--study", "a/b", needles=("--study", "'a/b'"), name="search-study-name-with-a-slash"),
+    # outputs over what is there already
+    Case("export-out-over-a-file", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "{in}/keep.txt"), ("--out", "keep.txt", "is a file"), {"keep.txt": "mine\n"}),
+    Case("export-out-over-a-folder-of-other-files", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "{in}/mine"), ("--out", "mine", "other files"), {"mine/notes.txt": "mine\n"}),
+    Case("export-register-empty", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "out", "--format", "onnx", "--register", ""), ("--register", "''")),
+    Case("export-register-with-a-slash", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "out", "--format", "onnx", "--register", "a/b"), ("--register", "a/b")),
+    Case("export-register-without-onnx", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "out", "--register", "m"), ("--register", "'m'")),
+    Case("export-unknown-format", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "out", "--format", "zip"), ("--format", "zip")),
+    Case("export-onnx-to-a-damaged-store", ("export", "--study", "plain", "--storage", "sqlite:///{in}/study.db", "--out", "out", "--format", "onnx", "--tracking-uri", "sqlite:///{in}/cut.db"), ("--tracking-uri", "cut.db", "damaged"), {"cut.db": "SQLite format 3\x00" + "\x10\x00" + "\x00" * 82}),
+    Case("apply-out-over-a-folder", ("apply", *FAST, f"{{in}}/{POLICY}", "--out", "{in}"), ("--out", "folder"), {POLICY: "{}\n"}),
+    # the user's own code fails: named, with their exception and their own frame
+    Case("search-task-raises", ("search", *FAST, "--quiet", "--task", "faulty:raises"), ("--task", "faulty:raises", "ValueError", "my data is gone")),
+    Case("search-task-not-callable", ("search", *FAST, "--quiet", "--task", "faulty:NUMBER"), ("--task", "faulty:NUMBER", "not a function")),
+    Case("search-task-returns-none", ("search", *FAST, "--quiet", "--task", "faulty:returns_none"), ("--task", "faulty:returns_none", "NoneType")),
+    Case("signals-task-module-does-not-parse", ("signals", "--task", "unparsable:task"), ("--task", "unparsable:task", "SyntaxError")),
+    Case("apply-task-raises", ("apply", f"{{in}}/{POLICY}", "--task", "faulty:raises"), ("--task", "faulty:raises", "ValueError"), {POLICY: "{}\n"}),
+    Case("search-model-factory-raises", ("search", *FAST, "--quiet", "--model", "faulty:factory", "--weights", "{in}/w.safetensors"), ("--model", "faulty:factory", "RuntimeError")),
+    Case("cost-model-factory-raises", ("cost", "--model", "faulty:factory", "--input", "1x8x8"), ("--model", "faulty:factory", "RuntimeError")),
+]
+CASES += ROUND_FIVE
+
+
+FAULTY = """
+import torch
+
+NUMBER = 3
+
+
+def raises():
+    raise ValueError("my data is gone")
+
+
+def returns_none():
+    return None
+
+
+def factory():
+    raise RuntimeError("my factory broke")
+"""
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder the cases read from, with a study database holding one study autoprune did not create."""
+    """The folder the cases read from, with a study database holding one study autoprune did not create, the
+    user's faulty code, weights for it, and a model cache holding a trained digits_cnn (untrained weights:
+    what matters is their shape)."""
+    from safetensors.torch import save_file
+
+    from autoprune.models import build_model
+    from autoprune.task import task_for
+
     folder = tmp_path_factory.mktemp("in")
     optuna.create_study(study_name="plain", storage=f"sqlite:///{folder / 'study.db'}")
+    (folder / "faulty.py").write_text(FAULTY)
+    (folder / "unparsable.py").write_text("def task(:\n")
+    save_file({"w": torch.zeros(1)}, str(folder / "w.safetensors"))
+    cache = folder / "cache"
+    os.environ["AUTOPRUNE_CACHE"], previous = str(cache), os.environ.get("AUTOPRUNE_CACHE")
+    try:
+        directory = task_for("digits_cnn").cache_dir()
+    finally:
+        os.environ.pop("AUTOPRUNE_CACHE") if previous is None else os.environ.__setitem__("AUTOPRUNE_CACHE", previous)
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in build_model("digits_cnn", in_channels=1).state_dict().items()}, str(directory / "model.safetensors"))
+    (directory / "meta.json").write_text('{"val_accuracy": 0, "test_accuracy": 0, "train_seconds": 0}')
     return folder
 
 
@@ -144,16 +237,20 @@ def _listing(folder: Path) -> list[str]:
 
 def _prepare(case: Case, inputs: Path, tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:
     for name, text in case.files.items():
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
         (inputs / name).write_text(text)
     work = tmp_path / "work"
     work.mkdir()
-    env = {"AUTOPRUNE_CACHE": str(work / ".autoprune" / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"}
+    cache = inputs / "cache" if case.cached else work / ".autoprune" / "cache"
+    env = {"AUTOPRUNE_CACHE": str(cache), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}", "PYTHONPATH": str(inputs)}
     args = [a.replace("{in}", str(inputs)) for a in case.args]
     return work, args, env
 
 
 def _check(case: Case, code: int | None, err: str, work: Path, inputs: Path) -> None:
     err = err.strip()
+    for name, text in case.files.items():  # an input is never changed, moved or replaced
+        assert (inputs / name).is_file() and (inputs / name).read_text() == text, f"{case.name} changed its input {name}"
     assert code == 2, f"{case.name}: exit status {code}\n{err}"
     assert "Traceback" not in err, f"{case.name}: {err}"
     assert 1 <= len(err.splitlines()) <= 2, f"{case.name}: {err}"
@@ -174,12 +271,16 @@ def test_bad_input_is_refused_before_any_work(case: Case, inputs: Path, tmp_path
     monkeypatch.chdir(work)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(str(inputs))
     capsys.readouterr()
     code = main(args)
     _check(case, code, capsys.readouterr().err, work, inputs)
 
 
-SUBPROCESS_CASES = ["apply-unknown-layer", "apply-unknown-quantizer", "space-unknown-key", "search-unreachable-postgres", "cost-not-yaml", "ui-port-zero"]
+SUBPROCESS_CASES = [
+    "apply-unknown-layer", "apply-unknown-quantizer", "space-unknown-key", "search-unreachable-postgres", "cost-not-yaml", "ui-port-zero",
+    "search-task-raises", "space-alias-bomb", "export-out-over-a-file",
+]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
@@ -187,7 +288,8 @@ def test_bad_input_through_the_installed_command(name: str, inputs: Path, tmp_pa
     """The same refusals from a fresh interpreter: no import-time output, no warning lines, no traceback."""
     case = next(c for c in CASES if c.name == name)
     work, args, env = _prepare(case, inputs, tmp_path)
-    full_env = {**os.environ, **env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+    path = os.pathsep.join(p for p in (env.pop("PYTHONPATH"), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, **env, "PYTHONPATH": path, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run([sys.executable, "-m", "autoprune.cli", *args], cwd=work, env=full_env, capture_output=True, text=True, timeout=300)
     assert proc.stdout == "", proc.stdout
     _check(case, proc.returncode, proc.stderr, work, inputs)

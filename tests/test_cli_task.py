@@ -154,7 +154,7 @@ def test_export_onnx_logs_each_point_and_registers_it(weights_study: Path, tmp_p
         mlflow.set_tracking_uri("")
         mlflow.set_registry_uri("")
     assert any(node.op_type == "DequantizeLinear" for node in proto.graph.node)
-    assert "| onnxruntime acc |" in (out / "report.md").read_text()
+    assert "| onnxruntime top-1 acc |" in (out / "report.md").read_text()
 
 
 def test_apply_out_onnx_writes_the_model_and_its_packed_weights(weights: Path, weights_study: Path, tmp_path: Path) -> None:

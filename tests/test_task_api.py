@@ -150,6 +150,13 @@ def test_search_on_user_weights_keeps_them_and_apply_reproduces_the_front(weight
     exported = result.export(tmp_path / "export")
     report = json.loads(Path(exported.report if hasattr(exported, "report") else tmp_path / "export" / "report.json").read_text())
     assert report["exported"] and all(row["replay_matches"] for row in report["exported"])
+    # the tables name the task's metric: its value, drop and interval, never "-" for want of "accuracy"
+    rows = result.rows()
+    assert rows["metric"] == "balanced_acc" and all(r["balanced_acc"] is not None and r["balanced_acc_drop"] is not None for r in rows["front"])
+    header = next(line for line in result.table().splitlines() if "trial" in line and "strategy" in line)
+    assert "balanced_acc" in header and "drop" in header and "accuracy" not in header
+    markdown = (tmp_path / "export" / "report.md").read_text()
+    assert "val balanced_acc (recorded)" in markdown and "val acc" not in markdown
 
 
 @pytest.mark.e2e
@@ -229,10 +236,15 @@ def test_cuda_without_cuda_is_a_clean_error_before_any_work(weights: Path, tmp_p
 def test_apply_runs_on_the_task_device_and_cost_needs_no_data(weights: Path) -> None:
     task = user_task(weights)
     model = task.build()
-    policy = {"finetune_steps": 5, "calibration_batches": 1, "layers": {"_default": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 8}}}
+    policy = {"finetune_steps": 5, "calibration_batches": 1, "input_bits": 6, "layers": {"_default": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 8}}}
     result = autoprune.apply(model, policy, task=task, device=DEVICE)
     assert next(result.model.parameters()).device.type == torch.device(DEVICE).type
-    assert result.summary()["features.0"]["out_channels"] == 4  # half of 8 channels removed
+    summary = result.summary()
+    assert summary["features.0"]["out_channels"] == 4  # half of 8 channels removed
+    # the layer reading the network input gets the input's bits, and the table says so, not the policy's 8
+    assert summary["features.0"]["a_bits"] == 6 and summary["features.3"]["a_bits"] == 8
+    lines = str(summary).splitlines()
+    assert lines[0].split()[:2] == ["layer", "out"] and "6 (input)" in next(line for line in lines if line.startswith("features.0"))
     assert all(p.device.type == "cpu" for p in model.parameters())  # the given model is untouched
     static = autoprune.cost(model, input_shape=(1, 8, 8), policy=policy).to_dict()["total"]
     float_cost = autoprune.cost(model, input_shape=(1, 8, 8)).to_dict()["total"]
@@ -357,7 +369,7 @@ def test_val_samples_fixes_one_subset_for_a_users_loader(weights: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Your own model"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
@@ -370,6 +382,10 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "model.safetensors")  # type: ignore[attr-defined]
     exec(code, {})
     assert (tmp_path / "exports" / "mine" / "report.json").is_file()
+    assert (tmp_path / "front.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert out.count("Pareto front of study") == 2, "the search printed the front table, and result.table() gave it"
+    assert "A bits" in out and "(input)" in out, "the summary is a per-layer table naming the input's bits"
     assert sqlite3.connect(tmp_path / "study.db").execute("select count(*) from trials").fetchone()[0] == 3
 
 

@@ -569,12 +569,21 @@ def test_plots_take_any_number_of_objectives(tmp_path: Path) -> None:
     assert plots.spread(list(range(10)), 4) == [0, 3, 6, 9]
 
 
-def test_the_front_plot_legend_sits_where_the_best_of_both_axes_meet() -> None:
-    # no trade-off reaches that corner: high accuracy at low cost, low drop at low cost
-    assert plots._utopia_corner("bops", "accuracy") == "upper left"
-    assert plots._utopia_corner("bops", "accuracy_drop") == "lower left"
-    assert plots._utopia_corner("memory_mb", "performance_density") == "upper left"
-    assert plots._utopia_corner("trial", "accuracy") == "upper left"
+def test_the_front_plot_legend_covers_no_point() -> None:
+    # the front's best trade-offs crowd towards high accuracy at low cost, the corner the legend once sat in
+    import matplotlib.pyplot as plt
+
+    points = [plots.TrialPoint(i, {"accuracy": 99.5 - 0.1 * i, "bops": 1e4 * 2**i, "memory_mb": 0.01 * (i + 1)}, rank=0 if i < 6 else 1, prior="p" if i == 0 else None) for i in range(12)]
+    for objectives in (["accuracy", "bops"], ["accuracy", "bops", "memory_mb"]):
+        fig = plots.pareto_figure(points, objectives, base={"accuracy": 99.6, "bops": 1e7, "memory_mb": 0.2})
+        fig.canvas.draw()
+        legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None).get_window_extent()
+        for ax in fig.axes:
+            for collection in ax.collections:
+                for x, y in ax.transData.transform(collection.get_offsets()):
+                    assert not legend.contains(x, y), f"{objectives}: a point at {(x, y)} lies under the legend {legend}"
+            assert not legend.overlaps(ax.get_window_extent()), "the legend overlaps a panel"
+        plt.close(fig)
 
 
 def test_importing_tracking_and_plots_loads_neither_mlflow_nor_plotting() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -30,15 +29,9 @@ def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = N
         return factory(num_classes=num_classes, in_channels=in_channels or shape[0])
     if ":" not in spec:
         raise AutopruneError("model", spec, f"is not a zoo model ({', '.join(MODELS)}) nor a package.module:factory")
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AutopruneError("model", spec, f"cannot be imported ({exc})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise AutopruneError("model", spec, f"names no callable {attr!r} in {module_name}")
-    model = factory()
+    from autoprune.usercode import call_user, load_reference
+
+    model = call_user("model", spec, load_reference(spec, field="model"))
     if not isinstance(model, nn.Module):
         raise AutopruneError("model", spec, f"returned {type(model).__name__}, not a torch.nn.Module")
     return model

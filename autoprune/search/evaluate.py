@@ -137,4 +137,5 @@ class Evaluator:
 
 
 def _layers(result: Any) -> dict[str, dict[str, Any]]:
-    return {name: lp.model_dump() for name, lp in result.layers.items()}
+    # the activation bits applied, beside the policy's: a layer reading the network input gets the input's
+    return {name: {**lp.model_dump(), "a_bits_applied": result.act_bits.get(name, lp.a_bits)} for name, lp in result.layers.items()}

@@ -98,13 +98,13 @@ def event_of(trial: "FrozenTrial | optuna.Trial", record: TrialRecord | None = N
     )
 
 
-def _summary(policy: dict[str, Any] | None) -> str:
+def _summary(policy: dict[str, Any] | None, layers: dict[str, dict[str, Any]] | None = None) -> str:
     if not policy:
         return ""
     from autoprune.policy import Policy
 
     parsed = Policy.from_dict(policy)
-    return parsed.summary(list(parsed.layers))
+    return parsed.summary(list(parsed.layers), applied=layers)
 
 
 class Front:
@@ -152,7 +152,7 @@ class Front:
         if trial.values is None or not record.feasible:
             return {}
         self.rows[trial.number] = FrontRow(
-            trial.number, record.metrics or {}, record.prior, _summary(record.policy), tuple(trial.values), record.policy, record.layers, record.strategy
+            trial.number, record.metrics or {}, record.prior, _summary(record.policy, record.layers), tuple(trial.values), record.policy, record.layers, record.strategy
         )
         changed = self.ranking.add(trial.number, losses(trial.values, self.directions))
         if self.base is not None and record.metrics:

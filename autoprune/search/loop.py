@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 
 import optuna
+from optuna.trial import TrialState
 
 from autoprune.search.budget import counted_before
 from autoprune.search.fidelity import low_fidelity, steps_spent
-from autoprune.search.lifecycle import SKIPPED, Outcome, awaiting_owner, fail_orphaned_trials, finish, new_trial, run_in_process
+from autoprune.search.lifecycle import OWNER, SKIPPED, Outcome, awaiting_owner, fail_orphaned_trials, failure_reason, finish, new_trial, run_in_process
+from autoprune.search.record import write_trial
 from autoprune.search.study import SearchContext
 
 # how often a process whose budget looks spent looks again while a trial there has no owner yet
@@ -41,9 +43,9 @@ def run_trials(ctx: SearchContext, *, deadline: float | None) -> int:
             continue  # ``asked`` still bounds at the budget: the top of the loop counts again
         with new_trial(ctx, distributions) as trial:
             if trial.number >= ctx.budget and counted_before(ctx.study, trial.number) >= ctx.budget:
-                finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
+                skip(ctx, trial)
                 break
-            run_in_process(ctx, trial)
+            _run(ctx, trial)
         ran += 1
         asked = trial.number + 1
     return ran
@@ -63,11 +65,34 @@ def _run_fidelity_trials(ctx: SearchContext, *, deadline: float | None) -> int:
             except Exception:  # noqa: BLE001 - a point the space cannot turn into a policy fails in begin, spending nothing
                 short = 0
             if steps_spent(ctx.study) + short > ctx.budget_steps:
-                finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
+                skip(ctx, trial)
                 break
-            run_in_process(ctx, trial)
+            _run(ctx, trial)
         ran += 1
     return ran
+
+
+def _run(ctx: SearchContext, trial: optuna.Trial) -> None:
+    """The trial's lifecycle; when the process itself fails under it (a full disk, a store gone), the trial is
+    failed as interrupted on the way out, so it is run again rather than left RUNNING until the next start.
+    Best effort: the failure may keep that write from landing too, and then the next start fails it (its
+    process is gone)."""
+    try:
+        run_in_process(ctx, trial)
+    except Exception as exc:
+        try:
+            if any(t.number == trial.number for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+                finish(ctx, trial, Outcome(failure=f"interrupted: {failure_reason(exc)}", interrupted=True))
+        except Exception:  # noqa: BLE001 - the first failure is the one to report
+            pass
+        raise
+
+
+def skip(ctx: SearchContext, trial: optuna.Trial) -> None:
+    """Record a trial asked past the budget as skipped. It is owned first, like every trial this process
+    tells: its tracker alone logs it, and another process's reconcile leaves it alone (one child run each)."""
+    write_trial(ctx.study, trial, owner=OWNER)
+    finish(ctx, trial, Outcome(failure=SKIPPED, interrupted=True))
 
 
 def _next_number(study: optuna.Study) -> int:

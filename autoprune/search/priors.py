@@ -39,7 +39,8 @@ from typing import Any, Callable, Sequence
 from optuna.trial import TrialState
 
 from autoprune.policy import LayerPolicy, Policy
-from autoprune.search.record import enqueue, read_meta, read_trial, write_meta
+from autoprune.processes import this_process
+from autoprune.search.record import enqueue, read_meta, read_trial, study_lock, write_meta
 
 A_FLOOR = 8
 
@@ -105,15 +106,25 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
     not trials, and takes them all) gets priors spread evenly over the list, which runs from the cheapest
     budget's to the S/N kinds', rather than its first ones and a queue left waiting. A resumed study gets
     the ones it has not had, spread the same way over the trials its budget has left, so a search cut short
-    at a few trials and resumed with more still starts from every prior. A study begun without priors
+    at a few trials and resumed with more still starts from every prior; a prior whose trial was cut short
+    (interrupted, or left queued when the budget ran out) is one it has not had. A study begun without priors
     (``--no-priors``) stays without them.
+
+    Processes that start on one study at once take turns (``record.study_lock``): each reads what the others
+    enqueued, so the priors are enqueued once, never once per process.
     """
+    with study_lock(ctx.study, "priors", owner=this_process()):
+        return _enqueue_priors(ctx, evaluator, kinds=kinds)
+
+
+def _enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str]) -> list[str]:
     from autoprune.search.budget import spent
 
     trials = ctx.study.get_trials(deepcopy=False)
-    had = {read_trial(t).prior for t in trials} - {None}
-    if trials and not had:
+    records = [(t, read_trial(t)) for t in trials]
+    if trials and all(r.prior is None for _, r in records):
         return []
+    had = {r.prior for t, r in records if not (t.state == TrialState.FAIL and r.interrupted)} - {None}
     queued: list[tuple[dict[str, Any], str]] = []
 
     def queue(params: dict[str, Any], tag: str) -> None:
@@ -142,6 +153,27 @@ def enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str] = DEFAULT_P
     for params, tag in queued:
         enqueue(ctx.study, params, prior=tag, strategy="prior")
     return [tag for _, tag in queued]
+
+
+UNQUEUED = "interrupted: not run, the budget was spent before its turn (a resume with more trials runs it)"
+
+
+def drop_waiting(study: Any) -> list[int]:
+    """Fail (as interrupted) the enqueued trials still waiting once the budget is spent, so that no trial is
+    left WAITING behind a finished search; a resume with more trials enqueues those priors again. Each is
+    claimed first, as Optuna's ask claims one (WAITING to RUNNING, atomic in the storage), so a trial another
+    process took a moment ago is left to it."""
+    from autoprune.search.record import write_trial
+
+    dropped = []
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+            continue
+        write_trial(study, trial._trial_id, owner=this_process(), failure=UNQUEUED, interrupted=True)
+        study.tell(trial.number, state=TrialState.FAIL)
+        dropped.append(trial.number)
+    return dropped
 
 
 def sensitivity_policies(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVITY_BUDGETS) -> list[tuple[Policy, str]]:
@@ -186,5 +218,5 @@ def sensitivity_solutions(ctx: Any, evaluator: Any, *, budgets: int = SENSITIVIT
 
 __all__ = [
     "PRIOR_KINDS", "DEFAULT_PRIORS", "SENSITIVITY", "UNIFORM", "KINDS", "A_FLOOR", "prior_policies", "enqueue_priors", "prior_tag", "sensitivity_policies",
-    "sensitivity_solutions", "uniform_solutions", "predicted_front",
+    "sensitivity_solutions", "uniform_solutions", "predicted_front", "drop_waiting", "UNQUEUED",
 ]

@@ -14,7 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.search.budget import counted_before, spent
 from autoprune.search.front import Front, event_of
 from autoprune.search.objectives import ObjectiveSpec
-from autoprune.search.record import read_meta, read_trial, write_meta
+from autoprune.processes import this_process
+from autoprune.search.record import read_meta, read_trial, study_lock, write_meta
 from autoprune.search.study import SearchContext
 
 
@@ -37,11 +38,13 @@ def study_info(study: optuna.Study) -> Any:
 
 
 def start_tracker(tracker: Any, study: optuna.Study) -> None:
-    """Start the tracker on the study and record its parent run, which a resume then reuses."""
-    info = study_info(study)
-    parent = tracker.start(study=info)
-    if parent is not None and parent != info.parent_run_id:
-        write_meta(study, read_meta(study).model_copy(update={"mlflow_parent_run_id": parent}))
+    """Start the tracker on the study and record its parent run, which a resume then reuses. Processes that
+    start on one study at once take turns, so that the first makes the parent run and the others reuse it."""
+    with study_lock(study, "mlflow-parent", owner=this_process()):
+        info = study_info(study)
+        parent = tracker.start(study=info)
+        if parent is not None and parent != info.parent_run_id:
+            write_meta(study, read_meta(study).model_copy(update={"mlflow_parent_run_id": parent}))
 
 
 def open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:

@@ -286,6 +286,10 @@ def preflight(config: SearchConfig) -> None:
     RayOptions are checked when it is built)."""
     address, source = cluster_address(config.ray), _source(config.ray)
     if address is None:
+        # the local instance is this machine: what a trial asks for is known before Ray starts (once started,
+        # a trial that cannot fit was refused only after Ray's start-up, with the study already created)
+        if not ray.is_initialized():
+            _check_fits(config.ray, {"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus())})
         return
     if address.startswith("ray://"):
         storage = storage_url(config.storage)
@@ -351,6 +355,12 @@ def _slots(config: RayOptions, resources: dict[str, float]) -> int:
     if config.gpus_per_trial > 0:
         fits = min(fits, resources.get("GPU", 0.0) / config.gpus_per_trial)
     return max(1, int(fits))
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _check_fits(config: RayOptions, resources: dict[str, float]) -> None:

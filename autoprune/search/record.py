@@ -9,7 +9,10 @@ written before it, so old studies keep loading.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+import json
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -199,6 +202,76 @@ def read_finals(study: "optuna.Study") -> dict[int, FinalRecord]:
 
 def write_finals(study: "optuna.Study", finals: dict[int, FinalRecord]) -> None:
     study.set_user_attr(FINAL_KEY, {str(n): f.model_dump() for n, f in sorted(finals.items())})
+LOCK_PREFIX = "autoprune_lock:"
+# how long a process waits for a lock held by a process it cannot see (another host's) before taking it over
+LOCK_STALE_SECONDS = 120.0
+
+
+@contextmanager
+def study_lock(study: "optuna.Study", name: str, *, owner: str) -> Iterator[None]:
+    """Hold the study-wide lock ``name`` while the block runs: one process at a time, across processes and
+    hosts, for work that reads the study and writes to it by what it read (enqueueing the priors).
+
+    The lock is a study user attribute inserted only when absent, atomically in the database (its unique key:
+    a second insert fails), and deleted at the end. A lock whose holder died on this host is taken over at
+    once, one held from another host after LOCK_STALE_SECONDS. Storages without a database (in memory) serve
+    one process, which needs no lock."""
+    from autoprune.processes import owner_alive
+
+    key = f"{LOCK_PREFIX}{name}"
+    engine = _engine(study)
+    if engine is None:
+        yield
+        return
+    waited_since = time.monotonic()
+    while not _insert_attr(engine, study, key, owner):
+        holder = _read_attr(engine, study, key)
+        stale = holder is not None and (owner_alive(holder) is False or time.monotonic() - waited_since > LOCK_STALE_SECONDS)
+        if stale:
+            _delete_attr(engine, study, key, holder)
+        time.sleep(0 if stale else 0.1)
+    try:
+        yield
+    finally:
+        _delete_attr(engine, study, key, owner)
+
+
+def _engine(study: "optuna.Study") -> Any:
+    # Optuna wraps its RDB storage in a cache; the study's own record is written through it elsewhere
+    storage = getattr(study, "_storage", None)
+    return getattr(getattr(storage, "_backend", storage), "engine", None)
+
+
+def _attributes(engine: Any) -> Any:
+    import sqlalchemy
+
+    # Optuna's own table of study user attributes: unique per (study, key)
+    return sqlalchemy.Table("study_user_attributes", sqlalchemy.MetaData(), autoload_with=engine)
+
+
+def _insert_attr(engine: Any, study: "optuna.Study", key: str, owner: str) -> bool:
+    import sqlalchemy
+
+    table = _attributes(engine)
+    try:
+        with engine.begin() as connection:
+            connection.execute(table.insert().values(study_id=study._study_id, key=key, value_json=json.dumps(owner)))
+    except sqlalchemy.exc.IntegrityError:
+        return False
+    return True
+
+
+def _read_attr(engine: Any, study: "optuna.Study", key: str) -> str | None:
+    table = _attributes(engine)
+    with engine.connect() as connection:
+        value = connection.execute(table.select().with_only_columns(table.c.value_json).where(table.c.study_id == study._study_id, table.c.key == key)).scalar()
+    return None if value is None else str(json.loads(value))
+
+
+def _delete_attr(engine: Any, study: "optuna.Study", key: str, owner: str) -> None:
+    table = _attributes(engine)
+    with engine.begin() as connection:
+        connection.execute(table.delete().where(table.c.study_id == study._study_id, table.c.key == key, table.c.value_json == json.dumps(owner)))
 
 
 CONFIRM_KEY = "autoprune_confirmation"
@@ -218,4 +291,5 @@ def write_confirmations(study: "optuna.Study", confirmations: dict[int, Confirma
 __all__ = [
     "StudyMeta", "TrialRecord", "BaseSummary", "Confirmation", "FinalRecord", "META_KEY", "SAMPLERS", "RECORD_VERSION",
     "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_finals", "write_finals", "read_trial", "write_trial", "enqueue",
+    "study_lock",
 ]

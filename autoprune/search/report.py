@@ -29,7 +29,7 @@ def proxy_table(study: optuna.Study) -> list[FrontRow]:
     for trial in front_trials(study):
         record = read_trial(trial)
         policy = Policy.from_dict(record.policy or {})
-        summary = policy.summary(list(policy.layers))
+        summary = policy.summary(list(policy.layers), applied=record.layers)
         rung = record.rung or "finetune"
         rows.append(FrontRow(trial.number, record.metrics or {}, record.prior, summary, tuple(trial.values), record.policy, record.layers, record.strategy, rung))
     return rows
@@ -51,25 +51,38 @@ def final_rows(study: optuna.Study, front: Sequence[tuple[int, FinalRecord]]) ->
         bounds = {f"{m}_ci_{side}": value for m, pair in final.interval.items() for side, value in zip(("low", "high"), pair)}
         metrics = {**final.mean, **bounds}
         rows.append(FrontRow(
-            number, metrics, record.prior, policy.summary(list(policy.layers)), tuple(objectives.values(final.mean)), record.policy, record.layers,
+            number, metrics, record.prior, policy.summary(list(policy.layers), applied=record.layers), tuple(objectives.values(final.mean)), record.policy, record.layers,
             record.strategy, "final",
         ))
     return rows
 
 
+def metric_name(study: optuna.Study) -> str:
+    """The task's metric as the study records it (``accuracy`` for the built-in tasks; a user task's own name)."""
+    meta = read_meta(study)
+    return meta.base.metric if meta and meta.base else "accuracy"
+
+
+def table_metrics(metric: str) -> tuple[str, ...]:
+    """The printed front's metric columns: the task's metric and its drop where accuracy's stand."""
+    swap = {"accuracy": metric, "accuracy_drop": f"{metric}_drop"}
+    return tuple(swap.get(m, m) for m in TABLE_METRICS)
+
+
 def front_rows(study: optuna.Study) -> dict[str, Any]:
     """The front at the highest rung reached, with the study's objectives, base model and hypervolume."""
     table = front_table(study)
+    name = metric_name(study)
     rows = [
         {
             "trial": row.trial,
             "prior": row.prior,
             "strategy": row.strategy,
-            **{m: row.metrics[m] for m in TABLE_METRICS if m in row.metrics},
+            **{m: row.metrics[m] for m in table_metrics(name) if m in row.metrics},
             "bops_reduction": row.metrics.get("bops_reduction"),
-            "accuracy_ci": interval(row.metrics),
-            "test_accuracy": row.metrics.get("test_accuracy"),
-            "test_accuracy_ci": interval(row.metrics, "test_accuracy"),
+            f"{name}_ci": interval(row.metrics, name),
+            f"test_{name}": row.metrics.get(f"test_{name}"),
+            f"test_{name}_ci": interval(row.metrics, f"test_{name}"),
             "val_samples": row.metrics.get("val_samples"),
             "rung": row.rung,
             "policy": row.summary,
@@ -79,11 +92,13 @@ def front_rows(study: optuna.Study) -> dict[str, Any]:
     meta = read_meta(study)
     return {
         "study": study.study_name,
+        "metric": name,
         "objectives": meta.objectives if meta else None,
         "base": meta.base.model_dump() if meta and meta.base else None,
         "trials": len(study.trials),
         "scored": len(scored_trials(study)),
         "rung": table[0].rung if table else None,
+        "failed": failure_counts(study),
         "hypervolume": _hypervolume(study, table) if meta and meta.base else None,
         "front": rows,
     }
@@ -97,6 +112,19 @@ def _hypervolume(study: optuna.Study, table: Sequence[FrontRow]) -> float:
     assert meta is not None and meta.base is not None
     spec = ObjectiveSpec.from_dict(meta.objectives)
     return hypervolume_of([normalised_losses(row.metrics, spec, meta.base.reference()) for row in table])
+
+
+def failure_counts(study: optuna.Study) -> dict[str, int]:
+    """Why trials failed (their recorded reason, cut at its first colon), most frequent first: interrupted
+    and skipped trials, which are run again, are left out."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        record = read_trial(trial)
+        if record.interrupted:
+            continue
+        reason = (record.failure or "no reason recorded").strip()
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def interval(metrics: Mapping[str, float], metric: str = "accuracy") -> tuple[float, float] | None:
@@ -135,34 +163,39 @@ def wide_console() -> Any:
 
 
 def print_front(data: Mapping[str, Any], *, console: Any = None) -> None:
-    """Print ``front_rows``' data as a table, with the hypervolume and the base model below it."""
+    """Print ``front_rows``' data as a table, with the hypervolume and the base model below it; a search
+    whose trials all failed says so, with their most frequent reason, instead of an empty table alone."""
     from rich.table import Table
 
+    name = data.get("metric", "accuracy")
     objectives = ", ".join(f"{o['direction'][:3]} {o['metric']}" for o in (data["objectives"] or {}).get("objectives", []))
     base = data["base"] or {}
     final = data.get("rung") == "final"
     where = "after final training (mean over seeds)" if final else "of the search's fine-tuned trials"
+    with_ci = any(row.get(f"{name}_ci") for row in data["front"])
     table = Table(title=f"Pareto front of study {data['study']!r} ({objectives}), {where}")
     table.add_column("trial", justify="right")
     table.add_column("strategy")
-    for metric in TABLE_METRICS:
-        table.add_column(_HEADERS.get(metric, metric), justify="right")
-        if metric == "accuracy":
-            table.add_column("acc 95% CI", justify="right")
-            if final:
-                table.add_column("test acc", justify="right")
-                table.add_column("test 95% CI", justify="right")
+    columns = table_metrics(name)
+    short = "acc" if name == "accuracy" else name
+    for metric in columns:
+        table.add_column(_HEADERS.get(metric, "drop" if metric == f"{name}_drop" else metric), justify="right")
+        if metric == name and with_ci:
+            table.add_column(f"{short} 95% CI", justify="right")
+        if metric == name and final:
+            table.add_column(f"test {short}", justify="right")
+            table.add_column(f"test {short} 95% CI", justify="right")
     table.add_column("BOPs x", justify="right")
     table.add_column("policy (order, layer:k<keep>W<bits>A<bits>)", overflow="fold")
     for row in data["front"]:
         label = f"{row['trial']}" + ("*" if row["prior"] else "")
         cells = []
-        for m in TABLE_METRICS:
+        for m in columns:
             cells.append(_fmt(row.get(m)))
-            if m == "accuracy":
-                cells.append(_fmt_interval(row["accuracy_ci"]))
-                if final:
-                    cells += [_fmt(row.get("test_accuracy")), _fmt_interval(row.get("test_accuracy_ci"))]
+            if m == name and with_ci:
+                cells.append(_fmt_interval(row.get(f"{name}_ci")))
+            if m == name and final:
+                cells += [_fmt(row.get(f"test_{name}")), _fmt_interval(row.get(f"test_{name}_ci"))]
         table.add_row(label, row["strategy"], *cells, _fmt(row.get("bops_reduction")), row["policy"])
     console = console or wide_console()
     console.print(table)
@@ -170,14 +203,19 @@ def print_front(data: Mapping[str, Any], *, console: Any = None) -> None:
     base_line = ""
     if base:
         cost = base.get("cost", {})
-        base_line = f"; float base model: accuracy {base['val_accuracy']:.2f}%, BOPs {_fmt(float(cost.get('bops', 0)))}"
+        unit = "%" if name == "accuracy" else ""
+        base_line = f"; float base model: {name} {base['val_accuracy']:.2f}{unit}, BOPs {_fmt(float(cost.get('bops', 0)))}"
     console.print(
         f"{len(data['front'])} Pareto-optimal of {data['scored']} feasible trials ({data['trials']} in all); "
         f"hypervolume {hv:.4f}{base_line}; * = warm-start prior" if hv is not None else f"{data['trials']} trials"
     )
+    failed = data.get("failed") or {}
+    if not data["front"] and failed:
+        reason, count = next(iter(failed.items()))
+        console.print(f"no trial reached the front: {sum(failed.values())} failed, {count} of them with: {reason}")
     samples = sorted({int(r["val_samples"]) for r in data["front"] if r.get("val_samples")})
-    if samples:
-        console.print(f"acc 95% CI: Wilson score interval on the {'/'.join(map(str, samples))} validation samples each accuracy was scored on")
+    if samples and with_ci:
+        console.print(f"{name} 95% CI: Wilson score interval on the {'/'.join(map(str, samples))} validation samples each {name} was scored on")
 
 
 def print_predicted(points: Sequence[Any], *, console: Any = None) -> None:
@@ -194,4 +232,7 @@ def print_predicted(points: Sequence[Any], *, console: Any = None) -> None:
     (console or wide_console()).print(table)
 
 
-__all__ = ["front_rows", "front_table", "proxy_table", "final_rows", "print_front", "print_predicted", "wide_console", "COST_METRICS", "TABLE_METRICS"]
+__all__ = [
+    "front_rows", "front_table", "proxy_table", "final_rows", "print_front", "print_predicted", "metric_name", "table_metrics", "failure_counts",
+    "wide_console", "COST_METRICS", "TABLE_METRICS",
+]

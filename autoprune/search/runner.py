@@ -25,7 +25,7 @@ from autoprune.search.loop import run_trials
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.evaluate import Evaluator
 from autoprune.search.ladder import PredictedPoint
-from autoprune.search.priors import SENSITIVITY, UNIFORM, enqueue_priors, predicted_front
+from autoprune.search.priors import SENSITIVITY, UNIFORM, drop_waiting, enqueue_priors, predicted_front
 from autoprune.search.progress import Reporter, open_tracker
 from autoprune.search.record import FinalRecord, write_meta
 from autoprune.search.report import final_rows, print_predicted
@@ -72,6 +72,9 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
     status = "FAILED"
     try:
         ran = executor.run(ctx, config, deadline=deadline)
+        if deadline is None or time.monotonic() < deadline:
+            # the budget is spent: a queued prior left waiting would sit in the study for good
+            drop_waiting(ctx.study)
         if config.finalize:
             reporter.bar.close()  # the trials are done: final training shows its own bar
             finalize_trials(ctx, tracker, steps=config.final_steps, seeds=config.final_seeds, select=config.final_select, progress=config.progress)

@@ -31,6 +31,8 @@ layer blocks are not allowed (the run learns bits and widths)::
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Sequence
@@ -144,9 +146,17 @@ def parse_dimension(raw: Any, *, field: str, where: str, kind: type, pow2: bool 
         high = _check_value(raw["high"], field=field, path=f"{path}.high", kind=kind, owner=owner)
         if low > high:
             raise AutopruneError(path, f"low={low} > high={high}", "is an empty range")
-        step, log = raw.get("step"), bool(raw.get("log", False))
-        if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        step, log = raw.get("step"), raw.get("log", False)
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0):
             raise AutopruneError(f"{path}.step", step, "must be a positive number")
+        if step is not None and kind is int and step != int(step):
+            raise AutopruneError(f"{path}.step", step, f"must be a whole number: {field} takes whole values")
+        if not isinstance(log, bool):
+            raise AutopruneError(f"{path}.log", log, "must be true or false")
+        if log and step not in (None, 1):
+            raise AutopruneError(f"{path}.step", step, "cannot go with log: true (a log-scaled range has no step)")
+        if log and low <= 0:
+            raise AutopruneError(f"{path}.low", low, "must be above 0 with log: true")
         if pow2 and field in ("w_bits", "a_bits"):
             return Dimension(field, choices=tuple(b for b in POW2_BITS if low <= b <= high) or (low,), integer=True)
         if low == high:

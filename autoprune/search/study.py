@@ -10,6 +10,7 @@ an export), and ``SearchConfig`` is the one validated form of a search's options
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from autoprune.search.priors import DEFAULT_PRIORS, KINDS
 from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, write_meta
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, task_from_record
-from autoprune.validated import Validated
+from autoprune.validated import StudyName, Validated
 
 # Heartbeats are what let a resume fail the trials of a dead worker; Optuna calls them experimental and
 # expects them with Study.optimize, while we drive ask/tell ourselves. Its INFO lines duplicate our bar.
@@ -65,7 +66,7 @@ class SearchConfig(Validated):
     task: TaskSpec = Field(default_factory=TaskSpec)
     space_path: Path | str | None = None
     objectives_path: Path | str | None = None
-    study: str = "autoprune"
+    study: StudyName = "autoprune"
     storage: str | None = None
     trials: PositiveInt = 60
     timeout: PositiveFloat | None = None
@@ -102,13 +103,6 @@ class SearchConfig(Validated):
             raise ValueError(f"names an unknown prior kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
         return kinds
 
-    @field_validator("study")
-    @classmethod
-    def _study_name(cls, name: str) -> str:
-        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise ValueError("must be a name with no path separator (it names the study's folders and MLflow experiment)")
-        return name
-
     @model_validator(mode="after")
     def _combinations(self) -> "SearchConfig":
         check_final(steps=self.final_steps, seeds=self.final_seeds, select=self.final_select)
@@ -132,14 +126,36 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         parent = Path(url[len("sqlite:///"):]).parent
         if not parent.is_dir():
             raise AutopruneError("storage", url, f"points into a folder that does not exist ({parent})")
-    try:
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=GRACE_SECONDS, engine_kwargs=_engine_kwargs(url))
-    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a down server
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutopruneError("storage", url, f"cannot be reached ({first[:160]})") from None
+    for attempt in range(SCHEMA_RACE_RETRIES):
+        try:
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=GRACE_SECONDS, engine_kwargs=_engine_kwargs(url))
+            break
+        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a down server
+            if _schema_race(exc) and attempt + 1 < SCHEMA_RACE_RETRIES:
+                # two processes started on one new database: both built Optuna's schema, one lost the race on its
+                # version row; the schema is there now
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AutopruneError("storage", url, f"cannot be reached ({first[:160]})") from None
     if url.startswith("sqlite:///"):
         _write_ahead(storage.engine)
     return storage
+
+
+SCHEMA_RACE_RETRIES = 5
+
+
+def _schema_race(exc: BaseException) -> bool:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, IntegrityError) and "alembic_version" in text or isinstance(seen, OperationalError) and "already exists" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _write_ahead(engine: Any) -> None:

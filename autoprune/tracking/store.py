@@ -14,6 +14,7 @@ import random
 import shutil
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,7 +67,82 @@ def check_readable(tracking_uri: str | None) -> None:
     uri, _ = resolve_store(tracking_uri)
     folder = Path(uri.removeprefix("sqlite:///")).parent
     if uri.startswith("sqlite:///") and not folder.is_dir():
-        raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} does not exist): run a search first, or point it at one")
+        why = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise AutopruneError("--tracking-uri", tracking_uri or uri, f"holds no MLflow store ({folder} {why}): run a search first, or point it at one")
+
+
+def check_writable_store(tracking_uri: str | None, *, field: str = "--tracking-uri", damage: bool = True) -> None:
+    """Refuse a SQLite store this process could not write (a read-only file, a folder under a file, a folder it
+    may not write), before the work whose results it would log; ``damage``: a damaged store is refused too
+    (an export's models; a search goes on untracked and says so instead)."""
+    from autoprune.errors import AutopruneError
+
+    uri, artifacts = resolve_store(tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    given = tracking_uri or uri
+    if db.is_dir():
+        raise AutopruneError(field, given, f"names a folder as the database file ({db})")
+    if db.exists() and not os.access(db, os.W_OK):
+        raise AutopruneError(field, given, f"is read-only ({db} cannot be written)")
+    for folder in (db.parent, artifacts):
+        if folder is None:
+            continue
+        existing = folder
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise AutopruneError(field, given, f"cannot hold a store: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise AutopruneError(field, given, f"is read-only (the folder {existing} cannot be written)")
+    problem = store_damage(db) if damage else None
+    if problem:
+        raise AutopruneError(field, given, f"is damaged ({problem}): move it aside (a new one is made) or point --tracking-uri elsewhere")
+
+
+# Above this size the store is checked by its header alone: a full check reads every page.
+FULL_CHECK_BYTES = 64 * 2**20
+
+
+def store_damage(db: Path) -> str | None:
+    """Why the SQLite file ``db`` cannot be an MLflow store (not SQLite, cut short, corrupt), or None when it
+    looks whole or does not exist. A damaged store made every MLflow call fail, one by one, in silence."""
+    if not db.is_file():
+        return None
+    size = db.stat().st_size
+    if size == 0:
+        return None  # SQLite makes an empty file a new database
+    with db.open("rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return "not an SQLite database"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # the header's page count is valid when its change counter matches the one it was written with; with a
+    # write-ahead log beside it, the file may lag the header while a checkpoint runs, and the check below says
+    wal = db.with_name(db.name + "-wal")
+    settled = not (wal.is_file() and wal.stat().st_size > 0)
+    if settled and header[24:28] == header[92:96] and pages * page_size > size:
+        return f"cut short: {size} of {pages * page_size} bytes"
+    if size <= FULL_CHECK_BYTES:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=20)) as connection:
+                row = connection.execute("PRAGMA quick_check(1)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return None  # another process writes it: alive, not damaged
+            return str(exc)
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        if row and row[0] != "ok":
+            return str(row[0])
+    return None
+
+
+class DamagedStore(Exception):
+    """The tracking store exists but cannot be read as one: tracking stops, said in one line, the search goes on."""
 
 
 def is_server(uri: str) -> bool:
@@ -89,8 +165,21 @@ def create_whole(tracking_uri: str) -> None:
     if not tracking_uri.startswith("sqlite:///"):
         return
     db = Path(tracking_uri.removeprefix("sqlite:///"))
-    if db.exists():
+    if db.exists() and not _empty(db):
         return
+    if db.exists():
+        # An empty file (a store cut to nothing, a `touch`) is a new database to SQLite, and MLflow would build
+        # its schema in place, step by step: it is replaced whole like a missing one, and said so, since a
+        # store that held runs has lost them (a resumed study logs its trials again).
+        print(
+            f"autoprune: the MLflow store {db} is empty (0 bytes): a new one is made there; the runs it held are lost, "
+            "a resumed search logs its study's trials again",
+            file=sys.stderr,
+            flush=True,
+        )
+        db.unlink(missing_ok=True) if _empty(db) else None
+        if db.exists():
+            return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     _, artifacts = resolve_store(tracking_uri)
@@ -109,6 +198,13 @@ def create_whole(tracking_uri: str) -> None:
             pass
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _empty(db: Path) -> bool:
+    try:
+        return db.stat().st_size == 0
+    except FileNotFoundError:
+        return False
 
 
 def _schema_copy() -> Path:
@@ -168,6 +264,10 @@ def open_client(tracking_uri: str) -> Any:
 
     quiet_mlflow()
     create_whole(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        damage = store_damage(Path(tracking_uri.removeprefix("sqlite:///")))
+        if damage:
+            raise DamagedStore(f"the MLflow store {tracking_uri} is damaged ({damage})")
     if is_server(tracking_uri):
         # MLflow retries an unreachable server for minutes by default; a search should not wait that long.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -209,4 +309,6 @@ class _RetryOnLock:
         return call
 
 
-__all__ = ["default_tracking_uri", "resolve_store", "check_readable", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR"]
+__all__ = [
+    "DamagedStore", "check_writable_store", "store_damage", "default_tracking_uri", "resolve_store", "check_readable", "is_server", "open_client", "quiet_mlflow", "DEFAULT_DIR", "DB_FILE", "ARTIFACTS_DIR",
+]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from autoprune.metrics import FrontRow, front_csv
 from autoprune.processes import owner_alive, this_process
 from autoprune.tracking.events import FrontSnapshot, StudyInfo, TrialEvent
-from autoprune.tracking.store import open_client, resolve_store
+from autoprune.tracking.store import DamagedStore, open_client, resolve_store
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -200,6 +200,14 @@ class Tracker:
         if self._warned:
             return
         self._warned = True
+        if isinstance(exc, DamagedStore):
+            print(
+                f"autoprune: {exc}: this search runs untracked; its trials stay in the Optuna study and reach MLflow "
+                "when the search is resumed with a sound store (move the damaged one aside: a new one is made)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
         after = "tracking is off for this process" if stop else "later MLflow failures are not reported"
         print(
