@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 
 from autoprune.errors import AutopruneError
 from autoprune.models import check_supported, compressible_layers, input_readers
+from autoprune.models.convert import converted
 from autoprune.files import atomic_path, write_atomic
 from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
 from autoprune.quant.model import ACT_QUANT
@@ -431,6 +432,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, post_training:
     post-training result (``post_training`` when the caller already made it) is returned instead when it
     scores better on validation.
     """
+    base_model = converted(base_model)
     if policy.finetune_steps == 0 or not policy.keep_best:
         return _compress(base_model, policy, task=task)
     ptq = post_training or _compress(base_model, policy.model_copy(update={"finetune_steps": 0}), task=task)
@@ -607,6 +609,7 @@ def _post_training(session: _Session) -> None:
 
 def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> CompressionResult:
     """Apply a policy with no data at all (for `autoprune cost`): no fine-tune, calibration or BN update."""
+    model = converted(model)
     layers = check_policy(model, policy, input_shape=input_shape)
     model = copy.deepcopy(model)
     from autoprune.quant import bake_weights

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping
@@ -15,7 +14,7 @@ from autoprune.cost.esn import esn_a, esn_d, filter_bits
 from autoprune.errors import AutopruneError
 from autoprune.cost.ops import ElementCount, OpCost, OpRecorder, Uncounted
 from autoprune.models import COMPRESSIBLE, CONVS, probing, reads_tensor
-from autoprune.models.convert import MatMul, convert_model, needs_conversion
+from autoprune.models.convert import MatMul, converted
 from autoprune.quant.grids import MIDRISE, Grid, grid_named
 from autoprune.quant.midrise import midrise_delta
 
@@ -319,8 +318,7 @@ def measure_cost(
     _check_bits("input_bits", input_bits)
     if not input_shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
         raise AutopruneError("input_shape", input_shape, "must be positive integer sizes of one sample, e.g. (3, 32, 32) or (1, 40)")
-    if needs_conversion(model):
-        model = convert_model(copy.deepcopy(model))
+    model = converted(model)
     modules = {name: m for name, m in model.named_modules() if isinstance(m, COUNTED)}
     layers = dict(layers or {})
     for key, quant in layers.items():

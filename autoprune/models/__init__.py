@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
-from autoprune.models.zoo import MODELS, MNIST1DCNN, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
+from autoprune.models.convert import MatMul, convert_model
+from autoprune.models.zoo import MODELS, MNIST1DCNN, MNIST1DGRU, MNIST1DTransformer, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
 
 # Layers autoprune compresses; modules that only reshape, pool, normalise or activate pass through.
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -19,14 +20,17 @@ PASSIVE = (
     nn.Sigmoid, nn.Tanh, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict,
+    # normalizations pass through in float, as BatchNorm does; an embedding's table stays float (a lookup, no MACs)
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.Softmax, MatMul,
 )
 
 
 def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
-    """Build a zoo model by name, or call a user factory ``package.module:factory``."""
+    """Build a zoo model by name, or call a user factory ``package.module:factory``; its attention and
+    recurrent layers come as their Linear-layer equivalents (``convert_model``)."""
     if spec in MODELS:
         factory, shape = MODELS[spec]
-        return factory(num_classes=num_classes, in_channels=in_channels or shape[0])
+        return convert_model(factory(num_classes=num_classes, in_channels=in_channels or shape[0]))
     if ":" not in spec:
         raise AutopruneError("model", spec, f"is not a zoo model ({', '.join(MODELS)}) nor a package.module:factory")
     from autoprune.usercode import call_user, load_reference
@@ -34,7 +38,7 @@ def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = N
     model = call_user("model", spec, load_reference(spec, field="model"))
     if not isinstance(model, nn.Module):
         raise AutopruneError("model", spec, f"returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return convert_model(model)
 
 
 def default_input_shape(spec: str) -> tuple[int, ...] | None:
@@ -94,6 +98,6 @@ def check_supported(model: nn.Module) -> None:
 
 
 __all__ = [
-    "MODELS", "DigitsCNN", "MNIST1DCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
+    "MODELS", "DigitsCNN", "MNIST1DCNN", "MNIST1DGRU", "MNIST1DTransformer", "convert_model", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
     "compressible_layers", "check_supported", "input_readers", "probing", "reads_tensor", "COMPRESSIBLE", "CONVS",
 ]

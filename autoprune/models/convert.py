@@ -24,13 +24,45 @@ with ``add_bias_kv`` or ``add_zero_attn``, a packed sequence.
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import AutopruneError
+
+
+_OPAQUE: ContextVar[bool] = ContextVar("opaque", default=False)
+
+
+@contextmanager
+def opaque() -> Iterator[None]:
+    """Within, a converted layer's output depends on its input through one autograd node: a graph tracer
+    (Torch-Pruning) sees the layer as one op of fixed widths, not the reshapes and products inside it."""
+    token = _OPAQUE.set(True)
+    try:
+        yield
+    finally:
+        _OPAQUE.reset(token)
+
+
+class _Through(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
+def _opaque_call(forward: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    with torch.no_grad():
+        out, rest = forward(x, *args, **kwargs)
+    return _Through.apply(x, out), rest
 
 
 class MatMul(nn.Module):
@@ -90,6 +122,17 @@ class Attention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        arguments = (key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+        return _opaque_call(self._attend, query, *arguments) if _OPAQUE.get() else self._attend(query, *arguments)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """Input and output features: what the layer fixes for its neighbours while its width is pinned."""
+        return self.q_proj.in_features, self.out_proj.out_features
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                need_weights: bool, attn_mask: torch.Tensor | None, average_attn_weights: bool,
+                is_causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -183,7 +226,15 @@ class Recurrent(nn.Module):
         pre = gx + gh
         return (torch.tanh(pre) if self.mode == "RNN_TANH" else torch.relu(pre)), None
 
-    def forward(self, input: torch.Tensor, hx: Any = None) -> tuple[torch.Tensor, Any]:
+    @property
+    def widths(self) -> tuple[int, int]:
+        """Input and output features: what the layer fixes for its neighbours while its width is pinned."""
+        return self.cells["l0"].ih.in_features, self.hidden_size * (2 if self.bidirectional else 1)
+
+    def forward(self, input: Any, hx: Any = None) -> tuple[torch.Tensor, Any]:
+        return _opaque_call(self._run, input, hx) if _OPAQUE.get() and isinstance(input, torch.Tensor) else self._run(input, hx)
+
+    def _run(self, input: Any, hx: Any = None) -> tuple[torch.Tensor, Any]:
         if isinstance(input, nn.utils.rnn.PackedSequence):
             raise AutopruneError("input", "PackedSequence", f"cannot go through a converted {self.mode}: pad the sequences instead")
         batched = input.dim() == 3
@@ -228,6 +279,7 @@ class Recurrent(nn.Module):
 
 
 CONVERTIBLE = (nn.MultiheadAttention, nn.RNNBase)
+CONVERTED = (Attention, Recurrent)
 
 
 def convert_module(module: nn.Module, *, name: str = "") -> nn.Module:
@@ -241,6 +293,14 @@ def convert_module(module: nn.Module, *, name: str = "") -> nn.Module:
 
 def needs_conversion(model: nn.Module) -> bool:
     return any(isinstance(m, CONVERTIBLE) for m in model.modules())
+
+
+def converted(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a converted copy where it holds attention or recurrent layers (the caller's
+    model is never changed)."""
+    import copy
+
+    return convert_model(copy.deepcopy(model)) if needs_conversion(model) else model
 
 
 def convert_model(model: nn.Module) -> nn.Module:

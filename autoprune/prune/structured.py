@@ -31,6 +31,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, compressible_layers
+from autoprune.models.convert import CONVERTED, opaque
 from autoprune.operators import PRUNER, PRUNERS, NoPruning, PrunerConfig, SignalNorm, parse_config
 
 
@@ -152,6 +153,24 @@ def keep_count(ratio: float, channels: int) -> int:
     return max(1, round(ratio * channels))
 
 
+class _Pinned(tp.pruner.BasePruningFunc):
+    """Attention and recurrent layers (converted, ``autoprune.models.convert``) keep their widths: their q / k
+    / v / out projections share the head split and their gates the hidden state, which Torch-Pruning's
+    channel coupling does not follow. The graph sees each as one op of fixed input and output widths, and a
+    group that would change them is not offered (``groups_in_graph``)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+        raise AutopruneError("keep", type(layer).__name__, "cannot narrow an attention or recurrent layer's widths (pinned)")
+
+    prune_in_channels = None  # type: ignore[assignment] - in and out are one dependency-free pair of widths
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.widths[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.widths[0]
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``model``, traced in eval mode so that tracing leaves BN statistics alone."""
     was_training = model.training
@@ -161,8 +180,9 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     sample = example_input.detach()[:1]
     traced_input = torch.cat([sample, sample]).requires_grad_(example_input.is_floating_point())
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False)
+        with torch.enable_grad(), opaque():
+            pinned = {kind: _Pinned() for kind in CONVERTED}
+            return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False, customized_pruners=pinned)
     finally:
         model.train(was_training)
 
@@ -175,6 +195,8 @@ def groups_in_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[Channel
     found = []
     for group in graph.get_all_groups(root_module_types=COMPRESSIBLE):
         producers = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        if any(isinstance(dep.target.module, CONVERTED) for dep, _ in group):
+            continue  # it would change a pinned attention or recurrent layer's width
         # A producer with no consumer in the graph is the model's output: its width is not ours to change.
         if any(not node.outputs for node in producers):
             continue
