@@ -88,7 +88,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn") -> None:
-    p.add_argument("--model", default=default_model, help="zoo name (digits_cnn, vgg7, vgg7_x0.5, vgg7_x0.25, resnet20, mobilenetv2) or package.module:factory")
+    p.add_argument("--model", default=default_model, help="zoo name (digits_cnn, mnist1d_cnn, mnist1d_gru, mnist1d_transformer, vgg7, vgg7_x0.5, vgg7_x0.25, resnet20, mobilenetv2) or package.module:factory")
     p.add_argument("--dataset", default=None, help="digits (default for digits_cnn), cifar10, cifar100, mnist, fashion_mnist, imagefolder")
     p.add_argument("--data-dir", default=None, help="where torchvision datasets live")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="base-model training epochs (default 30)")

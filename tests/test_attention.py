@@ -123,3 +123,64 @@ def test_vit_b_16_within_one_percent_of_torchvisions_published_figure() -> None:
     assert report.total.macs / 1e9 == pytest.approx(17.564, rel=0.01)
     assert report.uncounted == ()
     assert {e.name for e in report.elements if e.op == "parameter"} == {"class_token", "pos_embedding"}
+
+
+class _Tokens(nn.Module):
+    """5 tokens of 8 features, one attention layer, the mean token into 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(dim=1))
+
+
+def _token_task() -> "autoprune.Task":
+    import autoprune
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 5, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+    return autoprune.Task.from_model(_Tokens(), train=data, val=data, signal_steps=0)
+
+
+def test_attention_compressed_with_bits_at_both_inputs_of_its_products() -> None:
+    import autoprune
+    from autoprune.quant import ACT_QUANT, SECOND_ACT_QUANT
+
+    policy = {"finetune_steps": 0, "layers": {"_default": {"w_bits": 4, "a_bits": 4}, "attn.out_proj": {"w_bits": 4, "a_bits": 6}}}
+    result = autoprune.apply(_Tokens(), policy, task=_token_task())
+    attention = result.model.attn
+    assert isinstance(attention, Attention)
+    assert len(torch.unique(attention.k_proj.weight)) <= 16, "the split in-projection's k part is on a 4-bit grid"
+    for product in (attention.qk, attention.av):
+        first, second = getattr(product, ACT_QUANT), getattr(product, SECOND_ACT_QUANT)
+        assert first.bits == second.bits == 6, "a product's inputs take the bits of the attention's out_proj"
+        assert first.calibrated and second.calibrated
+    rows = {layer.name: layer for layer in result.cost((5, 8)).layers}
+    assert rows["attn.qk"].bops == 5 * 5 * 8 * 6 * 6
+    assert rows["attn.k_proj"].bops == 5 * 8 * 8 * 4 * 8, "k_proj reads the network input (the policy's input_bits, 8)"
+
+
+def test_weight_only_policy_keeps_activations_float_and_costs_them_at_16_bits() -> None:
+    import autoprune
+    from autoprune.quant import ACT_QUANT
+
+    policy = {"finetune_steps": 0, "input_bits": 16, "layers": {"_default": {"w_bits": 8, "a_bits": 16}}}
+    result = autoprune.apply(_Tokens(), policy, task=_token_task())
+    assert not any(hasattr(m, ACT_QUANT) for m in result.model.modules()), "A16: no activation quantizer"
+    rows = {layer.name: layer for layer in result.cost((5, 8)).layers}
+    assert rows["fc"].bops == 8 * 3 * 8 * 16
+    assert rows["attn.av"].bops == 5 * 5 * 8 * 16 * 16
+    assert autoprune.Policy.from_dict(policy).summary() .endswith("_default:W8A16")
+
+
+def test_compressed_attention_exports_to_onnx_in_agreement(tmp_path) -> None:
+    import autoprune
+
+    policy = {"finetune_steps": 0, "layers": {"_default": {"w_bits": 4, "a_bits": 8}}}
+    result = autoprune.apply(_Tokens(), policy, task=_token_task(), out=tmp_path / "tokens.onnx")
+    assert result.deployed.top1_agreement == 100.0 and result.deployed.max_abs_diff < 1e-4

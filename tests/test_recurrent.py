@@ -110,3 +110,24 @@ def test_embedding_is_lookups_and_memory_and_the_uncountable_is_named() -> None:
     console = Console(file=io.StringIO(), width=200)
     console.print(format_cost_table(report))
     assert "uncounted" in console.file.getvalue()
+
+
+def test_compressed_gru_exports_to_onnx_with_every_step_quantized(tmp_path) -> None:
+    import autoprune
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    net = Classifier(nn.GRU, features=4, hidden=6)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4, 5, generator=g), torch.randint(0, 3, (64,), generator=g))
+    task = autoprune.Task.from_model(net, train=data, val=data, signal_steps=0)
+    policy = {"finetune_steps": 0, "layers": {"_default": {"w_bits": 4, "a_bits": 8}}}
+    result = autoprune.apply(net, policy, task=task, out=tmp_path / "gru.onnx")
+    hh = result.model.rnn.cells["l0"].hh
+    assert len(torch.unique(hh.weight)) <= 16 and hh.input_quant.bits == 8
+    assert result.deployed.top1_agreement == 100.0 and result.deployed.max_abs_diff < 1e-4
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "gru.onnx")).graph
+    quantized = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("rnn.cells.l0.hh")]
+    assert len(quantized) == 5, "the hidden state is quantized at each of the 5 steps"

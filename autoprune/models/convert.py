@@ -282,6 +282,15 @@ CONVERTIBLE = (nn.MultiheadAttention, nn.RNNBase)
 CONVERTED = (Attention, Recurrent)
 
 
+def product_sites(model: nn.Module) -> dict[str, str | None]:
+    """Every ``MatMul`` by module name, with the layer whose activation bits its two inputs take unless a
+    policy names the product itself: an attention's products take its ``out_proj``'s (the one precision of
+    the activations inside an attention: out_proj reads what ``av`` writes), a product elsewhere none."""
+    owners = {f"{name}.{attr}" if name else attr: (f"{name}.out_proj" if name else "out_proj")
+              for name, module in model.named_modules() if isinstance(module, Attention) for attr in ("qk", "av")}
+    return {name: owners.get(name) for name, module in model.named_modules() if isinstance(module, MatMul)}
+
+
 def convert_module(module: nn.Module, *, name: str = "") -> nn.Module:
     """The equivalent module of Linear layers for one convertible module."""
     if isinstance(module, nn.MultiheadAttention):
