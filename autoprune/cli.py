@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run (or resume) a multi-objective search")
     _task_args(p)
-    p.add_argument("--space", dest="space_path", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2)")
+    p.add_argument("--space", dest="space_path", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2, weight_only)")
     p.add_argument("--objectives", dest="objectives_path", default="accuracy_bops", help="objective YAML or a shipped name")
     p.add_argument("--trials", type=POSITIVE_INT, default=60, help="trial budget of the study (resuming counts earlier trials)")
     p.add_argument("--timeout", type=POSITIVE_FLOAT, default=None, help="seconds")

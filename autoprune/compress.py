@@ -100,6 +100,9 @@ class CompressionResult:
         } | {
             # a product's two inputs: a_bits the first's, w_bits the second's
             name: LayerQuant(w_bits=bits, a_bits=bits) for name, bits in self.act_bits.items() if name not in self.layers
+        } | {
+            name: LayerQuant(w_bits=bits, delta=self.weight_steps.get(name), grid=quantizer.grid_for(bits))
+            for name, bits in embedding_bits(self.model, self.policy).items()
         }
 
     def cost(self, input_shape: tuple[int, ...]) -> Any:
@@ -195,6 +198,19 @@ def product_bits(model: nn.Module, policy: Policy, layers: dict[str, LayerPolicy
     return bits
 
 
+def embedding_bits(model: nn.Module, policy: Policy) -> dict[str, int]:
+    """Weight bits of each embedding's table (weight-only: a lookup reads no activation): the policy's entry
+    for it, ``_default`` included."""
+    from autoprune.quant import pow2_bits
+
+    bits = {name: policy.for_layer(name).w_bits for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for name, value in bits.items():
+        settings = policy.layers.get(name)
+        if settings is not None and (settings.keep_ratio < 1 or settings.w_sparsity > 0 or settings.f_sparsity > 0):
+            raise AutopruneError(f"policy.layers[{name!r}]", settings.summary(), "an embedding takes weight bits only (w_bits)")
+    return {name: pow2_bits(value) if policy.pow2_bits else value for name, value in bits.items()}
+
+
 def attach_act_quantizers(module: nn.Module, name: str, make: Callable[[], Any]) -> list[tuple[str, Any]]:
     """Quantizers on what ``module`` reads, keyed for the session: one on a layer's input, one on each input
     of a product (the second keyed ``name[b]``)."""
@@ -222,7 +238,9 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
 
     check_supported(model)
     names = list(compressible_layers(model))
-    check_layer_keys(policy.layers, names + list(product_sites(model)), field="policy.layers")
+    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    check_layer_keys(policy.layers, names + list(product_sites(model)) + embeddings, field="policy.layers")
+    embedding_bits(model, policy)
     resolved = {name: policy.for_layer(name) for name in names}
     WEIGHT_QUANTIZERS.lookup(policy.quantizer)
     ACT_QUANTIZERS.lookup(policy.act_quantizer)
@@ -262,6 +280,7 @@ class _Session:
         model.to(self.device)
         self.input_bits = input_bits_of(policy)
         self.product_bits = product_bits(model, policy, layers)
+        self.embedding_bits = embedding_bits(model, policy)
         self.weight_masker: Any = None
         self.feature_masker: Any = None
         self.structured: Any = None
@@ -317,11 +336,11 @@ class _Session:
     def attach_weight_quantizers(self, *, at_step: int) -> None:
         from autoprune.quant import make_weight_quantizer
 
-        layers = compressible_layers(self.model)
-        for name, lp in self.layers.items():
-            if lp.w_bits < FLOAT_BITS:
-                quantizer = make_weight_quantizer(self.policy, bits=lp.w_bits, start_step=at_step)
-                parametrize.register_parametrization(layers[name], "weight", quantizer.to(self.device))
+        modules = dict(self.model.named_modules())
+        for name, bits in {**{n: lp.w_bits for n, lp in self.layers.items()}, **self.embedding_bits}.items():
+            if bits < FLOAT_BITS:
+                quantizer = make_weight_quantizer(self.policy, bits=bits, start_step=at_step)
+                parametrize.register_parametrization(modules[name], "weight", quantizer.to(self.device))
                 self.weight_quant[name] = quantizer
 
     def act_bits(self) -> dict[str, int]:
@@ -448,12 +467,12 @@ class _FloatWeights:
         self.session = session
 
     def __enter__(self) -> None:
-        layers = compressible_layers(self.session.model)
+        layers = dict(self.session.model.named_modules())
         for name in self.session.weight_quant:
             parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=False)
 
     def __exit__(self, *exc: object) -> None:
-        layers = compressible_layers(self.session.model)
+        layers = dict(self.session.model.named_modules())
         record = self.session.structured
         latest = (record.then[-1] if record.then else record) if record is not None else None
         for name, quantizer in self.session.weight_quant.items():

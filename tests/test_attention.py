@@ -184,3 +184,43 @@ def test_compressed_attention_exports_to_onnx_in_agreement(tmp_path) -> None:
     policy = {"finetune_steps": 0, "layers": {"_default": {"w_bits": 4, "a_bits": 8}}}
     result = autoprune.apply(_Tokens(), policy, task=_token_task(), out=tmp_path / "tokens.onnx")
     assert result.deployed.top1_agreement == 100.0 and result.deployed.max_abs_diff < 1e-4
+
+
+def test_embedding_takes_weight_bits_only() -> None:
+    from autoprune.compress import static_compress
+    from autoprune.models import build_model
+    from autoprune.policy import Policy
+
+    model = build_model("mnist1d_transformer")
+    policy = Policy.from_dict({"layers": {"_default": {"w_bits": 8, "a_bits": 8}, "position": {"w_bits": 3}}})
+    result = static_compress(model, policy, input_shape=(1, 40))
+    assert len(torch.unique(result.model.position.weight)) <= 8
+    (row,) = [layer for layer in result.cost((1, 40)).layers if layer.name == "position"]
+    assert (row.kind, row.w_bits, row.macs) == ("embedding", 3, 0)
+    assert row.memory_mb == 40 * 32 * 3 / 1e6, "the table at 3 bits, no feature map read"
+    with pytest.raises(AutopruneError, match="weight bits only"):
+        static_compress(model, Policy.from_dict({"layers": {"position": {"keep_ratio": 0.5}}}), input_shape=(1, 40))
+
+
+@pytest.mark.e2e
+def test_torchvision_vit_b_16_against_its_published_figure() -> None:
+    try:
+        from torchvision.models import ViT_B_16_Weights, vit_b_16
+    except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails at import with RuntimeError
+        pytest.skip(f"torchvision does not import here ({type(exc).__name__})")
+    report = measure_cost(vit_b_16(), input_shape=(3, 224, 224))
+    assert report.total.macs / 1e9 == pytest.approx(ViT_B_16_Weights.IMAGENET1K_V1.meta["_ops"], rel=0.01)
+
+
+def test_shipped_weight_only_space_samples_w_a16_policies() -> None:
+    from autoprune.search.space import SpaceSpec
+    from autoprune.specs import shipped
+
+    space = SpaceSpec.load(shipped("search_spaces", "weight_only")).bind(convert_model(_Tokens()), input_shape=(5, 8))
+    dims = space.dimensions()
+    assert not any(name.endswith("a_bits") for name in dims), "activation bits are fixed at 16"
+    params = {name: (dim.choices[0] if dim.choices else dim.low) for name, dim in dims.items()}
+    policy = space.policy(params)
+    # the projections read the network input, at input_bits
+    assert policy.layers["attn.out_proj"].a_bits == policy.layers["fc"].a_bits == policy.input_bits == 16
+    assert "attn.out_proj:W2A16" in policy.summary(list(policy.layers))

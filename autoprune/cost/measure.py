@@ -260,6 +260,8 @@ def _layer_cost(name: str, module: nn.Module, seen: _Seen, quant: LayerQuant, in
         in_ch, out_ch, groups = module.in_features, module.out_features, 1
         kernel = (1, 1)
     out_hw = (seen.out_shape[2:] if kind == "conv" else seen.out_shape[1:-1] or (1, 1)) if seen.calls == 1 else (seen.positions,)
+    if kind == "embedding":
+        out_hw = (seen.in_elements,)  # rows looked up
     # an embedding looks rows up: no MACs, and its input (indices) is no feature map
     positions = seen.positions
     keep_f = 1.0 - quant.f_sparsity
