@@ -116,13 +116,23 @@ class _ViTB16(nn.Module):
         return self.head(self.ln(self.encoder(tokens))[:, 0])
 
 
+def _vit_b_16() -> nn.Module:
+    """torchvision's vit_b_16, or where the installed torchvision does not import (one built for another
+    torch fails with RuntimeError) its torch-module equivalent."""
+    try:
+        from torchvision.models import vit_b_16
+    except Exception:  # noqa: BLE001
+        return _ViTB16()
+    return vit_b_16()
+
+
 @pytest.mark.e2e
 def test_vit_b_16_within_one_percent_of_torchvisions_published_figure() -> None:
     # ViT_B_16_Weights.IMAGENET1K_V1.meta["_ops"] = 17.564 (G multiply-adds, attention products included)
-    report = measure_cost(_ViTB16(), input_shape=(3, 224, 224))
+    report = measure_cost(_vit_b_16(), input_shape=(3, 224, 224))
     assert report.total.macs / 1e9 == pytest.approx(17.564, rel=0.01)
     assert report.uncounted == ()
-    assert {e.name for e in report.elements if e.op == "parameter"} == {"class_token", "pos_embedding"}
+    assert {e.name.rpartition(".")[2] for e in report.elements if e.op == "parameter"} == {"class_token", "pos_embedding"}
 
 
 class _Tokens(nn.Module):
@@ -200,16 +210,6 @@ def test_embedding_takes_weight_bits_only() -> None:
     assert row.memory_mb == 40 * 32 * 3 / 1e6, "the table at 3 bits, no feature map read"
     with pytest.raises(AutopruneError, match="weight bits only"):
         static_compress(model, Policy.from_dict({"layers": {"position": {"keep_ratio": 0.5}}}), input_shape=(1, 40))
-
-
-@pytest.mark.e2e
-def test_torchvision_vit_b_16_against_its_published_figure() -> None:
-    try:
-        from torchvision.models import ViT_B_16_Weights, vit_b_16
-    except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails at import with RuntimeError
-        pytest.skip(f"torchvision does not import here ({type(exc).__name__})")
-    report = measure_cost(vit_b_16(), input_shape=(3, 224, 224))
-    assert report.total.macs / 1e9 == pytest.approx(ViT_B_16_Weights.IMAGENET1K_V1.meta["_ops"], rel=0.01)
 
 
 def test_shipped_weight_only_space_samples_w_a16_policies() -> None:

@@ -131,3 +131,19 @@ def test_compressed_gru_exports_to_onnx_with_every_step_quantized(tmp_path) -> N
     graph = onnx.load(str(tmp_path / "gru.onnx")).graph
     quantized = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("rnn.cells.l0.hh")]
     assert len(quantized) == 5, "the hidden state is quantized at each of the 5 steps"
+
+
+def test_cost_command_counts_the_zoo_gru_and_lists_what_it_does_not_multiply(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "autoprune.cli", "cost", "--model", "mnist1d_gru", "--json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # both directions: 3 x 40 x (1 x 6 + 6 x 6), then the classifier over 40 x 12 features
+    assert report["total"]["macs"] == 2 * 3 * 40 * (6 + 36) + 480 * 10
+    assert report["uncounted"] == []
+    assert {e["op"] for e in report["elements"]} == {"sigmoid", "tanh"}

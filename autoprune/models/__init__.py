@@ -94,7 +94,7 @@ def check_supported(model: nn.Module) -> None:
             continue
         own_params = [p for p_name, p in module.named_parameters(recurse=False)]
         if own_params:
-            raise UnsupportedLayerError(f"model.{name}", type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear, BatchNorm)")
+            raise UnsupportedLayerError(f"model.{name}", type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear, MultiheadAttention, GRU, LSTM, RNN, Embedding, BatchNorm, LayerNorm, GroupNorm, RMSNorm)")
 
 
 __all__ = [
