@@ -687,8 +687,7 @@ def model_task(model: str, *, weights: str | Path, train: Any, val: Any, test: A
     if input_shape is None:
         input_shape = default_input_shape(model)
     in_channels = input_shape[0] if input_shape else None
-    net = build_model(model, num_classes=num_classes, in_channels=in_channels)
-    load_weights(net, weights)
+    net = load_weights(build_model(model, num_classes=num_classes, in_channels=in_channels, convert=False), weights)
     return Task.from_model(net, train=train, val=val, test=test, input_shape=input_shape, **kwargs)
 
 

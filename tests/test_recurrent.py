@@ -147,3 +147,22 @@ def test_cost_command_counts_the_zoo_gru_and_lists_what_it_does_not_multiply(tmp
     assert report["total"]["macs"] == 2 * 3 * 40 * (6 + 36) + 480 * 10
     assert report["uncounted"] == []
     assert {e["op"] for e in report["elements"]} == {"sigmoid", "tanh"}
+
+
+def test_weights_load_as_written_or_as_converted(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from autoprune.weights import load_weights
+
+    torch.manual_seed(0)
+    trained = Classifier(nn.GRU).eval()
+    x = torch.randn(2, 4, 6)
+    expected = trained(x)
+    written, converted = tmp_path / "gru.safetensors", tmp_path / "linear.safetensors"
+    save_file(dict(trained.state_dict()), str(written))
+    save_file({k: v.contiguous() for k, v in convert_model(copy.deepcopy(trained)).state_dict().items()}, str(converted))
+    for path in (written, converted):
+        torch.manual_seed(1)
+        loaded = load_weights(Classifier(nn.GRU), path)
+        assert isinstance(loaded.rnn, Recurrent)
+        assert torch.allclose(loaded(x), expected, atol=1e-5)

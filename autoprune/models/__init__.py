@@ -25,12 +25,14 @@ PASSIVE = (
 )
 
 
-def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None, convert: bool = True) -> nn.Module:
     """Build a zoo model by name, or call a user factory ``package.module:factory``; its attention and
-    recurrent layers come as their Linear-layer equivalents (``convert_model``)."""
+    recurrent layers come as their Linear-layer equivalents (``convert_model``) unless ``convert`` is false
+    (a weights file of the layers as written loads into that, ``autoprune.weights.load_weights``)."""
     if spec in MODELS:
         factory, shape = MODELS[spec]
-        return convert_model(factory(num_classes=num_classes, in_channels=in_channels or shape[0]))
+        model = factory(num_classes=num_classes, in_channels=in_channels or shape[0])
+        return convert_model(model) if convert else model
     if ":" not in spec:
         raise AutopruneError("model", spec, f"is not a zoo model ({', '.join(MODELS)}) nor a package.module:factory")
     from autoprune.usercode import call_user, load_reference
@@ -38,7 +40,7 @@ def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = N
     model = call_user("model", spec, load_reference(spec, field="model"))
     if not isinstance(model, nn.Module):
         raise AutopruneError("model", spec, f"returned {type(model).__name__}, not a torch.nn.Module")
-    return convert_model(model)
+    return convert_model(model) if convert else model
 
 
 def default_input_shape(spec: str) -> tuple[int, ...] | None:
