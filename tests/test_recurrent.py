@@ -133,6 +133,7 @@ def test_compressed_gru_exports_to_onnx_with_every_step_quantized(tmp_path) -> N
     assert len(quantized) == 5, "the hidden state is quantized at each of the 5 steps"
 
 
+@pytest.mark.e2e
 def test_cost_command_counts_the_zoo_gru_and_lists_what_it_does_not_multiply(tmp_path) -> None:
     import os
     import subprocess
