@@ -245,7 +245,10 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
     WEIGHT_QUANTIZERS.lookup(policy.quantizer)
     ACT_QUANTIZERS.lookup(policy.act_quantizer)
     pruner(policy.pruner)
+    from autoprune.prune.structured import head_groups
+
     prunable = {n for g in channel_groups(model, example_input=torch.zeros(1, *input_shape)) for n in g.layers}
+    prunable |= {n for names in head_groups(model).values() for n in names}
     for name, lp in list(resolved.items()):
         if lp.keep_ratio < 1.0 and name not in prunable:
             if name in policy.layers:

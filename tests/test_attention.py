@@ -224,3 +224,26 @@ def test_shipped_weight_only_space_samples_w_a16_policies() -> None:
     # the projections read the network input, at input_bits
     assert policy.layers["attn.out_proj"].a_bits == policy.layers["fc"].a_bits == policy.input_bits == 16
     assert "attn.out_proj:W2A16" in policy.summary(list(policy.layers))
+
+
+def test_heads_are_pruned_whole_and_replayed_from_the_saved_record(tmp_path) -> None:
+    import autoprune
+    from autoprune.compress import load_compressed, save_compressed
+
+    task = _token_task()
+    # 2 heads of 4 at keep 0.5: one head whole, its q / k / v rows and its out_proj columns
+    policy = {"finetune_steps": 0, "layers": {"_default": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8}}}
+    result = autoprune.apply(_Tokens(), policy, task=task)
+    attention = result.model.attn
+    assert attention.num_heads == 1
+    assert attention.q_proj.weight.shape == attention.v_proj.weight.shape == (4, 8) and attention.out_proj.weight.shape == (8, 4)
+    kept = result.structured.layers["attn.q_proj"].kept
+    assert kept in ([0, 1, 2, 3], [4, 5, 6, 7]) and result.structured.layers["attn.k_proj"].kept == kept
+    rows = {layer.name: layer for layer in result.cost((5, 8)).layers}
+    assert rows["attn.qk"].macs == 5 * 5 * 4 and rows["attn.q_proj"].macs == 5 * 8 * 4
+    loaded = load_compressed(save_compressed(result, tmp_path / "tokens.safetensors", task=task), task=task)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(result.model(x), loaded.model(x))
+    with pytest.raises(AutopruneError, match="share their heads"):
+        autoprune.apply(_Tokens(), {"finetune_steps": 0, "layers": {"attn.q_proj": {"keep_ratio": 0.5}}}, task=task)

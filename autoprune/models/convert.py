@@ -130,6 +130,23 @@ class Attention(nn.Module):
         """Input and output features: what the layer fixes for its neighbours while its width is pinned."""
         return self.q_proj.in_features, self.out_proj.out_features
 
+    def head_rows(self, heads: list[int]) -> list[int]:
+        """The q / k / v output rows (and out_proj input columns) of these heads."""
+        return [h * self.head_dim + i for h in heads for i in range(self.head_dim)]
+
+    def keep_heads(self, heads: list[int]) -> None:
+        """Remove every other head whole: its q / k / v rows and its out_proj columns (plain weights only)."""
+        rows = torch.tensor(self.head_rows(heads), device=self.out_proj.weight.device)
+        with torch.no_grad():
+            for proj in (self.q_proj, self.k_proj, self.v_proj):
+                proj.weight = nn.Parameter(proj.weight[rows].clone())
+                if proj.bias is not None:
+                    proj.bias = nn.Parameter(proj.bias[rows].clone())
+                proj.out_features = len(rows)
+            self.out_proj.weight = nn.Parameter(self.out_proj.weight[:, rows].clone())
+            self.out_proj.in_features = len(rows)
+        self.num_heads = len(heads)
+
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None,
                 need_weights: bool, attn_mask: torch.Tensor | None, average_attn_weights: bool,
                 is_causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
