@@ -92,6 +92,9 @@ def test_digits_onnx_agrees_with_pytorch_on_the_test_split(digits: SimpleNamespa
     ops = _ops(model)
     assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 8
     assert ops.count("Clip") == 2 and ops.count("Mul") == 1
+    # BN folded into the convs, the traced identities gone (there were 3 BatchNormalization nodes)
+    assert ops.count("BatchNormalization") == 0 and ops.count("Identity") == 0
+    assert sorted(digits.exported.cleanup.folded.values()) == ["features.0", "features.3", "features.7"]
     _check_pruned_shapes(model, digits.result, digits.base)
     comparison = compare_onnx(digits.result, digits.path, DataLoader(digits.task.splits.test, batch_size=128))
     assert comparison.samples == len(digits.task.splits.test)
@@ -112,8 +115,17 @@ def test_weight_initializers_hold_the_integer_levels(digits: SimpleNamespace) ->
         assert np.all((levels % 2 == 1) | (levels == 0)) and np.abs(levels).max() <= 2**bits - 1
         assert np.abs(levels).max() > 2 ** (bits - 1)  # the top levels are used: not stored at a coarser grid
         scale = inits[f"{name}.weight_scale"]
-        assert scale.shape == () and scale == np.float32(digits.result.weight_steps[name] / 2)
-        np.testing.assert_allclose(levels * scale, layers[name].weight.detach().numpy(), rtol=1e-6, atol=0)
+        weight = layers[name].weight.detach().double().numpy()
+        if record.batchnorm_folded:
+            # the BN after the conv multiplies its scale per output channel (levels negated where gamma < 0)
+            bn = digits.result.model.features[int(name.split(".")[1]) + 1]
+            s = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
+            assert scale.shape == (len(s),)
+            np.testing.assert_allclose(scale, np.float32(digits.result.weight_steps[name] / 2) * np.abs(s), rtol=1e-6)
+            weight = weight * s.reshape(-1, 1, 1, 1)
+        else:
+            assert scale.shape == () and scale == np.float32(digits.result.weight_steps[name] / 2)
+        np.testing.assert_allclose(levels * scale.reshape(-1, *[1] * (levels.ndim - 1)), weight, rtol=1e-6, atol=0)
     assert digits.exported.layers["features.3"].act.clip == (0, 15)
     assert digits.exported.layers["features.3"].feature_mask
 
@@ -135,10 +147,13 @@ def test_random_weight_models_export_with_pruning_and_mixed_bits(arch: str, tmp_
     })
     result = compress(base, policy, task=fake_task)
     path = tmp_path / f"{arch}.onnx"
-    export_onnx(result, path, input_shape=(3, 32, 32))
+    exported = export_onnx(result, path, input_shape=(3, 32, 32))
     model = _graph(path)
     assert _ops(model).count("QuantizeLinear") == len(compressible_layers(result.model))
     assert "Clip" in _ops(model)
+    # every BN folded into its conv, the residual shortcuts' and removed quantizers' Identity nodes gone
+    assert _ops(model).count("BatchNormalization") == 0 and _ops(model).count("Identity") == 0
+    assert len(exported.cleanup.folded) == sum(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     _check_pruned_shapes(model, result, base)
     with torch.no_grad():
         expected = result.model(x).numpy()
