@@ -399,6 +399,19 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{d['packed_weight_mbit']:.4f} | {d['cost_weight_mbit']:.4f} | {d['packed_over_cost_weight']:.3f} | {d['cost_memory_mbit']:.4f} | "
                 f"{d['onnx_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
             )
+        lines += [
+            "",
+            "onnxruntime's kernels per point (its integer kernels are 8-bit: weights or activations below 8 bits run their values on 8-bit kernels, or in float):",
+            "",
+        ]
+        for r in deployed:
+            d = r["deploy"]
+            kernels = ", ".join(f"{name} {op}" for name, op in d.get("runtime_kernels", {}).items())
+            narrow = d.get("sub8_on_integer_kernels", [])
+            lines.append(
+                f"- trial {r['trial']}: {len(d.get('integer_kernel_layers', []))} of {len(d.get('runtime_kernels', {}))} layers on integer kernels"
+                + (f" ({', '.join(narrow)} with sub-8-bit values)" if narrow else "") + f": {kernels}"
+            )
     learned = [r for r in report["exported"] if r.get("djpq_model_file")]
     if learned:
         lines += ["", "Learned (DJPQ) trials: the policy row is its replay with our quantizers; the exact DJPQ model, loaded again:", ""]

@@ -27,8 +27,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from autoprune.compress import CompressionResult, compress  # noqa: E402
 from autoprune.deploy import (  # noqa: E402
-    compare_onnx, export_onnx, float_copy, layer_levels, measure_latency, onnx_session, pack_weights, unpack_weights,
-    write_packed_weights,
+    compare_onnx, export_onnx, float_copy, layer_levels, measure_latency, onnx_session, pack_weights, runtime_kernels,
+    unpack_weights, write_packed_weights,
 )
 from autoprune.deploy.packed import pack_bits, unpack_bits  # noqa: E402
 from autoprune.errors import AutopruneError  # noqa: E402
@@ -236,6 +236,24 @@ def test_packed_weights_of_mid_tread_and_float_layers(digits: SimpleNamespace, t
     assert inits["features.0.weight_quantized"].min() >= -4 and inits["features.0.weight_quantized"].max() <= 3
     comparison = compare_onnx(result, tmp_path / "u.onnx", DataLoader(digits.task.splits.test, batch_size=128))
     assert comparison.top1_agreement >= 99.5
+
+
+def test_uniform_w8a8_runs_on_integer_kernels_and_midrise_8_bits_does_not(digits: SimpleNamespace, tmp_path: Path) -> None:
+    """int8 weights (BN folded: per channel, zero point 0) reading 8-bit QDQ activations fuse into QLinearConv /
+    QGemm; 8-bit mid-rise levels need int16 (b + 1 bits), for which onnxruntime has no kernel: float."""
+    kernels = {}
+    for quantizer in ("clip_uniform", "midrise"):
+        policy = {"finetune_steps": 0, "quantizer": quantizer, "layers": {"_default": {"w_bits": 8, "a_bits": 8}}}
+        result = compress(digits.base, Policy.from_dict(policy), task=digits.task)
+        path = tmp_path / f"{quantizer}.onnx"
+        exported = export_onnx(result, path, input_shape=digits.task.input_shape)
+        kernels[quantizer] = runtime_kernels(path)
+        assert all(record.integer_candidate == (quantizer == "clip_uniform") for record in exported.layers.values())
+        comparison = compare_onnx(result, path, DataLoader(digits.task.splits.test, batch_size=256))
+        assert comparison.top1_agreement >= 99.5 and abs(comparison.onnx_accuracy - comparison.torch_accuracy) <= 0.2
+    convs = {"features.0": "QLinearConv", "features.3": "QLinearConv", "features.7": "QLinearConv"}
+    assert kernels["clip_uniform"] == {**convs, "classifier": "QGemm"}
+    assert not set(kernels["midrise"].values()) & {"QLinearConv", "QGemm"}, kernels["midrise"]
 
 
 def test_bit_packing_by_hand() -> None:

@@ -13,9 +13,10 @@ where onnxruntime keeps them exact, unused initializers dropped.
 - **Biases.** onnxruntime rewrites a float bias of a Conv fed by DequantizeLinear nodes into an int32 bias at
   scale ``s_x s_w`` (its bias quantization, also when no integer kernel follows). At a few bits that scale is
   coarse and the rounding moves outputs by whole steps of the next quantizer (top-1 agreement fell to 85 % on a
-  3-bit model). A layer that can run on an integer kernel (8-bit activations and int8 weights) keeps its bias
-  in the Conv / Gemm, which the kernel needs; every other layer adds its bias with an ``Add`` after the
-  layer, executed in float as PyTorch does.
+  3-bit model). A Conv that can run on an integer kernel (8-bit activations and int8 weights) keeps its bias,
+  which QLinearConv needs; every other layer reading a DequantizeLinear adds its bias with an ``Add`` after
+  the layer, in float as PyTorch does (a Gemm too: onnxruntime fuses a QGemm only without a float bias).
+- **Flatten** becomes the equal ``Reshape(0, -1)``, across which onnxruntime moves a QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ class GraphCleanup:
     biases_split: tuple[str, ...]
 
 
-def clean_graph(graph: Any, *, layers: Iterable[str], integer_candidates: set[str], quantized: set[str]) -> GraphCleanup:
-    """Fold BNs, remove Identities, split biases, drop unused initializers, in place on an ONNX graph."""
+def clean_graph(graph: Any, *, layers: Iterable[str], quantized: set[str], dequantized_input: set[str], conv_kernels: set[str]) -> GraphCleanup:
+    """Fold BNs, remove Identities, split biases, flatten by Reshape, drop unused initializers, in place.
+
+    ``quantized``: layers with integer weights; ``dequantized_input``: layers reading a DequantizeLinear (weights
+    or input), whose bias onnxruntime would quantize; ``conv_kernels``: those of them that may run on an
+    integer convolution, which keeps its bias (a QGemm runs without one, its bias then added after it).
+    """
     layers = list(layers)
     # identities first: the exporter reads shared initializers (equal BN parameters) through Identity nodes
     removed = _remove_identities(graph)
     folded, unfolded = _fold_batchnorms(graph, layers, quantized)
-    split = _split_biases(graph, [n for n in layers if n not in integer_candidates])
+    split = _split_biases(graph, [n for n in layers if n in dequantized_input], keep=conv_kernels)
+    _flatten_by_reshape(graph)
     _drop_unused_initializers(graph)
     return GraphCleanup(folded=folded, unfolded=unfolded, identities_removed=removed, biases_split=split)
 
@@ -141,13 +148,13 @@ def _remove_identities(graph: Any) -> int:
     return count
 
 
-def _split_biases(graph: Any, names: list[str]) -> tuple[str, ...]:
+def _split_biases(graph: Any, names: list[str], *, keep: set[str]) -> tuple[str, ...]:
     numpy_helper = require("onnx").numpy_helper
     helper = require("onnx").helper
     split = []
     for name in names:
         node = _layer_node(graph, name)
-        if node is None or len(node.input) < 3 or not node.input[2]:
+        if node is None or len(node.input) < 3 or not node.input[2] or (name in keep and node.op_type == "Conv"):
             continue
         inits = _initializers(graph)
         bias = numpy_helper.to_array(inits[node.input[2]])
@@ -170,6 +177,20 @@ def _spatial_dims(graph: Any, node: Any, name: str) -> int:
     inits = _initializers(graph)
     weight = inits.get(f"{name}.weight_quantized") or inits[f"{name}.weight"]
     return len(weight.dims) - 2
+
+
+def _flatten_by_reshape(graph: Any) -> None:
+    """Flatten(axis=1) as Reshape(0, -1), the same values: onnxruntime moves a QuantizeLinear up across a
+    Reshape (not a Flatten), which lets the layer before it end in an integer kernel."""
+    onnx = require("onnx")
+    for index, node in enumerate(list(graph.node)):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if node.op_type != "Flatten" or axis != 1:
+            continue
+        shape = f"{node.name}/shape"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, -1], dtype=np.int64), shape))
+        graph.node.remove(node)
+        graph.node.insert(index, onnx.helper.make_node("Reshape", [node.input[0], shape], list(node.output), name=node.name))
 
 
 def _drop_unused_initializers(graph: Any) -> None:

@@ -131,7 +131,8 @@ def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tup
     records = _insert_qdq(graph_model.graph, layers, levels, acts)
     cleanup = clean_graph(
         graph_model.graph, layers=list(layers), quantized={n for n, level in levels.items() if level is not None},
-        integer_candidates={n for n, record in records.items() if record.integer_candidate},
+        dequantized_input={n for n, record in records.items() if record.act is not None or record.w_storage != "float32"},
+        conv_kernels={n for n, record in records.items() if record.integer_candidate},
     )
     records = {
         name: record.model_copy(update={

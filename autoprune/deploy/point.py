@@ -18,7 +18,7 @@ from torch import nn
 from autoprune.compress import CompressionResult
 from autoprune.deploy.onnx_export import export_onnx
 from autoprune.deploy.packed import pack_weights
-from autoprune.deploy.verify import compare_onnx, measure_latency
+from autoprune.deploy.verify import INTEGER_KERNELS, compare_onnx, measure_latency, runtime_kernels
 
 # One batch size for the latency of every point, so rows of a report compare.
 LATENCY_BATCH = 64
@@ -43,6 +43,12 @@ class DeployedPoint(BaseModel):
     latency_batch: int
     onnx_ms: float
     torch_float_base_ms: float
+    runtime_kernels: dict[str, str] = {}
+    """Per layer, the operator onnxruntime runs it with (``autoprune.deploy.verify.runtime_kernels``)."""
+    integer_kernel_layers: tuple[str, ...] = ()
+    """Layers on integer kernels; of them, those with weights or input below 8 bits run their sub-8-bit
+    values on 8-bit kernels (onnxruntime has none narrower); every other layer runs in float."""
+    sub8_on_integer_kernels: tuple[str, ...] = ()
 
 
 def _cpu_batches(task: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,7 +71,13 @@ def deploy_point(
     """Write ``onnx_path`` (and the packed weights at ``packed_path``) for ``result`` and measure them."""
     result.model.cpu().eval()
     shape = tuple(task.input_shape)
-    export_onnx(result, onnx_path, input_shape=shape)
+    exported = export_onnx(result, onnx_path, input_shape=shape)
+    kernels = runtime_kernels(onnx_path)
+    integer = tuple(name for name, op in kernels.items() if op in INTEGER_KERNELS)
+    narrow = tuple(
+        name for name in integer
+        if exported.layers[name].w_bits < 8 or (exported.layers[name].act is not None and exported.layers[name].act.bits < 8)
+    )
     comparison = compare_onnx(result, onnx_path, _cpu_batches(task))
     packed = pack_weights(result, packed_path, input_shape=shape) if packed_path is not None else None
     latency = measure_latency(
@@ -86,4 +98,7 @@ def deploy_point(
         latency_batch=latency.batch_size,
         onnx_ms=latency.onnx_ms,
         torch_float_base_ms=latency.torch_ms["float base"],
+        runtime_kernels=kernels,
+        integer_kernel_layers=integer,
+        sub8_on_integer_kernels=narrow,
     )
