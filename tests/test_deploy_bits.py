@@ -88,3 +88,38 @@ def test_signed_two_bit_input_exports_exactly(signed_task: tuple, tmp_path: Path
     model, task, x = signed_task
     policy = {"input_bits": 2, "layers": {"_default": {"w_bits": 4, "a_bits": 2}}}
     _check(model, task, x, policy, tmp_path / "s2.onnx")
+
+
+@pytest.mark.parametrize("quantizer", ["clip_uniform", "midrise"])
+def test_batchnorm_with_negative_gamma_folds_into_positive_scales(quantizer: str, tmp_path: Path) -> None:
+    """A BN folds into the weight scales per channel; where gamma < 0 the levels are negated instead (a scale
+    stays positive), except on a channel holding the lowest mid-tread level, whose negation has no b-bit twin."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, bias=False), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 22, 3))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(512, *SHAPE, generator=generator)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.5, -0.7, 0.9, -1.2]))
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 1.5)
+    model.eval()
+    y = model(x).argmax(1).detach()  # labels the model itself gives: its top-1 has margins on most samples
+    task = Task.from_model(model, train=TensorDataset(x, y), val=TensorDataset(x, y), input_shape=SHAPE, signal_steps=0, device="cpu")
+    policy = Policy.from_dict({"finetune_steps": 0, "bn_recalibration": False, "quantizer": quantizer, "layers": {"_default": {"w_bits": 8, "a_bits": 8}}})
+    result = compress(model, policy, task=task)
+    exported = export_onnx(result, tmp_path / "bn.onnx", input_shape=SHAPE)
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(tmp_path / "bn.onnx")).graph
+    assert "BatchNormalization" not in [n.op_type for n in graph.node] and exported.cleanup.folded
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    levels, scale = inits["0.weight_quantized"].astype(np.int64), inits["0.weight_scale"]
+    baked = result.model[0].weight.detach().double().numpy()
+    bn = result.model[1]
+    s = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
+    np.testing.assert_allclose(levels * scale.reshape(-1, 1, 1), baked * s.reshape(-1, 1, 1), rtol=1e-6)
+    lowest = levels.reshape(4, -1).min(1) == np.iinfo(inits["0.weight_quantized"].dtype).min
+    assert np.all((scale > 0) | (lowest & (s < 0)))
+    with torch.no_grad():
+        expected = result.model(x).numpy()
+    actual = onnx_session(tmp_path / "bn.onnx").run(None, {"input": x.numpy()})[0]
+    assert np.mean(expected.argmax(1) == actual.argmax(1)) >= 0.995
