@@ -4,8 +4,9 @@ where onnxruntime keeps them exact, unused initializers dropped.
 - **BatchNorm folding.** PyTorch's compressed model evaluates ``BN(layer(x))`` with the layer's weights on their
   grid and the BN in float; the fold keeps that arithmetic and its integer levels: per output channel
   ``s = gamma / sqrt(var + eps)`` multiplies the weight's *scale* (the DequantizeLinear becomes per-axis; the
-  levels are the same integers, negated where ``s < 0`` so that scales stay positive) and the bias becomes
-  ``(b - mean) s + beta``. What changes is only where the float products round, as with any reordering of
+  levels are the same integers, negated where ``s < 0`` so that scales stay positive, unless a channel holds
+  the lowest mid-tread level, whose negation is off the grid: that channel keeps a negative scale) and the
+  bias becomes ``(b - mean) s + beta``. What changes is only where the float products round, as with any reordering of
   the sum. A float (32-bit) layer gets ``W s`` itself. A BN whose producer is not a Conv / Gemm layer of the
   model, or whose producer feeds anything else, stays and is named in ``GraphCleanup.unfolded``.
 - **Identity nodes** (the exporter's trace of removed quantizers, of ``nn.Identity`` shortcuts) are removed,
@@ -40,12 +41,15 @@ class GraphCleanup:
     biases_split: tuple[str, ...]
 
 
-def clean_graph(graph: Any, *, layers: Iterable[str], quantized: set[str], dequantized_input: set[str], conv_kernels: set[str]) -> GraphCleanup:
+def clean_graph(
+    graph: Any, *, layers: Iterable[str], quantized: dict[str, tuple[int, int]], dequantized_input: set[str], conv_kernels: set[str]
+) -> GraphCleanup:
     """Fold BNs, remove Identities, split biases, flatten by Reshape, drop unused initializers, in place.
 
-    ``quantized``: layers with integer weights; ``dequantized_input``: layers reading a DequantizeLinear (weights
-    or input), whose bias onnxruntime would quantize; ``conv_kernels``: those of them that may run on an
-    integer convolution, which keeps its bias (a QGemm runs without one, its bias then added after it).
+    ``quantized``: layers with integer weights, and their grid's lowest and highest level;
+    ``dequantized_input``: layers reading a DequantizeLinear (weights or input), whose bias onnxruntime would
+    quantize; ``conv_kernels``: those of them that may run on an integer convolution, which keeps its bias (a
+    QGemm runs without one, its bias then added after it).
     """
     layers = list(layers)
     # identities first: the exporter reads shared initializers (equal BN parameters) through Identity nodes
@@ -76,7 +80,7 @@ def _replace(graph: Any, init: Any, array: np.ndarray) -> None:
     graph.initializer.append(numpy_helper.from_array(array, name))
 
 
-def _fold_batchnorms(graph: Any, layers: list[str], quantized: set[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+def _fold_batchnorms(graph: Any, layers: list[str], quantized: dict[str, tuple[int, int]]) -> tuple[dict[str, str], tuple[str, ...]]:
     numpy_helper = require("onnx").numpy_helper
     folded: dict[str, str] = {}
     by_output = {n.output[0]: name for name in layers if (n := _layer_node(graph, name)) is not None}
@@ -90,7 +94,7 @@ def _fold_batchnorms(graph: Any, layers: list[str], quantized: set[str]) -> tupl
         s = gamma / np.sqrt(var + eps)
         layer = _layer_node(graph, name)
         if name in quantized:
-            _fold_into_scale(graph, name, s)
+            _fold_into_scale(graph, name, s, quantized[name])
         else:
             weight = numpy_helper.to_array(inits[f"{name}.weight"]).astype(np.float64)
             _replace(graph, inits[f"{name}.weight"], (weight * s.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32))
@@ -108,7 +112,7 @@ def _fold_batchnorms(graph: Any, layers: list[str], quantized: set[str]) -> tupl
     return folded, unfolded
 
 
-def _fold_into_scale(graph: Any, name: str, s: np.ndarray) -> None:
+def _fold_into_scale(graph: Any, name: str, s: np.ndarray, bounds: tuple[int, int]) -> None:
     """The weight's DequantizeLinear scale times |s| per output channel, its levels negated where s < 0."""
     onnx = require("onnx")
     inits = _initializers(graph)
@@ -116,10 +120,9 @@ def _fold_into_scale(graph: Any, name: str, s: np.ndarray) -> None:
     scale = onnx.numpy_helper.to_array(inits[f"{name}.weight_scale"]).astype(np.float64)
     scale = np.broadcast_to(scale, s.shape) * np.abs(s)
     sign = np.where(s < 0, -1, 1).reshape(-1, *[1] * (levels.ndim - 1))
-    info = np.iinfo(levels.dtype)
     flipped = levels.astype(np.int64) * sign
-    # a mid-tread grid's lowest level has no positive twin in its storage type: that channel keeps a negative scale
-    keeps = (flipped.reshape(len(s), -1).max(1) > info.max) | (flipped.reshape(len(s), -1).min(1) < info.min)
+    # a mid-tread grid's lowest level has no twin on the grid: a channel holding it keeps a negative scale
+    keeps = (flipped.reshape(len(s), -1).max(1) > bounds[1]) | (flipped.reshape(len(s), -1).min(1) < bounds[0])
     flipped[keeps] = levels.astype(np.int64)[keeps]
     scale = np.where(keeps, -scale, scale)
     _replace(graph, inits[f"{name}.weight_quantized"], flipped.astype(levels.dtype))

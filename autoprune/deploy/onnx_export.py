@@ -130,7 +130,7 @@ def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tup
     graph_model = _trace(float_copy(result), input_shape=input_shape, opset=opset)
     records = _insert_qdq(graph_model.graph, layers, levels, acts)
     cleanup = clean_graph(
-        graph_model.graph, layers=list(layers), quantized={n for n, level in levels.items() if level is not None},
+        graph_model.graph, layers=list(layers), quantized={n: level.grid.bounds(level.bits) for n, level in levels.items() if level is not None},
         dequantized_input={n for n, record in records.items() if record.act is not None or record.w_storage != "float32"},
         conv_kernels={n for n, record in records.items() if record.integer_candidate},
     )
