@@ -14,8 +14,8 @@ where onnxruntime keeps them exact, unused initializers dropped.
 - **Biases.** onnxruntime rewrites a float bias of a Conv fed by DequantizeLinear nodes into an int32 bias at
   scale ``s_x s_w`` (its bias quantization, also when no integer kernel follows). At a few bits that scale is
   coarse and the rounding moves outputs by whole steps of the next quantizer (top-1 agreement fell to 85 % on a
-  3-bit model). A Conv that can run on an integer kernel (8-bit activations and int8 weights) keeps its bias,
-  which QLinearConv needs; every other layer reading a DequantizeLinear adds its bias with an ``Add`` after
+  3-bit model). A Conv that can run on an integer kernel at 8 bits (8-bit activations, 8-bit int8 weights)
+  keeps its bias, which QLinearConv needs; every other layer reading a DequantizeLinear adds its bias with an ``Add`` after
   the layer, in float as PyTorch does (a Gemm too: onnxruntime fuses a QGemm only without a float bias).
 - **Flatten** becomes the equal ``Reshape(0, -1)``, across which onnxruntime moves a QuantizeLinear.
 """

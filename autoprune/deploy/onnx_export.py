@@ -89,9 +89,16 @@ class LayerQdq(BaseModel):
 
     @property
     def integer_candidate(self) -> bool:
-        """int8 weights reading 8-bit QDQ activations: the pattern onnxruntime fuses into an integer kernel."""
+        """8-bit int8 weights reading 8-bit QDQ activations: an integer kernel that keeps its bias.
+
+        Below 8 bits the bias onnxruntime quantizes at s_x s_w rounds on a coarse grid (a W3 conv feeding a
+        2-bit input moved whole steps: 99.4 % top-1 agreement); such a layer adds its bias after it in float.
+        """
         act = self.act
-        return self.w_storage == "int8" and act is not None and act.bits == 8 and act.clip is None and act.grid == "midtread"
+        return (
+            self.w_bits == 8 and self.w_storage == "int8"
+            and act is not None and act.bits == 8 and act.clip is None and act.grid == "midtread"
+        )
 
 
 @dataclass(frozen=True)
