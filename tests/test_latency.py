@@ -38,7 +38,8 @@ def test_points_are_measured_once_then_read_from_the_table_on_disk(tmp_path) -> 
     # every layer reads int8 storage: the base model's 2 layers at W8A8 and its whole W8A8 run (the rest), 2 W4A4
     # layers; nothing float is measured, as no layer of the policy is float
     assert first.measured == 5 and set(first.layers) == {"0", "4"}
-    assert first.total_ms == pytest.approx(first.overhead_ms + sum(first.layers.values()) + first.rest_ms)
+    # never below one run's overhead: on a loaded machine a tiny model's rest may come out negative
+    assert first.total_ms == pytest.approx(max(first.overhead_ms, first.overhead_ms + sum(first.layers.values()) + first.rest_ms))
     assert latency.estimate(w4).measured == 0, "a second estimate is a lookup"
     again = _latency(tmp_path)
     assert again.estimate(w4).measured == 0 and again.estimate(w4).total_ms == first.total_ms, "the table is read back from disk"
