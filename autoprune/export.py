@@ -396,17 +396,17 @@ def _markdown(report: dict[str, Any]) -> str:
             "## Deployable files (ONNX with QDQ, packed weights)",
             "",
             "Test split, top-1 accuracy of the class outputs (whatever the task's metric); latency is the median CPU time per batch, onnxruntime and PyTorch's float base model timed side by side (1 thread each), "
-            "beside the latency model's estimate of the same file (a per-layer table measured on this machine) and the cost model's BOPs.",
+            "beside the latency model's estimate of the same file (a per-layer table measured on this machine), the file timed as that model times its layers (median CPU time, 1 thread), and the cost model's BOPs.",
             "",
-            "| trial | ONNX file | PyTorch top-1 acc | onnxruntime top-1 acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | BOPs | onnxruntime ms | latency model ms | PyTorch float base ms | MLflow model |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| trial | ONNX file | PyTorch top-1 acc | onnxruntime top-1 acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | BOPs | onnxruntime ms | latency model ms | onnxruntime CPU ms | PyTorch float base ms | MLflow model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in deployed:
             d = r["deploy"]
             lines.append(
                 f"| {r['trial']} | {d['onnx_file']} | {d['torch_test_accuracy']:.2f} | {d['onnx_test_accuracy']:.2f} | {d['top1_agreement']:.2f} | "
                 f"{d['packed_weight_mbit']:.4f} | {d['cost_weight_mbit']:.4f} | {d['packed_over_cost_weight']:.3f} | {d['cost_memory_mbit']:.4f} | "
-                f"{d['bops']:.4g} | {d['onnx_ms']:.3f} | {d['latency_model_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
+                f"{d['bops']:.4g} | {d['onnx_ms']:.3f} | {d['latency_model_ms']:.3f} | {d['latency_measured_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
             )
     learned = [r for r in report["exported"] if r.get("djpq_model_file")]
     if learned:

@@ -3,8 +3,8 @@
 For each model, a set of policies (float, uniform W8A8 and W4A4, keep 0.5, keep 0.5 at W8A8, and ``--mixed``
 seeded per-layer mixes of keep ratio, weight and activation bits) is compressed without data (weights on the
 quantizer's grid, activation ranges calibrated on random inputs: a time does not depend on the values),
-exported by the QDQ path and timed whole on onnxruntime (the fastest of ``--repeats`` runs per batch, one intra-op
-thread, as the latency model times its layers); the latency
+exported by the QDQ path and timed whole on onnxruntime (the median of ``--repeats`` runs per batch, one intra-op
+thread, CPU time of the calling thread, as the latency model times its layers); the latency
 model (``autoprune.deploy.latency``) predicts the same model from its per-layer table. The float model is also
 timed in PyTorch (one thread). Reported: one row per policy (BOPs, measured ms, model ms, error), the Spearman correlation of
 BOPs against the measured latency and of the latency model against it, and the latency model's median relative
@@ -76,15 +76,16 @@ def policies(model: nn.Module, *, mixed: int, seed: int) -> dict[str, dict[str, 
 
 
 def torch_ms(model: nn.Module, shape: tuple[int, ...], *, repeats: int) -> float:
+    # timed as the latency model times onnxruntime: the CPU time of the calling thread (torch has one thread)
     x = torch.randn(LATENCY_BATCH, *shape)
     times = []
     with torch.no_grad():
         for index in range(repeats + 3):
-            start = time.perf_counter()
+            start = time.thread_time()
             model(x)
             if index >= 3:
-                times.append(1e3 * (time.perf_counter() - start))
-    return min(times)
+                times.append(1e3 * (time.thread_time() - start))
+    return statistics.median(times)
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mnist1d_cnn", "resnet18"])
     parser.add_argument("--mixed", type=int, default=8, help="seeded mixed per-layer policies per model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=50, help="timed runs per measurement (the fastest is kept, as the latency model keeps it)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per measurement (median)")
     parser.add_argument("--resnet-input", type=int, nargs=3, default=[3, 64, 64])
     parser.add_argument("--fresh", action="store_true", help="measure every table again, in a temporary cache")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")

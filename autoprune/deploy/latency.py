@@ -5,7 +5,7 @@ A compressed model's latency is predicted as
 
     latency = overhead + sum over its Conv / Gemm layers of (t(layer) - overhead) + rest x features / base features
 
-- ``t(layer)``: the fastest time per batch (``time_session``) of a one-layer model exported by the same QDQ path as a whole model
+- ``t(layer)``: the median time per batch (``time_session``: CPU time with one thread) of a one-layer model exported by the same QDQ path as a whole model
   (``export_onnx``: the layer's weight storage, its input's QuantizeLinear / Clip / DequantizeLinear), for the
   layer's pruned shape, its weight and activation bits, the sign of what it reads and the weight quantizer kind
   (which sets the weight storage). One point is measured the first time a search or an export needs it, never
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ TABLE_VERSION = 1
 LATENCY_BATCH = 64
 LATENCY_THREADS = 1
 WARMUP = 5
-REPEATS = 50
+REPEATS = 30
 
 
 class _Frozen(BaseModel):
@@ -152,20 +153,22 @@ def _session(path: Path, threads: int) -> Any:
     return onnx_session(path, threads=threads)
 
 
-def time_session(session: Any, x: Any, *, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
-    """The fastest of ``repeats`` runs of ``session.run`` on the array ``x``, in milliseconds, after ``warmup`` runs.
+def time_session(session: Any, x: Any, *, threads: int = LATENCY_THREADS, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
+    """The median milliseconds of ``repeats`` runs of ``session.run`` on the array ``x``, after ``warmup`` runs.
 
-    The fastest, not the median: on a shared machine the median measures the load (the same W8A8 MNIST-1D model
-    measured six times here under a load of 9 on 2 cores: medians 4.2 to 6.8 ms, minima 1.72 to 1.77 ms bar one),
-    and a table measured once serves every later search."""
+    With one intra-op thread onnxruntime computes in the calling thread, whose CPU time is timed: on a shared
+    machine wall time measures the load (one W8A8 MNIST-1D model timed five times here under a load of 6 to 9
+    on 2 cores: wall medians 1.9 to 4.6 ms, CPU-time medians 1.84 to 1.86 ms), and a table measured once serves
+    every later search. With more threads the work leaves the calling thread, and wall time is timed."""
     feed = {session.get_inputs()[0].name: x}
+    clock = time.thread_time if threads == 1 else time.perf_counter
     times = []
     for index in range(warmup + repeats):
-        start = time.perf_counter()
+        start = clock()
         session.run(None, feed)
         if index >= warmup:
-            times.append(1e3 * (time.perf_counter() - start))
-    return min(times)
+            times.append(1e3 * (clock() - start))
+    return statistics.median(times)
 
 
 def _sample(shape: tuple[int, ...], *, signed: bool, seed: int = 0) -> torch.Tensor:
@@ -313,7 +316,7 @@ class LatencyModel:
 
     def _time(self, path: Path, shape: tuple[int, ...], *, signed: bool = True) -> float:
         x = _sample((self.batch_size, *shape), signed=signed, seed=1).numpy()
-        return time_session(_session(path, self.threads), x, warmup=self.warmup, repeats=self.repeats)
+        return time_session(_session(path, self.threads), x, threads=self.threads, warmup=self.warmup, repeats=self.repeats)
 
     def _overhead(self, folder: Path) -> float:
         if self.table.overhead_ms is None:

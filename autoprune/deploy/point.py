@@ -43,8 +43,10 @@ class DeployedPoint(BaseModel):
     latency_batch: int
     onnx_ms: float
     torch_float_base_ms: float
-    # the latency model's estimate of the same file (autoprune.deploy.latency), and the cost model's BOPs
+    # the latency model's estimate of the same file (autoprune.deploy.latency) beside the file timed as the model
+    # times its layers (CPU time of one thread, median), and the cost model's BOPs
     latency_model_ms: float
+    latency_measured_ms: float
     bops: float
 
 
@@ -77,7 +79,7 @@ def deploy_point(
         onnx_path, torch_models={"float base": base_model.cpu().eval()}, input_shape=shape, batch_size=LATENCY_BATCH, repeats=LATENCY_REPEATS,
         threads=LATENCY_THREADS,
     )
-    latency = latency or LatencyModel(base_model, input_shape=shape)
+    check = (latency or LatencyModel(base_model, input_shape=shape)).check(result)
     return DeployedPoint(
         onnx_file=str(onnx_path),
         packed_file=str(packed_path) if packed_path is not None else None,
@@ -93,6 +95,7 @@ def deploy_point(
         latency_batch=timed.batch_size,
         onnx_ms=timed.onnx_ms,
         torch_float_base_ms=timed.torch_ms["float base"],
-        latency_model_ms=latency.estimate(result).total_ms,
+        latency_model_ms=check.model_ms,
+        latency_measured_ms=check.measured_ms,
         bops=result.cost(shape).total.bops,
     )
