@@ -280,6 +280,10 @@ def _compressed_layer(point: LayerPoint) -> CompressionResult:
     return result
 
 
+def _identity(table: LatencyTable) -> tuple[Any, ...]:
+    return table.machine, table.onnxruntime, table.threads, table.batch_size
+
+
 class LatencyModel:
     """The latency model of one base model on this machine; ``estimate`` measures only the points it lacks."""
 
@@ -297,8 +301,10 @@ class LatencyModel:
         self.path = Path(path) if path is not None else table_path(batch_size=batch_size, threads=threads)
         empty = LatencyTable(machine=machine_name(), onnxruntime=ort.__version__, threads=threads, batch_size=batch_size)
         self.table = self._read() or empty
-        if (self.table.machine, self.table.onnxruntime, self.table.threads, self.table.batch_size) != (empty.machine, empty.onnxruntime, threads, batch_size):
+        if _identity(self.table) != _identity(empty):
             self.table = empty
+        # the base model's rest per storage, once per process (it compresses the base model to find its layers)
+        self._rests: dict[str, tuple[float, dict[str, int]]] = {}
 
     def _read(self) -> LatencyTable | None:
         if not self.path.is_file():
@@ -310,7 +316,7 @@ class LatencyModel:
 
     def _save(self) -> None:
         on_disk = self._read()
-        if on_disk is not None and (on_disk.machine, on_disk.onnxruntime) == (self.table.machine, self.table.onnxruntime):
+        if on_disk is not None and _identity(on_disk) == _identity(self.table):
             self.table = self.table.merged(on_disk)
         write_atomic(self.path, self.table.model_dump_json(indent=1) + "\n")
 
@@ -353,6 +359,8 @@ class LatencyModel:
     def _rest(self, storage: Storage, folder: Path) -> tuple[float, dict[str, int], int]:
         """The base model's rest with every layer reading ``storage`` (its whole time less its layers), each
         layer's input elements per sample, and how many points that measured."""
+        if storage in self._rests:
+            return (*self._rests[storage], 0)
         bits = STORAGE_BITS[storage]
         policy = _uniform_policy(self.base_model, bits)
         base = random_calibrated(self.base_model, policy, self.input_shape)
@@ -364,7 +372,8 @@ class LatencyModel:
             measured += 1
         overhead = self._overhead(folder)
         layers = sum(self.table.layers[p.key] - overhead for p in points.values())
-        return self.table.models[key] - overhead - layers, _input_elements(points), measured
+        self._rests[storage] = (self.table.models[key] - overhead - layers, _input_elements(points))
+        return (*self._rests[storage], measured)
 
     def float_base(self) -> CompressionResult:
         """The base model as a float CompressionResult (no layer quantized, the input float)."""
