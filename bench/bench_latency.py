@@ -140,13 +140,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"### {report['model']} ({'x'.join(map(str, report['input_shape']))}), batch {report['batch']}, {report['threads']} thread",
         "",
-        f"PyTorch float: {report['torch_float_ms']:.3f} ms. Spearman BOPs vs measured {report['spearman_bops_vs_measured']:.2f}, "
+        f"Spearman BOPs vs measured {report['spearman_bops_vs_measured']:.2f}, "
         f"latency model vs measured {report['spearman_model_vs_measured']:.2f}; median |error| of the latency model "
         f"{100 * report['median_abs_error']:.1f}%.",
         "",
         "| policy | BOPs | onnxruntime ms (measured) | latency model ms | error |",
         "|---|---|---|---|---|",
     ]
+    float_bops = report["rows"][0]["bops"]
+    lines.append(f"| float, PyTorch | {float_bops:.3g} | {report['torch_float_ms']:.3f} (PyTorch) | - | - |")
     for r in report["rows"]:
         lines.append(f"| {r['policy']} | {r['bops']:.3g} | {r['onnx_ms']:.3f} | {r['model_ms']:.3f} | {100 * r['error']:+.1f}% |")
     return "\n".join(lines) + "\n"
