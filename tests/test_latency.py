@@ -80,21 +80,22 @@ def test_latency_ms_is_a_metric_an_objective_and_a_constraint() -> None:
     assert not ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]}).needs_latency
 
 
-def test_a_search_for_latency_without_onnxruntime_is_refused_before_training(tmp_path) -> None:
-    import subprocess
+def test_a_search_for_latency_without_onnxruntime_is_refused_before_training(tmp_path, monkeypatch, capsys) -> None:
     import sys
 
-    # onnxruntime made unimportable in the child: the search must stop with one line and exit 2, training nothing
-    code = (
-        "import sys; sys.modules['onnxruntime'] = None; from autoprune.cli import main; "
-        "sys.exit(main(['search', '--objectives', 'accuracy_latency', '--trials', '1', '--no-ladder', '--quiet', "
-        f"'--storage', 'sqlite:///{tmp_path}/s.db', '--tracking-uri', 'sqlite:///{tmp_path}/m.db']))"
-    )
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2, run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "onnxruntime" in lines[0] and "autoprune[deploy]" in lines[0], run.stderr
-    assert not (tmp_path / ".autoprune").exists() or not any((tmp_path / ".autoprune").rglob("*.safetensors"))
+    from autoprune.cli import main
+
+    # onnxruntime made unimportable: the search must stop with one line and exit 2, training nothing
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    status = main([
+        "search", "--objectives", "accuracy_latency", "--trials", "1", "--no-ladder", "--quiet",
+        "--storage", f"sqlite:///{tmp_path}/s.db", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+    ])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "onnxruntime" in lines[0] and "autoprune[deploy]" in lines[0], lines
+    assert not (tmp_path / "cache").exists(), "no base model was trained"
 
 
 @pytest.mark.e2e
