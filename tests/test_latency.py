@@ -131,3 +131,27 @@ def test_search_for_accuracy_and_latency_on_mnist1d(tmp_path) -> None:
     print_front(data, console=console)
     text = console.export_text()
     assert "ms (model)" in text and f"latency {data['base']['cost']['latency_ms']:.3f} ms" in text
+
+
+def test_the_estimate_sums_the_layers_and_shares_the_rest_by_the_features_they_read(tmp_path) -> None:
+    latency = _latency(tmp_path)
+    base = random_calibrated(latency.base_model, Policy(input_bits=32), SHAPE)
+    pruned = random_calibrated(latency.base_model, _policy(keep_ratio=0.5).model_copy(update={"input_bits": 32}), SHAPE)
+    latency.estimate(base), latency.estimate(pruned)
+    # hand-set times: the conv 1.0 ms whole and 0.6 ms at half width, the linear 0.5 and 0.3, the whole base 2.0,
+    # one run's overhead 0.1
+    table = LatencyTable.model_validate_json((tmp_path / "latency.json").read_text())
+    times = {("conv1d", 16): 1.0, ("conv1d", 8): 0.6, ("linear", 192): 0.5, ("linear", 96): 0.3}
+    layers = {}
+    for key in table.layers:
+        point = json.loads(key)
+        layers[key] = times[(point["op"], point["out_channels"] if point["op"] == "conv1d" else point["in_shape"][0])]
+    (tmp_path / "latency.json").write_text(table.model_copy(update={
+        "layers": layers, "overhead_ms": 0.1, "models": dict.fromkeys(table.models, 2.0),
+    }).model_dump_json())
+    hand = _latency(tmp_path)
+    assert hand.estimate(base).total_ms == pytest.approx(2.0), "the base model's estimate is its whole-model time"
+    # rest = 2.0 - 0.1 - (0.9 + 0.4) = 0.6 over 48 + 192 input elements; pruned, the linear reads 96 of its 192
+    estimate = hand.estimate(pruned)
+    assert estimate.measured == 0 and estimate.rest_ms == pytest.approx(0.6 * (48 + 96) / 240)
+    assert estimate.total_ms == pytest.approx(0.1 + (0.6 - 0.1) + (0.3 - 0.1) + 0.6 * (48 + 96) / 240)
