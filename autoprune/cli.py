@@ -173,7 +173,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
         out.print(
             f"saved {deployed.onnx_file} and {deployed.packed_file}: test {name} PyTorch {deployed.torch_test_accuracy:.2f}, "
             f"onnxruntime {deployed.onnx_test_accuracy:.2f}, top-1 agreement {deployed.top1_agreement:.2f}%; packed weights "
-            f"{deployed.packed_weight_mbit:.4f} Mb (cost model {deployed.cost_weight_mbit:.4f} Mb, ratio {deployed.packed_over_cost_weight:.3f})"
+            f"{deployed.packed_weight_mbit:.4f} Mb (cost model {deployed.cost_weight_mbit:.4f} Mb, ratio {deployed.packed_over_cost_weight:.3f}); "
+            f"ms per batch of {deployed.latency_batch}: onnxruntime {deployed.onnx_ms:.3f} (CPU time {deployed.latency_measured_ms:.3f}, "
+            f"latency model {deployed.latency_model_ms:.3f}), "
+            f"PyTorch float base {deployed.torch_float_base_ms:.3f}; "
+            f"{len(deployed.integer_kernel_layers)} of {len(deployed.runtime_kernels)} layers on onnxruntime's integer kernels"
         )
     elif args.out:
         out.print(f"saved {args.out}")

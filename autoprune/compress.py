@@ -322,7 +322,7 @@ class _Session:
         from autoprune.prune import prune_structured
 
         with self._float_weights():
-            later = prune_structured(self.model, keep={}, example_input=torch.zeros(1, *self.input_shape), method=self.policy.pruner)
+            later = prune_structured(self.model, keep={}, example_input=torch.zeros(1, *self.input_shape, device=self.device), method=self.policy.pruner)
             self.structured = later if self.structured is None else self.structured.followed_by(later)
 
     def fold_batchnorm(self) -> None:

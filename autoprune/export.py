@@ -130,6 +130,8 @@ def export_study(
     name = meta.base.metric if meta and meta.base else "accuracy"
     evaluator = ctx.ensure_evaluator(progress=False) if replay or finals else None
     onnx = format == "onnx" or (bool(finals) and _deploy_installed())
+    # one latency model for every point: its table's points are measured once for the whole export
+    latency = (evaluator.latency or _latency_model(evaluator, ctx)) if onnx and evaluator is not None else None
     out = Path(out)
     # Everything is written to a sibling folder first and swapped in at the end (files.atomic_folder): an
     # interrupted export never leaves a half-written folder, and never destroys the previous one.
@@ -161,7 +163,7 @@ def export_study(
 
                     point = deploy_point(
                         result, task=ctx.task, base_model=evaluator.base.model,
-                        onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw",
+                        onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw", latency=latency,
                     )
                     row["deploy"] = {**point.model_dump(), "onnx_file": f"points/{stem}/model.onnx", "packed_file": f"points/{stem}/model.apw"}
             elif evaluator is not None and replay:
@@ -186,7 +188,7 @@ def export_study(
 
                     point = deploy_point(
                         result, task=ctx.task, base_model=evaluator.base.model,
-                        onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw",
+                        onnx_path=staging / "points" / stem / "model.onnx", packed_path=staging / "points" / stem / "model.apw", latency=latency,
                     )
                     row["deploy"] = {**point.model_dump(), "onnx_file": f"points/{stem}/model.onnx", "packed_file": f"points/{stem}/model.apw"}
             confirmation = confirmations.get(trial.number)
@@ -217,6 +219,12 @@ def export_study(
     if format == "onnx":
         _log_models(study, out=out, rows=report_rows, task=ctx.task, register=register, tracking_uri=tracking_uri)
     return Exported(policies, out / "report.json")
+
+
+def _latency_model(evaluator: Any, ctx: Any) -> Any:
+    from autoprune.deploy.latency import LatencyModel
+
+    return LatencyModel(evaluator.base.model, input_shape=ctx.task.input_shape)
 
 
 def _deploy_installed() -> bool:
@@ -387,17 +395,31 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
             "## Deployable files (ONNX with QDQ, packed weights)",
             "",
-            "Test split, top-1 accuracy of the class outputs (whatever the task's metric); latency is the median CPU time per batch, onnxruntime and PyTorch's float base model timed side by side (1 thread each).",
+            "Test split, top-1 accuracy of the class outputs (whatever the task's metric); latency is the median CPU time per batch, onnxruntime and PyTorch's float base model timed side by side (1 thread each), "
+            "beside the latency model's estimate of the same file (a per-layer table measured on this machine), the file timed as that model times its layers (median CPU time, 1 thread), and the cost model's BOPs.",
             "",
-            "| trial | ONNX file | PyTorch top-1 acc | onnxruntime top-1 acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | onnxruntime ms | PyTorch float base ms | MLflow model |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| trial | ONNX file | PyTorch top-1 acc | onnxruntime top-1 acc | top-1 agreement | packed weights (Mb) | cost model weights (Mb) | packed / cost | cost model memory (Mb) | BOPs | onnxruntime ms | latency model ms | onnxruntime CPU ms | PyTorch float base ms | MLflow model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in deployed:
             d = r["deploy"]
             lines.append(
                 f"| {r['trial']} | {d['onnx_file']} | {d['torch_test_accuracy']:.2f} | {d['onnx_test_accuracy']:.2f} | {d['top1_agreement']:.2f} | "
                 f"{d['packed_weight_mbit']:.4f} | {d['cost_weight_mbit']:.4f} | {d['packed_over_cost_weight']:.3f} | {d['cost_memory_mbit']:.4f} | "
-                f"{d['onnx_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
+                f"{d['bops']:.4g} | {d['onnx_ms']:.3f} | {d['latency_model_ms']:.3f} | {d['latency_measured_ms']:.3f} | {d['torch_float_base_ms']:.3f} | {d.get('mlflow_model_uri', '-')} |"
+            )
+        lines += [
+            "",
+            "onnxruntime's kernels per point (its integer kernels are 8-bit: weights or activations below 8 bits run their values on 8-bit kernels, or in float):",
+            "",
+        ]
+        for r in deployed:
+            d = r["deploy"]
+            kernels = ", ".join(f"{name} {op}" for name, op in d.get("runtime_kernels", {}).items())
+            narrow = d.get("sub8_on_integer_kernels", [])
+            lines.append(
+                f"- trial {r['trial']}: {len(d.get('integer_kernel_layers', []))} of {len(d.get('runtime_kernels', {}))} layers on integer kernels"
+                + (f" ({', '.join(narrow)} with sub-8-bit values)" if narrow else "") + f": {kernels}"
             )
     learned = [r for r in report["exported"] if r.get("djpq_model_file")]
     if learned:

@@ -41,6 +41,8 @@ METRIC_TABLE: tuple[Metric, ...] = (
     Metric("memory_mb", "minimize", "memory", "Mb", cost=True),
     Metric("params", "minimize", "parameters", cost=True),
     Metric("performance_density", "maximize", "performance density", "%/Mb"),
+    # measured on this machine with onnxruntime: the latency model's estimate per batch (autoprune.deploy.latency)
+    Metric("latency_ms", "minimize", "latency", "ms"),
     Metric("bops_reduction", "maximize", "BOPs reduction", "x", objective=False),
     # the accuracy's 95% Wilson interval on the validation samples it was scored on (autoprune.intervals)
     Metric("accuracy_ci_low", "maximize", "accuracy 95% CI low", "%", objective=False),

@@ -284,6 +284,9 @@ def f6(evaluator: Evaluator, workdir: Path, seeds: list[int], trials: int, final
             diffs[label].append(front_best - base["test_accuracy"])
             low, high = wilson(base["test_accuracy"], test_samples)
             beaten_beyond_ci[label] += base["test_accuracy"] - front_best > (high - low) / 2
+            # a seed's figures as they come: the full run takes long enough to be cut short
+            print(f"F6 seed {seed} {label}: baseline {base['bops'] / 1e6:.3g}M BOPs test {base['test_accuracy']:.2f}, front best at <= its BOPs {front_best:.2f} (interval half-width {(high - low) / 2:.2f})", flush=True)
+        print(f"F6 seed {seed}: make run's target {targets[-1]:.1f}x", flush=True)
     figure = "; ".join(f"{k}: front - baseline {mean_sd(v)} test pts at <= its BOPs" for k, v in diffs.items())
     figure += f" ({trials}-trial searches finalized with {final_steps} steps; a baseline cheaper than every front point counts against 0%)"
     figure += f". make run's target, the largest BOPs reduction within {TEST_DROP} test points of float ({float_test:.2f}%): " + ", ".join(f"{t:.1f}x" for t in targets)

@@ -131,7 +131,7 @@ def test_export_onnx_logs_each_point_and_registers_it(weights_study: Path, tmp_p
     ok(cli(weights_study, "export", "--study", "own", "--storage", "sqlite:///study.db", "--out", str(out), "--format", "onnx",
            "--register", "own-cnn", "--tracking-uri", uri))
     report = json.loads((out / "report.json").read_text())
-    assert report["exported"]
+    assert report["exported"] and "| BOPs | onnxruntime ms | latency model ms | onnxruntime CPU ms |" in (out / "report.md").read_text()
     client = MlflowClient(tracking_uri=uri)
     for row in report["exported"]:
         deployed = row["deploy"]
@@ -140,6 +140,8 @@ def test_export_onnx_logs_each_point_and_registers_it(weights_study: Path, tmp_p
         assert deployed["onnx_test_accuracy"] == pytest.approx(row["test_accuracy"], abs=1.0)
         assert 0.99 <= deployed["packed_over_cost_weight"] <= 1.2
         assert deployed["onnx_ms"] > 0 and deployed["torch_float_base_ms"] > 0
+        # the latency model's estimate and the cost model's BOPs beside the measured latency
+        assert deployed["latency_model_ms"] > 0 and deployed["latency_measured_ms"] > 0 and deployed["bops"] == pytest.approx(row["bops"])
         version = client.get_model_version("own-cnn", str(deployed["registered"]["version"]))
         assert version.tags["autoprune.study"] == "own" and json.loads(version.tags["autoprune.policy"]) == json.loads((out / row["policy_file"]).read_text())
         assert float(version.tags["autoprune.metric.accuracy"]) == pytest.approx(row["recorded_val_accuracy"])

@@ -27,8 +27,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from autoprune.compress import CompressionResult, compress  # noqa: E402
 from autoprune.deploy import (  # noqa: E402
-    compare_onnx, export_onnx, float_copy, layer_levels, measure_latency, onnx_session, pack_weights, unpack_weights,
-    write_packed_weights,
+    compare_onnx, export_onnx, float_copy, layer_levels, measure_latency, onnx_session, pack_weights, runtime_kernels,
+    unpack_weights, write_packed_weights,
 )
 from autoprune.deploy.packed import pack_bits, unpack_bits  # noqa: E402
 from autoprune.errors import AutopruneError  # noqa: E402
@@ -92,6 +92,9 @@ def test_digits_onnx_agrees_with_pytorch_on_the_test_split(digits: SimpleNamespa
     ops = _ops(model)
     assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 8
     assert ops.count("Clip") == 2 and ops.count("Mul") == 1
+    # BN folded into the convs, the traced identities gone (there were 3 BatchNormalization nodes)
+    assert ops.count("BatchNormalization") == 0 and ops.count("Identity") == 0
+    assert sorted(digits.exported.cleanup.folded.values()) == ["features.0", "features.3", "features.7"]
     _check_pruned_shapes(model, digits.result, digits.base)
     comparison = compare_onnx(digits.result, digits.path, DataLoader(digits.task.splits.test, batch_size=128))
     assert comparison.samples == len(digits.task.splits.test)
@@ -112,8 +115,17 @@ def test_weight_initializers_hold_the_integer_levels(digits: SimpleNamespace) ->
         assert np.all((levels % 2 == 1) | (levels == 0)) and np.abs(levels).max() <= 2**bits - 1
         assert np.abs(levels).max() > 2 ** (bits - 1)  # the top levels are used: not stored at a coarser grid
         scale = inits[f"{name}.weight_scale"]
-        assert scale.shape == () and scale == np.float32(digits.result.weight_steps[name] / 2)
-        np.testing.assert_allclose(levels * scale, layers[name].weight.detach().numpy(), rtol=1e-6, atol=0)
+        weight = layers[name].weight.detach().double().numpy()
+        if record.batchnorm_folded:
+            # the BN after the conv multiplies its scale per output channel (levels negated where gamma < 0)
+            bn = digits.result.model.features[int(name.split(".")[1]) + 1]
+            s = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
+            assert scale.shape == (len(s),)
+            np.testing.assert_allclose(scale, np.float32(digits.result.weight_steps[name] / 2) * np.abs(s), rtol=1e-6)
+            weight = weight * s.reshape(-1, 1, 1, 1)
+        else:
+            assert scale.shape == () and scale == np.float32(digits.result.weight_steps[name] / 2)
+        np.testing.assert_allclose(levels * scale.reshape(-1, *[1] * (levels.ndim - 1)), weight, rtol=1e-6, atol=0)
     assert digits.exported.layers["features.3"].act.clip == (0, 15)
     assert digits.exported.layers["features.3"].feature_mask
 
@@ -135,10 +147,13 @@ def test_random_weight_models_export_with_pruning_and_mixed_bits(arch: str, tmp_
     })
     result = compress(base, policy, task=fake_task)
     path = tmp_path / f"{arch}.onnx"
-    export_onnx(result, path, input_shape=(3, 32, 32))
+    exported = export_onnx(result, path, input_shape=(3, 32, 32))
     model = _graph(path)
     assert _ops(model).count("QuantizeLinear") == len(compressible_layers(result.model))
     assert "Clip" in _ops(model)
+    # every BN folded into its conv, the residual shortcuts' and removed quantizers' Identity nodes gone
+    assert _ops(model).count("BatchNormalization") == 0 and _ops(model).count("Identity") == 0
+    assert len(exported.cleanup.folded) == sum(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     _check_pruned_shapes(model, result, base)
     with torch.no_grad():
         expected = result.model(x).numpy()
@@ -221,6 +236,24 @@ def test_packed_weights_of_mid_tread_and_float_layers(digits: SimpleNamespace, t
     assert inits["features.0.weight_quantized"].min() >= -4 and inits["features.0.weight_quantized"].max() <= 3
     comparison = compare_onnx(result, tmp_path / "u.onnx", DataLoader(digits.task.splits.test, batch_size=128))
     assert comparison.top1_agreement >= 99.5
+
+
+def test_uniform_w8a8_runs_on_integer_kernels_and_midrise_8_bits_does_not(digits: SimpleNamespace, tmp_path: Path) -> None:
+    """int8 weights (BN folded: per channel, zero point 0) reading 8-bit QDQ activations fuse into QLinearConv /
+    QGemm; 8-bit mid-rise levels need int16 (b + 1 bits), for which onnxruntime has no kernel: float."""
+    kernels = {}
+    for quantizer in ("clip_uniform", "midrise"):
+        policy = {"finetune_steps": 0, "quantizer": quantizer, "layers": {"_default": {"w_bits": 8, "a_bits": 8}}}
+        result = compress(digits.base, Policy.from_dict(policy), task=digits.task)
+        path = tmp_path / f"{quantizer}.onnx"
+        exported = export_onnx(result, path, input_shape=digits.task.input_shape)
+        kernels[quantizer] = runtime_kernels(path)
+        assert all(record.integer_candidate == (quantizer == "clip_uniform") for record in exported.layers.values())
+        comparison = compare_onnx(result, path, DataLoader(digits.task.splits.test, batch_size=256))
+        assert comparison.top1_agreement >= 99.5 and abs(comparison.onnx_accuracy - comparison.torch_accuracy) <= 0.2
+    convs = {"features.0": "QLinearConv", "features.3": "QLinearConv", "features.7": "QLinearConv"}
+    assert kernels["clip_uniform"] == {**convs, "classifier": "QGemm"}
+    assert not set(kernels["midrise"].values()) & {"QLinearConv", "QGemm"}, kernels["midrise"]
 
 
 def test_bit_packing_by_hand() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -59,8 +60,19 @@ def test_a_new_kind_of_levels_is_costed_and_exported_as_it_was_produced(task: Ta
     loader = [(x, y) for x, y in torch.utils.data.DataLoader(task.splits.val, batch_size=32)]
     exported = export_onnx(result, tmp_path / "model.onnx", input_shape=SHAPE)
     assert exported.layers["0"].w_storage == "int8" and exported.layers["0"].w_bits == bits
+    # The file computes what PyTorch does (onnxruntime without graph optimizations: the written graph op for op)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    x = torch.cat([x for x, _ in loader])
+    with torch.no_grad():
+        assert np.abs(as_written.run(None, {"input": x.numpy()})[0] - result.model(x).numpy()).max() < 1e-3
+    # optimized, the int8 levels read by 8-bit activations run on integer kernels, whose int32 bias and
+    # requantization move an activation by one 8-bit step now and then (near-ties of this random model flip)
     comparison = compare_onnx(result, tmp_path / "model.onnx", loader)
-    assert comparison.top1_agreement == 100.0 and comparison.max_abs_diff < 1e-3
+    assert comparison.top1_agreement >= 97.0 and comparison.max_abs_diff < 2e-2
     pack_weights(result, tmp_path / "model.apw", input_shape=SHAPE)
     unpacked = unpack_weights(tmp_path / "model.apw")
     assert all(torch.equal(unpacked[name], layer.weight.detach()) for name, layer in {"0": result.model[0], "3": result.model[3]}.items())

@@ -2,8 +2,10 @@
 
 The graph is the compressed model's own: structured pruning already removed channels from the layers, so
 every initializer has the pruned shape. The float graph is traced by the TorchScript exporter (opset 20, in
-eval mode without BatchNorm folding, which would move the weights off their grid), converted to ``opset``
-(21 by default: the first with 16-bit QDQ), then each layer gets what its PyTorch hooks did:
+eval mode without its BatchNorm folding, which would move the weights off their grid), converted to ``opset``
+(21 by default: the first with 16-bit QDQ), then each layer gets what its PyTorch hooks did, and the graph is
+cleaned (``autoprune.deploy.graph``: BatchNorm folded into the weight scales, Identity nodes removed, biases
+placed where onnxruntime keeps them exact):
 
 - Weights: the integer levels (``autoprune.deploy.levels``, on the grid the quantizer kind declares) are stored
   as an integer initializer, read by a DequantizeLinear (per-tensor, or per-axis on axis 0 when the layer has
@@ -18,6 +20,8 @@ eval mode without BatchNorm folding, which would move the weights off their grid
   integers between the pair for 8-bit storage (the QCDQ form of Brevitas), and for 16-bit storage by a Clip on
   the float input before QuantizeLinear at the same bounds times the scale (exact: the step keeps 24 - b
   significant bits), as onnxruntime has no 16-bit integer Clip. Rounding is half to even in both frameworks.
+  A signed input below 3 bits is on the mid-rise grid (k + 1/2) x step, which no zero point gives: it is
+  computed op for op as PyTorch does, Div, Floor, Clip, Add 1/2, Mul, and a Where keeping exact zeros.
   17 to 31 activation bits have no ONNX integer type and are refused.
 - A fitted feature mask becomes a Mul by the constant mask, before the activation quantization.
 """
@@ -38,6 +42,7 @@ from torch import nn
 
 from autoprune.bits import FLOAT_BITS
 from autoprune.compress import CompressionResult
+from autoprune.deploy.graph import GraphCleanup, clean_graph
 from autoprune.deploy.levels import WeightLevels, layer_levels
 from autoprune.deps import require
 from autoprune.errors import AutopruneError
@@ -45,7 +50,7 @@ from autoprune.files import atomic_path
 from autoprune.models import compressible_layers
 from autoprune.prune.unstructured import FEATURE_MASK
 from autoprune.quant import ACT_QUANT
-from autoprune.quant.uniform import level_range
+from autoprune.quant.uniform import is_midrise, level_range
 
 DEFAULT_OPSET = 21
 TRACE_OPSET = 20
@@ -64,6 +69,8 @@ class ActQdq(BaseModel):
     scale: float
     storage: str
     clip: tuple[int, int] | None
+    grid: str = "midtread"
+    """``midrise`` (signed, below 3 bits): the levels (k + 1/2) x step, computed in float (no QDQ form)."""
 
 
 class LayerQdq(BaseModel):
@@ -76,6 +83,22 @@ class LayerQdq(BaseModel):
     per_channel: bool
     act: ActQdq | None
     feature_mask: bool
+    batchnorm_folded: bool = False
+    bias_in_layer: bool = True
+    """False: the bias is an Add after the layer (see ``autoprune.deploy.graph``)."""
+
+    @property
+    def integer_candidate(self) -> bool:
+        """8-bit int8 weights reading 8-bit QDQ activations: an integer kernel that keeps its bias.
+
+        Below 8 bits the bias onnxruntime quantizes at s_x s_w rounds on a coarse grid (a W3 conv feeding a
+        2-bit input moved whole steps: 99.4 % top-1 agreement); such a layer adds its bias after it in float.
+        """
+        act = self.act
+        return (
+            self.w_bits == 8 and self.w_storage == "int8"
+            and act is not None and act.bits == 8 and act.clip is None and act.grid == "midtread"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,7 @@ class OnnxExport:
     output_name: str
     layers: dict[str, LayerQdq]
     size_bytes: int
+    cleanup: GraphCleanup | None = None
 
 
 def float_copy(result: CompressionResult) -> nn.Module:
@@ -112,6 +136,17 @@ def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tup
     levels = layer_levels(result)
     graph_model = _trace(float_copy(result), input_shape=input_shape, opset=opset)
     records = _insert_qdq(graph_model.graph, layers, levels, acts)
+    cleanup = clean_graph(
+        graph_model.graph, layers=list(layers), quantized={n: level.grid.bounds(level.bits) for n, level in levels.items() if level is not None},
+        dequantized_input={n for n, record in records.items() if record.act is not None or record.w_storage != "float32"},
+        conv_kernels={n for n, record in records.items() if record.integer_candidate},
+    )
+    records = {
+        name: record.model_copy(update={
+            "batchnorm_folded": name in cleanup.folded.values(), "bias_in_layer": name not in cleanup.biases_split,
+        })
+        for name, record in records.items()
+    }
     helper = onnx.helper
     graph_model.producer_name = "autoprune"
     helper.set_model_props(graph_model, {"autoprune.policy": result.policy.to_json(), "autoprune.input_shape": ",".join(map(str, input_shape))})
@@ -119,7 +154,7 @@ def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tup
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save(graph_model, str(tmp))
-    return OnnxExport(path, opset, INPUT_NAME, OUTPUT_NAME, records, path.stat().st_size)
+    return OnnxExport(path, opset, INPUT_NAME, OUTPUT_NAME, records, path.stat().st_size, cleanup)
 
 
 def _act_qdq(name: str, layer: nn.Module) -> ActQdq | None:
@@ -130,6 +165,8 @@ def _act_qdq(name: str, layer: nn.Module) -> ActQdq | None:
         raise AutopruneError(f"a_bits of {name!r}", quantizer.bits, f"has no ONNX QuantizeLinear type: use at most {MAX_ACT_BITS} bits, or 32 (float)")
     signed, width = quantizer.signed, (8 if quantizer.bits <= 8 else 16)
     low, high = level_range(bits=quantizer.bits, signed=signed)
+    if is_midrise(bits=quantizer.bits, signed=signed):
+        return ActQdq(bits=quantizer.bits, signed=signed, scale=quantizer.delta, storage="float32", clip=(low, high), grid="midrise")
     full = level_range(bits=width, signed=signed)
     storage = f"{'' if signed else 'u'}int{width}"
     return ActQdq(bits=quantizer.bits, signed=signed, scale=quantizer.delta, storage=storage, clip=None if (low, high) == full else (low, high))
@@ -241,6 +278,8 @@ def _input_chain(graph: Any, name: str, source: str, mask: torch.Tensor | None, 
         current = f"{name}/masked_input"
     if act is None:
         return nodes
+    if act.grid == "midrise":
+        return nodes + _midrise_chain(graph, name, current, act)
     scale, zero = f"{name}.input_scale", f"{name}.input_zero_point"
     graph.initializer.extend([
         numpy_helper.from_array(np.array(act.scale, dtype=np.float32), scale),
@@ -265,3 +304,30 @@ def _input_chain(graph: Any, name: str, source: str, mask: torch.Tensor | None, 
         current = f"{name}/input_clipped"
     nodes.append(helper.make_node("DequantizeLinear", [current, scale, zero], [f"{name}/input_dequantized"], name=f"{name}/input_dequantize"))
     return nodes
+
+
+def _midrise_chain(graph: Any, name: str, source: str, act: ActQdq) -> list[Any]:
+    """The signed mid-rise grid of ``autoprune.quant.uniform`` op for op: where(x == 0, 0, (clip(floor(x / step),
+    low, high) + 1/2) x step). Its half-integer levels have no zero point that QuantizeLinear rounds to, and the
+    same float operations in the same order give PyTorch's values bit for bit."""
+    onnx = require("onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    assert act.clip is not None, "a mid-rise grid has its level range"
+    constants = {
+        "input_scale": act.scale, "input_clip_low": act.clip[0], "input_clip_high": act.clip[1], "input_half": 0.5, "input_zero": 0.0,
+    }
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.float32), f"{name}.{k}") for k, v in constants.items())
+    steps = [
+        ("Div", [source, f"{name}.input_scale"], "input_steps"),
+        ("Floor", ["input_steps"], "input_floor"),
+        ("Clip", ["input_floor", f"{name}.input_clip_low", f"{name}.input_clip_high"], "input_level"),
+        ("Add", ["input_level", f"{name}.input_half"], "input_midrise"),
+        ("Mul", ["input_midrise", f"{name}.input_scale"], "input_values"),
+        ("Equal", [source, f"{name}.input_zero"], "input_is_zero"),
+        ("Where", ["input_is_zero", f"{name}.input_zero", "input_values"], "input_dequantized"),
+    ]
+    local = {out for _, _, out in steps}
+    return [
+        helper.make_node(op, [f"{name}/{i}" if i in local else i for i in inputs], [f"{name}/{out}"], name=f"{name}/{out}")
+        for op, inputs, out in steps
+    ]

@@ -38,6 +38,34 @@ class Latency(BaseModel):
     torch_ms: dict[str, float]
 
 
+INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger")
+"""onnxruntime's integer kernels (CPU): what its QDQ fusion turns an 8-bit DequantizeLinear -> layer -> QuantizeLinear into."""
+
+
+def runtime_kernels(path: str | Path) -> dict[str, str]:
+    """Per layer, the operator onnxruntime runs it with after its graph optimizations (``QLinearConv``, ``QGemm``:
+    integer kernels; ``Conv``, ``FusedConv``, ``Gemm``: float). Read from the optimized graph onnxruntime writes
+    at its extended level, where its QDQ fusions run (the default, higher level adds only layout changes)."""
+    import tempfile
+
+    onnx, ort = require("onnx"), require("onnxruntime")
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    kernels: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            continue
+        for value in node.input:
+            for suffix in (".weight_quantized", ".weight"):
+                if value.endswith(suffix):
+                    kernels.setdefault(value[: -len(suffix)], node.op_type)
+    return kernels
+
+
 def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
     """An onnxruntime CPU session; ``threads`` fixes its intra-op threads (default: onnxruntime's choice)."""
     ort = require("onnxruntime")

@@ -10,7 +10,8 @@ Quantizer (sec. 3.1), parameters q_s (fixed, ``q_s_ratio`` x the initial q_m), q
   (|x| - q_s)^t for q_s <= |x| <= q_m, (q_m - q_s)^t above. Activations use t = 1 (not learned).
 - eq. 3 (weights, symmetric grid): b = log2 ceil((q_m - q_s)^t / d + 1) + 1;
   eq. 4 (unsigned ReLU activations): b = log2 ceil((q_m - q_s)^t / d). A layer reading signed features
-  (no ReLU before it) takes eq. 3. The layer reading the network input reads it at ``input_bits`` (App. B.3).
+  (no ReLU before it) takes eq. 3. The layer reading the network input reads it at ``input_bits`` (App. B.3),
+  quantized on the fixed uniform grid of its largest magnitude seen (as the replayed policy's input quantizer).
 - eq. 5-7 (straight-through rounding), with v = u(x) / d and zero for |x| < q_s:
   dx_q/dd = sign(x) (round(v) - v); dx_q/dq_m = sign(x) t (q_m - q_s)^(t-1) for |x| > q_m, else 0;
   dx_q/dt = sign(x) u(x) log(|x| - q_s) inside, sign(x) u log(q_m - q_s) above. dx_q/dx (not printed) is the

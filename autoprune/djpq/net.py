@@ -23,6 +23,7 @@ from autoprune.files import atomic_path, write_atomic
 from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
 from autoprune.prune import LayerPruning, StructuredRecord, replay_structured
 from autoprune.prune.structured import dependency_graph, groups_in_graph
+from autoprune.quant.uniform import fake_uniform, uniform_step
 
 RECORD_METHOD = "djpq"
 _META_KEY = "djpq"
@@ -114,7 +115,7 @@ def build_layout(
             group=group_of.get(name),
             reads=reads.get(name),
             input_reader=name in readers,
-            depthwise=isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels,
+            depthwise=isinstance(layer, (nn.Conv1d, nn.Conv2d)) and 1 < layer.groups == layer.in_channels,
             signed_input=low.get(name, 0.0) < 0.0,
             act_range=high.get(name, 0.0) or 1.0,
         )
@@ -233,7 +234,16 @@ class DJPQModel(nn.Module):
             gate = self.gate(group)
             for site in dict.fromkeys(spec.sites):
                 self._handles.append(modules[site].register_forward_hook(lambda _m, _a, out, gate=gate: gate(out)))
-        for name in self.layout.layers:
+        for name, spec in self.layout.layers.items():
+            if spec.input_reader and self.layout.input_bits < FLOAT_BITS:
+                # what the BOPs charge for the input (``input_bits``) and what the replay's calibrated uniform
+                # input quantizer does: the grid of max|x| over the layout's batches, fixed (App. B.3)
+                step = uniform_step(spec.act_range, bits=self.layout.input_bits, signed=spec.signed_input)
+                self._handles.append(modules[name].register_forward_pre_hook(
+                    lambda _m, args, step=step, signed=spec.signed_input: (
+                        fake_uniform(args[0], step=step, bits=self.layout.input_bits, signed=signed), *args[1:]
+                    ) if self.quantized else None
+                ))
             quantizer = self.act_quantizer(name)
             if quantizer is not None:
                 self._handles.append(modules[name].register_forward_pre_hook(

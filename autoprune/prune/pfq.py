@@ -136,8 +136,12 @@ def pfq(request: PruneRequest) -> PrunePlan:
 
 def _group_variance(graph: tp.DependencyGraph, group: tp.Group, channels: int) -> torch.Tensor | None:
     """Per group channel, the largest BN running variance over the group's BNs; None when some producer of
-    the group has no BN after it (its channels cannot be shown constant)."""
-    variance = torch.full((channels,), -float("inf"), dtype=torch.float64)
+    the group has no BN after it (its channels cannot be shown constant). Built on the BN statistics' device
+    (a CPU tensor indexed with a CUDA one fails)."""
+    norms = [item.dep.target.module for item in group if isinstance(item.dep.target.module, _BatchNorm)]
+    device = norms[0].running_var.device if norms and norms[0].running_var is not None else torch.device("cpu")
+    variance = torch.full((channels,), -float("inf"), dtype=torch.float64, device=device)
+    covered: set[int] = set()
     for item in group:
         module = item.dep.target.module
         if not graph.is_out_channel_pruning_fn(item.dep.handler):
@@ -148,10 +152,11 @@ def _group_variance(graph: tp.DependencyGraph, group: tp.Group, channels: int) -
         elif isinstance(module, _BatchNorm):
             if not module.track_running_stats:
                 return None
-            roots = torch.tensor(item.root_idxs)
-            var = module.running_var.detach().double()[torch.tensor(item.idxs)]
+            roots = torch.tensor(item.root_idxs, device=device)
+            var = module.running_var.detach().double()[torch.tensor(item.idxs, device=device)]
             variance[roots] = torch.maximum(variance[roots], var)
-    return None if torch.isinf(variance).any() else variance
+            covered.update(item.root_idxs)
+    return None if len(covered) < channels else variance
 
 
 def _pinned_consumer_inputs(

@@ -17,7 +17,7 @@ class TrialFailed(Exception):
 class Evaluator:
     """Holds the task and its trained base model; scores compressed models on the cost model."""
 
-    def __init__(self, task: Task, base: BaseModel) -> None:
+    def __init__(self, task: Task, base: BaseModel, *, latency: bool = False) -> None:
         from autoprune.cost import measure_cost
         from autoprune.models import compressible_layers
 
@@ -25,14 +25,24 @@ class Evaluator:
         self.base = base
         self.layer_names = list(compressible_layers(base.model))
         self.base_cost = measure_cost(base.model, input_shape=task.input_shape)
+        # ``latency_ms`` is scored only when asked for: its table is measured on this machine, point by point
+        self.latency: Any = None
+        if latency:
+            from autoprune.deploy.latency import LatencyModel
+
+            self.latency = LatencyModel(base.model, input_shape=task.input_shape)
 
     @classmethod
-    def for_task(cls, task: Task, *, progress: bool = True) -> "Evaluator":
-        """Train (or load from the cache) the task's base model with its training-time S/N record."""
-        return cls(task, task.base(progress=progress))
+    def for_task(cls, task: Task, *, progress: bool = True, latency: bool = False) -> "Evaluator":
+        """Train (or load from the cache) the task's base model with its training-time S/N record; ``latency``:
+        score ``latency_ms`` with the latency model of this machine."""
+        return cls(task, task.base(progress=progress), latency=latency)
 
     def base_summary(self) -> dict[str, Any]:
         total = self.base_cost.to_dict()["total"]
+        if self.latency is not None:
+            # the float base model's latency: the reference of latency_ms in the hypervolume and the plots
+            total["latency_ms"] = self.latency.estimate(self.latency.float_base()).total_ms
         extras = self.base.extras
         priors = extras.get("priors") or {"source": "training" if extras.get("signals") else "none"}
         return {
@@ -68,6 +78,8 @@ class Evaluator:
             "bops_reduction": base_total["bops"] / total["bops"] if total["bops"] > 0 else math.inf,
             "compress_seconds": result.seconds,
         }
+        if self.latency is not None:
+            metrics["latency_ms"] = self.latency.estimate(result).total_ms
         metrics.update(self.interval(acc))
         if test:
             metrics[f"test_{name}"] = self.task.evaluate(result.model, "test", full=True)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from autoprune.metrics import COST_METRICS, METRICS, parse_bound
 from autoprune.policy import load_mapping, parse_model
 
+LATENCY = "latency_ms"
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
@@ -104,6 +105,11 @@ class ObjectiveSpec(BaseModel):
 
     def values(self, metrics: Mapping[str, float]) -> list[float]:
         return [float(metrics[m]) for m in self.metrics]
+
+    @property
+    def needs_latency(self) -> bool:
+        """Whether an objective or a constraint reads ``latency_ms``, which the trials then measure."""
+        return LATENCY in self.metrics or any(c.metric == LATENCY for c in self.constraints)
 
     def violations(self, metrics: Mapping[str, float]) -> list[float]:
         return [c.violation(metrics) for c in self.constraints]

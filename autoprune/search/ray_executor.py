@@ -72,6 +72,8 @@ class WorkerJob:
     threads: int
     # cuda where the trial was given a GPU (Ray makes only that one visible to it), else cpu
     device: str = "cpu"
+    # the objectives read latency_ms: each worker measures it with its own latency model
+    latency: bool = False
 
 
 def _evaluator(job: WorkerJob) -> Evaluator:
@@ -83,7 +85,7 @@ def _evaluator(job: WorkerJob) -> Evaluator:
         task = task_from_record(job.task, device=job.device)
         if not task.is_user:
             _install_base(task.cache_dir(), job.base_files)
-        _EVALUATORS[key] = Evaluator.for_task(task, progress=False)
+        _EVALUATORS[key] = Evaluator.for_task(task, progress=False, latency=job.latency)
     return _EVALUATORS[key]
 
 
@@ -384,6 +386,7 @@ def _worker_job(ctx: SearchContext, config: RayOptions) -> WorkerJob:
         base_files=files,
         threads=max(1, int(config.cpus_per_trial)),
         device="cuda" if config.gpus_per_trial > 0 else "cpu",
+        latency=ctx.objectives.needs_latency,
     )
 
 

@@ -63,22 +63,24 @@ def metric_name(study: optuna.Study) -> str:
     return meta.base.metric if meta and meta.base else "accuracy"
 
 
-def table_metrics(metric: str) -> tuple[str, ...]:
-    """The printed front's metric columns: the task's metric and its drop where accuracy's stand."""
+def table_metrics(metric: str, *, latency: bool = False) -> tuple[str, ...]:
+    """The printed front's metric columns: the task's metric and its drop where accuracy's stand; ``latency_ms``
+    after them when the trials measured it."""
     swap = {"accuracy": metric, "accuracy_drop": f"{metric}_drop"}
-    return tuple(swap.get(m, m) for m in TABLE_METRICS)
+    return tuple(swap.get(m, m) for m in TABLE_METRICS) + (("latency_ms",) if latency else ())
 
 
 def front_rows(study: optuna.Study) -> dict[str, Any]:
     """The front at the highest rung reached, with the study's objectives, base model and hypervolume."""
     table = front_table(study)
     name = metric_name(study)
+    columns = table_metrics(name, latency=any("latency_ms" in row.metrics for row in table))
     rows = [
         {
             "trial": row.trial,
             "prior": row.prior,
             "strategy": row.strategy,
-            **{m: row.metrics[m] for m in table_metrics(name) if m in row.metrics},
+            **{m: row.metrics[m] for m in columns if m in row.metrics},
             "bops_reduction": row.metrics.get("bops_reduction"),
             f"{name}_ci": interval(row.metrics, name),
             f"test_{name}": row.metrics.get(f"test_{name}"),
@@ -138,7 +140,7 @@ def _fmt_interval(ci: Sequence[float] | None) -> str:
 
 
 # short column headers where the metric's name would widen the table
-_HEADERS = {"performance_density": "acc/Mb", "accuracy_drop": "drop"}
+_HEADERS = {"performance_density": "acc/Mb", "accuracy_drop": "drop", "latency_ms": "ms (model)"}
 
 
 def _fmt(value: Any) -> str:
@@ -176,7 +178,7 @@ def print_front(data: Mapping[str, Any], *, console: Any = None) -> None:
     table = Table(title=f"Pareto front of study {data['study']!r} ({objectives}), {where}")
     table.add_column("trial", justify="right")
     table.add_column("strategy")
-    columns = table_metrics(name)
+    columns = table_metrics(name, latency=any("latency_ms" in row for row in data["front"]))
     short = "acc" if name == "accuracy" else name
     for metric in columns:
         table.add_column(_HEADERS.get(metric, "drop" if metric == f"{name}_drop" else metric), justify="right")
@@ -205,6 +207,8 @@ def print_front(data: Mapping[str, Any], *, console: Any = None) -> None:
         cost = base.get("cost", {})
         unit = "%" if name == "accuracy" else ""
         base_line = f"; float base model: {name} {base['val_accuracy']:.2f}{unit}, BOPs {_fmt(float(cost.get('bops', 0)))}"
+        if "latency_ms" in cost:
+            base_line += f", latency {float(cost['latency_ms']):.3f} ms"
     console.print(
         f"{len(data['front'])} Pareto-optimal of {data['scored']} feasible trials ({data['trials']} in all); "
         f"hypervolume {hv:.4f}{base_line}; * = warm-start prior" if hv is not None else f"{data['trials']} trials"

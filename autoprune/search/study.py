@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial
 from pydantic import Field, field_validator, model_validator
 
+from autoprune.deps import require
 from autoprune.errors import AutopruneError
 from autoprune.policy import Policy
 from autoprune.search.evaluate import Evaluator
@@ -229,7 +230,7 @@ class SearchContext:
 
     def ensure_evaluator(self, *, progress: bool) -> Evaluator:
         if self.evaluator is None:
-            self.evaluator = Evaluator.for_task(self.task, progress=progress)
+            self.evaluator = Evaluator.for_task(self.task, progress=progress, latency=self.objectives.needs_latency)
         return self.evaluator
 
     @property
@@ -249,6 +250,10 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
         objectives = ObjectiveSpec.load(config.objectives_path) if config.objectives_path else ObjectiveSpec.from_dict({"objectives": [{"metric": "accuracy"}, {"metric": "bops"}]})
     task = task or Task(config.task)
     objectives = objectives.for_metric(task.metric_name)
+    if objectives.needs_latency:
+        # measured with onnxruntime on the exported layers: refused here, before any training, when it is missing
+        require("onnxruntime")
+        require("onnx")
     model = task.build()
     bound = space_spec.bind(model, input_shape=task.input_shape)
     sampler = make_sampler(config.sampler, seed=config.seed)
