@@ -314,12 +314,15 @@ class _Session:
         """
         from autoprune.quant import calibrate
 
-        chosen = [
+        chosen = self._calibrated_next(only_uncalibrated=only_uncalibrated, up_front=up_front)
+        if chosen:
+            calibrate(self.model, chosen, self._unlabeled_batches())
+
+    def _calibrated_next(self, *, only_uncalibrated: bool, up_front: bool) -> list[Any]:
+        return [
             q for q in self.act_quant.values()
             if not (up_front and q.fixes_range_at_delay) and not (only_uncalibrated and q.calibrated)
         ]
-        if chosen:
-            calibrate(self.model, chosen, self._unlabeled_batches())
 
     def fit_feature_masks(self) -> None:
         """Post-training feature sparsity: the masks see calibration batches (only they run in training
@@ -380,7 +383,7 @@ class _Session:
         004 fixes it for good) and, with ``keep_ranges``, every range (post-training quantize_then_prune:
         ranges were measured before pruning). A quantizer whose delay the fine-tune never reached starts now.
         """
-        from autoprune.quant import bake_weights, recalibrate_batchnorm
+        from autoprune.quant import bake_weights, float_activations, recalibrate_batchnorm
 
         self.final_weight_sparsity()
         if self.feature_masker is not None:
@@ -388,6 +391,15 @@ class _Session:
         for quantizer in self.act_quant.values():
             quantizer.start_now()
         if self.policy.bn_recalibration and self.task is not None:
+            remeasured = [] if keep_ranges else self._calibrated_next(only_uncalibrated=False, up_front=fine_tuned)
+            if remeasured:
+                # Ranges measured on the statistics being replaced can be far off (initial BN statistics give
+                # features 1e-14 small at depth), and BN statistics of features quantized that badly blow the
+                # features up to inf (efficientnet_b0): a first estimate on float features gives the ranges
+                # the estimate on quantized features then uses.
+                with float_activations(remeasured):
+                    recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
+                self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
             recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
             if not keep_ranges:
                 self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
