@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoprune.errors import AutopruneError
-from autoprune.models import check_supported, compressible_layers, input_readers
+from autoprune.models import check_products, check_supported, compressible_layers, float_parameters, input_readers
 from autoprune.files import atomic_path, write_atomic
 from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
 from autoprune.quant.model import ACT_QUANT
@@ -70,6 +70,8 @@ class CompressionResult:
     """The deployed files' measurements (``autoprune.deploy.point.DeployedPoint``), when exported to ONNX."""
     pinned: dict[str, str] = field(default_factory=dict)
     """Layers the policy narrowed whose width was kept, with why (a grouped convolution, a channel shuffle)."""
+    float_parameters: dict[str, str] = field(default_factory=dict)
+    """Parameters passed through uncompressed in float (normalizations, a class token, a layer scale), with what holds them."""
 
     def checksum(self) -> str:
         """SHA-256 (16 hex digits) of every tensor of the model's state, names and shapes included: what
@@ -190,6 +192,7 @@ def _checked_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
     from autoprune.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
 
     check_supported(model)
+    check_products(model, input_shape=input_shape)
     resolved = policy.resolve(list(compressible_layers(model)))
     WEIGHT_QUANTIZERS.lookup(policy.quantizer)
     ACT_QUANTIZERS.lookup(policy.act_quantizer)
@@ -506,6 +509,7 @@ def _compress(base_model: nn.Module, policy: Policy, *, task: Any) -> Compressio
     result = CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
     result.checkpoint = checkpoint
     result.pinned = pinned
+    result.float_parameters = float_parameters(model)
     return result
 
 
@@ -647,7 +651,9 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
         session.fold_batchnorm()
     session.attach_weight_quantizers(at_step=0)
     steps = {name: info["delta"] for name, info in bake_weights(model).items()}
-    return CompressionResult(model.eval(), policy, layers, steps, session.act_bits(), session.structured, pinned=pinned)
+    return CompressionResult(
+        model.eval(), policy, layers, steps, session.act_bits(), session.structured, pinned=pinned, float_parameters=float_parameters(model)
+    )
 
 
 def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any, steps: int, seed: int | None = None) -> CompressionResult:

@@ -230,6 +230,11 @@ def _scan(model: nn.Module, graph: tp.DependencyGraph) -> tuple[list[ChannelGrou
     return sorted(found, key=lambda group: order[group.name]), pinned
 
 
+def _grouped_norm(module: nn.Module) -> bool:
+    """A GroupNorm whose groups hold several channels each, but not all of them (one group is a LayerNorm)."""
+    return isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels
+
+
 def _pin_reason(graph: tp.DependencyGraph, group: Any, names: Mapping[nn.Module, str]) -> str | None:
     """Why a group's channels cannot be removed consistently, or None."""
     grouped = next((dep.target.module for dep, _ in group if _grouped(dep.target.module)), None)
@@ -237,6 +242,9 @@ def _pin_reason(graph: tp.DependencyGraph, group: Any, names: Mapping[nn.Module,
         # Torch-Pruning removes a grouped conv's input channels as if every group lost the same ones, and
         # its output channels one by one, which leaves groups of unequal widths: neither is a valid conv.
         return f"its channels reach grouped convolution {names[grouped]} (groups={grouped.groups}), whose groups Torch-Pruning cannot keep equal"
+    norm = next((dep.target.module for dep, _ in group if _grouped_norm(dep.target.module)), None)
+    if norm is not None:
+        return f"its channels reach GroupNorm {names[norm]} ({norm.num_groups} groups), whose groups Torch-Pruning cannot keep equal"
     for dep, _ in group:
         if dep.target.type == tp.ops.OPTYPE.RESHAPE:
             read_by_conv = _conv_after(dep.target)
