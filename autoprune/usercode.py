@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import sysconfig
 import traceback
 from pathlib import Path
@@ -54,12 +55,29 @@ class UserCodeError(AutopruneError):
         self.frame = own_frame(exc)
 
 
+def importable_from_working_directory() -> None:
+    """Modules of the working directory import, as under ``python -m``: the directory goes first on
+    ``sys.path``, and on ``PYTHONPATH`` for the worker processes (``search --jobs``, a local Ray) started from here.
+
+    The ``autoprune`` console script, unlike ``python -m``, puts only its own folder on ``sys.path``.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in inherited:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *inherited])
+
+
 def load_reference(reference: str, *, field: str) -> Any:
-    """The object a ``package.module:attribute`` reference names, imported now. A module that fails to
-    import (a missing package, a syntax error, code that raises at import) is named with what it raised."""
+    """The object a ``package.module:attribute`` reference names, imported now, from the working directory
+    too. A module that fails to import (a missing package, a syntax error, code that raises at import) is
+    named with what it raised."""
     module_name, sep, attr = reference.partition(":")
     if not sep or not module_name or not attr:
         raise AutopruneError(field, reference, "is not of the form package.module:function")
+    importable_from_working_directory()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -94,4 +112,4 @@ def reference_of(function: Callable[..., Any]) -> str:
     return f"{module}:{getattr(function, '__qualname__', type(function).__name__)}"
 
 
-__all__ = ["UserCodeError", "load_reference", "call_user", "own_frame", "reference_of"]
+__all__ = ["UserCodeError", "importable_from_working_directory", "load_reference", "call_user", "own_frame", "reference_of"]
