@@ -78,6 +78,10 @@ def load_reference(reference: str, *, field: str) -> Any:
     if not sep or not module_name or not attr:
         raise AutopruneError(field, reference, "is not of the form package.module:function")
     importable_from_working_directory()
+    if module_name.split(".")[0] == "torchvision":
+        from autoprune.deps import import_torchvision
+
+        import_torchvision(field=field, value=reference)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
