@@ -107,3 +107,27 @@ def test_a_model_torch_pruning_cannot_trace_keeps_every_width(monkeypatch: pytes
     assert pinned == {name: "Torch-Pruning cannot trace the model's channel dependencies (ZeroDivisionError: integer division or modulo by zero)" for name in ("conv", "head")}
     result = static_compress(model, HALF, input_shape=(3, 8, 8))
     assert result.model.conv.out_channels == 8 and set(result.pinned) == {"conv", "head"}  # which is the output is not known either
+
+
+class Scaled(nn.Module):
+    """A layer scale laid out for the channels (``gamma.reshape(1, -1, 1, 1)``, as timm's ConvNeXt): a reshape that
+    keeps the channel order, so the width stays prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x) * self.gamma.reshape(1, -1, 1, 1)
+        return self.head(self.conv2(x).mean((2, 3)))
+
+
+def test_a_layer_scale_reshaped_for_the_channels_leaves_them_prunable() -> None:
+    torch.manual_seed(0)
+    model = Scaled()
+    assert pinned_widths(model, example_input=X) == {}
+    result = static_compress(model, HALF, input_shape=(3, 8, 8))
+    assert (result.model.conv1.out_channels, result.model.gamma.numel(), result.model.conv2.in_channels) == (4, 4, 4)

@@ -246,7 +246,7 @@ def _pin_reason(graph: tp.DependencyGraph, group: Any, names: Mapping[nn.Module,
     if norm is not None:
         return f"its channels reach GroupNorm {names[norm]} ({norm.num_groups} groups), whose groups Torch-Pruning cannot keep equal"
     for dep, _ in group:
-        if dep.target.type == tp.ops.OPTYPE.RESHAPE:
+        if dep.target.type == tp.ops.OPTYPE.RESHAPE and not _lays_out_a_vector(dep.target):
             read_by_conv = _conv_after(dep.target)
             if read_by_conv is not None:
                 # Torch-Pruning maps every reshape as a flatten (right before a classifier); a channel shuffle
@@ -254,6 +254,13 @@ def _pin_reason(graph: tp.DependencyGraph, group: Any, names: Mapping[nn.Module,
                 # other input channels than the ones removed.
                 return f"its channels are reshaped (a channel shuffle?) before convolution {names[read_by_conv]} reads them, which Torch-Pruning maps as a flatten"
     return None
+
+
+def _lays_out_a_vector(node: Any) -> bool:
+    """A reshape of a tensor with one non-singleton dimension (a layer scale's ``gamma.reshape(1, -1, 1, 1)``):
+    its channels keep their order, whatever reads them."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", None)
+    return sizes is not None and sum(1 for size in sizes if int(size) > 1) <= 1
 
 
 def _conv_after(node: Any) -> nn.Module | None:
