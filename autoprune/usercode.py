@@ -56,8 +56,7 @@ class UserCodeError(AutopruneError):
 
 
 def importable_from_working_directory() -> None:
-    """Modules of the working directory import, as under ``python -m``: the directory goes first on
-    ``sys.path``, and on ``PYTHONPATH`` for the worker processes (``search --jobs``, a local Ray) started from here.
+    """Modules of the working directory import, as under ``python -m``: the directory goes first on ``sys.path``.
 
     The ``autoprune`` console script, unlike ``python -m``, puts only its own folder on ``sys.path``.
     """
@@ -65,6 +64,15 @@ def importable_from_working_directory() -> None:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
         importlib.invalidate_caches()
+
+
+def _share_with_workers(module: Any) -> None:
+    """A module imported from the working directory goes on ``PYTHONPATH``, which the worker processes started
+    from here inherit (``search --jobs``, a local Ray: its trials run in folders of their own)."""
+    cwd = os.getcwd()
+    origin = getattr(module, "__file__", None)
+    if origin is None or not str(Path(origin).resolve()).startswith(str(Path(cwd).resolve()) + os.sep):
+        return
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if cwd not in inherited:
         os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *inherited])
@@ -90,6 +98,7 @@ def load_reference(reference: str, *, field: str) -> Any:
         raise UserCodeError(field, reference, exc, doing="cannot be imported: its module raised") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module at import is theirs
         raise UserCodeError(field, reference, exc, doing="cannot be imported: its module raised") from None
+    _share_with_workers(module)
     try:
         return getattr(module, attr)
     except AttributeError:
