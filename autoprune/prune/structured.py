@@ -9,6 +9,12 @@ keep ratio per group (``channel_groups``), so no sampled value is ever silently 
 channels are the model's output (the final classifier) or that hold a single channel are not listed: a
 ratio for them could do nothing.
 
+Channels Torch-Pruning cannot remove consistently are *pinned* instead: their groups are not listed, and
+``pinned_in_graph`` says why per layer. Those are the channels that reach a grouped convolution (not a depthwise
+one) or a GroupNorm of several channels per group (Torch-Pruning cannot keep the groups equal), the channels a
+reshape other than a flatten hands to a convolution (a channel shuffle, which it maps as a flatten), and every
+layer of a model whose graph Torch-Pruning fails to build or to group (shufflenet_v2).
+
 A pruner is a function registered for a pruner config class (``register_pruner(SignalNorm)``, configs in
 ``autoprune.operators``) that, given the groups, their keep ratios and its config, says
 which channels each group keeps and which constants to fold into the following layers (``PrunePlan``).
@@ -208,12 +214,16 @@ def pinned_widths(model: nn.Module, *, example_input: torch.Tensor) -> dict[str,
 def _scan(model: nn.Module, graph: tp.DependencyGraph) -> tuple[list[ChannelGroup], dict[str, str]]:
     if isinstance(graph, UntracedGraph):
         return [], {name: graph.reason for name in compressible_layers(model)}
+    try:
+        all_groups = list(graph.get_all_groups(root_module_types=COMPRESSIBLE))
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning's index mapping fails on some graphs it built
+        return _scan(model, UntracedGraph(f"Torch-Pruning cannot group the model's channels ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})"))
     modules = dict(model.named_modules())
     names = {module: name for name, module in modules.items()}
     order = {name: i for i, name in enumerate(names.values())}
     found = []
     pinned: dict[str, str] = {}
-    for group in graph.get_all_groups(root_module_types=COMPRESSIBLE):
+    for group in all_groups:
         producers = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         # A producer with no consumer in the graph is the model's output: its width is not ours to change.
         if any(not node.outputs for node in producers):
