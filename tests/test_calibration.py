@@ -75,3 +75,28 @@ def test_a_nan_in_a_later_batch_is_not_forgotten() -> None:
     quantizer(torch.tensor([2.0, 3.0]))  # min(nan, 2.0) is nan but min(2.0, nan) is 2.0: order must not matter
     with pytest.raises(AutopruneError, match="not finite"):
         quantizer.fix_range()
+
+
+def _apply_half_w4a4(model: nn.Module) -> object:
+    import autoprune
+    from torch.utils.data import TensorDataset
+
+    from autoprune.task import Task
+
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g))
+    policy = {"layers": {"_default": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 4}}, "finetune_steps": 0, "batch_size": 8}
+    return autoprune.apply(model, policy, task=Task.from_model(model, train=data, val=data, signal_steps=0))
+
+
+def test_apply_on_a_model_whose_activation_is_all_zeros_gives_finite_outputs() -> None:
+    torch.manual_seed(0)
+    result = _apply_half_w4a4(Scaled(0.0))
+    assert result.model.first.out_features == 2  # keep 0.5 of 4
+    assert torch.isfinite(result.model(torch.randn(4, 4))).all()
+
+
+def test_apply_on_a_model_whose_activation_is_inf_names_the_layer_in_one_line() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(AutopruneError, match=r"^activation range of layer 'second': \[-inf, inf\] is not finite"):
+        _apply_half_w4a4(Scaled(float("inf")))
