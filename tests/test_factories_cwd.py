@@ -59,3 +59,37 @@ def test_a_reference_from_the_working_directory_reaches_the_worker_processes(tmp
     proc = subprocess.run([sys.executable, str(console_script(tmp_path / "bin")), "cost", "--model", "mymod_workers:small", "--input", "1x8x8", "--json"],
                           cwd=elsewhere, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+GROUPED = """
+from torch import nn
+
+
+def grouped():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+"""
+
+
+@pytest.mark.e2e
+def test_apply_says_which_widths_it_kept_and_why(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "mymod_grouped.py").write_text(GROUPED)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from mymod_grouped import grouped
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    save_file(grouped().state_dict(), str(tmp_path / "weights.safetensors"))
+    (tmp_path / "policy.json").write_text(json.dumps({"layers": {"_default": {"keep_ratio": 0.5, "w_bits": 4, "a_bits": 4}}, "finetune_steps": 0}))
+    script = console_script(tmp_path / "bin")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    args = [sys.executable, str(script), "apply", "policy.json", "--model", "mymod_grouped:grouped", "--weights", "weights.safetensors", "--device", "cpu"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "width kept (pinned) for 0, 2: its channels reach grouped convolution 2 (groups=2)" in " ".join(proc.stdout.split())
