@@ -33,6 +33,7 @@ def console_script(folder: Path) -> Path:
     return script
 
 
+@pytest.mark.e2e
 def test_the_console_script_imports_a_factory_from_the_working_directory(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -46,6 +47,7 @@ def test_the_console_script_imports_a_factory_from_the_working_directory(tmp_pat
     assert json.loads(proc.stdout)["total"]["macs"] == 4 * 9 * 64 + 256 * 10
 
 
+@pytest.mark.e2e
 def test_a_reference_from_the_working_directory_reaches_the_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mymod_workers.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)
