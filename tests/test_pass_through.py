@@ -87,3 +87,20 @@ def test_attention_is_still_refused_naming_the_module() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
     with pytest.raises(UnsupportedLayerError, match=r"^model.1: 'MultiheadAttention' is a layer type autoprune cannot compress"):
         check_supported(model)
+
+
+class Functional(nn.Module):
+    """Uses its Linear's weight through ``F.linear`` (as torchvision's Swin does): the layer's forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.qkv = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.conv(x).mean((2, 3)), self.qkv.weight, self.qkv.bias)
+
+
+def test_a_layer_used_outside_its_forward_is_refused_by_name() -> None:
+    with pytest.raises(UnsupportedLayerError, match=r"^model.qkv: 'linear' reads this layer's weight outside the layer's own forward"):
+        check_products(Functional(), input_shape=(3, 8, 8))

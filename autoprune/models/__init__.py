@@ -131,31 +131,35 @@ _PRODUCTS = frozenset({
 
 
 def check_products(model: nn.Module, *, input_shape: tuple[int, ...]) -> None:
-    """Refuse a float parameter that one traced forward hands to a product (a matmul, a linear, an einsum),
-    naming it: its multiplications would be neither counted nor compressed. Parameters of Conv / Linear
-    layers are theirs to multiply; transformed before use (``W.t()``), a parameter is not recognised."""
+    """Refuse what one traced forward multiplies outside autoprune's sight, naming it: a float parameter handed
+    to a product (a matmul, a linear, an einsum), whose multiplications would be neither counted nor
+    compressed, and a Conv / Linear layer whose weight a product reads while its own forward never runs
+    (``F.linear(x, self.qkv.weight)``), whose input no hook quantizes. Transformed before use (``W.t()``), a
+    parameter is not recognised."""
     import torch
     from torch.overrides import TorchFunctionMode
 
-    loose = {id(p): name for name, p in model.named_parameters()}
-    for layer_name, layer in compressible_layers(model).items():
-        for p_name, p in layer.named_parameters(recurse=False):
-            loose.pop(id(p), None)
-    found: list[tuple[str, str]] = []
+    params = {id(p): name for name, p in model.named_parameters()}
+    layers = compressible_layers(model)
+    owned = {id(layer.weight): name for name, layer in layers.items() if isinstance(layer.weight, nn.Parameter)}
+    ran: set[str] = set()
+    found: list[tuple[int, str]] = []
 
     class Products(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             if getattr(func, "__name__", "") in _PRODUCTS:
-                for arg in (*args, *(kwargs or {}).values()):
-                    if id(arg) in loose:
-                        found.append((loose[id(arg)], func.__name__))
+                found.extend((id(arg), func.__name__) for arg in (*args, *(kwargs or {}).values()) if id(arg) in params)
             return func(*args, **(kwargs or {}))
 
-    with probing(model), Products():
+    handles = [layer.register_forward_pre_hook(lambda _m, _a, name=name: ran.add(name)) for name, layer in layers.items()]
+    with probing(model, handles), Products():
         model(torch.zeros(1, *input_shape))
-    if found:
-        parameter, func = found[0]
-        raise UnsupportedLayerError(_field(parameter), func, "multiplies activations by this parameter, which autoprune cannot count or compress (only Conv1d, Conv2d and Linear weights)")
+    for key, func in found:
+        parameter, layer = params[key], owned.get(key)
+        if layer is None and not any(parameter.startswith(f"{name}.") for name in layers):
+            raise UnsupportedLayerError(_field(parameter), func, "multiplies activations by this parameter, which autoprune cannot count or compress (only Conv1d, Conv2d and Linear weights)")
+        if layer is not None and layer not in ran:
+            raise UnsupportedLayerError(_field(layer), func, "reads this layer's weight outside the layer's own forward, where autoprune can neither quantize its input nor count it")
 
 
 __all__ = [
