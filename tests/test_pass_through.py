@@ -104,3 +104,13 @@ class Functional(nn.Module):
 def test_a_layer_used_outside_its_forward_is_refused_by_name() -> None:
     with pytest.raises(UnsupportedLayerError, match=r"^model.qkv: 'linear' reads this layer's weight outside the layer's own forward"):
         check_products(Functional(), input_shape=(3, 8, 8))
+
+
+def test_a_task_around_a_model_with_an_unseen_product_is_refused_before_any_search() -> None:
+    from torch.utils.data import TensorDataset
+
+    from autoprune.task import Task
+
+    data = TensorDataset(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,)))
+    with pytest.raises(UnsupportedLayerError, match=r"^model.qkv: 'linear' reads this layer's weight outside"):
+        Task.from_model(Functional(), train=data, val=data, signal_steps=0)
