@@ -147,6 +147,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _by_reason(pinned: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for layer, why in pinned.items():
+        grouped.setdefault(why, []).append(layer)
+    return grouped
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     import autoprune.api as api
     from autoprune.cost import format_cost_table
@@ -159,11 +166,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     metrics, deployed = result.metrics, result.deployed
     cost = result.cost(task.input_shape)
     if args.json:
-        _print_json({"metrics": metrics, "cost": cost.to_dict(), "out": args.out, "deploy": deployed.model_dump() if deployed else None})
+        _print_json({
+            "metrics": metrics, "cost": cost.to_dict(), "out": args.out, "deploy": deployed.model_dump() if deployed else None,
+            "pinned": result.pinned, "float_parameters": result.float_parameters,
+        })
         return 0
     name = task.metric_name
     out = console()
     out.print(format_cost_table(cost, title=f"{args.policy} on {_task_name(args)}"))
+    for why, layers in _by_reason(result.pinned).items():
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        out.print(f"width kept (pinned) for {shown}: {why}")
     out.print(
         f"validation {name} {metrics[name]:.2f} (base {metrics['base_' + name]:.2f}), "
         f"test {name} {metrics['test_' + name]:.2f} (base {metrics['base_test_' + name]:.2f}), "

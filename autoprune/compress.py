@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoprune.errors import AutopruneError
-from autoprune.models import check_supported, compressible_layers, input_readers
+from autoprune.models import check_products, check_supported, compressible_layers, float_parameters, input_readers
 from autoprune.models.convert import MatMul, converted, product_sites
 from autoprune.files import atomic_path, write_atomic
 from autoprune.bits import FLOAT_ACT_BITS
@@ -70,6 +70,10 @@ class CompressionResult:
     """The task's metric and the cost, when the model was scored (``autoprune.apply(..., score=True)``)."""
     deployed: Any = None
     """The deployed files' measurements (``autoprune.deploy.point.DeployedPoint``), when exported to ONNX."""
+    pinned: dict[str, str] = field(default_factory=dict)
+    """Layers the policy narrowed whose width was kept, with why (a grouped convolution, a channel shuffle)."""
+    float_parameters: dict[str, str] = field(default_factory=dict)
+    """Parameters passed through uncompressed in float (normalizations, a class token, a layer scale), with what holds them."""
 
     def checksum(self) -> str:
         """SHA-256 (16 hex digits) of every tensor of the model's state, names and shapes included: what
@@ -228,15 +232,22 @@ def attach_act_quantizers(module: nn.Module, name: str, make: Callable[[], Any])
 def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> dict[str, LayerPolicy]:
     """Everything the policy names must exist before any work starts; returns per-layer settings.
 
-    A keep ratio reaching a layer whose outputs cannot be pruned (the classifier) through ``_default``
-    or a pattern is set to 1 in the returned settings; naming such a layer explicitly is an error.
+    A keep ratio reaching a layer whose outputs cannot be pruned (the classifier, a pinned layer) through
+    ``_default`` or a pattern is set to 1 in the returned settings; naming such a layer explicitly is an error.
     """
-    from autoprune.prune import channel_groups, pruner
+    return _checked_policy(model, policy, input_shape=input_shape)[0]
+
+
+def _checked_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, ...]) -> tuple[dict[str, LayerPolicy], dict[str, str]]:
+    """``check_policy``'s settings, and the layers whose keep ratio was set to 1 because their width is pinned
+    (``autoprune.prune.pinned_in_graph``), with why."""
+    from autoprune.policy import check_layer_keys
+    from autoprune.prune import dependency_graph, groups_in_graph, pinned_in_graph, pruner
+    from autoprune.prune.structured import head_groups
     from autoprune.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
 
-    from autoprune.policy import check_layer_keys
-
     check_supported(model)
+    check_products(model, input_shape=input_shape)
     names = list(compressible_layers(model))
     embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
     check_layer_keys(policy.layers, names + list(product_sites(model)) + embeddings, field="policy.layers")
@@ -245,15 +256,19 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
     WEIGHT_QUANTIZERS.lookup(policy.quantizer)
     ACT_QUANTIZERS.lookup(policy.act_quantizer)
     pruner(policy.pruner)
-    from autoprune.prune.structured import head_groups
-
-    prunable = {n for g in channel_groups(model, example_input=torch.zeros(1, *input_shape)) for n in g.layers}
+    graph = dependency_graph(model, torch.zeros(1, *input_shape))
+    prunable = {n for g in groups_in_graph(model, graph) for n in g.layers}
     prunable |= {n for names in head_groups(model).values() for n in names}
+    pins = pinned_in_graph(model, graph)
+    pinned = {}
     for name, lp in list(resolved.items()):
         if lp.keep_ratio < 1.0 and name not in prunable:
             if name in policy.layers:
-                raise AutopruneError(f"policy.layers[{name!r}].keep_ratio", lp.keep_ratio, "cannot apply: the layer's outputs are the model's output or cannot be pruned")
+                why = f"its width is pinned: {pins[name]}" if name in pins else "the layer's outputs are the model's output or cannot be pruned"
+                raise AutopruneError(f"policy.layers[{name!r}].keep_ratio", lp.keep_ratio, f"cannot apply: {why}")
             resolved[name] = lp.model_copy(update={"keep_ratio": 1.0})
+            if name in pins:
+                pinned[name] = pins[name]
     if not policy.pruner.takes_keep_ratios:
         narrowed = sorted(n for n, lp in resolved.items() if lp.keep_ratio < 1.0)
         if narrowed:
@@ -263,7 +278,7 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
         from autoprune.quant import pow2_bits
 
         resolved = {n: lp.model_copy(update={"w_bits": pow2_bits(lp.w_bits), "a_bits": pow2_bits(lp.a_bits)}) for n, lp in resolved.items()}
-    return resolved
+    return resolved, pinned
 
 
 # --- the pieces the schedule introduces -----------------------------------------------------------
@@ -378,12 +393,15 @@ class _Session:
         """
         from autoprune.quant import calibrate
 
-        chosen = [
+        chosen = self._calibrated_next(only_uncalibrated=only_uncalibrated, up_front=up_front)
+        if chosen:
+            calibrate(self.model, chosen, self._unlabeled_batches())
+
+    def _calibrated_next(self, *, only_uncalibrated: bool, up_front: bool) -> list[Any]:
+        return [
             q for q in self.act_quant.values()
             if not (up_front and q.fixes_range_at_delay) and not (only_uncalibrated and q.calibrated)
         ]
-        if chosen:
-            calibrate(self.model, chosen, self._unlabeled_batches())
 
     def fit_feature_masks(self) -> None:
         """Post-training feature sparsity: the masks see calibration batches (only they run in training
@@ -444,7 +462,7 @@ class _Session:
         004 fixes it for good) and, with ``keep_ranges``, every range (post-training quantize_then_prune:
         ranges were measured before pruning). A quantizer whose delay the fine-tune never reached starts now.
         """
-        from autoprune.quant import bake_weights, recalibrate_batchnorm
+        from autoprune.quant import bake_weights, float_activations, recalibrate_batchnorm
 
         self.final_weight_sparsity()
         if self.feature_masker is not None:
@@ -452,6 +470,15 @@ class _Session:
         for quantizer in self.act_quant.values():
             quantizer.start_now()
         if self.policy.bn_recalibration and self.task is not None:
+            remeasured = [] if keep_ranges else self._calibrated_next(only_uncalibrated=False, up_front=fine_tuned)
+            if remeasured:
+                # Ranges measured on the statistics being replaced can be far off (initial BN statistics give
+                # features 1e-14 small at depth), and BN statistics of features quantized that badly blow the
+                # features up to inf (efficientnet_b0): a first estimate on float features gives the ranges
+                # the estimate on quantized features then uses.
+                with float_activations(remeasured):
+                    recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
+                self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
             recalibrate_batchnorm(self.model, self._unlabeled_batches(), max_batches=self.policy.calibration_batches)
             if not keep_ranges:
                 self.calibrate_activations(only_uncalibrated=False, up_front=fine_tuned)
@@ -510,7 +537,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, post_training:
 
 
 def _compress(base_model: nn.Module, policy: Policy, *, task: Any) -> CompressionResult:
-    layers = check_policy(base_model, policy, input_shape=task.input_shape)
+    layers, pinned = _checked_policy(base_model, policy, input_shape=task.input_shape)
     start = time.perf_counter()
     torch.manual_seed(policy.seed)
     model = copy.deepcopy(base_model)
@@ -543,6 +570,8 @@ def _compress(base_model: nn.Module, policy: Policy, *, task: Any) -> Compressio
     steps = session.finish(keep_ranges=total == 0 and policy.order == "quantize_then_prune", fine_tuned=total > 0)
     result = CompressionResult(model, policy, layers, steps, session.act_bits(), session.structured, time.perf_counter() - start)
     result.checkpoint = checkpoint
+    result.pinned = pinned
+    result.float_parameters = float_parameters(model)
     return result
 
 
@@ -672,7 +701,7 @@ def _post_training(session: _Session) -> None:
 def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> CompressionResult:
     """Apply a policy with no data at all (for `autoprune cost`): no fine-tune, calibration or BN update."""
     model = converted(model)
-    layers = check_policy(model, policy, input_shape=input_shape)
+    layers, pinned = _checked_policy(model, policy, input_shape=input_shape)
     model = copy.deepcopy(model)
     from autoprune.quant import bake_weights
 
@@ -685,7 +714,9 @@ def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int,
         session.fold_batchnorm()
     session.attach_weight_quantizers(at_step=0)
     steps = {name: info["delta"] for name, info in bake_weights(model).items()}
-    return CompressionResult(model.eval(), policy, layers, steps, session.act_bits(), session.structured)
+    return CompressionResult(
+        model.eval(), policy, layers, steps, session.act_bits(), session.structured, pinned=pinned, float_parameters=float_parameters(model)
+    )
 
 
 def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any, steps: int, seed: int | None = None) -> CompressionResult:

@@ -29,7 +29,7 @@ from autoprune.data import Splits, load_dataset
 from autoprune.device import device_of, resolve_device, to_device
 from autoprune.errors import AutopruneError
 from autoprune.files import atomic_path, cache_root, write_atomic
-from autoprune.models import build_model, check_supported, convert_model, default_input_shape
+from autoprune.models import build_model, check_products, check_supported, convert_model, default_input_shape
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]
 Loss = Callable[[nn.Module, Any], torch.Tensor]
@@ -289,6 +289,8 @@ class Task:
         task._user = _UserParts(base, metric or top1_accuracy, loss or cross_entropy, reference, signal_steps, signal_lr, distill_loss)
         test = val if test is None else test
         shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(example_input, train)
+        # A product autoprune cannot see is refused here, before a search traces the model's channel groups.
+        check_products(base, input_shape=shape)
         task.__dict__["splits"] = Splits(train, val, test, None, shape)  # type: ignore[arg-type]
         task.configure(device=device)
         _SESSION_TASKS[task.key()] = task

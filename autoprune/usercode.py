@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import sysconfig
 import traceback
 from pathlib import Path
@@ -54,12 +55,41 @@ class UserCodeError(AutopruneError):
         self.frame = own_frame(exc)
 
 
+def importable_from_working_directory() -> None:
+    """Modules of the working directory import, as under ``python -m``: the directory goes first on ``sys.path``.
+
+    The ``autoprune`` console script, unlike ``python -m``, puts only its own folder on ``sys.path``.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+
+
+def _share_with_workers(module: Any) -> None:
+    """A module imported from the working directory goes on ``PYTHONPATH``, which the worker processes started
+    from here inherit (``search --jobs``, a local Ray: its trials run in folders of their own)."""
+    cwd = os.getcwd()
+    origin = getattr(module, "__file__", None)
+    if origin is None or not str(Path(origin).resolve()).startswith(str(Path(cwd).resolve()) + os.sep):
+        return
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in inherited:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *inherited])
+
+
 def load_reference(reference: str, *, field: str) -> Any:
-    """The object a ``package.module:attribute`` reference names, imported now. A module that fails to
-    import (a missing package, a syntax error, code that raises at import) is named with what it raised."""
+    """The object a ``package.module:attribute`` reference names, imported now, from the working directory
+    too. A module that fails to import (a missing package, a syntax error, code that raises at import) is
+    named with what it raised."""
     module_name, sep, attr = reference.partition(":")
     if not sep or not module_name or not attr:
         raise AutopruneError(field, reference, "is not of the form package.module:function")
+    importable_from_working_directory()
+    if module_name.split(".")[0] == "torchvision":
+        from autoprune.deps import import_torchvision
+
+        import_torchvision(field=field, value=reference)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -68,6 +98,7 @@ def load_reference(reference: str, *, field: str) -> Any:
         raise UserCodeError(field, reference, exc, doing="cannot be imported: its module raised") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module at import is theirs
         raise UserCodeError(field, reference, exc, doing="cannot be imported: its module raised") from None
+    _share_with_workers(module)
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -94,4 +125,4 @@ def reference_of(function: Callable[..., Any]) -> str:
     return f"{module}:{getattr(function, '__qualname__', type(function).__name__)}"
 
 
-__all__ = ["UserCodeError", "load_reference", "call_user", "own_frame", "reference_of"]
+__all__ = ["UserCodeError", "importable_from_working_directory", "load_reference", "call_user", "own_frame", "reference_of"]

@@ -10,9 +10,7 @@ variable ``AUTOPRUNE_DOWNLOAD=1`` is set.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -23,11 +21,13 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from autoprune.data import Splits
+from autoprune.deps import VISION_HINT
+from autoprune.deps import import_torchvision as deps_import_torchvision
 from autoprune.errors import AutopruneError
 
 VAL_FRACTION = 0.1
 DEFAULT_DATA_DIR = Path("data")
-PIP_HINT = "pip install 'autoprune[vision]'"
+PIP_HINT = VISION_HINT
 # Images an ImageFolder's normalisation statistics are estimated on: enough for stable means, bounded time.
 STATS_SAMPLES = 2000
 
@@ -39,54 +39,9 @@ STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
 }
 
-# torchvision's compiled ops declare these schemas; its Python side registers fake kernels for them at import,
-# which fails when the compiled library cannot load (a CUDA wheel beside a CPU torch). The datasets, transforms
-# and models autoprune uses never call them.
-_FALLBACK_SCHEMAS: dict[str, str] = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-# A torch.library.Library drops its registrations when garbage-collected, so it lives as long as the process.
-_fallback_lib: torch.library.Library | None = None
-
-
-def _define_fallback_schemas() -> None:
-    global _fallback_lib
-    missing = [op for op in _FALLBACK_SCHEMAS if not hasattr(torch.ops.torchvision, op)]
-    if not missing:
-        return
-    if _fallback_lib is None:
-        _fallback_lib = torch.library.Library("torchvision", "FRAGMENT")
-    for op in missing:
-        _fallback_lib.define(_FALLBACK_SCHEMAS[op])
-
-
-def _forget_torchvision() -> None:
-    # A failed import leaves half-initialised submodules behind; the retry must start from scratch.
-    for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[mod]
-
-
 def import_torchvision(name: str = "torchvision") -> ModuleType:
     """torchvision, imported on first use; ``name`` is what a failure is reported against (a dataset)."""
-    try:
-        return importlib.import_module("torchvision")
-    except ModuleNotFoundError as exc:
-        missing = "" if exc.name in (None, "torchvision") else f" (its dependency {exc.name!r} is missing)"
-        raise AutopruneError("dataset", name, f"needs torchvision{missing}: {PIP_HINT}") from None
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-        first_error = exc
-    _forget_torchvision()
-    _define_fallback_schemas()
-    try:
-        return importlib.import_module("torchvision")
-    except Exception as exc:  # noqa: BLE001 - reported as one line, with the original chained
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutopruneError(
-            "dataset", name, f"needs a working torchvision; importing it failed ({detail}): {PIP_HINT}"
-        ) from first_error
+    return deps_import_torchvision(field="dataset", value=name)
 
 
 def _download_requested() -> bool:

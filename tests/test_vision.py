@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import struct
@@ -292,3 +293,32 @@ def test_import_completes_a_partly_defined_op_library() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch.Size([3, 4, 4])"
 
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line_naming_both(tmp_path: Path) -> None:
+    # torchvision pins the torch release it was built for; pretend the installed one pins another.
+    code = (
+        "import importlib.metadata, sys\n"
+        "real = importlib.metadata.requires\n"
+        "importlib.metadata.requires = lambda name: ['torch (==2.99.0)'] if name == 'torchvision' else real(name)\n"
+        "from autoprune.cli import main\n"
+        "sys.exit(main(['cost', '--model', 'torchvision.models:resnet18', '--input', '3x32x32']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    import torch
+
+    installed = torch.__version__.split("+")[0]
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: --model: 'torchvision.models:resnet18' needs a torchvision that matches torch: torchvision "
+        f"{importlib.metadata.version('torchvision')} is built for torch 2.99.0, but torch {installed} is installed: "
+        f"pip install the torchvision of torch {installed}"
+    ]
+
+
+def test_a_torchvision_model_reference_imports_through_the_op_fallback(tmp_path: Path) -> None:
+    from autoprune.models import build_model
+
+    model = build_model("torchvision.models:squeezenet1_0")
+    assert sum(p.numel() for p in model.parameters()) == 1_248_424  # torchvision's published parameter count

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
-from autoprune.models.convert import MatMul, convert_model
+from autoprune.models.convert import convert_model
 from autoprune.models.zoo import MODELS, MNIST1DCNN, MNIST1DGRU, MNIST1DTransformer, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
 
 # Layers autoprune compresses; modules that only reshape, pool, normalise or activate pass through.
@@ -20,8 +20,18 @@ PASSIVE = (
     nn.Sigmoid, nn.Tanh, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict,
-    # normalizations pass through in float, as BatchNorm does; an embedding's table stays float (a lookup, no MACs)
-    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.Softmax, MatMul,
+)
+# Normalizations pass through in float: their parameters scale and shift, they multiply no activation by a weight.
+NORMS = (
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
+# Layers that multiply activations by weights of theirs that autoprune cannot count or compress: refused by name
+# (an attention or recurrent layer comes converted to Linear layers, ``autoprune.models.convert``; an
+# embedding's table takes weight bits).
+UNCOMPRESSIBLE = (
+    nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.EmbeddingBag, nn.Bilinear,
+    nn.modules.conv._ConvNd, nn.modules.conv._ConvTransposeNd,
 )
 
 
@@ -89,17 +99,81 @@ def input_readers(model: nn.Module, *, input_shape: tuple[int, ...]) -> set[str]
     return readers
 
 
+def _field(name: str) -> str:
+    return f"model.{name}" if name else "model"
+
+
 def check_supported(model: nn.Module) -> None:
-    """Refuse a model holding parametrised layers autoprune cannot see, naming the first one."""
+    """Refuse a model holding a layer that multiplies by weights autoprune cannot see, naming the first one.
+
+    Normalizations and parameters of other modules (a class token, a position embedding, a layer scale) pass
+    through in float: ``float_parameters`` lists them, and ``check_products`` refuses one that a traced
+    forward multiplies activations by.
+    """
     for name, module in model.named_modules():
-        if isinstance(module, COMPRESSIBLE) or isinstance(module, PASSIVE):
+        if isinstance(module, COMPRESSIBLE):
             continue
-        own_params = [p for p_name, p in module.named_parameters(recurse=False)]
-        if own_params:
-            raise UnsupportedLayerError(f"model.{name}", type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear, MultiheadAttention, GRU, LSTM, RNN, Embedding, BatchNorm, LayerNorm, GroupNorm, RMSNorm)")
+        if isinstance(module, UNCOMPRESSIBLE) and any(True for _ in module.parameters(recurse=False)):
+            raise UnsupportedLayerError(_field(name), type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear, MultiheadAttention, GRU, LSTM, RNN, Embedding; normalizations pass through)")
+
+
+def float_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameters kept in float, passed through uncompressed, by name: what holds them and why."""
+    kept: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, COMPRESSIBLE):
+            continue
+        why = f"{type(module).__name__} (a normalization)" if isinstance(module, NORMS) else f"{type(module).__name__} (added or scaled by, no product)"
+        for p_name, _ in module.named_parameters(recurse=False):
+            kept[f"{name}.{p_name}" if name else p_name] = why
+    return kept
+
+
+# Functions that multiply an activation by a weight: a float parameter handed to one is a product autoprune misses.
+_PRODUCTS = frozenset({
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "embedding", "__matmul__", "__rmatmul__",
+})
+
+
+def check_products(model: nn.Module, *, input_shape: tuple[int, ...]) -> None:
+    """Refuse what one traced forward multiplies outside autoprune's sight, naming it: a float parameter handed
+    to a product (a matmul, a linear, an einsum), whose multiplications would be neither counted nor
+    compressed, and a Conv / Linear layer whose weight a product reads while its own forward never runs
+    (``F.linear(x, self.qkv.weight)``), whose input no hook quantizes. Transformed before use (``W.t()``), a
+    parameter is not recognised."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    params = {id(p): name for name, p in model.named_parameters()}
+    layers = compressible_layers(model)
+    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    owned = {id(layer.weight): name for name, layer in layers.items() if isinstance(layer.weight, nn.Parameter)}
+    ran: set[str] = set()
+    found: list[tuple[int, str]] = []
+
+    class Products(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") in _PRODUCTS:
+                found.extend((id(arg), func.__name__) for arg in (*args, *(kwargs or {}).values()) if id(arg) in params)
+            return func(*args, **(kwargs or {}))
+
+    handles = [layer.register_forward_pre_hook(lambda _m, _a, name=name: ran.add(name)) for name, layer in layers.items()]
+    try:
+        with probing(model, handles), Products():
+            model(torch.zeros(1, *input_shape))
+    except Exception:  # noqa: BLE001 - a model that cannot run on zeros fails, and is reported, where it runs for real
+        return
+    for key, func in found:
+        parameter, layer = params[key], owned.get(key)
+        if layer is None and not any(parameter.startswith(f"{name}.") for name in (*layers, *embeddings)):
+            raise UnsupportedLayerError(_field(parameter), func, "multiplies activations by this parameter, which autoprune cannot count or compress (only Conv1d, Conv2d and Linear weights)")
+        if layer is not None and layer not in ran:
+            raise UnsupportedLayerError(_field(layer), func, "reads this layer's weight outside the layer's own forward, where autoprune can neither quantize its input nor count it")
 
 
 __all__ = [
     "MODELS", "DigitsCNN", "MNIST1DCNN", "MNIST1DGRU", "MNIST1DTransformer", "convert_model", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
-    "compressible_layers", "check_supported", "input_readers", "probing", "reads_tensor", "COMPRESSIBLE", "CONVS",
+    "compressible_layers", "check_supported", "check_products", "float_parameters", "input_readers", "probing", "reads_tensor",
+    "COMPRESSIBLE", "CONVS", "NORMS", "UNCOMPRESSIBLE",
 ]

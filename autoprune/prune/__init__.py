@@ -13,7 +13,11 @@ from autoprune.prune.structured import (
     PruneRequest,
     StructuredRecord,
     channel_groups,
+    dependency_graph,
+    groups_in_graph,
     keep_count,
+    pinned_in_graph,
+    pinned_widths,
     prune_structured,
     pruner,
     register_pruner,
@@ -25,6 +29,7 @@ from autoprune.prune.unstructured import FeatureMask, FeatureMasker, WeightMaske
 __all__ = [
     "NoPruning", "PfQ", "SignalNorm",
     "ChannelGroup", "LayerPruning", "PrunePlan", "PruneRequest", "StructuredRecord", "channel_groups", "fold_batchnorm",
+    "dependency_graph", "groups_in_graph", "pinned_in_graph", "pinned_widths",
     "keep_count", "prune_structured", "FeatureMask", "FeatureMasker", "WeightMasker", "attach_feature_mask",
     "keep_largest", "sparsity_at", "pruner", "register_pruner", "replay_structured",
 ]

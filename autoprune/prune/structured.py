@@ -9,6 +9,12 @@ keep ratio per group (``channel_groups``), so no sampled value is ever silently 
 channels are the model's output (the final classifier) or that hold a single channel are not listed: a
 ratio for them could do nothing.
 
+Channels Torch-Pruning cannot remove consistently are *pinned* instead: their groups are not listed, and
+``pinned_in_graph`` says why per layer. Those are the channels that reach a grouped convolution (not a depthwise
+one) or a GroupNorm of several channels per group (Torch-Pruning cannot keep the groups equal), the channels a
+reshape other than a flatten hands to a convolution (a channel shuffle, which it maps as a flatten), and every
+layer of a model whose graph Torch-Pruning fails to build or to group (shufflenet_v2).
+
 A pruner is a function registered for a pruner config class (``register_pruner(SignalNorm)``, configs in
 ``autoprune.operators``) that, given the groups, their keep ratios and its config, says
 which channels each group keeps and which constants to fold into the following layers (``PrunePlan``).
@@ -30,7 +36,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.models import COMPRESSIBLE, compressible_layers
+from autoprune.models import COMPRESSIBLE, CONVS, compressible_layers
 from autoprune.models.convert import CONVERTED, Attention, opaque
 from autoprune.operators import PRUNER, PRUNERS, NoPruning, PrunerConfig, SignalNorm, parse_config
 
@@ -171,8 +177,19 @@ class _Pinned(tp.pruner.BasePruningFunc):
         return layer.widths[0]
 
 
+class UntracedGraph(tp.DependencyGraph):
+    """The graph of a model Torch-Pruning could not trace (a channel shuffle's reshapes divide by zero in its
+    index mapping): it has no groups, so every width is kept, and ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.module2node: dict[nn.Module, Any] = {}
+        self.reason = reason
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of ``model``, traced in eval mode so that tracing leaves BN statistics alone."""
+    """Torch-Pruning's graph of ``model``, traced in eval mode so that tracing leaves BN statistics alone; an
+    ``UntracedGraph`` (no groups) where Torch-Pruning fails on the model."""
     was_training = model.training
     # A grad-requiring input gives every output a grad_fn even when the model's parameters are frozen. Two
     # samples: on a batch of one, Torch-Pruning's index mapping fails where a 2-D input meets a Linear first
@@ -183,20 +200,55 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
         with torch.enable_grad(), opaque():
             pinned = {kind: _Pinned() for kind in CONVERTED}
             return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False, customized_pruners=pinned)
+    except AutopruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Torch-Pruning fails on, the widths are kept and it is said why
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        return UntracedGraph(f"Torch-Pruning cannot trace the model's channel dependencies ({type(exc).__name__}: {detail})")
     finally:
         model.train(was_training)
 
 
+def _grouped(module: nn.Module) -> bool:
+    """A grouped convolution other than a depthwise one (one filter per channel, which Torch-Pruning prunes)."""
+    return isinstance(module, CONVS) and module.groups > 1 and not module.groups == module.in_channels == module.out_channels
+
+
 def groups_in_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[ChannelGroup]:
     """The prunable channel groups of ``graph`` (made by ``dependency_graph(model, ...)``)."""
+    return _scan(model, graph)[0]
+
+
+def pinned_in_graph(model: nn.Module, graph: tp.DependencyGraph) -> dict[str, str]:
+    """Layers whose widths are kept although they have consumers, by name, with why (a grouped convolution,
+    a model Torch-Pruning cannot trace). The classifier, whose width is the model's output, is not listed, except
+    in a model that cannot be traced, where every layer is."""
+    return _scan(model, graph)[1]
+
+
+def pinned_widths(model: nn.Module, *, example_input: torch.Tensor) -> dict[str, str]:
+    """``pinned_in_graph`` of the model's graph."""
+    return pinned_in_graph(model, dependency_graph(model, example_input))
+
+
+def _scan(model: nn.Module, graph: tp.DependencyGraph) -> tuple[list[ChannelGroup], dict[str, str]]:
+    if isinstance(graph, UntracedGraph):
+        return [], {name: graph.reason for name in compressible_layers(model)}
+    try:
+        all_groups = list(graph.get_all_groups(root_module_types=COMPRESSIBLE))
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning's index mapping fails on some graphs it built
+        return _scan(model, UntracedGraph(f"Torch-Pruning cannot group the model's channels ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})"))
     modules = dict(model.named_modules())
     names = {module: name for name, module in modules.items()}
     order = {name: i for i, name in enumerate(names.values())}
     found = []
-    for group in graph.get_all_groups(root_module_types=COMPRESSIBLE):
+    pinned: dict[str, str] = {}
+    for group in all_groups:
         producers = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         if any(isinstance(dep.target.module, CONVERTED) for dep, _ in group):
-            continue  # it would change a pinned attention or recurrent layer's width
+            reason = "an attention or recurrent layer reads or writes these channels (its widths are pinned; heads prune whole)"
+            pinned.update({names[node.module]: reason for node in producers if isinstance(node.module, COMPRESSIBLE)})
+            continue
         # A producer with no consumer in the graph is the model's output: its width is not ours to change.
         if any(not node.outputs for node in producers):
             continue
@@ -204,8 +256,60 @@ def groups_in_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[Channel
         channels = graph.get_out_channels(modules[layers[0]])
         if channels is None or channels < 2:
             continue
+        reason = _pin_reason(graph, group, names)
+        if reason is not None:
+            pinned.update({layer: reason for layer in layers})
+            continue
         found.append(ChannelGroup(name=layers[0], layers=tuple(layers), channels=channels))
-    return sorted(found, key=lambda group: order[group.name])
+    return sorted(found, key=lambda group: order[group.name]), pinned
+
+
+def _grouped_norm(module: nn.Module) -> bool:
+    """A GroupNorm whose groups hold several channels each, but not all of them (one group is a LayerNorm)."""
+    return isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels
+
+
+def _pin_reason(graph: tp.DependencyGraph, group: Any, names: Mapping[nn.Module, str]) -> str | None:
+    """Why a group's channels cannot be removed consistently, or None."""
+    grouped = next((dep.target.module for dep, _ in group if _grouped(dep.target.module)), None)
+    if grouped is not None:
+        # Torch-Pruning removes a grouped conv's input channels as if every group lost the same ones, and
+        # its output channels one by one, which leaves groups of unequal widths: neither is a valid conv.
+        return f"its channels reach grouped convolution {names[grouped]} (groups={grouped.groups}), whose groups Torch-Pruning cannot keep equal"
+    norm = next((dep.target.module for dep, _ in group if _grouped_norm(dep.target.module)), None)
+    if norm is not None:
+        return f"its channels reach GroupNorm {names[norm]} ({norm.num_groups} groups), whose groups Torch-Pruning cannot keep equal"
+    for dep, _ in group:
+        if dep.target.type == tp.ops.OPTYPE.RESHAPE and not _lays_out_a_vector(dep.target):
+            read_by_conv = _conv_after(dep.target)
+            if read_by_conv is not None:
+                # Torch-Pruning maps every reshape as a flatten (right before a classifier); a channel shuffle
+                # (view, transpose, view) permutes the channels, so the convolution reading them would lose
+                # other input channels than the ones removed.
+                return f"its channels are reshaped (a channel shuffle?) before convolution {names[read_by_conv]} reads them, which Torch-Pruning maps as a flatten"
+    return None
+
+
+def _lays_out_a_vector(node: Any) -> bool:
+    """A reshape of a tensor with one non-singleton dimension (a layer scale's ``gamma.reshape(1, -1, 1, 1)``):
+    its channels keep their order, whatever reads them."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", None)
+    return sizes is not None and sum(1 for size in sizes if int(size) > 1) <= 1
+
+
+def _conv_after(node: Any) -> nn.Module | None:
+    """The first convolution reached downstream of a graph node, through anything but Conv / Linear layers."""
+    seen, frontier = set(), list(node.outputs)
+    while frontier:
+        current = frontier.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current.module, CONVS):
+            return current.module
+        if not isinstance(current.module, COMPRESSIBLE):
+            frontier.extend(current.outputs)
+    return None
 
 
 def channel_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[ChannelGroup]:
@@ -280,9 +384,10 @@ def prune_structured(
     if head_ratios and not config.takes_keep_ratios:
         raise AutopruneError("keep", head_ratios, f"are ignored by pruner {config.kind!r}, which takes no keep ratios (use signal_norm for keep ratios)")
     graph = dependency_graph(model, example_input)
-    groups = tuple(groups_in_graph(model, graph))
+    found, pinned = _scan(model, graph)
+    groups = tuple(found)
     request = PruneRequest(
-        model=model, graph=graph, groups=groups, keep=_group_ratios(model, groups, keep),
+        model=model, graph=graph, groups=groups, keep=_group_ratios(model, groups, keep, pinned=pinned),
         example_input=example_input, config=config,
     )
     plan = prune_fn(request)
@@ -351,7 +456,7 @@ def _recorded_heads(model: nn.Module, record: StructuredRecord) -> dict[str, lis
     return heads
 
 
-def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapping[str, float]) -> dict[str, float]:
+def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapping[str, float], *, pinned: Mapping[str, str]) -> dict[str, float]:
     layers = compressible_layers(model)
     member_of = {layer: group for group in groups for layer in group.layers}
     given: dict[str, dict[str, float]] = {}
@@ -363,10 +468,8 @@ def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapp
         group = member_of.get(name)
         if group is None:
             if ratio < 1.0:
-                raise AutopruneError(
-                    f"keep[{name!r}]", ratio,
-                    "cannot be applied: the layer's output channels are the model's output or cannot be pruned (give 1.0)",
-                )
+                why = f"its width is pinned: {pinned[name]}" if name in pinned else "the layer's output channels are the model's output or cannot be pruned"
+                raise AutopruneError(f"keep[{name!r}]", ratio, f"cannot be applied: {why} (give 1.0)")
             continue
         given.setdefault(group.name, {})[name] = float(ratio)
     by_name = {group.name: group for group in groups}

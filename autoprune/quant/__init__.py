@@ -17,7 +17,7 @@ from autoprune.quant.act import (
 )
 from autoprune.quant.midrise import level_bits, midrise_delta, midrise_int
 from autoprune.quant.model import (
-    ACT_QUANT, SECOND_ACT_QUANT, advance_quantizers, attach_act_quantizer, bake_weights, calibrate, recalibrate_batchnorm,
+    ACT_QUANT, SECOND_ACT_QUANT, advance_quantizers, attach_act_quantizer, bake_weights, calibrate, float_activations, recalibrate_batchnorm,
 )
 from autoprune.quant.pow2 import pow2_bit_map, pow2_bits
 from autoprune.quant.grids import GRIDS, MIDRISE, MIDTREAD, Grid
@@ -36,5 +36,5 @@ __all__ = [
     "weight_quantizer", "make_weight_quantizer", "register_weight_quantizer",
     "midrise_delta", "midrise_int", "level_bits", "pow2_bits", "pow2_bit_map",
     "Grid", "GRIDS", "MIDRISE", "MIDTREAD",
-    "attach_act_quantizer", "advance_quantizers", "calibrate", "bake_weights", "recalibrate_batchnorm",
+    "attach_act_quantizer", "advance_quantizers", "calibrate", "float_activations", "bake_weights", "recalibrate_batchnorm",
 ]

@@ -19,6 +19,7 @@ back calibrated. 32 bits is identity.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
@@ -53,6 +54,7 @@ class ActQuantizer(nn.Module, ABC):
         self.delay = delay
         self.current_step = 0
         self.observing = False
+        self.passing = False
         # 0 means "no range yet"; a real step is always > 0.
         self.register_buffer("step_size", torch.tensor(0.0))
         self.register_buffer("is_signed", torch.tensor(True))
@@ -96,15 +98,22 @@ class ActQuantizer(nn.Module, ABC):
         """Quantize from the current step on, whatever the delay said."""
         self.delay = min(self.delay, self.current_step)
 
-    def fix_range(self) -> None:
-        """Fix the step from everything observed since ``reset()``."""
-        if self._low is None:
-            raise AutopruneError("activation range", None, "cannot be fixed: no batch has been observed")
+    def fix_range(self, *, layer: str | None = None) -> None:
+        """Fix the step from everything observed since ``reset()``; ``layer`` names the quantized layer in an error.
+
+        An all-zero or degenerate range gets a defined step (``uniform_step``); a range holding inf or NaN
+        has none, and the error names the layer and the range: the model's own forward produced them.
+        """
+        field = "activation range" + (f" of layer {layer!r}" if layer else "")
+        if self._low is None or self._high is None:
+            raise AutopruneError(field, None, "cannot be fixed: no batch has been observed")
+        if not (math.isfinite(self._low) and math.isfinite(self._high)):
+            raise AutopruneError(field, [self._low, self._high], "is not finite: the model's forward produces inf or NaN at this layer's input")
         self.is_signed.fill_(self._low < 0)
         self.step_size.fill_(self._choose_delta(torch.cat(self._sample)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._bits == FLOAT_BITS:
+        if self._bits == FLOAT_BITS or self.passing:
             return x
         if self.observing:
             self._observe(x.detach())
@@ -122,8 +131,8 @@ class ActQuantizer(nn.Module, ABC):
 
     def _observe(self, x: torch.Tensor) -> None:
         low, high = x.min().item(), x.max().item()
-        self._low = low if self._low is None else min(self._low, low)
-        self._high = high if self._high is None else max(self._high, high)
+        self._low = _merged(self._low, low, min)
+        self._high = _merged(self._high, high, max)
         flat = x.flatten()
         self._sample.append(flat[:: max(1, flat.numel() // SAMPLE_PER_BATCH)])
 
@@ -134,6 +143,14 @@ class ActQuantizer(nn.Module, ABC):
     @abstractmethod
     def _choose_delta(self, sample: torch.Tensor) -> float:
         """The step, from the statistics observed and a sample of the observed values."""
+
+
+def _merged(seen: float | None, new: float, pick: Callable[[float, float], float]) -> float:
+    """The range bound so far with a new batch's; a NaN sticks (``min`` / ``max`` drop one met second), so
+    ``fix_range`` refuses a range a NaN ever reached."""
+    if seen is None or math.isnan(new) or math.isnan(seen):
+        return new if seen is None or math.isnan(new) else seen
+    return pick(seen, new)
 
 
 def register_act_quantizer(config: type[ActQuantizerConfig]) -> Callable[[type[ActQuantizer]], type[ActQuantizer]]:

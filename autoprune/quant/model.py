@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -78,10 +79,30 @@ def calibrate(
         model.train(was_training)
     if count == 0 and chosen:
         raise AutopruneError("activation calibration", "no batches", "needs at least one batch of data")
+    layers = {id(m): name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, ActQuantizer)}
     for quantizer in chosen:
         if quantizer.bits < FLOAT_BITS:
-            quantizer.fix_range()
+            quantizer.fix_range(layer=layers.get(id(quantizer)))
     return count
+
+
+@contextmanager
+def float_activations(quantizers: Iterable[ActQuantizer]) -> Iterator[None]:
+    """Inside, ``quantizers`` pass their input unchanged (their ranges are kept for after).
+
+    For BN re-estimation before the ranges are measured again: a range measured on the statistics being
+    replaced can be far off (a model whose BN statistics are the initial ones has features 1e-14 small at
+    depth), and BN statistics of features quantized that badly have near-zero variances that blow the
+    features up layer after layer (efficientnet_b0: inf, then NaN, within 30 layers).
+    """
+    chosen = list(quantizers)
+    for quantizer in chosen:
+        quantizer.passing = True
+    try:
+        yield
+    finally:
+        for quantizer in chosen:
+            quantizer.passing = False
 
 
 def bake_weights(model: nn.Module) -> dict[str, dict[str, Any]]:

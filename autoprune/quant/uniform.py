@@ -22,8 +22,14 @@ import math
 
 import torch
 
+from autoprune.errors import AutopruneError
+
 CLIP_GRID = 100
 """Candidate clip ranges of the MSE search: k / CLIP_GRID of the largest magnitude, k = 1 .. CLIP_GRID."""
+
+MIN_CLIP = 2.0**-100
+"""Ranges below this (zero, or a degenerate few subnormals) take a unit range: every level of theirs
+would be a float32 subnormal or zero. A network's real values never come this close to zero."""
 
 _FLOAT32_MANTISSA = 24
 _EXACT_UP_TO_BITS = 16
@@ -37,9 +43,12 @@ def uniform_step(clip: float, *, bits: int, signed: bool) -> float:
     model's ``midrise_int(W_q, delta)`` relies on (a level a hair below k would floor to k - 1). Rounding up
     changes the range by less than 2^-8 and never clips the largest value. Above 16 bits float32 cannot be
     exact for every level; the step is then only rounded to float32. An all-zero tensor keeps a unit range,
-    as ``midrise_delta`` does.
+    as ``midrise_delta`` does, and so does a range below ``MIN_CLIP`` (its step would underflow float32 to
+    zero, and x / 0 is NaN). A range that is not finite has no step: ``AutopruneError``.
     """
-    if clip <= 0:
+    if not math.isfinite(clip):
+        raise AutopruneError("quantization range", clip, "is not finite: the values quantized hold inf or NaN")
+    if clip < MIN_CLIP:
         clip = 1.0
     step = 2 * clip / 2**bits if signed else clip / 2**bits
     precision = _FLOAT32_MANTISSA - bits if bits <= _EXACT_UP_TO_BITS else _FLOAT32_MANTISSA

@@ -1,0 +1,76 @@
+"""The zoo matrix in the suite (issue 23 item 6): a few of the smallest models of each family of
+``bench/bench_zoo.py``, randomly initialised, each counted at its native input (against torchvision's published
+MACs where there is one), applied at keep 0.5 / W4A4 post-training at a reduced input, exported to ONNX with
+onnxruntime agreeing on top-1, and one searched for 3 trials. The whole matrix (every torchvision
+classification model, more timm models) is the bench's: ``python bench/bench_zoo.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoprune.errors import AutopruneError
+from autoprune.vision import import_torchvision
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import_torchvision()  # timm imports torchvision, which needs autoprune's op fallback on a CPU torch
+except AutopruneError as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+
+def _bench_zoo():
+    spec = importlib.util.spec_from_file_location("bench_zoo", REPO / "bench" / "bench_zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_zoo"] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+zoo = _bench_zoo()
+CORE = pytest.mark.xfail(reason=zoo.NEEDS_CORE, strict=False)
+
+# The smallest of each family, and one of each kind of layer: squeeze-excite and hard-swish (mobilenetv3), SiLU
+# and a calibration that once went to inf (efficientnet_b0), a channel shuffle (shufflenet), grouped convolutions
+# (regnetx_002), LayerNorm and layer scale (convnext_atto); the torchvision ones counted against published MACs.
+MATRIX = [
+    "squeezenet1_0", "efficientnet_b0", "shufflenet_v2_x0_5",
+    "timm:mobilenetv3_small_050", "timm:regnetx_002", "timm:convnext_atto",
+    pytest.param("timm:deit_tiny_patch16_224", marks=CORE), pytest.param("hf:bert", marks=CORE), pytest.param("hf:gpt2", marks=CORE),
+    pytest.param("gru", marks=CORE), pytest.param("lstm", marks=CORE), pytest.param("transformer_encoder", marks=CORE),
+]
+# Widths pinned, and why: Torch-Pruning fails on shufflenet's channel shuffle, so its every width is kept.
+PINNED = {"shufflenet_v2_x0_5": "cannot trace the model's channel dependencies", "timm:regnetx_002": "grouped convolution"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", MATRIX)
+def test_a_zoo_model_is_counted_applied_and_exported(name: str, tmp_path: Path) -> None:
+    case = zoo.case_named(name)
+    row = zoo.ZooRow(case, macs=zoo.count(case, zoo.built(case, classes=zoo.REFERENCE_CLASSES)))
+    if case.reference_macs is not None:
+        assert row.within_reference(), f"{row.macs:,} MACs against the published {case.reference_macs:,.0f} ({row.delta:+.2f}%)"
+    model = zoo.built(case)
+    result = zoo.apply_half_w4a4(case, model)
+    before = zoo.count(zoo.ZooCase(case.name, case.family, case.build, case.reduced, case.reduced), model)
+    if name in PINNED:
+        assert result.pinned and all(PINNED[name] in why for why in result.pinned.values())
+    if name not in PINNED or len(result.pinned) < len(result.layers) - 1:
+        assert result.cost(case.reduced).total.macs < before, "keep 0.5 removed channels somewhere"
+    agreement = zoo.export_agreement(case, result, tmp_path)
+    assert agreement >= 100.0 * (zoo.SAMPLES - 1) / zoo.SAMPLES, f"onnxruntime agrees on {agreement:.1f}% of top-1"
+
+
+@pytest.mark.e2e
+def test_a_zoo_model_is_searched_for_three_trials(tmp_path: Path) -> None:
+    case = zoo.case_named("squeezenet1_0")
+    assert zoo.search_three(case, zoo.built(case), tmp_path) >= 1
+    import optuna
+
+    study = optuna.load_study(study_name="squeezenet1_0", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
