@@ -209,7 +209,7 @@ def cost(
     if isinstance(model, Task):
         net, source = model.build(), "trained weights"
     elif isinstance(model, str):
-        net = build_model(model, in_channels=shape[0])
+        net = build_model(model, in_channels=shape[0], convert=weights is None)
         if weights is not None:
             from autoprune.weights import load_weights
 

@@ -88,7 +88,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _task_args(p: argparse.ArgumentParser, *, default_model: str = "digits_cnn") -> None:
-    p.add_argument("--model", default=default_model, help="zoo name (digits_cnn, vgg7, vgg7_x0.5, vgg7_x0.25, resnet20, mobilenetv2) or package.module:factory")
+    p.add_argument("--model", default=default_model, help="zoo name (digits_cnn, mnist1d_cnn, mnist1d_gru, mnist1d_transformer, vgg7, vgg7_x0.5, vgg7_x0.25, resnet20, mobilenetv2) or package.module:factory")
     p.add_argument("--dataset", default=None, help="digits (default for digits_cnn), cifar10, cifar100, mnist, fashion_mnist, imagefolder")
     p.add_argument("--data-dir", default=None, help="where torchvision datasets live")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="base-model training epochs (default 30)")
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run (or resume) a multi-objective search")
     _task_args(p)
-    p.add_argument("--space", dest="space_path", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2)")
+    p.add_argument("--space", dest="space_path", default="default", help="search-space YAML or a shipped name (default, uniform, order, pow2, weight_only)")
     p.add_argument("--objectives", dest="objectives_path", default="accuracy_bops", help="objective YAML or a shipped name")
     p.add_argument("--trials", type=POSITIVE_INT, default=60, help="trial budget of the study (resuming counts earlier trials)")
     p.add_argument("--timeout", type=POSITIVE_FLOAT, default=None, help="seconds")

@@ -43,9 +43,11 @@ from torch.nn.utils import parametrize
 
 from autoprune.errors import AutopruneError
 from autoprune.models import check_products, check_supported, compressible_layers, float_parameters, input_readers
+from autoprune.models.convert import MatMul, converted, product_sites
 from autoprune.files import atomic_path, write_atomic
+from autoprune.bits import FLOAT_ACT_BITS
 from autoprune.policy import FLOAT_BITS, LayerPolicy, Policy
-from autoprune.quant.model import ACT_QUANT
+from autoprune.quant.model import ACT_QUANT, SECOND_ACT_QUANT
 
 
 @dataclass
@@ -99,6 +101,12 @@ class CompressionResult:
                 masked=lp.w_sparsity > 0,
             )
             for name, lp in self.layers.items()
+        } | {
+            # a product's two inputs: a_bits the first's, w_bits the second's
+            name: LayerQuant(w_bits=bits, a_bits=bits) for name, bits in self.act_bits.items() if name not in self.layers
+        } | {
+            name: LayerQuant(w_bits=bits, delta=self.weight_steps.get(name), grid=quantizer.grid_for(bits))
+            for name, bits in embedding_bits(self.model, self.policy).items()
         }
 
     def cost(self, input_shape: tuple[int, ...]) -> Any:
@@ -176,6 +184,51 @@ def input_bits_of(policy: Policy) -> int:
     return pow2_bits(policy.input_bits) if policy.pow2_bits else policy.input_bits
 
 
+def product_bits(model: nn.Module, policy: Policy, layers: dict[str, LayerPolicy]) -> dict[str, int]:
+    """The activation bits of each product's two inputs: the policy's entry naming the product (exactly or by
+    a pattern), else those of the layer it follows (an attention's ``out_proj``, ``product_sites``), else the
+    policy's ``_default``."""
+    from autoprune.policy import DEFAULT_KEY, layer_key
+    from autoprune.quant import pow2_bits
+
+    bits = {}
+    for name, owner in product_sites(model).items():
+        key = layer_key(policy.layers, name)
+        if key not in (None, DEFAULT_KEY) or owner is None:
+            value = policy.for_layer(name).a_bits
+            bits[name] = pow2_bits(value) if policy.pow2_bits else value
+        else:
+            bits[name] = layers[owner].a_bits
+    return bits
+
+
+def embedding_bits(model: nn.Module, policy: Policy) -> dict[str, int]:
+    """Weight bits of each embedding's table (weight-only: a lookup reads no activation): the policy's entry
+    for it, ``_default`` included."""
+    from autoprune.quant import pow2_bits
+
+    bits = {name: policy.for_layer(name).w_bits for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for name, value in bits.items():
+        settings = policy.layers.get(name)
+        if settings is not None and (settings.keep_ratio < 1 or settings.w_sparsity > 0 or settings.f_sparsity > 0):
+            raise AutopruneError(f"policy.layers[{name!r}]", settings.summary(), "an embedding takes weight bits only (w_bits)")
+    return {name: pow2_bits(value) if policy.pow2_bits else value for name, value in bits.items()}
+
+
+def attach_act_quantizers(module: nn.Module, name: str, make: Callable[[], Any]) -> list[tuple[str, Any]]:
+    """Quantizers on what ``module`` reads, keyed for the session: one on a layer's input, one on each input
+    of a product (the second keyed ``name[b]``)."""
+    from autoprune.quant import attach_act_quantizer
+
+    first = make()
+    attach_act_quantizer(module, first)
+    if not isinstance(module, MatMul):
+        return [(name, first)]
+    second = make()
+    attach_act_quantizer(module, second, second=True)
+    return [(name, first), (f"{name}[b]", second)]
+
+
 def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> dict[str, LayerPolicy]:
     """Everything the policy names must exist before any work starts; returns per-layer settings.
 
@@ -188,17 +241,24 @@ def check_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, in
 def _checked_policy(model: nn.Module, policy: Policy, *, input_shape: tuple[int, ...]) -> tuple[dict[str, LayerPolicy], dict[str, str]]:
     """``check_policy``'s settings, and the layers whose keep ratio was set to 1 because their width is pinned
     (``autoprune.prune.pinned_in_graph``), with why."""
+    from autoprune.policy import check_layer_keys
     from autoprune.prune import dependency_graph, groups_in_graph, pinned_in_graph, pruner
+    from autoprune.prune.structured import head_groups
     from autoprune.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
 
     check_supported(model)
     check_products(model, input_shape=input_shape)
-    resolved = policy.resolve(list(compressible_layers(model)))
+    names = list(compressible_layers(model))
+    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    check_layer_keys(policy.layers, names + list(product_sites(model)) + embeddings, field="policy.layers")
+    embedding_bits(model, policy)
+    resolved = {name: policy.for_layer(name) for name in names}
     WEIGHT_QUANTIZERS.lookup(policy.quantizer)
     ACT_QUANTIZERS.lookup(policy.act_quantizer)
     pruner(policy.pruner)
     graph = dependency_graph(model, torch.zeros(1, *input_shape))
     prunable = {n for g in groups_in_graph(model, graph) for n in g.layers}
+    prunable |= {n for names in head_groups(model).values() for n in names}
     pins = pinned_in_graph(model, graph)
     pinned = {}
     for name, lp in list(resolved.items()):
@@ -237,6 +297,8 @@ class _Session:
         self.readers = input_readers(model, input_shape=input_shape)
         model.to(self.device)
         self.input_bits = input_bits_of(policy)
+        self.product_bits = product_bits(model, policy, layers)
+        self.embedding_bits = embedding_bits(model, policy)
         self.weight_masker: Any = None
         self.feature_masker: Any = None
         self.structured: Any = None
@@ -292,16 +354,17 @@ class _Session:
     def attach_weight_quantizers(self, *, at_step: int) -> None:
         from autoprune.quant import make_weight_quantizer
 
-        layers = compressible_layers(self.model)
-        for name, lp in self.layers.items():
-            if lp.w_bits < FLOAT_BITS:
-                quantizer = make_weight_quantizer(self.policy, bits=lp.w_bits, start_step=at_step)
-                parametrize.register_parametrization(layers[name], "weight", quantizer.to(self.device))
+        modules = dict(self.model.named_modules())
+        for name, bits in {**{n: lp.w_bits for n, lp in self.layers.items()}, **self.embedding_bits}.items():
+            if bits < FLOAT_BITS:
+                quantizer = make_weight_quantizer(self.policy, bits=bits, start_step=at_step)
+                parametrize.register_parametrization(modules[name], "weight", quantizer.to(self.device))
                 self.weight_quant[name] = quantizer
 
     def act_bits(self) -> dict[str, int]:
-        """Bits of the activations each layer reads: the input's for the layers reading the network input."""
-        return {n: (self.input_bits if n in self.readers else lp.a_bits) for n, lp in self.layers.items()}
+        """Bits of the activations each layer reads: the input's for the layers reading the network input;
+        then each product's (both its inputs)."""
+        return {**{n: (self.input_bits if n in self.readers else lp.a_bits) for n, lp in self.layers.items()}, **self.product_bits}
 
     def introduce_quantization(self, *, at_step: int, post_training: bool = False) -> None:
         """Attach the quantizers. Post-training they quantize at once; while fine-tuning a delayed one waits
@@ -311,16 +374,15 @@ class _Session:
         self.quantized = True
 
     def introduce_act_quantization(self, *, at_step: int, post_training: bool = False) -> None:
-        from autoprune.quant import attach_act_quantizer, make_act_quantizer
+        from autoprune.quant import make_act_quantizer
 
-        layers = compressible_layers(self.model)
+        modules = dict(self.model.named_modules())
         for name, bits in self.act_bits().items():
-            if bits < FLOAT_BITS:
-                quantizer = make_act_quantizer(self.policy, bits=bits, start_step=at_step)
-                if post_training:
-                    quantizer.start_now()
-                attach_act_quantizer(layers[name], quantizer.to(self.device))
-                self.act_quant[name] = quantizer
+            if bits not in FLOAT_ACT_BITS:
+                for key, quantizer in attach_act_quantizers(modules[name], name, lambda: make_act_quantizer(self.policy, bits=bits, start_step=at_step)):
+                    if post_training:
+                        quantizer.start_now()
+                    self.act_quant[key] = quantizer.to(self.device)
         self.calibrate_activations(only_uncalibrated=False, up_front=not post_training)
 
     def calibrate_activations(self, *, only_uncalibrated: bool, up_front: bool = False) -> None:
@@ -435,12 +497,12 @@ class _FloatWeights:
         self.session = session
 
     def __enter__(self) -> None:
-        layers = compressible_layers(self.session.model)
+        layers = dict(self.session.model.named_modules())
         for name in self.session.weight_quant:
             parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=False)
 
     def __exit__(self, *exc: object) -> None:
-        layers = compressible_layers(self.session.model)
+        layers = dict(self.session.model.named_modules())
         record = self.session.structured
         latest = (record.then[-1] if record.then else record) if record is not None else None
         for name, quantizer in self.session.weight_quant.items():
@@ -460,6 +522,7 @@ def compress(base_model: nn.Module, policy: Policy, *, task: Any, post_training:
     post-training result (``post_training`` when the caller already made it) is returned instead when it
     scores better on validation.
     """
+    base_model = converted(base_model)
     if policy.finetune_steps == 0 or not policy.keep_best:
         return _compress(base_model, policy, task=task)
     ptq = post_training or _compress(base_model, policy.model_copy(update={"finetune_steps": 0}), task=task)
@@ -505,8 +568,7 @@ def _compress(base_model: nn.Module, policy: Policy, *, task: Any) -> Compressio
         _fine_tune(session, task, steps=range(total), introduce=introduce, teacher=teacher, best=best)
     checkpoint = best.restore(model) if best is not None else {}
     steps = session.finish(keep_ranges=total == 0 and policy.order == "quantize_then_prune", fine_tuned=total > 0)
-    act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
-    result = CompressionResult(model, policy, layers, steps, act_bits, session.structured, time.perf_counter() - start)
+    result = CompressionResult(model, policy, layers, steps, session.act_bits(), session.structured, time.perf_counter() - start)
     result.checkpoint = checkpoint
     result.pinned = pinned
     result.float_parameters = float_parameters(model)
@@ -638,6 +700,7 @@ def _post_training(session: _Session) -> None:
 
 def static_compress(model: nn.Module, policy: Policy, *, input_shape: tuple[int, int, int]) -> CompressionResult:
     """Apply a policy with no data at all (for `autoprune cost`): no fine-tune, calibration or BN update."""
+    model = converted(model)
     layers, pinned = _checked_policy(model, policy, input_shape=input_shape)
     model = copy.deepcopy(model)
     from autoprune.quant import bake_weights
@@ -675,7 +738,10 @@ def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any
     session = _Session(model, policy, dict(result.layers), input_shape=task.input_shape, task=task, device=task.device)
     session.structured, session.pruned = result.structured, True
     layers = compressible_layers(model)
-    session.act_quant = {name: getattr(layer, ACT_QUANT) for name, layer in layers.items() if hasattr(layer, ACT_QUANT)}
+    session.act_quant = {
+        (name if child == ACT_QUANT else f"{name}[b]"): getattr(module, child)
+        for name, module in model.named_modules() for child in (ACT_QUANT, SECOND_ACT_QUANT) if hasattr(module, child)
+    }
     for quantizer in session.act_quant.values():
         quantizer.delay = 0  # its range is known already: quantize from the first step
     masked = {name: layers[name].weight.detach() != 0 for name, lp in result.layers.items() if lp.w_sparsity > 0}
@@ -692,8 +758,7 @@ def train_further(result: CompressionResult, base_model: nn.Module, *, task: Any
         return result
     checkpoint = best.restore(model)
     weight_steps = session.finish(fine_tuned=True)
-    act_bits = {n: getattr(m, "bits", FLOAT_BITS) for n, m in session.act_quant.items()}
-    further = CompressionResult(model, policy, dict(result.layers), weight_steps, act_bits, result.structured, time.perf_counter() - start)
+    further = CompressionResult(model, policy, dict(result.layers), weight_steps, dict(result.act_bits), result.structured, time.perf_counter() - start)
     value = task.evaluate(further.model, "val")
     if value < start_value:  # BN statistics and ranges measured again can cost what the checkpoint gained
         result.checkpoint = {**result.checkpoint, "kept": "start", "start": start_value, "further": value, "val": start_value}
@@ -744,7 +809,7 @@ def load_compressed(path: str | Path, *, task: Any) -> CompressionResult:
     from safetensors.torch import load_file
 
     from autoprune.prune import StructuredRecord, replay_structured
-    from autoprune.quant import attach_act_quantizer, make_act_quantizer
+    from autoprune.quant import make_act_quantizer
 
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
@@ -760,12 +825,11 @@ def load_compressed(path: str | Path, *, task: Any) -> CompressionResult:
         structured = StructuredRecord.from_dict(structured_data)
         replay_structured(model, structured, example_input=torch.zeros(1, *task.input_shape))
     act_bits = {k: int(v) for k, v in json.loads(meta["act_bits"]).items()}
-    compressed_layers = compressible_layers(model)
+    modules = dict(model.named_modules())
     for name, bits in act_bits.items():
-        if bits < FLOAT_BITS:
-            quantizer = make_act_quantizer(policy, bits=bits)
-            quantizer.start_now()
-            attach_act_quantizer(compressed_layers[name], quantizer)
+        if bits not in FLOAT_ACT_BITS:
+            for _, quantizer in attach_act_quantizers(modules[name], name, lambda: make_act_quantizer(policy, bits=bits)):
+                quantizer.start_now()
     if policy.workflow == "pfq":
         from autoprune.prune import fold_batchnorm
 

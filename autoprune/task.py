@@ -29,7 +29,7 @@ from autoprune.data import Splits, load_dataset
 from autoprune.device import device_of, resolve_device, to_device
 from autoprune.errors import AutopruneError
 from autoprune.files import atomic_path, cache_root, write_atomic
-from autoprune.models import build_model, check_products, check_supported, default_input_shape
+from autoprune.models import build_model, check_products, check_supported, convert_model, default_input_shape
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]
 Loss = Callable[[nn.Module, Any], torch.Tensor]
@@ -282,7 +282,7 @@ class Task:
         task.metric_name = metric_name
         task._base = None
         # A CPU copy: the user's module is never moved or changed, and the cost model reads the copy.
-        base = copy.deepcopy(model).cpu().eval()
+        base = convert_model(copy.deepcopy(model)).cpu().eval()
         check_supported(base)
         if distill_loss is not None and not callable(distill_loss):
             raise AutopruneError("distill_loss", type(distill_loss).__name__, "must be a function (student, teacher, batch) -> loss")
@@ -585,8 +585,8 @@ class Task:
 
 
 # Zoo models whose dataset and base training differ from the digits defaults.
-MODEL_DATASETS = {"mnist1d_cnn": "mnist1d"}
-MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20)}
+MODEL_DATASETS = {"mnist1d_cnn": "mnist1d", "mnist1d_gru": "mnist1d", "mnist1d_transformer": "mnist1d"}
+MODEL_TRAINING = {"mnist1d_cnn": TrainSettings(epochs=20), "mnist1d_gru": TrainSettings(epochs=20), "mnist1d_transformer": TrainSettings(epochs=20)}
 
 
 def check_reads_input(model: nn.Module, input_shape: Sequence[int], *, field: str, value: Any, what: str) -> None:
@@ -689,8 +689,7 @@ def model_task(model: str, *, weights: str | Path, train: Any, val: Any, test: A
     if input_shape is None:
         input_shape = default_input_shape(model)
     in_channels = input_shape[0] if input_shape else None
-    net = build_model(model, num_classes=num_classes, in_channels=in_channels)
-    load_weights(net, weights)
+    net = load_weights(build_model(model, num_classes=num_classes, in_channels=in_channels, convert=False), weights)
     return Task.from_model(net, train=train, val=val, test=test, input_shape=input_shape, **kwargs)
 
 

@@ -39,8 +39,23 @@ def read_state_dict(path: str | Path, *, field: str = "--weights") -> dict[str, 
 
 
 def load_weights(model: nn.Module, path: str | Path, *, field: str = "--weights") -> nn.Module:
-    """Load ``path`` into ``model`` strictly: a missing or unexpected key or a shape mismatch is one line."""
+    """Load ``path`` into ``model`` strictly: a missing or unexpected key or a shape mismatch is one line.
+
+    A model with attention or recurrent layers takes a file of its own layers' keys (``in_proj_weight``,
+    ``weight_ih_l0``) or of their Linear-layer equivalents' (what autoprune saves); it comes back converted
+    (``autoprune.models.convert``) either way: use the returned model.
+    """
+    from autoprune.models.convert import convert_model, needs_conversion
+
     state = read_state_dict(path, field=field)
+    if needs_conversion(model):
+        if set(state) == set(model.state_dict()):
+            return convert_model(_load(model, state, path, field))
+        model = convert_model(model)
+    return _load(model, state, path, field)
+
+
+def _load(model: nn.Module, state: dict, path: str | Path, field: str) -> nn.Module:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

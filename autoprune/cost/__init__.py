@@ -45,6 +45,14 @@ H_out x W_out below):
 - ESN_a from S/N (eq. 4): S/N x ||W||_0 / 12 with S/N = ||W||_F^2 / ||W - delta W_int||_F^2
   (`esn_a_from_snr`); it matches ESN_a when the quantization noise is uniform.
 
+Beyond Conv / Linear layers (docs/sequence-models.md): attention and recurrent layers are costed as their
+Linear-layer equivalents (``autoprune.models.convert``: projections, every gate at every step); a product of
+two activations (``MatMul``: QK^T, AV) costs MACs = output elements x inner size and BOPs = MACs x the bits of
+its two inputs; an embedding costs no MACs (lookups, and its table as memory); a multiplication written in a
+forward outside these modules is counted at the dispatch level as a float ``op`` row (``autoprune.cost.ops``).
+Normalizations and nonlinearities are listed with their element counts (``elements``); what multiplies but
+has no formula is listed in ``uncounted``, never dropped.
+
 All sums are float64: at 32 bits one weight's ESN_a term reaches 2^62.
 """
 

@@ -26,6 +26,12 @@ def _bits(bits: int) -> str:
 
 
 def _shape(layer: LayerCost) -> str:
+    if layer.kind == "product":
+        return f"a@b k{layer.in_channels}"
+    if layer.kind == "op":
+        return "float op"
+    if layer.kind == "embedding":
+        return f"{layer.in_channels}x{layer.out_channels} lookup"
     text = f"{layer.in_channels}→{layer.out_channels}"
     if layer.kind == "conv":
         text += " k" + "x".join(map(str, layer.kernel))
@@ -53,6 +59,18 @@ def format_cost_table(report: CostReport, *, title: str | None = None) -> Table:
             f"{layer.memory_mb:.3g}",
         )
     total = report.total
+    by_op: dict[str, list[int]] = {}
+    for entry in report.elements:
+        count = by_op.setdefault(entry.op, [0, 0])
+        count[0] += 1
+        count[1] += entry.elements
+    if by_op:
+        # no MACs: normalizations, nonlinearities and parameters only added or concatenated, summed per kind
+        table.add_section()
+        for op, (sites, elements) in by_op.items():
+            table.add_row(f"{op} ×{sites}", "elements", format_count(elements), style="dim")
+    for entry in report.uncounted:
+        table.add_row(entry.name, f"uncounted: {entry.what} ({entry.why})", style="red")
     table.add_section()
     table.add_row(
         "total", "", "", "", f"{1 - total.params / total.dense_params:.0%}" if total.dense_params else "",

@@ -38,8 +38,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from autoprune.bits import FLOAT_BITS
-from autoprune.compress import CompressionResult, static_compress
+from autoprune.bits import FLOAT_ACT_BITS, FLOAT_BITS
+from autoprune.compress import CompressionResult, attach_act_quantizers, static_compress
 from autoprune.deps import require
 from autoprune.errors import AutopruneError
 from autoprune.files import cache_root, write_atomic
@@ -239,24 +239,25 @@ def _uniform_policy(model: nn.Module, bits: int) -> Policy:
 def random_calibrated(model: nn.Module, policy: Policy, input_shape: tuple[int, ...]) -> CompressionResult:
     """``model`` compressed by ``policy`` without data: weights on the quantizer's grid, each layer's input
     quantizer calibrated on random values (a time does not depend on the values)."""
-    from autoprune.quant import attach_act_quantizer, calibrate, make_act_quantizer
+    from autoprune.quant import calibrate, make_act_quantizer
 
     result = static_compress(model, policy, input_shape=input_shape)  # type: ignore[arg-type]
-    layers = compressible_layers(result.model)
+    modules = dict(result.model.named_modules())
     quantizers = []
     for name, bits in result.act_bits.items():
-        if bits < FLOAT_BITS:
-            quantizer = make_act_quantizer(policy, bits=bits)
-            quantizer.start_now()
-            attach_act_quantizer(layers[name], quantizer)
-            quantizers.append(quantizer)
+        if bits not in FLOAT_ACT_BITS:
+            # both inputs of a product (attention's QK^T and AV) as well as each layer's input
+            for _, quantizer in attach_act_quantizers(modules[name], name, lambda: make_act_quantizer(policy, bits=bits)):
+                quantizer.start_now()
+                quantizers.append(quantizer)
     if quantizers:
         calibrate(result.model, quantizers, [_sample((LATENCY_BATCH, *input_shape), signed=True).to(next(result.model.parameters()).device)])
     return result
 
 
 def _one_layer(point: LayerPoint) -> nn.Module:
-    channels = point.in_shape[0]
+    # a Linear reads its features last (tokens before them); a convolution its channels first
+    channels = point.in_shape[-1] if point.op == "linear" else point.in_shape[0]
     if point.op == "linear":
         layer: nn.Module = nn.Linear(channels, point.out_channels, bias=point.bias)
     else:

@@ -214,8 +214,7 @@ def _insert_qdq(graph: Any, layers: dict[str, nn.Module], levels: dict[str, Weig
         shape = tuple(initializers[weight_name].dims)
         if shape != tuple(layer.weight.shape):
             raise AutopruneError("onnx export", name, f"traced weight shape {shape} differs from the model's {tuple(layer.weight.shape)}")
-        index = _layer_node(graph, weight_name)
-        consumer = graph.node[index]
+        indices = _layer_nodes(graph, weight_name)
         level = levels[name]
         storage = "float32"
         if level is not None:
@@ -234,10 +233,13 @@ def _insert_qdq(graph: Any, layers: dict[str, nn.Module], levels: dict[str, Weig
             ))
         mask = getattr(getattr(layer, FEATURE_MASK, None), "mask", None)
         mask = None if mask is None else mask.cpu()
-        chain = _input_chain(graph, name, consumer.input[0], mask, acts[name])
-        if chain:
-            consumer.input[0] = chain[-1].output[0]
-            before[index] = chain
+        # a layer called once per step (an unrolled recurrent layer's hidden Linear) quantizes each call's input
+        for call, index in enumerate(indices):
+            consumer = graph.node[index]
+            chain = _input_chain(graph, name if call == 0 else f"{name}.call{call}", consumer.input[0], mask, acts[name])
+            if chain:
+                consumer.input[0] = chain[-1].output[0]
+                before[index] = chain
         records[name] = LayerQdq(
             weight_shape=shape, w_bits=level.bits if level is not None else FLOAT_BITS, w_storage=storage,
             per_channel=bool(level is not None and level.per_channel), act=acts[name], feature_mask=mask is not None,
@@ -251,15 +253,17 @@ def _insert_qdq(graph: Any, layers: dict[str, nn.Module], levels: dict[str, Weig
     return records
 
 
-def _layer_node(graph: Any, weight_name: str) -> int:
-    """Index of the Conv / Gemm / MatMul reading a weight (through the Transpose of a bias-free Linear)."""
+def _layer_nodes(graph: Any, weight_name: str) -> list[int]:
+    """Indices of the Conv / Gemm / MatMul nodes reading a weight (through the Transpose of a Linear): one per
+    call of the layer."""
     consumers = [i for i, n in enumerate(graph.node) if weight_name in n.input]
-    if len(consumers) != 1:
-        raise AutopruneError("onnx export", weight_name, f"is read by {len(consumers)} nodes; expected one layer")
-    node = graph.node[consumers[0]]
-    if node.op_type == "Transpose":
-        return _layer_node(graph, node.output[0])
-    return consumers[0]
+    if not consumers:
+        raise AutopruneError("onnx export", weight_name, "is read by no node of the traced graph")
+    found: list[int] = []
+    for index in consumers:
+        node = graph.node[index]
+        found.extend(_layer_nodes(graph, node.output[0]) if node.op_type == "Transpose" else [index])
+    return found
 
 
 def _input_chain(graph: Any, name: str, source: str, mask: torch.Tensor | None, act: ActQdq | None) -> list[Any]:

@@ -169,7 +169,7 @@ def pack_weights(result: CompressionResult, path: str | Path, *, input_shape: tu
         file_bytes=path.stat().st_size,
         layers=records,
         measured_weight_mbit=8 * sum(r.nbytes for r in records.values()) / 1e6,
-        cost_weight_mbit=sum(layer.params * layer.w_bits for layer in cost.layers) / 1e6,
+        cost_weight_mbit=sum(layer.params * layer.w_bits for layer in cost.layers if layer.kind in ("conv", "linear")) / 1e6,
         cost_memory_mbit=cost.total.memory_mb,
     )
 

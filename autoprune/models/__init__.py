@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from autoprune.errors import AutopruneError, UnsupportedLayerError
-from autoprune.models.zoo import MODELS, MNIST1DCNN, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
+from autoprune.models.convert import convert_model
+from autoprune.models.zoo import MODELS, MNIST1DCNN, MNIST1DGRU, MNIST1DTransformer, DigitsCNN, MobileNetV2Cifar, ResNetCifar, VGG7
 
 # Layers autoprune compresses; modules that only reshape, pool, normalise or activate pass through.
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -25,18 +26,23 @@ NORMS = (
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
     nn.modules.batchnorm._BatchNorm,
 )
-# Layers that multiply activations by weights of theirs that autoprune cannot count or compress: refused by name.
+# Layers that multiply activations by weights of theirs that autoprune cannot count or compress: refused by name
+# (an attention or recurrent layer comes converted to Linear layers, ``autoprune.models.convert``; an
+# embedding's table takes weight bits).
 UNCOMPRESSIBLE = (
-    nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag, nn.Bilinear,
+    nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.EmbeddingBag, nn.Bilinear,
     nn.modules.conv._ConvNd, nn.modules.conv._ConvTransposeNd,
 )
 
 
-def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
-    """Build a zoo model by name, or call a user factory ``package.module:factory``."""
+def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None, convert: bool = True) -> nn.Module:
+    """Build a zoo model by name, or call a user factory ``package.module:factory``; its attention and
+    recurrent layers come as their Linear-layer equivalents (``convert_model``) unless ``convert`` is false
+    (a weights file of the layers as written loads into that, ``autoprune.weights.load_weights``)."""
     if spec in MODELS:
         factory, shape = MODELS[spec]
-        return factory(num_classes=num_classes, in_channels=in_channels or shape[0])
+        model = factory(num_classes=num_classes, in_channels=in_channels or shape[0])
+        return convert_model(model) if convert else model
     if ":" not in spec:
         raise AutopruneError("model", spec, f"is not a zoo model ({', '.join(MODELS)}) nor a package.module:factory")
     from autoprune.usercode import call_user, load_reference
@@ -44,7 +50,7 @@ def build_model(spec: str, *, num_classes: int = 10, in_channels: int | None = N
     model = call_user("model", spec, load_reference(spec, field="model"))
     if not isinstance(model, nn.Module):
         raise AutopruneError("model", spec, f"returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return convert_model(model) if convert else model
 
 
 def default_input_shape(spec: str) -> tuple[int, ...] | None:
@@ -108,7 +114,7 @@ def check_supported(model: nn.Module) -> None:
         if isinstance(module, COMPRESSIBLE):
             continue
         if isinstance(module, UNCOMPRESSIBLE) and any(True for _ in module.parameters(recurse=False)):
-            raise UnsupportedLayerError(_field(name), type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear; normalizations pass through)")
+            raise UnsupportedLayerError(_field(name), type(module).__name__, "is a layer type autoprune cannot compress (supported: Conv1d, Conv2d, Linear, MultiheadAttention, GRU, LSTM, RNN, Embedding; normalizations pass through)")
 
 
 def float_parameters(model: nn.Module) -> dict[str, str]:
@@ -141,6 +147,7 @@ def check_products(model: nn.Module, *, input_shape: tuple[int, ...]) -> None:
 
     params = {id(p): name for name, p in model.named_parameters()}
     layers = compressible_layers(model)
+    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
     owned = {id(layer.weight): name for name, layer in layers.items() if isinstance(layer.weight, nn.Parameter)}
     ran: set[str] = set()
     found: list[tuple[int, str]] = []
@@ -159,14 +166,14 @@ def check_products(model: nn.Module, *, input_shape: tuple[int, ...]) -> None:
         return
     for key, func in found:
         parameter, layer = params[key], owned.get(key)
-        if layer is None and not any(parameter.startswith(f"{name}.") for name in layers):
+        if layer is None and not any(parameter.startswith(f"{name}.") for name in (*layers, *embeddings)):
             raise UnsupportedLayerError(_field(parameter), func, "multiplies activations by this parameter, which autoprune cannot count or compress (only Conv1d, Conv2d and Linear weights)")
         if layer is not None and layer not in ran:
             raise UnsupportedLayerError(_field(layer), func, "reads this layer's weight outside the layer's own forward, where autoprune can neither quantize its input nor count it")
 
 
 __all__ = [
-    "MODELS", "DigitsCNN", "MNIST1DCNN", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
+    "MODELS", "DigitsCNN", "MNIST1DCNN", "MNIST1DGRU", "MNIST1DTransformer", "convert_model", "VGG7", "ResNetCifar", "MobileNetV2Cifar", "build_model", "default_input_shape",
     "compressible_layers", "check_supported", "check_products", "float_parameters", "input_readers", "probing", "reads_tensor",
     "COMPRESSIBLE", "CONVS", "NORMS", "UNCOMPRESSIBLE",
 ]

@@ -37,6 +37,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import COMPRESSIBLE, CONVS, compressible_layers
+from autoprune.models.convert import CONVERTED, Attention, opaque
 from autoprune.operators import PRUNER, PRUNERS, NoPruning, PrunerConfig, SignalNorm, parse_config
 
 
@@ -158,6 +159,24 @@ def keep_count(ratio: float, channels: int) -> int:
     return max(1, round(ratio * channels))
 
 
+class _Pinned(tp.pruner.BasePruningFunc):
+    """Attention and recurrent layers (converted, ``autoprune.models.convert``) keep their widths: their q / k
+    / v / out projections share the head split and their gates the hidden state, which Torch-Pruning's
+    channel coupling does not follow. The graph sees each as one op of fixed input and output widths, and a
+    group that would change them is not offered (``groups_in_graph``)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+        raise AutopruneError("keep", type(layer).__name__, "cannot narrow an attention or recurrent layer's widths (pinned)")
+
+    prune_in_channels = None  # type: ignore[assignment] - in and out are one dependency-free pair of widths
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.widths[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.widths[0]
+
+
 class UntracedGraph(tp.DependencyGraph):
     """The graph of a model Torch-Pruning could not trace (a channel shuffle's reshapes divide by zero in its
     index mapping): it has no groups, so every width is kept, and ``reason`` says why."""
@@ -178,8 +197,9 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     sample = example_input.detach()[:1]
     traced_input = torch.cat([sample, sample]).requires_grad_(example_input.is_floating_point())
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False)
+        with torch.enable_grad(), opaque():
+            pinned = {kind: _Pinned() for kind in CONVERTED}
+            return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False, customized_pruners=pinned)
     except AutopruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever Torch-Pruning fails on, the widths are kept and it is said why
@@ -225,6 +245,10 @@ def _scan(model: nn.Module, graph: tp.DependencyGraph) -> tuple[list[ChannelGrou
     pinned: dict[str, str] = {}
     for group in all_groups:
         producers = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        if any(isinstance(dep.target.module, CONVERTED) for dep, _ in group):
+            reason = "an attention or recurrent layer reads or writes these channels (its widths are pinned; heads prune whole)"
+            pinned.update({names[node.module]: reason for node in producers if isinstance(node.module, COMPRESSIBLE)})
+            continue
         # A producer with no consumer in the graph is the model's output: its width is not ours to change.
         if any(not node.outputs for node in producers):
             continue
@@ -293,6 +317,53 @@ def channel_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[Cha
     return groups_in_graph(model, dependency_graph(model, example_input))
 
 
+def head_groups(model: nn.Module) -> dict[str, tuple[str, str, str]]:
+    """Per attention of two heads or more, its q / k / v projections: one head keep ratio prunes heads whole."""
+    return {
+        name: (f"{name}.q_proj", f"{name}.k_proj", f"{name}.v_proj")
+        for name, module in model.named_modules() if isinstance(module, Attention) and module.num_heads > 1
+    }
+
+
+def _split_head_ratios(model: nn.Module, keep: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The head keep ratio of each attention named (its q / k / v agree), and the other layers' ratios."""
+    heads: dict[str, float] = {}
+    rest = dict(keep)
+    for attention, names in head_groups(model).items():
+        given = {n: rest.pop(n) for n in names if n in rest}
+        if not given:
+            continue
+        every = {n: float(given.get(n, 1.0)) for n in names}
+        if len(set(every.values())) > 1:
+            raise AutopruneError(f"keep[heads of {attention}]", every, "conflict: q_proj, k_proj and v_proj share their heads and take one keep ratio")
+        ratio = next(iter(every.values()))
+        if not 0.0 < ratio <= 1.0:
+            raise AutopruneError(f"keep[{names[0]!r}]", ratio, "must be a keep ratio in (0, 1]")
+        if ratio < 1.0:
+            heads[attention] = ratio
+    return heads, rest
+
+
+def _prune_heads(model: nn.Module, ratios: Mapping[str, float]) -> dict[str, LayerPruning]:
+    """Keep, per attention, the heads of largest signal norm (q / k / v rows and out_proj columns); the rows
+    each projection kept."""
+    record: dict[str, LayerPruning] = {}
+    for name, ratio in ratios.items():
+        attention = model.get_submodule(name)
+        count = keep_count(ratio, attention.num_heads)
+        if count == attention.num_heads:
+            continue
+        signal = sum(p.weight.detach().double().pow(2).view(attention.num_heads, -1).sum(1) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+        signal = signal + attention.out_proj.weight.detach().double().pow(2).view(-1, attention.num_heads, attention.head_dim).sum((0, 2))
+        kept = sorted(torch.argsort(signal, descending=True, stable=True)[:count].tolist())
+        before = attention.q_proj.out_features
+        rows = attention.head_rows(kept)
+        attention.keep_heads(kept)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            record[f"{name}.{proj}"] = LayerPruning(kept=rows, before=before, after=len(rows))
+    return record
+
+
 def prune_structured(
     model: nn.Module,
     *,
@@ -309,6 +380,9 @@ def prune_structured(
     """
     config = parse_config(PRUNER, method)
     prune_fn = pruner(config)
+    head_ratios, keep = _split_head_ratios(model, keep)
+    if head_ratios and not config.takes_keep_ratios:
+        raise AutopruneError("keep", head_ratios, f"are ignored by pruner {config.kind!r}, which takes no keep ratios (use signal_norm for keep ratios)")
     graph = dependency_graph(model, example_input)
     found, pinned = _scan(model, graph)
     groups = tuple(found)
@@ -327,6 +401,7 @@ def prune_structured(
         folds={name: delta.detach().cpu().tolist() for name, delta in plan.folds.items()},
     )
     _apply(model, graph, groups, kept={g: sorted(k) for g, k in plan.kept.items()}, folds=plan.folds)
+    record.layers.update(_prune_heads(model, head_ratios))
     return record
 
 
@@ -336,7 +411,10 @@ def replay_structured(model: nn.Module, record: StructuredRecord, *, example_inp
     groups = tuple(groups_in_graph(model, graph))
     member_of = {layer: group for group in groups for layer in group.layers}
     kept: dict[str, list[int]] = {}
+    heads = _recorded_heads(model, record)
     for layer, entry in record.layers.items():
+        if any(layer in names for names in head_groups(model).values()):
+            continue
         group = member_of.get(layer)
         if group is None:
             raise AutopruneError("structured record: layers", layer, "is not a prunable layer of this model")
@@ -355,9 +433,27 @@ def replay_structured(model: nn.Module, record: StructuredRecord, *, example_inp
             raise AutopruneError(f"structured record: folds.{name}", len(values), f"values do not match the tensor's {size}")
         folds[name] = torch.tensor(values, dtype=torch.float64)
     _apply(model, graph, groups, kept=kept, folds=folds)
+    for name, kept_heads in heads.items():
+        model.get_submodule(name).keep_heads(kept_heads)
     for later in record.then:
         replay_structured(model, later, example_input=example_input)
     return model
+
+
+def _recorded_heads(model: nn.Module, record: StructuredRecord) -> dict[str, list[int]]:
+    """The heads each attention kept, read from its projections' rows in ``record`` (all three, whole heads)."""
+    heads: dict[str, list[int]] = {}
+    for name, names in head_groups(model).items():
+        entries = [record.layers.get(n) for n in names]
+        if not any(entries):
+            continue
+        attention = model.get_submodule(name)
+        rows = entries[0].kept if entries[0] is not None else None
+        kept = sorted({r // attention.head_dim for r in rows}) if rows is not None else []
+        if any(e is None or e.kept != rows for e in entries) or attention.head_rows(kept) != rows or entries[0].before != attention.q_proj.out_features:
+            raise AutopruneError(f"structured record: layers.{names[0]}", rows, f"are not whole heads of {name} kept alike by q_proj, k_proj and v_proj")
+        heads[name] = kept
+    return heads
 
 
 def _group_ratios(model: nn.Module, groups: tuple[ChannelGroup, ...], keep: Mapping[str, float], *, pinned: Mapping[str, str]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from autoprune.quant.act import (
 )
 from autoprune.quant.midrise import level_bits, midrise_delta, midrise_int
 from autoprune.quant.model import (
-    ACT_QUANT, advance_quantizers, attach_act_quantizer, bake_weights, calibrate, float_activations, recalibrate_batchnorm,
+    ACT_QUANT, SECOND_ACT_QUANT, advance_quantizers, attach_act_quantizer, bake_weights, calibrate, float_activations, recalibrate_batchnorm,
 )
 from autoprune.quant.pow2 import pow2_bit_map, pow2_bits
 from autoprune.quant.grids import GRIDS, MIDRISE, MIDTREAD, Grid
@@ -27,7 +27,7 @@ from autoprune.quant.weight import (
 )
 
 __all__ = [
-    "ACT_QUANT", "ACT_QUANTIZERS", "WEIGHT_QUANTIZERS",
+    "ACT_QUANT", "SECOND_ACT_QUANT", "ACT_QUANTIZERS", "WEIGHT_QUANTIZERS",
     "Midrise", "ClipUniform", "Delayed", "Saturated", "ClipUniformAct", "DelayedAct", "SaturatedAct",
     "ActQuantizer", "ClipUniformActQuantizer", "DelayedActQuantizer", "SaturatedActQuantizer", "act_quantizer",
     "make_act_quantizer",

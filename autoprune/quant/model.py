@@ -17,26 +17,34 @@ from autoprune.quant.act import ActQuantizer
 from autoprune.quant.weight import WeightQuantizer, quantizer_name
 
 ACT_QUANT = "input_quant"
+SECOND_ACT_QUANT = "input_quant_b"
+"""The quantizer of a product's second input (``autoprune.models.convert.MatMul``: a @ b)."""
 
 Batch = torch.Tensor | Sequence[torch.Tensor]
 """A batch of inputs, or an (inputs, labels, ...) tuple of which only the inputs are used."""
 
 
-def attach_act_quantizer(layer: nn.Module, quantizer: ActQuantizer) -> RemovableHandle:
+def attach_act_quantizer(layer: nn.Module, quantizer: ActQuantizer, *, second: bool = False) -> RemovableHandle:
     """Quantize what ``layer`` reads: ``quantizer`` becomes its child ``input_quant`` and runs as a forward pre-hook.
 
     Being a child, it follows ``to()`` / ``state_dict()`` and the model-level helpers find it. A feature mask
     (``autoprune.prune.unstructured``) prepends its hook, so features are pruned before they are quantized.
-    ``handle.remove()`` and ``delattr(layer, ACT_QUANT)`` take it off again.
+    ``handle.remove()`` and ``delattr(layer, ACT_QUANT)`` take it off again. ``second``: the quantizer reads
+    the layer's second input instead (a product's ``b``), as its child ``input_quant_b``.
     """
-    if hasattr(layer, ACT_QUANT):
+    child = SECOND_ACT_QUANT if second else ACT_QUANT
+    if hasattr(layer, child):
         raise AutopruneError("activation quantizer", type(layer).__name__, "already has one attached")
-    layer.add_module(ACT_QUANT, quantizer)
-    return layer.register_forward_pre_hook(_quantize_input)
+    layer.add_module(child, quantizer)
+    return layer.register_forward_pre_hook(_quantize_second if second else _quantize_input)
 
 
 def _quantize_input(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return (getattr(layer, ACT_QUANT)(args[0]), *args[1:])
+
+
+def _quantize_second(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (args[0], getattr(layer, SECOND_ACT_QUANT)(args[1]), *args[2:])
 
 
 def advance_quantizers(model: nn.Module, *, step: int) -> None:

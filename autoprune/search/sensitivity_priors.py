@@ -45,8 +45,10 @@ def cost_model(
     names = list(compressible_layers(model))
     for bits in sorted({*w_bits, FLOAT_BITS}):
         report = measure_cost(model, input_shape=input_shape, layers={n: LayerQuant(w_bits=bits) for n in names}, input_bits=input_bits)
+        # the layers a policy sets: products and embeddings follow them (their MACs are left to the final cost)
         for layer in report.layers:
-            macs.setdefault(layer.name, {})[bits] = layer.macs
+            if layer.name in names:
+                macs.setdefault(layer.name, {})[bits] = layer.macs
     readers = input_readers(model, input_shape=input_shape)
     graph = dependency_graph(model, torch.zeros(1, *input_shape))
     groups = groups_in_graph(model, graph)
