@@ -200,3 +200,47 @@ def _drop_unused_initializers(graph: Any) -> None:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
+
+
+# operators between a layer and the next layer's input across which onnxruntime still ends the layer in that
+# input's QuantizeLinear (a ReLU at zero point 0 is dropped, a QuantizeLinear moves up across MaxPool / Reshape)
+_PASS_THROUGH = ("Relu", "MaxPool", "Flatten", "Reshape", "Identity")
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """What follows a layer in the traced graph, up to the layer reading it."""
+
+    batchnorm: bool
+    """A BatchNormalization reads the layer alone (the export folds it: per-channel scales, a bias)."""
+    relu: bool
+    reader: str | None
+    """The layer whose input is this layer's output through pass-through operators only, each read once;
+    None when the output reaches anything else (a residual Add, a pooling, two readers, the graph output)."""
+
+
+def layer_outputs(graph: Any, layer_nodes: dict[str, Any]) -> dict[str, LayerOutput]:
+    """Per layer (name -> its Conv / Gemm / MatMul node), what follows it: the context a one-layer model needs
+    to run on the kernel the whole model runs it on."""
+    by_input = {node.input[0]: name for name, node in layer_nodes.items()}
+    outputs = {o.name for o in graph.output}
+    result = {}
+    for name, node in layer_nodes.items():
+        value, batchnorm, relu, reader = node.output[0], False, False, None
+        while value not in outputs:
+            readers = _consumers(graph, value)
+            if len(readers) != 1:
+                break
+            after = readers[0]
+            if value in by_input and after.output[0] == layer_nodes[by_input[value]].output[0]:
+                reader = by_input[value]
+                break
+            if after.op_type == "BatchNormalization" and value == node.output[0]:
+                batchnorm = True
+            elif after.op_type in _PASS_THROUGH:
+                relu = relu or after.op_type == "Relu"
+            else:
+                break
+            value = after.output[0]
+        result[name] = LayerOutput(batchnorm=batchnorm, relu=relu, reader=reader)
+    return result

@@ -23,6 +23,7 @@ again. Unstructured weight sparsity and feature masks do not change a dense runt
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -34,20 +35,24 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from autoprune.bits import FLOAT_BITS
 from autoprune.compress import CompressionResult, static_compress
+from autoprune.deploy.graph import LayerOutput, layer_outputs
 from autoprune.deps import require
 from autoprune.errors import AutopruneError
 from autoprune.files import cache_root, write_atomic
 from autoprune.models import compressible_layers, probing
 from autoprune.policy import LayerPolicy, Policy, parse_model
 from autoprune.quant import ACT_QUANT
+from autoprune.quant.uniform import is_midrise
 
-TABLE_VERSION = 1
+# 2: a point carries what follows its layer (BN, ReLU, the reader's QuantizeLinear)
+TABLE_VERSION = 2
 # One batch size for every latency the product reports, so that the rows of a report compare.
 LATENCY_BATCH = 64
 LATENCY_THREADS = 1
@@ -78,19 +83,23 @@ class LayerPoint(_Frozen):
     a_bits: int = Field(ge=1, le=FLOAT_BITS)
     signed: bool = Field(description="the layer reads signed values (the network input, a linear bottleneck)")
     quantizer: str = Field(description="the weight quantizer's config as JSON, or '' for a float layer")
+    batchnorm: bool = Field(False, description="a BatchNorm follows, folded by the export into the layer")
+    relu: bool = Field(False, description="a ReLU follows before the next layer's input")
+    output_bits: int | None = Field(None, ge=1, le=16, description="the QuantizeLinear of the layer reading this one's output")
+    output_signed: bool = False
 
     @property
     def key(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def float_point(self) -> "LayerPoint":
-        return self.model_copy(update={"w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS, "quantizer": ""})
+        return self.model_copy(update={"w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS, "quantizer": "", "output_bits": None, "output_signed": False})
 
 
 class LatencyTable(_Frozen):
     """The times measured on one machine, milliseconds per batch of ``batch_size``."""
 
-    version: Literal[1] = TABLE_VERSION
+    version: Literal[2] = TABLE_VERSION
     machine: str
     onnxruntime: str
     threads: int = Field(ge=1)
@@ -180,8 +189,29 @@ def _sample(shape: tuple[int, ...], *, signed: bool, seed: int = 0) -> torch.Ten
     return x if signed else x.relu()
 
 
-def _layer_points(model: nn.Module, input_shape: tuple[int, ...], *, w_bits: dict[str, int], a_bits: dict[str, int], quantizer: str) -> tuple[dict[str, LayerPoint], int]:
-    """Each layer that runs, as a point, and the output elements of all of them per sample."""
+def layer_context(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, LayerOutput]:
+    """What follows each layer in the graph the export traces (the float model's: structure only)."""
+    from autoprune.deploy.onnx_export import DEFAULT_OPSET, _layer_node, _trace
+
+    graph = _trace(copy.deepcopy(model).cpu().eval(), input_shape=input_shape, opset=DEFAULT_OPSET).graph  # type: ignore[arg-type]
+    nodes = {name: graph.node[_layer_node(graph, f"{name}.weight")] for name in compressible_layers(model)}
+    return layer_outputs(graph, nodes)
+
+
+def _reader_quantize(point: LayerPoint | None) -> tuple[int | None, bool]:
+    """The QuantizeLinear a layer reading ``point``'s input puts on it: its bits and sign, or None (float, or
+    the signed mid-rise grid, computed op for op)."""
+    if point is None or point.a_bits >= FLOAT_BITS or is_midrise(bits=point.a_bits, signed=point.signed):
+        return None, False
+    return point.a_bits, point.signed
+
+
+def _layer_points(
+    model: nn.Module, input_shape: tuple[int, ...], *, w_bits: dict[str, int], a_bits: dict[str, int], quantizer: str,
+    context: dict[str, LayerOutput] | None = None,
+) -> tuple[dict[str, LayerPoint], int]:
+    """Each layer that runs, as a point (with what follows it in ``context``), and the output elements of all of
+    them per sample."""
     layers = compressible_layers(model)
     seen: dict[str, tuple[tuple[int, ...], int, bool]] = {}
 
@@ -213,6 +243,10 @@ def _layer_points(model: nn.Module, input_shape: tuple[int, ...], *, w_bits: dic
                 kernel=tuple(layer.kernel_size), stride=tuple(layer.stride), dilation=tuple(layer.dilation), groups=layer.groups,
                 padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding), **common,
             )
+    for name, after in (context or {}).items():
+        if name in points:
+            bits, signed = _reader_quantize(points.get(after.reader) if after.reader else None)
+            points[name] = points[name].model_copy(update={"batchnorm": after.batchnorm, "relu": after.relu, "output_bits": bits, "output_signed": signed})
     return points, sum(elements for _, elements, _ in seen.values())
 
 
@@ -256,13 +290,42 @@ def random_calibrated(model: nn.Module, policy: Policy, input_shape: tuple[int, 
 
 
 def _one_layer(point: LayerPoint) -> nn.Module:
+    """The layer with the BatchNorm and ReLU that follow it in the model (the export folds the BN as it folds the
+    whole model's, its per-channel scales and bias deciding the kernel)."""
     channels = point.in_shape[0]
     if point.op == "linear":
         layer: nn.Module = nn.Linear(channels, point.out_channels, bias=point.bias)
     else:
         conv = nn.Conv1d if point.op == "conv1d" else nn.Conv2d
         layer = conv(channels, point.out_channels, point.kernel, stride=point.stride, padding=point.padding, dilation=point.dilation, groups=point.groups, bias=point.bias)
-    return nn.Sequential(layer)
+    after: list[nn.Module] = []
+    if point.batchnorm:
+        after.append((nn.BatchNorm2d if point.op == "conv2d" else nn.BatchNorm1d)(point.out_channels))
+    if point.relu:
+        after.append(nn.ReLU())
+    return nn.Sequential(layer, *after).eval()
+
+
+def _end_in_quantize(path: Path, *, bits: int, signed: bool) -> None:
+    """The one-layer file's output quantized as the reading layer quantizes it, the graph's output its integers:
+    onnxruntime fuses a DequantizeLinear -> Conv / Gemm -> QuantizeLinear into an integer kernel only with the
+    QuantizeLinear there, as the whole model has it (the scale does not change the time)."""
+    onnx = require("onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    model = onnx.load(str(path))
+    graph = model.graph
+    storage = f"{'' if signed else 'u'}int{8 if bits <= 8 else 16}"
+    output = graph.output[0]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(0.05, dtype=np.float32), "output_scale"),
+        numpy_helper.from_array(np.array(0, dtype=storage), "output_zero_point"),
+    ])
+    for node in graph.node:
+        node.output[:] = ["output_float" if o == output.name else o for o in node.output]
+    graph.node.append(helper.make_node("QuantizeLinear", ["output_float", "output_scale", "output_zero_point"], [output.name], name="output_quantize"))
+    output.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(storage))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
 
 
 def _compressed_layer(point: LayerPoint) -> CompressionResult:
@@ -309,6 +372,14 @@ class LatencyModel:
             self.table = empty
         # the base model's rest per storage, once per process (it compresses the base model to find its layers)
         self._rests: dict[str, tuple[float, dict[str, int]]] = {}
+        self._context: dict[str, LayerOutput] | None = None
+
+    @property
+    def context(self) -> dict[str, LayerOutput]:
+        """What follows each layer of the base model (pruning and bits keep the graph's structure)."""
+        if self._context is None:
+            self._context = layer_context(self.base_model, self.input_shape)
+        return self._context
 
     def _read(self) -> LatencyTable | None:
         if not self.path.is_file():
@@ -358,6 +429,8 @@ class LatencyModel:
         for index, (key, point) in enumerate(sorted(missing.items())):
             path = folder / f"layer_{index}.onnx"
             export_onnx(_compressed_layer(point), path, input_shape=point.in_shape)  # type: ignore[arg-type]
+            if point.output_bits is not None:
+                _end_in_quantize(path, bits=point.output_bits, signed=point.output_signed)
             files.append((path, point.in_shape, point.signed))
         measured = dict(zip(sorted(missing), self._time_all(files)))
         if measured:
@@ -379,7 +452,10 @@ class LatencyModel:
         bits = STORAGE_BITS[storage]
         policy = _uniform_policy(self.base_model, bits)
         base = random_calibrated(self.base_model, policy, self.input_shape)
-        points, _ = _layer_points(base.model, self.input_shape, w_bits=dict.fromkeys(base.layers, bits), a_bits=dict(base.act_bits), quantizer=policy.quantizer.model_dump_json())
+        points, _ = _layer_points(
+            base.model, self.input_shape, w_bits=dict.fromkeys(base.layers, bits), a_bits=dict(base.act_bits),
+            quantizer=policy.quantizer.model_dump_json(), context=self.context,
+        )
         measured = self._measure_layers(points, folder)
         key = f"{architecture_digest(self.base_model, self.input_shape)}:{storage}"
         if key not in self.table.models:
@@ -399,7 +475,7 @@ class LatencyModel:
         (and the table written) first."""
         w_bits = {name: lp.w_bits for name, lp in result.layers.items()}
         quantizer = result.policy.quantizer.model_dump_json()
-        points, _ = _layer_points(result.model, self.input_shape, w_bits=w_bits, a_bits=dict(result.act_bits), quantizer=quantizer)
+        points, _ = _layer_points(result.model, self.input_shape, w_bits=w_bits, a_bits=dict(result.act_bits), quantizer=quantizer, context=self.context)
         elements = _input_elements(points)
         measured = 0
         rest_ms = 0.0
