@@ -31,6 +31,44 @@ def _latency(tmp_path, **kwargs: object) -> LatencyModel:
     return LatencyModel(_model(), input_shape=SHAPE, batch_size=8, warmup=1, repeats=3, path=tmp_path / "latency.json", **kwargs)
 
 
+class _Residual(nn.Module):
+    """conv0 -> conv1 read by one layer alone; conv1's output also feeds a residual add, conv2's goes to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv1d(2, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.conv1, self.bn1 = nn.Conv1d(8, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.conv2, self.bn2 = nn.Conv1d(8, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.pool, self.fc = nn.MaxPool1d(2), nn.Linear(8 * 12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(torch.relu(self.bn0(self.conv0(x))))
+        h = torch.relu(self.bn1(self.conv1(h)))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        return self.fc(torch.flatten(h, 1))
+
+
+def test_a_w8a8_layer_file_runs_on_an_integer_kernel_exactly_when_the_whole_model_does(tmp_path) -> None:
+    from autoprune.deploy.latency import write_layer_file
+    from autoprune.deploy.onnx_export import export_onnx
+    from autoprune.deploy.verify import INTEGER_KERNELS, runtime_kernels
+
+    torch.manual_seed(0)
+    latency = LatencyModel(_Residual().eval(), input_shape=SHAPE, batch_size=8, path=tmp_path / "latency.json")
+    policy = Policy.model_validate({"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "quantizer": {"kind": "clip_uniform"}, "finetune_steps": 0})
+    w8a8 = random_calibrated(latency.base_model, policy, SHAPE)
+    export_onnx(w8a8, tmp_path / "whole.onnx", input_shape=SHAPE)
+    whole = runtime_kernels(tmp_path / "whole.onnx")
+    alone = {}
+    for name, point in latency.points(w8a8).items():
+        write_layer_file(point, tmp_path / f"{name}.onnx")
+        alone[name] = runtime_kernels(tmp_path / f"{name}.onnx")["0"]
+    # conv0 ends in conv1's QuantizeLinear (across BN, ReLU, MaxPool): QLinearConv; conv1 also feeds the add and
+    # conv2 ends in it: float; the last linear layer: QGemm
+    assert {n: k in INTEGER_KERNELS for n, k in whole.items()} == {"conv0": True, "conv1": False, "conv2": False, "fc": True}
+    assert {n: k in INTEGER_KERNELS for n, k in alone.items()} == {n: k in INTEGER_KERNELS for n, k in whole.items()}, (whole, alone)
+
+
 def test_points_are_measured_once_then_read_from_the_table_on_disk(tmp_path) -> None:
     latency = _latency(tmp_path)
     w4 = random_calibrated(latency.base_model, _policy(w_bits=4, a_bits=4), SHAPE)

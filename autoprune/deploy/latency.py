@@ -347,6 +347,16 @@ def _compressed_layer(point: LayerPoint) -> CompressionResult:
     return result
 
 
+def write_layer_file(point: LayerPoint, path: Path) -> None:
+    """The one-layer ONNX file timed for ``point``: exported by the whole model's path, ending in the reading
+    layer's QuantizeLinear where the model has one."""
+    from autoprune.deploy.onnx_export import export_onnx
+
+    export_onnx(_compressed_layer(point), path, input_shape=point.in_shape)  # type: ignore[arg-type]
+    if point.output_bits is not None:
+        _end_in_quantize(path, bits=point.output_bits, signed=point.output_signed)
+
+
 def _identity(table: LatencyTable) -> tuple[Any, ...]:
     return table.machine, table.onnxruntime, table.threads, table.batch_size
 
@@ -422,15 +432,11 @@ class LatencyModel:
         return self.table.overhead_ms
 
     def _measure_layers(self, points: dict[str, LayerPoint], folder: Path) -> int:
-        from autoprune.deploy.onnx_export import export_onnx
-
         missing = {p.key: p for p in points.values() if p.key not in self.table.layers}
         files = []
         for index, (key, point) in enumerate(sorted(missing.items())):
             path = folder / f"layer_{index}.onnx"
-            export_onnx(_compressed_layer(point), path, input_shape=point.in_shape)  # type: ignore[arg-type]
-            if point.output_bits is not None:
-                _end_in_quantize(path, bits=point.output_bits, signed=point.output_signed)
+            write_layer_file(point, path)
             files.append((path, point.in_shape, point.signed))
         measured = dict(zip(sorted(missing), self._time_all(files)))
         if measured:
@@ -470,12 +476,16 @@ class LatencyModel:
         """The base model as a float CompressionResult (no layer quantized, the input float)."""
         return static_compress(self.base_model, Policy(input_bits=FLOAT_BITS), input_shape=self.input_shape)  # type: ignore[arg-type]
 
+    def points(self, result: CompressionResult) -> dict[str, LayerPoint]:
+        """Each layer of ``result`` as the point the table times it by."""
+        w_bits = {name: lp.w_bits for name, lp in result.layers.items()}
+        quantizer = result.policy.quantizer.model_dump_json()
+        return _layer_points(result.model, self.input_shape, w_bits=w_bits, a_bits=dict(result.act_bits), quantizer=quantizer, context=self.context)[0]
+
     def estimate(self, result: CompressionResult) -> LatencyEstimate:
         """The predicted milliseconds per batch of ``result``'s exported model; the points it lacks are measured
         (and the table written) first."""
-        w_bits = {name: lp.w_bits for name, lp in result.layers.items()}
-        quantizer = result.policy.quantizer.model_dump_json()
-        points, _ = _layer_points(result.model, self.input_shape, w_bits=w_bits, a_bits=dict(result.act_bits), quantizer=quantizer, context=self.context)
+        points = self.points(result)
         elements = _input_elements(points)
         measured = 0
         rest_ms = 0.0
@@ -507,5 +517,5 @@ class LatencyModel:
 
 __all__ = [
     "LatencyModel", "LatencyTable", "LatencyEstimate", "LatencyCheck", "LayerPoint", "table_path", "machine_name",
-    "time_session", "architecture_digest", "random_calibrated", "LATENCY_BATCH", "LATENCY_THREADS",
+    "time_session", "architecture_digest", "random_calibrated", "write_layer_file", "layer_context", "LATENCY_BATCH", "LATENCY_THREADS",
 ]
