@@ -69,6 +69,19 @@ def test_a_w8a8_layer_file_runs_on_an_integer_kernel_exactly_when_the_whole_mode
     assert {n: k in INTEGER_KERNELS for n, k in alone.items()} == {n: k in INTEGER_KERNELS for n, k in whole.items()}, (whole, alone)
 
 
+def test_the_rest_of_a_uniform_policy_is_measured_on_its_own_grid(tmp_path) -> None:
+    latency = _latency(tmp_path)
+    uniform = {"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "finetune_steps": 0}
+    tread = random_calibrated(latency.base_model, Policy.model_validate({**uniform, "quantizer": {"kind": "clip_uniform"}}), SHAPE)
+    rise = random_calibrated(latency.base_model, Policy.model_validate(uniform), SHAPE)
+    estimates = [latency.estimate(tread), latency.estimate(rise)]
+    # int8 weights (mid-tread) run on integer kernels, int16 ones (mid-rise at 8 bits) do not: each uniform
+    # policy is its own base model, whose estimate is its whole-model time
+    wholes = sorted(v for k, v in latency.table.models.items() if k.split(":")[1] == "int8")
+    assert len(wholes) == 2
+    assert sorted(max(e.overhead_ms, e.total_ms) for e in estimates) == pytest.approx([max(estimates[0].overhead_ms, w) for w in wholes])
+
+
 def test_points_are_measured_once_then_read_from_the_table_on_disk(tmp_path) -> None:
     latency = _latency(tmp_path)
     w4 = random_calibrated(latency.base_model, _policy(w_bits=4, a_bits=4), SHAPE)
