@@ -7,14 +7,17 @@ A compressed model's latency is predicted as
 
 - ``t(layer)``: the time per batch (``time_session``: CPU time with one thread), the fastest median of ``BLOCKS``
   blocks of runs, the points measured together taking turns of a one-layer model exported by the same QDQ path as a whole model
-  (``export_onnx``: the layer's weight storage, its input's QuantizeLinear / Clip / DequantizeLinear), for the
+  (``export_onnx``: the layer's weight storage, its input's QuantizeLinear / Clip / DequantizeLinear) with what
+  follows the layer in the model (the BN folded into it, the ReLU, the reading layer's QuantizeLinear as its
+  output: onnxruntime fuses a layer into its integer kernel only with it there), for the
   layer's pruned shape, its weight and activation bits, the sign of what it reads and the weight quantizer kind
   (which sets the weight storage). One point is measured the first time a search or an export needs it, never
   before, and kept in the table.
 - ``overhead``: one ``session.run`` of a one-node graph: every one-layer time holds it once, a model holds it once.
-- ``rest``: what is not a Conv / Gemm layer (BatchNorm, ReLU, pooling, adds, reshapes), the float base model's
-  whole-model time less the sum of its float layers, scaled by the output elements of the layers against the
-  base model's (pruning shrinks the feature maps these operators read).
+- ``rest``: what is not a Conv / Gemm layer (BatchNorm, ReLU, pooling, adds, reshapes): per activation storage
+  and weight grid, the base model's whole-model time with every layer at that storage on that grid less the
+  sum of its layers, shared among the layers reading that storage by their input elements against the base
+  model's (pruning shrinks the feature maps these operators read).
 
 The table is a JSON file under the cache root (``latency/<key>.json``), keyed by this machine's CPU, the
 onnxruntime version, the intra-op threads and the batch size: the same layers on another machine are measured
