@@ -116,9 +116,9 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, seed: int, repeats: int) -> dict[str, Any]:
+def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, seed: int, repeats: int, float_weights: bool = False) -> dict[str, Any]:
     model, shape = model_of(name, resnet_input)
-    latency = LatencyModel(model, input_shape=shape, repeats=repeats)
+    latency = LatencyModel(model, input_shape=shape, repeats=repeats, float_weights_off_kernel=float_weights)
     start = time.perf_counter()
     rows = []
     for label, spec in policies(model, mixed=mixed, seed=seed).items():
@@ -133,7 +133,7 @@ def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, se
     bops, measured, predicted = ([r[k] for r in rows] for k in ("bops", "onnx_ms", "model_ms"))
     by_label = {r["policy"]: r for r in rows}
     return {
-        "model": name, "input_shape": list(shape), "batch": LATENCY_BATCH, "threads": latency.threads, "rows": rows,
+        "model": name, "float_weights_off_kernel": float_weights, "input_shape": list(shape), "batch": LATENCY_BATCH, "threads": latency.threads, "rows": rows,
         "torch_float_ms": torch_ms(model, shape, repeats=repeats),
         "spearman_bops_vs_measured": spearman(bops, measured),
         "spearman_model_vs_measured": spearman(predicted, measured),
@@ -145,7 +145,8 @@ def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, se
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"### {report['model']} ({'x'.join(map(str, report['input_shape']))}), batch {report['batch']}, {report['threads']} thread",
+        f"### {report['model']} ({'x'.join(map(str, report['input_shape']))}), batch {report['batch']}, {report['threads']} thread"
+        + (", float weights on float kernels" if report["float_weights_off_kernel"] else ""),
         "",
         f"Spearman BOPs vs measured {report['spearman_bops_vs_measured']:.2f}, "
         f"latency model vs measured {report['spearman_model_vs_measured']:.2f}; median |error| of the latency model "
@@ -172,6 +173,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per measurement (median)")
     parser.add_argument("--resnet-input", type=int, nargs=3, default=[3, 64, 64])
+    parser.add_argument(
+        "--float-weights-off-kernel", action="store_true",
+        help="export (and model) with the weights of layers onnxruntime runs on float kernels stored as float32",
+    )
     parser.add_argument("--fresh", action="store_true", help="measure every table again, in a temporary cache")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
@@ -180,7 +185,10 @@ def main() -> None:
         os.environ["AUTOPRUNE_CACHE"] = tempfile.mkdtemp(prefix="bench-latency-")
     reports = []
     for name in args.models:
-        report = bench_model(name, resnet_input=tuple(args.resnet_input), mixed=args.mixed, seed=args.seed, repeats=args.repeats)
+        report = bench_model(
+            name, resnet_input=tuple(args.resnet_input), mixed=args.mixed, seed=args.seed, repeats=args.repeats,
+            float_weights=args.float_weights_off_kernel,
+        )
         print(markdown(report), flush=True)
         reports.append(report)
     if args.out:

