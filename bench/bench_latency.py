@@ -127,7 +127,7 @@ def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, se
         rows.append({
             "policy": label, "bops": result.cost(shape).total.bops, "onnx_ms": check.measured_ms, "model_ms": check.model_ms,
             "error": check.relative_error, "integer_layers": sum(k in INTEGER_KERNELS for k in check.kernels.values()),
-            "layers": len(check.kernels),
+            "layers": len(compressible_layers(result.model)),
         })
     table_seconds = time.perf_counter() - start
     bops, measured, predicted = ([r[k] for r in rows] for k in ("bops", "onnx_ms", "model_ms"))
