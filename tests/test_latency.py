@@ -182,7 +182,7 @@ def test_search_for_accuracy_and_latency_on_mnist1d(tmp_path) -> None:
     )
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = autoprune(
-        tmp_path, "search", "--dataset", "mnist1d", "--model", "mnist1d_cnn", "--epochs", "1", "--objectives", "accuracy_latency",
+        tmp_path, "search", "--dataset", "mnist1d", "--model", "mnist1d_cnn", "--epochs", "1", "--val-samples", "256", "--objectives", "accuracy_latency",
         "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--no-ladder", "--no-priors", "--study", "s", "--storage", storage,
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "--quiet",
     )
