@@ -1,12 +1,13 @@
 """Does the cost model, and does the latency model, rank compressed models as onnxruntime runs them?
 
-For each model, a set of policies (float, uniform W8A8 and W4A4, keep 0.5, keep 0.5 at W8A8, and ``--mixed``
-seeded per-layer mixes of keep ratio, weight and activation bits) is compressed without data (weights on the
+For each model, a set of policies (float, uniform W8A8 on the mid-tread grid (int8 weights: onnxruntime's integer
+kernels) and on the default mid-rise grid (int16 weights), W4A4, keep 0.5, keep 0.5 at W8A8, and ``--mixed``
+seeded per-layer mixes of keep ratio, weight and activation bits and grid) is compressed without data (weights on the
 quantizer's grid, activation ranges calibrated on random inputs: a time does not depend on the values),
 exported by the QDQ path and timed whole on onnxruntime (the median of ``--repeats`` runs per batch, one intra-op
 thread, CPU time of the calling thread, as the latency model times its layers); the latency
 model (``autoprune.deploy.latency``) predicts the same model from its per-layer table. The float model is also
-timed in PyTorch (one thread). Reported: one row per policy (BOPs, measured ms, model ms, error), the Spearman correlation of
+timed in PyTorch (one thread). Reported: one row per policy (BOPs, measured ms, model ms, error, layers on integer kernels), the Spearman correlation of
 BOPs against the measured latency and of the latency model against it, and the latency model's median relative
 error (target: within 15%).
 
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from autoprune.deploy.latency import LATENCY_BATCH, LatencyModel, random_calibrated  # noqa: E402
+from autoprune.deploy.verify import INTEGER_KERNELS  # noqa: E402
 from autoprune.models import build_model, compressible_layers  # noqa: E402
 from autoprune.policy import Policy  # noqa: E402
 
@@ -54,12 +56,16 @@ def model_of(name: str, resnet_input: tuple[int, int, int]) -> tuple[nn.Module, 
 
 
 def policies(model: nn.Module, *, mixed: int, seed: int) -> dict[str, dict[str, Any]]:
+    # W8A8 on a mid-tread grid (clip_uniform) stores int8 weights, which onnxruntime's integer kernels take; the
+    # default mid-rise grid needs 9 bits at 8 (int16 weights, float kernels)
+    tread = {"kind": "clip_uniform"}
     fixed: dict[str, dict[str, Any]] = {
         "float": {"input_bits": 32},
-        "W8A8": {"layers": {"_default": {"w_bits": 8, "a_bits": 8}}},
+        "W8A8": {"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "quantizer": tread},
+        "W8A8 midrise": {"layers": {"_default": {"w_bits": 8, "a_bits": 8}}},
         "W4A4": {"layers": {"_default": {"w_bits": 4, "a_bits": 4}}},
         "keep 0.5": {"layers": {"_default": {"keep_ratio": 0.5}}, "input_bits": 32},
-        "keep 0.5 W8A8": {"layers": {"_default": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8}}},
+        "keep 0.5 W8A8": {"layers": {"_default": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8}}, "quantizer": tread},
     }
     rng = random.Random(seed)
     names = list(compressible_layers(model))
@@ -71,7 +77,7 @@ def policies(model: nn.Module, *, mixed: int, seed: int) -> dict[str, dict[str, 
             n: {"keep_ratio": 1.0 if n == names[-1] else keep, "w_bits": rng.choice([2, 4, 6, 8, 32]), "a_bits": rng.choice([4, 8, 32])}
             for n in names
         }
-        fixed[f"mixed {index}"] = {"layers": layers, "input_bits": rng.choice([8, 32])}
+        fixed[f"mixed {index}"] = {"layers": layers, "input_bits": rng.choice([8, 32]), "quantizer": rng.choice([tread, {"kind": "midrise"}])}
     return fixed
 
 
@@ -110,9 +116,9 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, seed: int, repeats: int) -> dict[str, Any]:
+def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, seed: int, repeats: int, float_weights: bool = False) -> dict[str, Any]:
     model, shape = model_of(name, resnet_input)
-    latency = LatencyModel(model, input_shape=shape, repeats=repeats)
+    latency = LatencyModel(model, input_shape=shape, repeats=repeats, float_weights_off_kernel=float_weights)
     start = time.perf_counter()
     rows = []
     for label, spec in policies(model, mixed=mixed, seed=seed).items():
@@ -120,13 +126,14 @@ def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, se
         check = latency.check(result)
         rows.append({
             "policy": label, "bops": result.cost(shape).total.bops, "onnx_ms": check.measured_ms, "model_ms": check.model_ms,
-            "error": check.relative_error,
+            "error": check.relative_error, "integer_layers": sum(k in INTEGER_KERNELS for k in check.kernels.values()),
+            "layers": len(compressible_layers(result.model)),
         })
     table_seconds = time.perf_counter() - start
     bops, measured, predicted = ([r[k] for r in rows] for k in ("bops", "onnx_ms", "model_ms"))
     by_label = {r["policy"]: r for r in rows}
     return {
-        "model": name, "input_shape": list(shape), "batch": LATENCY_BATCH, "threads": latency.threads, "rows": rows,
+        "model": name, "float_weights_off_kernel": float_weights, "input_shape": list(shape), "batch": LATENCY_BATCH, "threads": latency.threads, "rows": rows,
         "torch_float_ms": torch_ms(model, shape, repeats=repeats),
         "spearman_bops_vs_measured": spearman(bops, measured),
         "spearman_model_vs_measured": spearman(predicted, measured),
@@ -138,19 +145,24 @@ def bench_model(name: str, *, resnet_input: tuple[int, int, int], mixed: int, se
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"### {report['model']} ({'x'.join(map(str, report['input_shape']))}), batch {report['batch']}, {report['threads']} thread",
+        f"### {report['model']} ({'x'.join(map(str, report['input_shape']))}), batch {report['batch']}, {report['threads']} thread"
+        + (", float weights on float kernels" if report["float_weights_off_kernel"] else ""),
         "",
         f"Spearman BOPs vs measured {report['spearman_bops_vs_measured']:.2f}, "
         f"latency model vs measured {report['spearman_model_vs_measured']:.2f}; median |error| of the latency model "
         f"{100 * report['median_abs_error']:.1f}%.",
         "",
-        "| policy | BOPs | onnxruntime ms (measured) | latency model ms | error |",
-        "|---|---|---|---|---|",
+        "| policy | BOPs | onnxruntime ms (measured) | latency model ms | error | integer kernels |",
+        "|---|---|---|---|---|---|",
     ]
     float_bops = report["rows"][0]["bops"]
-    lines.append(f"| float, PyTorch | {float_bops:.3g} | {report['torch_float_ms']:.3f} (PyTorch) | - | - |")
+    lines.append(f"| float, PyTorch | {float_bops:.3g} | {report['torch_float_ms']:.3f} (PyTorch) | - | - | - |")
     for r in report["rows"]:
-        lines.append(f"| {r['policy']} | {r['bops']:.3g} | {r['onnx_ms']:.3f} | {r['model_ms']:.3f} | {100 * r['error']:+.1f}% |")
+        lines.append(
+            f"| {r['policy']} | {r['bops']:.3g} | {r['onnx_ms']:.3f} | {r['model_ms']:.3f} | {100 * r['error']:+.1f}% "
+            f"| {r['integer_layers']}/{r['layers']} |"
+        )
+    lines.append(f"\nW8A8 (clip_uniform) measured faster than the float model on onnxruntime: {report['w8a8_faster_than_float_onnx']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +173,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per measurement (median)")
     parser.add_argument("--resnet-input", type=int, nargs=3, default=[3, 64, 64])
+    parser.add_argument(
+        "--float-weights-off-kernel", action="store_true",
+        help="export (and model) with the weights of layers onnxruntime runs on float kernels stored as float32",
+    )
     parser.add_argument("--fresh", action="store_true", help="measure every table again, in a temporary cache")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
@@ -169,7 +185,10 @@ def main() -> None:
         os.environ["AUTOPRUNE_CACHE"] = tempfile.mkdtemp(prefix="bench-latency-")
     reports = []
     for name in args.models:
-        report = bench_model(name, resnet_input=tuple(args.resnet_input), mixed=args.mixed, seed=args.seed, repeats=args.repeats)
+        report = bench_model(
+            name, resnet_input=tuple(args.resnet_input), mixed=args.mixed, seed=args.seed, repeats=args.repeats,
+            float_weights=args.float_weights_off_kernel,
+        )
         print(markdown(report), flush=True)
         reports.append(report)
     if args.out:

@@ -31,6 +31,76 @@ def _latency(tmp_path, **kwargs: object) -> LatencyModel:
     return LatencyModel(_model(), input_shape=SHAPE, batch_size=8, warmup=1, repeats=3, path=tmp_path / "latency.json", **kwargs)
 
 
+class _Residual(nn.Module):
+    """conv0 -> conv1 read by one layer alone; conv1's output also feeds a residual add, conv2's goes to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv1d(2, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.conv1, self.bn1 = nn.Conv1d(8, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.conv2, self.bn2 = nn.Conv1d(8, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.pool, self.fc = nn.MaxPool1d(2), nn.Linear(8 * 12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(torch.relu(self.bn0(self.conv0(x))))
+        h = torch.relu(self.bn1(self.conv1(h)))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        return self.fc(torch.flatten(h, 1))
+
+
+def test_a_w8a8_layer_file_runs_on_an_integer_kernel_exactly_when_the_whole_model_does(tmp_path) -> None:
+    from autoprune.deploy.latency import write_layer_file
+    from autoprune.deploy.onnx_export import export_onnx
+    from autoprune.deploy.verify import INTEGER_KERNELS, runtime_kernels
+
+    torch.manual_seed(0)
+    latency = LatencyModel(_Residual().eval(), input_shape=SHAPE, batch_size=8, path=tmp_path / "latency.json")
+    policy = Policy.model_validate({"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "quantizer": {"kind": "clip_uniform"}, "finetune_steps": 0})
+    w8a8 = random_calibrated(latency.base_model, policy, SHAPE)
+    export_onnx(w8a8, tmp_path / "whole.onnx", input_shape=SHAPE)
+    whole = runtime_kernels(tmp_path / "whole.onnx")
+    alone = {}
+    for name, point in latency.points(w8a8).items():
+        write_layer_file(point, tmp_path / f"{name}.onnx")
+        alone[name] = runtime_kernels(tmp_path / f"{name}.onnx")["0"]
+    # conv0 ends in conv1's QuantizeLinear (across BN, ReLU, MaxPool): QLinearConv; conv1 also feeds the add and
+    # conv2 ends in it: float; the last linear layer: QGemm
+    assert {n: k in INTEGER_KERNELS for n, k in whole.items()} == {"conv0": True, "conv1": False, "conv2": False, "fc": True}
+    assert {n: k in INTEGER_KERNELS for n, k in alone.items()} == {n: k in INTEGER_KERNELS for n, k in whole.items()}, (whole, alone)
+
+
+def test_weights_before_float_kernels_stored_in_float_give_the_same_logits_and_kernels(tmp_path) -> None:
+    import numpy as np
+
+    from autoprune.deploy.onnx_export import export_onnx
+    from autoprune.deploy.verify import runtime_kernels, run_onnx
+
+    torch.manual_seed(0)
+    policy = Policy.model_validate({"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "quantizer": {"kind": "clip_uniform"}, "finetune_steps": 0})
+    w8a8 = random_calibrated(_Residual().eval(), policy, SHAPE)
+    levels = export_onnx(w8a8, tmp_path / "levels.onnx", input_shape=SHAPE)
+    floats = export_onnx(w8a8, tmp_path / "floats.onnx", input_shape=SHAPE, float_weights_off_kernel=True)
+    # conv1 and conv2 run on float kernels (they feed or end in the residual add): their weights are float32 values
+    assert {n: r.weights_dequantized for n, r in floats.layers.items()} == {"conv0": False, "conv1": True, "conv2": True, "fc": False}
+    assert not any(r.weights_dequantized for r in levels.layers.values())
+    assert runtime_kernels(tmp_path / "floats.onnx") == runtime_kernels(tmp_path / "levels.onnx")
+    x = torch.randn(16, *SHAPE).numpy()
+    np.testing.assert_array_equal(run_onnx(tmp_path / "floats.onnx", x), run_onnx(tmp_path / "levels.onnx", x))
+
+
+def test_the_rest_of_a_uniform_policy_is_measured_on_its_own_grid(tmp_path) -> None:
+    latency = _latency(tmp_path)
+    uniform = {"layers": {"_default": {"w_bits": 8, "a_bits": 8}}, "finetune_steps": 0}
+    tread = random_calibrated(latency.base_model, Policy.model_validate({**uniform, "quantizer": {"kind": "clip_uniform"}}), SHAPE)
+    rise = random_calibrated(latency.base_model, Policy.model_validate(uniform), SHAPE)
+    estimates = [latency.estimate(tread), latency.estimate(rise)]
+    # int8 weights (mid-tread) run on integer kernels, int16 ones (mid-rise at 8 bits) do not: each uniform
+    # policy is its own base model, whose estimate is its whole-model time
+    wholes = sorted(v for k, v in latency.table.models.items() if k.split(":")[1] == "int8")
+    assert len(wholes) == 2
+    assert sorted(max(e.overhead_ms, e.total_ms) for e in estimates) == pytest.approx([max(estimates[0].overhead_ms, w) for w in wholes])
+
+
 def test_points_are_measured_once_then_read_from_the_table_on_disk(tmp_path) -> None:
     latency = _latency(tmp_path)
     w4 = random_calibrated(latency.base_model, _policy(w_bits=4, a_bits=4), SHAPE)
@@ -105,12 +175,14 @@ def test_search_for_accuracy_and_latency_on_mnist1d(tmp_path) -> None:
     from optuna.trial import TrialState
 
     (tmp_path / "space.yaml").write_text(
-        "layers:\n  _default:\n    keep_ratio: {choices: [0.5, 1.0]}\n    w_bits: {choices: [4, 8]}\n    a_bits: {choices: [4, 8]}\n"
-        "policy:\n  finetune_steps: 5\n"
+        # bits fixed at W8A8 on int8 weights (integer kernels): the trials share the base model's 8-bit points,
+        # and few one-layer files are measured
+        "layers:\n  _default:\n    keep_ratio: {choices: [0.5, 1.0]}\n    w_bits: 8\n    a_bits: 8\n"
+        "policy:\n  finetune_steps: 2\n  quantizer: clip_uniform\n"
     )
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = autoprune(
-        tmp_path, "search", "--dataset", "mnist1d", "--model", "mnist1d_cnn", "--epochs", "1", "--objectives", "accuracy_latency",
+        tmp_path, "search", "--dataset", "mnist1d", "--model", "mnist1d_cnn", "--epochs", "1", "--val-samples", "256", "--objectives", "accuracy_latency",
         "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--no-ladder", "--no-priors", "--study", "s", "--storage", storage,
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "--quiet",
     )

@@ -7,14 +7,17 @@ A compressed model's latency is predicted as
 
 - ``t(layer)``: the time per batch (``time_session``: CPU time with one thread), the fastest median of ``BLOCKS``
   blocks of runs, the points measured together taking turns of a one-layer model exported by the same QDQ path as a whole model
-  (``export_onnx``: the layer's weight storage, its input's QuantizeLinear / Clip / DequantizeLinear), for the
+  (``export_onnx``: the layer's weight storage, its input's QuantizeLinear / Clip / DequantizeLinear) with what
+  follows the layer in the model (the BN folded into it, the ReLU, the reading layer's QuantizeLinear as its
+  output: onnxruntime fuses a layer into its integer kernel only with it there), for the
   layer's pruned shape, its weight and activation bits, the sign of what it reads and the weight quantizer kind
   (which sets the weight storage). One point is measured the first time a search or an export needs it, never
   before, and kept in the table.
 - ``overhead``: one ``session.run`` of a one-node graph: every one-layer time holds it once, a model holds it once.
-- ``rest``: what is not a Conv / Gemm layer (BatchNorm, ReLU, pooling, adds, reshapes), the float base model's
-  whole-model time less the sum of its float layers, scaled by the output elements of the layers against the
-  base model's (pruning shrinks the feature maps these operators read).
+- ``rest``: what is not a Conv / Gemm layer (BatchNorm, ReLU, pooling, adds, reshapes): per activation storage
+  and weight grid, the base model's whole-model time with every layer at that storage on that grid less the
+  sum of its layers, shared among the layers reading that storage by their input elements against the base
+  model's (pruning shrinks the feature maps these operators read).
 
 The table is a JSON file under the cache root (``latency/<key>.json``), keyed by this machine's CPU, the
 onnxruntime version, the intra-op threads and the batch size: the same layers on another machine are measured
@@ -23,6 +26,7 @@ again. Unstructured weight sparsity and feature masks do not change a dense runt
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -34,20 +38,24 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from autoprune.bits import FLOAT_ACT_BITS, FLOAT_BITS
 from autoprune.compress import CompressionResult, attach_act_quantizers, static_compress
+from autoprune.deploy.graph import LayerOutput, layer_outputs
 from autoprune.deps import require
 from autoprune.errors import AutopruneError
 from autoprune.files import cache_root, write_atomic
 from autoprune.models import compressible_layers, probing
 from autoprune.policy import LayerPolicy, Policy, parse_model
 from autoprune.quant import ACT_QUANT
+from autoprune.quant.uniform import is_midrise
 
-TABLE_VERSION = 1
+# 2: a point carries what follows its layer (BN, ReLU, the reader's QuantizeLinear)
+TABLE_VERSION = 2
 # One batch size for every latency the product reports, so that the rows of a report compare.
 LATENCY_BATCH = 64
 LATENCY_THREADS = 1
@@ -78,23 +86,28 @@ class LayerPoint(_Frozen):
     a_bits: int = Field(ge=1, le=FLOAT_BITS)
     signed: bool = Field(description="the layer reads signed values (the network input, a linear bottleneck)")
     quantizer: str = Field(description="the weight quantizer's config as JSON, or '' for a float layer")
+    batchnorm: bool = Field(False, description="a BatchNorm follows, folded by the export into the layer")
+    relu: bool = Field(False, description="a ReLU follows before the next layer's input")
+    output_bits: int | None = Field(None, ge=1, le=16, description="the QuantizeLinear of the layer reading this one's output")
+    output_signed: bool = False
 
     @property
     def key(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def float_point(self) -> "LayerPoint":
-        return self.model_copy(update={"w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS, "quantizer": ""})
+        return self.model_copy(update={"w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS, "quantizer": "", "output_bits": None, "output_signed": False})
 
 
 class LatencyTable(_Frozen):
     """The times measured on one machine, milliseconds per batch of ``batch_size``."""
 
-    version: Literal[1] = TABLE_VERSION
+    version: Literal[2] = TABLE_VERSION
     machine: str
     onnxruntime: str
     threads: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    float_weights_off_kernel: bool = Field(False, description="files exported with export_onnx(float_weights_off_kernel=True)")
     overhead_ms: float | None = None
     layers: dict[str, float] = Field(default_factory=dict, description="LayerPoint.key -> ms")
     models: dict[str, float] = Field(default_factory=dict, description="a float model's architecture digest -> whole-model ms")
@@ -125,6 +138,7 @@ class LatencyCheck(_Frozen):
     model_ms: float
     measured_ms: float
     relative_error: float = Field(description="(model - measured) / measured")
+    kernels: dict[str, str] = Field(default_factory=dict, description="the operator onnxruntime runs each layer of the whole model with")
 
 
 def machine_name() -> str:
@@ -140,9 +154,10 @@ def machine_name() -> str:
     return f"{name or 'unknown cpu'} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def table_path(*, batch_size: int, threads: int) -> Path:
+def table_path(*, batch_size: int, threads: int, float_weights_off_kernel: bool = False) -> Path:
     ort = require("onnxruntime")
-    key = hashlib.sha256(f"{machine_name()}|{ort.__version__}|{threads}|{batch_size}".encode()).hexdigest()[:16]
+    form = "|float-off-kernel" if float_weights_off_kernel else ""
+    key = hashlib.sha256(f"{machine_name()}|{ort.__version__}|{threads}|{batch_size}{form}".encode()).hexdigest()[:16]
     return cache_root() / "latency" / f"{key}.json"
 
 
@@ -180,8 +195,29 @@ def _sample(shape: tuple[int, ...], *, signed: bool, seed: int = 0) -> torch.Ten
     return x if signed else x.relu()
 
 
-def _layer_points(model: nn.Module, input_shape: tuple[int, ...], *, w_bits: dict[str, int], a_bits: dict[str, int], quantizer: str) -> tuple[dict[str, LayerPoint], int]:
-    """Each layer that runs, as a point, and the output elements of all of them per sample."""
+def layer_context(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, LayerOutput]:
+    """What follows each layer in the graph the export traces (the float model's: structure only)."""
+    from autoprune.deploy.onnx_export import DEFAULT_OPSET, _layer_node, _trace
+
+    graph = _trace(copy.deepcopy(model).cpu().eval(), input_shape=input_shape, opset=DEFAULT_OPSET).graph  # type: ignore[arg-type]
+    nodes = {name: graph.node[_layer_node(graph, f"{name}.weight")] for name in compressible_layers(model)}
+    return layer_outputs(graph, nodes)
+
+
+def _reader_quantize(point: LayerPoint | None) -> tuple[int | None, bool]:
+    """The QuantizeLinear a layer reading ``point``'s input puts on it: its bits and sign, or None (float, or
+    the signed mid-rise grid, computed op for op)."""
+    if point is None or point.a_bits >= FLOAT_BITS or is_midrise(bits=point.a_bits, signed=point.signed):
+        return None, False
+    return point.a_bits, point.signed
+
+
+def _layer_points(
+    model: nn.Module, input_shape: tuple[int, ...], *, w_bits: dict[str, int], a_bits: dict[str, int], quantizer: str,
+    context: dict[str, LayerOutput] | None = None,
+) -> tuple[dict[str, LayerPoint], int]:
+    """Each layer that runs, as a point (with what follows it in ``context``), and the output elements of all of
+    them per sample."""
     layers = compressible_layers(model)
     seen: dict[str, tuple[tuple[int, ...], int, bool]] = {}
 
@@ -213,6 +249,10 @@ def _layer_points(model: nn.Module, input_shape: tuple[int, ...], *, w_bits: dic
                 kernel=tuple(layer.kernel_size), stride=tuple(layer.stride), dilation=tuple(layer.dilation), groups=layer.groups,
                 padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding), **common,
             )
+    for name, after in (context or {}).items():
+        if name in points:
+            bits, signed = _reader_quantize(points.get(after.reader) if after.reader else None)
+            points[name] = points[name].model_copy(update={"batchnorm": after.batchnorm, "relu": after.relu, "output_bits": bits, "output_signed": signed})
     return points, sum(elements for _, elements, _ in seen.values())
 
 
@@ -231,9 +271,12 @@ def _input_elements(points: dict[str, LayerPoint]) -> dict[str, int]:
     return {name: math.prod(p.in_shape) for name, p in points.items()}
 
 
-def _uniform_policy(model: nn.Module, bits: int) -> Policy:
+def _uniform_policy(model: nn.Module, bits: int, quantizer: str) -> Policy:
     every = LayerPolicy(w_bits=bits, a_bits=bits).model_dump()
-    return Policy.model_validate({"layers": dict.fromkeys(compressible_layers(model), every), "input_bits": bits, "finetune_steps": 0})
+    spec: dict[str, Any] = {"layers": dict.fromkeys(compressible_layers(model), every), "input_bits": bits, "finetune_steps": 0}
+    if quantizer:
+        spec["quantizer"] = json.loads(quantizer)
+    return Policy.model_validate(spec)
 
 
 def random_calibrated(model: nn.Module, policy: Policy, input_shape: tuple[int, ...]) -> CompressionResult:
@@ -256,6 +299,8 @@ def random_calibrated(model: nn.Module, policy: Policy, input_shape: tuple[int, 
 
 
 def _one_layer(point: LayerPoint) -> nn.Module:
+    """The layer with the BatchNorm and ReLU that follow it in the model (the export folds the BN as it folds the
+    whole model's, its per-channel scales and bias deciding the kernel)."""
     # a Linear reads its features last (tokens before them); a convolution its channels first
     channels = point.in_shape[-1] if point.op == "linear" else point.in_shape[0]
     if point.op == "linear":
@@ -263,7 +308,34 @@ def _one_layer(point: LayerPoint) -> nn.Module:
     else:
         conv = nn.Conv1d if point.op == "conv1d" else nn.Conv2d
         layer = conv(channels, point.out_channels, point.kernel, stride=point.stride, padding=point.padding, dilation=point.dilation, groups=point.groups, bias=point.bias)
-    return nn.Sequential(layer)
+    after: list[nn.Module] = []
+    if point.batchnorm:
+        after.append((nn.BatchNorm2d if point.op == "conv2d" else nn.BatchNorm1d)(point.out_channels))
+    if point.relu:
+        after.append(nn.ReLU())
+    return nn.Sequential(layer, *after).eval()
+
+
+def _end_in_quantize(path: Path, *, bits: int, signed: bool) -> None:
+    """The one-layer file's output quantized as the reading layer quantizes it, the graph's output its integers:
+    onnxruntime fuses a DequantizeLinear -> Conv / Gemm -> QuantizeLinear into an integer kernel only with the
+    QuantizeLinear there, as the whole model has it (the scale does not change the time)."""
+    onnx = require("onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    model = onnx.load(str(path))
+    graph = model.graph
+    storage = f"{'' if signed else 'u'}int{8 if bits <= 8 else 16}"
+    output = graph.output[0]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(0.05, dtype=np.float32), "output_scale"),
+        numpy_helper.from_array(np.array(0, dtype=storage), "output_zero_point"),
+    ])
+    for node in graph.node:
+        node.output[:] = ["output_float" if o == output.name else o for o in node.output]
+    graph.node.append(helper.make_node("QuantizeLinear", ["output_float", "output_scale", "output_zero_point"], [output.name], name="output_quantize"))
+    output.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(storage))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
 
 
 def _compressed_layer(point: LayerPoint) -> CompressionResult:
@@ -285,8 +357,26 @@ def _compressed_layer(point: LayerPoint) -> CompressionResult:
     return result
 
 
+def write_layer_file(point: LayerPoint, path: Path, *, float_weights_off_kernel: bool = False) -> None:
+    """The one-layer ONNX file timed for ``point``: exported by the whole model's path, ending in the reading
+    layer's QuantizeLinear where the model has one."""
+    from autoprune.deploy.onnx_export import export_onnx
+
+    export_onnx(_compressed_layer(point), path, input_shape=point.in_shape)  # type: ignore[arg-type]
+    if point.output_bits is not None:
+        _end_in_quantize(path, bits=point.output_bits, signed=point.output_signed)
+    if float_weights_off_kernel:
+        from autoprune.deploy.graph import dequantize_weights
+        from autoprune.deploy.verify import INTEGER_KERNELS, runtime_kernels
+
+        onnx = require("onnx")
+        model = onnx.load(str(path))
+        dequantize_weights(model.graph, [n for n, k in runtime_kernels(path).items() if k not in INTEGER_KERNELS])
+        onnx.save(model, str(path))
+
+
 def _identity(table: LatencyTable) -> tuple[Any, ...]:
-    return table.machine, table.onnxruntime, table.threads, table.batch_size
+    return table.machine, table.onnxruntime, table.threads, table.batch_size, table.float_weights_off_kernel
 
 
 class LatencyModel:
@@ -294,8 +384,10 @@ class LatencyModel:
 
     def __init__(
         self, base_model: nn.Module, *, input_shape: tuple[int, ...], batch_size: int = LATENCY_BATCH, threads: int = LATENCY_THREADS,
-        warmup: int = WARMUP, repeats: int = REPEATS, path: str | Path | None = None,
+        warmup: int = WARMUP, repeats: int = REPEATS, path: str | Path | None = None, float_weights_off_kernel: bool = False,
     ) -> None:
+        """``float_weights_off_kernel``: the model deployed is exported with
+        ``export_onnx(..., float_weights_off_kernel=True)`` (its own table)."""
         ort = require("onnxruntime")
         require("onnx")
         if batch_size < 1 or threads < 1 or repeats < 1 or warmup < 0:
@@ -303,13 +395,24 @@ class LatencyModel:
         self.base_model = base_model
         self.input_shape = tuple(input_shape)
         self.batch_size, self.threads, self.warmup, self.repeats = batch_size, threads, warmup, repeats
-        self.path = Path(path) if path is not None else table_path(batch_size=batch_size, threads=threads)
-        empty = LatencyTable(machine=machine_name(), onnxruntime=ort.__version__, threads=threads, batch_size=batch_size)
+        self.float_weights_off_kernel = float_weights_off_kernel
+        self.path = Path(path) if path is not None else table_path(batch_size=batch_size, threads=threads, float_weights_off_kernel=float_weights_off_kernel)
+        empty = LatencyTable(
+            machine=machine_name(), onnxruntime=ort.__version__, threads=threads, batch_size=batch_size, float_weights_off_kernel=float_weights_off_kernel,
+        )
         self.table = self._read() or empty
         if _identity(self.table) != _identity(empty):
             self.table = empty
         # the base model's rest per storage, once per process (it compresses the base model to find its layers)
-        self._rests: dict[str, tuple[float, dict[str, int]]] = {}
+        self._rests: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+        self._context: dict[str, LayerOutput] | None = None
+
+    @property
+    def context(self) -> dict[str, LayerOutput]:
+        """What follows each layer of the base model (pruning and bits keep the graph's structure)."""
+        if self._context is None:
+            self._context = layer_context(self.base_model, self.input_shape)
+        return self._context
 
     def _read(self) -> LatencyTable | None:
         if not self.path.is_file():
@@ -352,13 +455,11 @@ class LatencyModel:
         return self.table.overhead_ms
 
     def _measure_layers(self, points: dict[str, LayerPoint], folder: Path) -> int:
-        from autoprune.deploy.onnx_export import export_onnx
-
         missing = {p.key: p for p in points.values() if p.key not in self.table.layers}
         files = []
         for index, (key, point) in enumerate(sorted(missing.items())):
             path = folder / f"layer_{index}.onnx"
-            export_onnx(_compressed_layer(point), path, input_shape=point.in_shape)  # type: ignore[arg-type]
+            write_layer_file(point, path, float_weights_off_kernel=self.float_weights_off_kernel)
             files.append((path, point.in_shape, point.signed))
         measured = dict(zip(sorted(missing), self._time_all(files)))
         if measured:
@@ -369,38 +470,50 @@ class LatencyModel:
         from autoprune.deploy.onnx_export import export_onnx
 
         path = folder / f"{name}.onnx"
-        export_onnx(result, path, input_shape=self.input_shape)  # type: ignore[arg-type]
+        export_onnx(result, path, input_shape=self.input_shape, float_weights_off_kernel=self.float_weights_off_kernel)  # type: ignore[arg-type]
         return self._time(path, self.input_shape)
 
-    def _rest(self, storage: Storage, folder: Path) -> tuple[float, dict[str, int], int]:
-        """The base model's rest with every layer reading ``storage`` (its whole time less its layers), each
-        layer's input elements per sample, and how many points that measured."""
-        if storage in self._rests:
-            return (*self._rests[storage], 0)
+    def _rest(self, storage: Storage, quantizer: str, folder: Path) -> tuple[float, dict[str, int], int]:
+        """The base model's rest with every layer reading ``storage`` and its weights on ``quantizer``'s grid
+        (its whole time less its layers), each layer's input elements per sample, and how many points that
+        measured. The grid matters: at 8 bits a mid-tread grid's int8 weights let onnxruntime fuse the operators
+        around a layer into its integer kernel (a uniform W8A8 MNIST-1D CNN: 0.33 ms whole), where the mid-rise
+        grid's int16 weights leave them running (2.97 ms whole, 1.7 ms of it outside the layers)."""
+        quantizer = "" if storage == "float" else quantizer
+        if (storage, quantizer) in self._rests:
+            return (*self._rests[storage, quantizer], 0)
         bits = STORAGE_BITS[storage]
-        policy = _uniform_policy(self.base_model, bits)
+        policy = _uniform_policy(self.base_model, bits, quantizer)
         base = random_calibrated(self.base_model, policy, self.input_shape)
-        points, _ = _layer_points(base.model, self.input_shape, w_bits=dict.fromkeys(base.layers, bits), a_bits=dict(base.act_bits), quantizer=policy.quantizer.model_dump_json())
+        points, _ = _layer_points(
+            base.model, self.input_shape, w_bits=dict.fromkeys(base.layers, bits), a_bits=dict(base.act_bits),
+            quantizer=policy.quantizer.model_dump_json(), context=self.context,
+        )
         measured = self._measure_layers(points, folder)
-        key = f"{architecture_digest(self.base_model, self.input_shape)}:{storage}"
+        grid = f":{hashlib.sha256(quantizer.encode()).hexdigest()[:8]}" if quantizer else ""
+        key = f"{architecture_digest(self.base_model, self.input_shape)}:{storage}{grid}"
         if key not in self.table.models:
             self.table = self.table.model_copy(update={"models": {**self.table.models, key: self._whole(base, folder, "base")}})
             measured += 1
         overhead = self._overhead(folder)
         layers = sum(self.table.layers[p.key] - overhead for p in points.values())
-        self._rests[storage] = (self.table.models[key] - overhead - layers, _input_elements(points))
-        return (*self._rests[storage], measured)
+        self._rests[storage, quantizer] = (self.table.models[key] - overhead - layers, _input_elements(points))
+        return (*self._rests[storage, quantizer], measured)
 
     def float_base(self) -> CompressionResult:
         """The base model as a float CompressionResult (no layer quantized, the input float)."""
         return static_compress(self.base_model, Policy(input_bits=FLOAT_BITS), input_shape=self.input_shape)  # type: ignore[arg-type]
 
+    def points(self, result: CompressionResult) -> dict[str, LayerPoint]:
+        """Each layer of ``result`` as the point the table times it by."""
+        w_bits = {name: lp.w_bits for name, lp in result.layers.items()}
+        quantizer = result.policy.quantizer.model_dump_json()
+        return _layer_points(result.model, self.input_shape, w_bits=w_bits, a_bits=dict(result.act_bits), quantizer=quantizer, context=self.context)[0]
+
     def estimate(self, result: CompressionResult) -> LatencyEstimate:
         """The predicted milliseconds per batch of ``result``'s exported model; the points it lacks are measured
         (and the table written) first."""
-        w_bits = {name: lp.w_bits for name, lp in result.layers.items()}
-        quantizer = result.policy.quantizer.model_dump_json()
-        points, _ = _layer_points(result.model, self.input_shape, w_bits=w_bits, a_bits=dict(result.act_bits), quantizer=quantizer)
+        points = self.points(result)
         elements = _input_elements(points)
         measured = 0
         rest_ms = 0.0
@@ -408,7 +521,7 @@ class LatencyModel:
             folder = Path(tmp)
             overhead = self._overhead(folder)
             for storage in sorted({_storage(p.a_bits) for p in points.values()}):
-                rest, base_elements, new = self._rest(storage, folder)
+                rest, base_elements, new = self._rest(storage, result.policy.quantizer.model_dump_json(), folder)
                 measured += new
                 # the rest is shared among the layers by the features they read, and shrinks with them
                 total = sum(base_elements.values())
@@ -422,15 +535,18 @@ class LatencyModel:
     def check(self, result: CompressionResult) -> LatencyCheck:
         """The estimate beside a whole-model run of ``result`` exported, timed the same way."""
         model_ms = self.estimate(result).total_ms
+        from autoprune.deploy.verify import runtime_kernels
+
         with tempfile.TemporaryDirectory(prefix="autoprune-latency-") as tmp:
             measured_ms = self._whole(result, Path(tmp), "model")
+            kernels = runtime_kernels(Path(tmp) / "model.onnx")
         return LatencyCheck(
             batch_size=self.batch_size, threads=self.threads, model_ms=model_ms, measured_ms=measured_ms,
-            relative_error=(model_ms - measured_ms) / measured_ms,
+            relative_error=(model_ms - measured_ms) / measured_ms, kernels=kernels,
         )
 
 
 __all__ = [
     "LatencyModel", "LatencyTable", "LatencyEstimate", "LatencyCheck", "LayerPoint", "table_path", "machine_name",
-    "time_session", "architecture_digest", "random_calibrated", "LATENCY_BATCH", "LATENCY_THREADS",
+    "time_session", "architecture_digest", "random_calibrated", "write_layer_file", "layer_context", "LATENCY_BATCH", "LATENCY_THREADS",
 ]

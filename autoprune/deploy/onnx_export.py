@@ -42,7 +42,7 @@ from torch import nn
 
 from autoprune.bits import FLOAT_BITS
 from autoprune.compress import CompressionResult
-from autoprune.deploy.graph import GraphCleanup, clean_graph
+from autoprune.deploy.graph import GraphCleanup, clean_graph, dequantize_weights
 from autoprune.deploy.levels import WeightLevels, layer_levels
 from autoprune.deps import require
 from autoprune.errors import AutopruneError
@@ -86,6 +86,9 @@ class LayerQdq(BaseModel):
     batchnorm_folded: bool = False
     bias_in_layer: bool = True
     """False: the bias is an Add after the layer (see ``autoprune.deploy.graph``)."""
+    weights_dequantized: bool = False
+    """True: onnxruntime runs the layer on a float kernel and the file stores its weights as float32 values
+    (``export_onnx(..., float_weights_off_kernel=True)``)."""
 
     @property
     def integer_candidate(self) -> bool:
@@ -126,8 +129,16 @@ def float_copy(result: CompressionResult) -> nn.Module:
     return model
 
 
-def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET) -> OnnxExport:
-    """Write the compressed model as ONNX with QDQ nodes; the file passes ``onnx.checker`` (full check)."""
+def export_onnx(
+    result: CompressionResult, path: str | Path, *, input_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET,
+    float_weights_off_kernel: bool = False,
+) -> OnnxExport:
+    """Write the compressed model as ONNX with QDQ nodes; the file passes ``onnx.checker`` (full check).
+
+    ``float_weights_off_kernel``: the layers onnxruntime runs on float kernels (asked of onnxruntime on the
+    written graph, ``runtime_kernels``) store their weights as float32 values, the same numbers, which it then
+    prepacks instead of dequantizing them on every run (``autoprune.deploy.graph.dequantize_weights``); the
+    integer levels stay in the packed file."""
     onnx = require("onnx")
     if not DEFAULT_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise AutopruneError("opset", opset, f"must be in {DEFAULT_OPSET}..{onnx.defs.onnx_opset_version()} (16-bit QDQ needs 21)")
@@ -154,6 +165,14 @@ def export_onnx(result: CompressionResult, path: str | Path, *, input_shape: tup
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save(graph_model, str(tmp))
+        if float_weights_off_kernel:
+            from autoprune.deploy.verify import INTEGER_KERNELS, runtime_kernels
+
+            kernels = runtime_kernels(tmp)
+            done = dequantize_weights(graph_model.graph, [n for n, k in kernels.items() if k not in INTEGER_KERNELS])
+            records = {n: r.model_copy(update={"weights_dequantized": True}) if n in done else r for n, r in records.items()}
+            onnx.checker.check_model(graph_model, full_check=True)
+            onnx.save(graph_model, str(tmp))
     return OnnxExport(path, opset, INPUT_NAME, OUTPUT_NAME, records, path.stat().st_size, cleanup)
 
 
