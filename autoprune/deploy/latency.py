@@ -197,10 +197,11 @@ def _sample(shape: tuple[int, ...], *, signed: bool, seed: int = 0) -> torch.Ten
 
 def layer_context(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, LayerOutput]:
     """What follows each layer in the graph the export traces (the float model's: structure only)."""
-    from autoprune.deploy.onnx_export import DEFAULT_OPSET, _layer_node, _trace
+    from autoprune.deploy.onnx_export import DEFAULT_OPSET, _layer_nodes, _trace
 
     graph = _trace(copy.deepcopy(model).cpu().eval(), input_shape=input_shape, opset=DEFAULT_OPSET).graph  # type: ignore[arg-type]
-    nodes = {name: graph.node[_layer_node(graph, f"{name}.weight")] for name in compressible_layers(model)}
+    # a layer called at every step (a recurrent gate) is followed by what follows its first call
+    nodes = {name: graph.node[_layer_nodes(graph, f"{name}.weight")[0]] for name in compressible_layers(model)}
     return layer_outputs(graph, nodes)
 
 
