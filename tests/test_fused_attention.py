@@ -21,11 +21,11 @@ from autoprune.models.convert import SelfAttention, convert_model
 class TimmAttention(nn.Module):
     """timm.layers.attention.Attention (1.0), without its q / k norms and gate."""
 
-    def __init__(self, dim: int, num_heads: int, *, scale: float | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int, *, scale: float | None = None, qkv_bias: bool = True) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = scale or self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
         self.attn_drop = nn.Dropout(0.0)
         self.proj = nn.Linear(dim, dim)
@@ -38,7 +38,7 @@ class TimmAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, **kwargs: float) -> None:
+    def __init__(self, **kwargs: float | bool) -> None:
         super().__init__()
         self.attn = TimmAttention(8, 2, **kwargs)
         self.fc = nn.Linear(8, 3)
@@ -47,9 +47,10 @@ class Block(nn.Module):
         return self.fc(self.attn(x).mean(1))
 
 
-def test_fused_qkv_attention_converts_to_heads_equal_in_float() -> None:
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_fused_qkv_attention_converts_to_heads_equal_in_float(qkv_bias: bool) -> None:
     torch.manual_seed(0)
-    block = Block().eval()
+    block = Block(qkv_bias=qkv_bias).eval()
     converted = convert_model(copy.deepcopy(block))
     assert isinstance(converted.attn, SelfAttention) and converted.attn.num_heads == 2
     x = torch.randn(3, 5, 8)
