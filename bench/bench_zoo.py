@@ -49,7 +49,6 @@ SEARCH_SPACE = {
     "layers": {"_default": {"keep_ratio": {"low": 0.25, "high": 1.0, "step": 0.25}, "w_bits": {"low": 2, "high": 8}, "a_bits": {"low": 4, "high": 8}}},
     "policy": {"finetune_steps": 0, "calibration_batches": 1, "batch_size": 8},
 }
-NEEDS_CORE = "needs attention/recurrent support (issue 23 core)"
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,6 @@ class ZooCase:
     reference_macs: float | None = None
     tokens: int | None = None
     """Vocabulary size of a model reading token ids (its inputs are random ids, given as floats)."""
-    needs_core: bool = False
-    """Attention, recurrent layers or embeddings: the core helper's part of issue 23."""
 
 
 @dataclass
@@ -102,7 +99,6 @@ def torchvision_module() -> Any:
 # Reduced inputs: a ViT's position embedding fixes its input; swin and maxvit need their window grid.
 _TV_NATIVE = {"inception_v3": 299}
 _TV_KEEP_NATIVE = ("vit_", "swin", "maxvit")
-_TV_CORE = ("vit_", "swin", "maxvit")
 
 
 def torchvision_cases() -> list[ZooCase]:
@@ -116,20 +112,27 @@ def torchvision_cases() -> list[ZooCase]:
         build = (lambda classes, name=name: tv.models.get_model(name, num_classes=classes, **({"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {})))
         cases.append(ZooCase(
             name=name, family="torchvision", build=build, native=(3, size, size), reduced=(3, reduced, reduced),
-            reference_macs=None if reference is None else reference * 1e9, needs_core=name.startswith(_TV_CORE),
+            reference_macs=None if reference is None else reference * 1e9,
         ))
     return cases
 
 
 # timm models of our choice: attention, LayerNorm, squeeze-excite, hard-swish, grouped convolutions.
 _TIMM = {
-    "mobilenetv3_small_050": ("squeeze-excite, hard-swish", 224, 32, False),
-    "regnetx_002": ("grouped convolutions", 224, 32, False),
-    "convnext_atto": ("LayerNorm, depthwise, layer scale", 224, 32, False),
-    "efficientnet_b0": ("squeeze-excite, SiLU", 224, 32, False),
-    "resnext26ts": ("grouped convolutions, SiLU", 256, 64, False),
-    "efficientvit_b0": ("linear attention, hard-swish", 224, 64, False),
-    "deit_tiny_patch16_224": ("attention, LayerNorm, class token", 224, 224, True),
+    "mobilenetv3_small_050": ("squeeze-excite, hard-swish", 224, 32),
+    "regnetx_002": ("grouped convolutions", 224, 32),
+    "convnext_atto": ("LayerNorm, depthwise, layer scale", 224, 32),
+    "efficientnet_b0": ("squeeze-excite, SiLU", 224, 32),
+    "resnext26ts": ("grouped convolutions, SiLU", 256, 64),
+    "efficientvit_b0": ("linear attention, hard-swish", 224, 64),
+    "deit_tiny_patch16_224": ("attention, LayerNorm, class token", 224, 224),
+}
+
+
+# DeiT-tiny by formula (timm publishes none): the patch embedding (196 x 768 x 192), per block of 197 tokens q / k /
+# v / proj (4 x 192 x 192), the MLP (2 x 192 x 768) and the products QK^T and AV (2 x 197 x 192), the 1000-class head.
+_TIMM_REFERENCE = {
+    "deit_tiny_patch16_224": 196 * 768 * 192 + 12 * 197 * (4 * 192 * 192 + 2 * 192 * 768 + 2 * 197 * 192) + 192 * REFERENCE_CLASSES,
 }
 
 
@@ -139,8 +142,8 @@ def timm_cases() -> list[ZooCase]:
 
     return [
         ZooCase(name=f"timm:{name}", family="timm", build=lambda classes, name=name: timm.create_model(name, pretrained=False, num_classes=classes),
-                native=(3, native, native), reduced=(3, reduced, reduced), needs_core=core)
-        for name, (_covers, native, reduced, core) in _TIMM.items()
+                native=(3, native, native), reduced=(3, reduced, reduced), reference_macs=_TIMM_REFERENCE.get(name))
+        for name, (_covers, native, reduced) in _TIMM.items()
     ]
 
 
@@ -157,6 +160,7 @@ class TokenClassifier(nn.Module):
 
 
 def _bert(classes: int) -> nn.Module:
+    torchvision_module()  # transformers imports torchvision where it is installed: autoprune's op fallback first
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -165,6 +169,7 @@ def _bert(classes: int) -> nn.Module:
 
 
 def _gpt2(classes: int) -> nn.Module:
+    torchvision_module()
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32, num_labels=classes, pad_token_id=0,
@@ -174,8 +179,8 @@ def _gpt2(classes: int) -> nn.Module:
 
 def huggingface_cases() -> list[ZooCase]:
     return [
-        ZooCase(name="hf:bert", family="huggingface", build=_bert, native=(16,), reduced=(16,), tokens=100, needs_core=True),
-        ZooCase(name="hf:gpt2", family="huggingface", build=_gpt2, native=(16,), reduced=(16,), tokens=100, needs_core=True),
+        ZooCase(name="hf:bert", family="huggingface", build=_bert, native=(16,), reduced=(16,), tokens=100),
+        ZooCase(name="hf:gpt2", family="huggingface", build=_gpt2, native=(16,), reduced=(16,), tokens=100),
     ]
 
 
@@ -210,10 +215,10 @@ def sequence_cases() -> list[ZooCase]:
     # GRU: 3 gates of (1 + 32) x 32 at 40 steps, plus the 1000-class head: 3 * 33 * 32 * 40 + 32,000 MACs.
     return [
         ZooCase(name="gru", family="sequence", build=lambda classes: Recurrent(nn.GRU, classes), native=(1, 40), reduced=(1, 40),
-                reference_macs=3 * 33 * 32 * 40 + 32 * REFERENCE_CLASSES, needs_core=True),
+                reference_macs=3 * 33 * 32 * 40 + 32 * REFERENCE_CLASSES),
         ZooCase(name="lstm", family="sequence", build=lambda classes: Recurrent(nn.LSTM, classes), native=(1, 40), reduced=(1, 40),
-                reference_macs=4 * 33 * 32 * 40 + 32 * REFERENCE_CLASSES, needs_core=True),
-        ZooCase(name="transformer_encoder", family="sequence", build=Encoder, native=(1, 40), reduced=(1, 40), needs_core=True),
+                reference_macs=4 * 33 * 32 * 40 + 32 * REFERENCE_CLASSES),
+        ZooCase(name="transformer_encoder", family="sequence", build=Encoder, native=(1, 40), reduced=(1, 40)),
     ]
 
 

@@ -247,3 +247,18 @@ def test_heads_are_pruned_whole_and_replayed_from_the_saved_record(tmp_path) -> 
         assert torch.equal(result.model(x), loaded.model(x))
     with pytest.raises(AutopruneError, match="share their heads"):
         autoprune.apply(_Tokens(), {"finetune_steps": 0, "layers": {"attn.q_proj": {"keep_ratio": 0.5}}}, task=task)
+
+
+def test_the_default_space_samples_a_head_keep_ratio_that_prunes_whole_heads() -> None:
+    import autoprune
+    from autoprune.search.space import SpaceSpec
+    from autoprune.specs import shipped
+
+    space = SpaceSpec.load(shipped("search_spaces", "default")).bind(convert_model(_Tokens()), input_shape=(5, 8))
+    name = "group:attn.q_proj.keep_ratio"
+    assert name in space.dimensions(), "one keep ratio for the q / k / v of the attention's 2 heads"
+    params = {n: (dim.choices[-1] if dim.choices else dim.high) for n, dim in space.dimensions().items()} | {name: 0.5}
+    policy = space.policy(params)
+    assert {policy.layers[f"attn.{p}_proj"].keep_ratio for p in "qkv"} == {0.5}
+    result = autoprune.apply(_Tokens(), policy.to_dict() | {"finetune_steps": 0}, task=_token_task())
+    assert result.model.attn.num_heads == 1 and result.model.attn.k_proj.weight.shape == (4, 8)

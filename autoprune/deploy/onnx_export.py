@@ -212,7 +212,21 @@ def _trace(model: nn.Module, *, input_shape: tuple[int, int, int], opset: int) -
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-    return onnx.version_converter.convert_version(onnx.load_from_string(buffer.getvalue()), opset)
+    traced = onnx.version_converter.convert_version(onnx.load_from_string(buffer.getvalue()), opset)
+    _unshare_initializers(traced.graph)
+    return traced
+
+
+def _unshare_initializers(graph: Any) -> None:
+    """Give every parameter its own initializer again. The exporter keeps one of several equal tensors (the
+    cloned layers of an nn.TransformerEncoder start equal) and names the others by Identity nodes reading it;
+    each layer's weight must be an initializer of its own name for its QDQ nodes to replace it."""
+    numpy_helper = require("onnx").numpy_helper
+    initializers = {init.name: init for init in graph.initializer}
+    aliases = [node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers]
+    for node in aliases:
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]), node.output[0]))
+        graph.node.remove(node)
 
 
 def _int_storage(bits: int) -> str:

@@ -17,6 +17,10 @@ activations is a ``MatMul`` module:
   cost model see its T steps. The price is a Python loop over the steps, slower than the fused kernel and
   fine at the sequence lengths autoprune searches.
 
+- timm's ``Attention`` (one packed ``qkv`` Linear reshaped into heads, then ``proj``) -> ``SelfAttention``, an
+  ``Attention`` called as timm calls it; checked equal on a random input at conversion, refused by name if not.
+- Hugging Face's ``Conv1D`` (GPT-2's Linear with a transposed weight, applied by ``addmm``) -> ``nn.Linear``.
+
 What cannot be converted is refused by name (``AutopruneError``): an LSTM with ``proj_size``, an attention
 with ``add_bias_kv`` or ``add_zero_attn``, a packed sequence.
 """
@@ -295,8 +299,88 @@ class Recurrent(nn.Module):
         return x, ((h_n, c_n) if lstm else h_n)
 
 
+class SelfAttention(Attention):
+    """A fused-qkv self-attention (timm's ``Attention``: one Linear ``qkv`` writing q, k and v of every head,
+    read by a reshape into heads, then ``proj``) as an ``Attention``, called as timm calls it: ``forward(x,
+    attn_mask=None, is_causal=False)`` returning the output alone. Split so that heads prune whole: pruned
+    as one Linear, ``qkv``'s rows would no longer reshape into three equal sets of heads."""
+
+    @classmethod
+    def from_fused(cls, module: nn.Module, *, name: str = "") -> "SelfAttention":
+        qkv, proj = module.qkv, module.proj
+        attention = cls(embed_dim=qkv.in_features, num_heads=module.num_heads, bias=qkv.bias is not None,
+                        dropout=getattr(getattr(module, "attn_drop", None), "p", 0.0), batch_first=True)
+        # timm's qkv and proj take their biases apart (qkv_bias=False, proj_bias=True by default)
+        attention.out_proj = nn.Linear(proj.in_features, proj.out_features, bias=proj.bias is not None)
+        with torch.no_grad():
+            for proj_i, weight in zip((attention.q_proj, attention.k_proj, attention.v_proj), qkv.weight.detach().split(qkv.in_features)):
+                proj_i.weight.copy_(weight)
+            if qkv.bias is not None:
+                for proj_i, b in zip((attention.q_proj, attention.k_proj, attention.v_proj), qkv.bias.detach().split(qkv.in_features)):
+                    proj_i.bias.copy_(b)
+            attention.out_proj.weight.copy_(proj.weight)
+            if proj.bias is not None:
+                attention.out_proj.bias.copy_(proj.bias)
+        attention = attention.to(qkv.weight.device, qkv.weight.dtype).train(module.training)
+        _check_equal(module, attention, name=name, width=qkv.in_features)
+        return attention
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:  # type: ignore[override]
+        # scaled_dot_product_attention's boolean mask says which positions take part; nn.MultiheadAttention's which do not
+        mask = ~attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else attn_mask
+        return super().forward(x, x, x, need_weights=False, attn_mask=mask, is_causal=is_causal)[0]
+
+
+def _fused_qkv(module: nn.Module) -> bool:
+    """A self-attention of one packed ``qkv`` Linear (3 x dim rows, every head's q, k, v) and a ``proj``
+    Linear, nothing else weighted in between (no q / k norm, no gate): timm's ``Attention`` and its copies."""
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+        return False
+    passive = all(isinstance(getattr(module, attr, None), (nn.Identity, type(None))) for attr in ("q_norm", "k_norm", "norm", "gate"))
+    return passive and qkv.out_features == 3 * qkv.in_features == 3 * proj.in_features and qkv.in_features % heads == 0
+
+
+def _check_equal(original: nn.Module, attention: nn.Module, *, name: str, width: int) -> None:
+    """A module converted by its shape alone must compute what it did: refused by name where it does not."""
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0)).to(attention.out_proj.weight)
+    modes = (original.training, attention.training)
+    original.eval(), attention.eval()
+    try:
+        with torch.no_grad():
+            expected, got = original(x), attention(x)
+        equal = isinstance(expected, torch.Tensor) and expected.shape == got.shape and torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+    except Exception:  # noqa: BLE001 - a module that cannot be called on tokens alone is no plain self-attention
+        equal = False
+    finally:
+        original.train(modes[0]), attention.train(modes[1])
+    if not equal:
+        raise AutopruneError(f"model.{name}", type(original).__name__, "has a packed qkv Linear but does not compute plain self-attention: it cannot be split into heads (convert it to nn.MultiheadAttention)")
+
+
+def _transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed (in x out), applied by addmm."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int) \
+        and tuple(module.weight.shape) == (module.nx, module.nf)
+
+
+def linear_from_transposed(module: nn.Module) -> nn.Linear:
+    """The nn.Linear computing a transposed-weight linear layer (``x @ W + b`` with W of in x out)."""
+    linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.detach().t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear.to(module.weight.device, module.weight.dtype).train(module.training)
+
+
 CONVERTIBLE = (nn.MultiheadAttention, nn.RNNBase)
 CONVERTED = (Attention, Recurrent)
+
+
+def convertible(module: nn.Module) -> bool:
+    """A layer ``convert_module`` rewrites: attention, recurrent, a fused-qkv attention, a transposed Linear."""
+    return isinstance(module, CONVERTIBLE) or _fused_qkv(module) or _transposed_linear(module)
 
 
 def product_sites(model: nn.Module) -> dict[str, str | None]:
@@ -314,11 +398,15 @@ def convert_module(module: nn.Module, *, name: str = "") -> nn.Module:
         return Attention.from_module(module, name=name)
     if isinstance(module, nn.RNNBase):
         return Recurrent.from_module(module, name=name)
+    if _fused_qkv(module):
+        return SelfAttention.from_fused(module, name=name)
+    if _transposed_linear(module):
+        return linear_from_transposed(module)
     raise AutopruneError(f"model.{name}", type(module).__name__, "has no Linear-layer equivalent")
 
 
 def needs_conversion(model: nn.Module) -> bool:
-    return any(isinstance(m, CONVERTIBLE) for m in model.modules())
+    return any(convertible(m) for m in model.modules())
 
 
 def converted(model: nn.Module) -> nn.Module:
@@ -330,13 +418,15 @@ def converted(model: nn.Module) -> nn.Module:
 
 
 def convert_model(model: nn.Module) -> nn.Module:
-    """Replace, in place, every ``nn.MultiheadAttention`` / GRU / LSTM / RNN by its Linear-layer equivalent
-    (same name, so ``encoder.attn`` becomes ``encoder.attn`` with ``q_proj`` ... children); returns ``model``."""
-    if isinstance(model, CONVERTIBLE):
+    """Replace, in place, every ``nn.MultiheadAttention`` / GRU / LSTM / RNN, fused-qkv attention and
+    transposed Linear by its Linear-layer equivalent (same name, so ``encoder.attn`` becomes ``encoder.attn``
+    with ``q_proj`` ... children); returns ``model``."""
+    if convertible(model):
         return convert_module(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, CONVERTIBLE):
+        if convertible(module):
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name)
             setattr(owner, attr, convert_module(module, name=name))
     return model
+

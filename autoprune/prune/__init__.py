@@ -13,6 +13,7 @@ from autoprune.prune.structured import (
     PruneRequest,
     StructuredRecord,
     channel_groups,
+    searched_groups,
     dependency_graph,
     groups_in_graph,
     keep_count,
@@ -31,5 +32,5 @@ __all__ = [
     "ChannelGroup", "LayerPruning", "PrunePlan", "PruneRequest", "StructuredRecord", "channel_groups", "fold_batchnorm",
     "dependency_graph", "groups_in_graph", "pinned_in_graph", "pinned_widths",
     "keep_count", "prune_structured", "FeatureMask", "FeatureMasker", "WeightMasker", "attach_feature_mask",
-    "keep_largest", "sparsity_at", "pruner", "register_pruner", "replay_structured",
+    "keep_largest", "sparsity_at", "pruner", "register_pruner", "replay_structured", "searched_groups",
 ]

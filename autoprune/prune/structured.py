@@ -325,6 +325,19 @@ def head_groups(model: nn.Module) -> dict[str, tuple[str, str, str]]:
     }
 
 
+def searched_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """The groups a search samples one keep ratio for: the channel groups, then per attention of two heads or
+    more its q / k / v as one group of ``num_heads`` channels, whose keep ratio is a head keep ratio
+    (``prune_structured`` keeps whole heads)."""
+    groups = channel_groups(model, example_input=example_input)
+    grouped = {layer for group in groups for layer in group.layers}
+    heads = [
+        ChannelGroup(name=names[0], layers=names, channels=model.get_submodule(attention).num_heads)
+        for attention, names in head_groups(model).items() if not grouped.intersection(names)
+    ]
+    return groups + heads
+
+
 def _split_head_ratios(model: nn.Module, keep: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """The head keep ratio of each attention named (its q / k / v agree), and the other layers' ratios."""
     heads: dict[str, float] = {}

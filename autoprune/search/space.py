@@ -330,14 +330,14 @@ class SearchSpace:
         import torch
 
         from autoprune.models import compressible_layers, input_readers
-        from autoprune.prune import channel_groups
+        from autoprune.prune import searched_groups
 
         self.spec = spec
         self.layer_names = list(compressible_layers(model))
         self.pinned = self._resolve_pins()
         check_layer_keys(self.spec.layers, self.layer_names, field="space.layers")
         example = torch.zeros(1, *input_shape)
-        self.groups = [g for g in channel_groups(model, example_input=example)]
+        self.groups = searched_groups(model, example_input=example)
         # A layer reading the network input gets the policy's input_bits: its a_bits and f_sparsity would
         # be parameters that change nothing, so they are not searched.
         self.input_readers = input_readers(model, input_shape=input_shape)
