@@ -131,3 +131,38 @@ def test_a_layer_scale_reshaped_for_the_channels_leaves_them_prunable() -> None:
     assert pinned_widths(model, example_input=X) == {}
     result = static_compress(model, HALF, input_shape=(3, 8, 8))
     assert (result.model.conv1.out_channels, result.model.gamma.numel(), result.model.conv2.in_channels) == (4, 4, 4)
+
+
+class HandAttention(nn.Module):
+    """Attention written by hand, as Hugging Face's BERT is: q, k and v each reshaped into heads of 4 features
+    (``view(n, length, -1, 4)``), then a feed-forward block whose hidden width is free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(5))
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        x = self.embed(x)
+        q, k, v = (proj(x).view(n, length, -1, 4).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        attended = (q @ k.transpose(-2, -1) / 2.0).softmax(-1) @ v
+        x = x + self.out(attended.transpose(1, 2).reshape(n, length, -1))
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_a_linear_reshaped_into_heads_is_pinned_and_the_mlp_stays_prunable() -> None:
+    torch.manual_seed(0)
+    model = HandAttention()
+    tokens = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    pinned = pinned_widths(model, example_input=tokens)
+    assert set(pinned) == {"q", "k", "v"}
+    assert "the output of q is reshaped into heads" in pinned["q"]
+    assert ("fc1",) in [g.layers for g in channel_groups(model, example_input=tokens)]
+    # Removed channel by channel, 6 of q's 8 features would not reshape into heads of 4: the forward pass would fail.
+    three_quarters = Policy(layers={"_default": {"keep_ratio": 0.75, "w_bits": 4, "a_bits": 4}})
+    result = static_compress(model, three_quarters, input_shape=(5, 8))
+    assert (result.model.q.out_features, result.model.k.out_features, result.model.v.out_features, result.model.fc1.out_features) == (8, 8, 8, 12)
+    assert set(result.pinned) >= {"q", "k", "v"} and result.model(tokens).shape == (2, 4)

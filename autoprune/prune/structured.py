@@ -199,7 +199,11 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     try:
         with torch.enable_grad(), opaque():
             pinned = {kind: _Pinned() for kind in CONVERTED}
-            return tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False, customized_pruners=pinned)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=traced_input, verbose=False, customized_pruners=pinned)
+            model.eval()
+            with torch.no_grad():
+                graph.head_splits = _head_splits(model, traced_input.detach())
+            return graph
     except AutopruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever Torch-Pruning fails on, the widths are kept and it is said why
@@ -207,6 +211,51 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
         return UntracedGraph(f"Torch-Pruning cannot trace the model's channel dependencies ({type(exc).__name__}: {detail})")
     finally:
         model.train(was_training)
+
+
+_VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten}
+
+
+class _SplitWatch(torch.overrides.TorchFunctionMode):
+    """Sees every view / reshape of a Linear's output that splits its last dimension (its features) into
+    several, as an attention written by hand splits q / k / v into heads."""
+
+    def __init__(self, outputs: Mapping[int, str]) -> None:
+        super().__init__()
+        self.outputs, self.split = outputs, set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if func in _VIEWS and isinstance(source, torch.Tensor) and id(source) in self.outputs and isinstance(result, torch.Tensor) \
+                and result.dim() > source.dim() and result.shape[-1] < source.shape[-1]:
+            self.split.add(self.outputs[id(source)])
+        return result
+
+
+def _head_splits(model: nn.Module, example_input: torch.Tensor) -> set[str]:
+    """The Linear layers whose output the forward pass reshapes into heads (``q.view(n, length, -1, head_dim)``).
+    Torch-Pruning removes such a layer's channels one by one, leaving a width the reshape cannot split (a failed
+    trial): their widths are pinned instead."""
+    outputs: dict[int, str] = {}
+    keep_alive: list[torch.Tensor] = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() >= 3:
+                outputs[id(output)] = name
+                keep_alive.append(output)  # an id stays this tensor's while the forward pass runs
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    watch = _SplitWatch(outputs)
+    try:
+        with watch:
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return watch.split
 
 
 def _grouped(module: nn.Module) -> bool:
@@ -257,6 +306,9 @@ def _scan(model: nn.Module, graph: tp.DependencyGraph) -> tuple[list[ChannelGrou
         if channels is None or channels < 2:
             continue
         reason = _pin_reason(graph, group, names)
+        split = next((layer for layer in layers if layer in getattr(graph, "head_splits", ())), None)
+        if split is not None:
+            reason = f"the output of {split} is reshaped into heads, which Torch-Pruning's channel-by-channel removal would leave unequal"
         if reason is not None:
             pinned.update({layer: reason for layer in layers})
             continue
