@@ -12,7 +12,8 @@ ratio for them could do nothing.
 Channels Torch-Pruning cannot remove consistently are *pinned* instead: their groups are not listed, and
 ``pinned_in_graph`` says why per layer. Those are the channels that reach a grouped convolution (not a depthwise
 one) or a GroupNorm of several channels per group (Torch-Pruning cannot keep the groups equal), the channels a
-reshape other than a flatten hands to a convolution (a channel shuffle, which it maps as a flatten), and every
+reshape other than a flatten hands to a convolution (a channel shuffle, which it maps as a flatten), the
+features of a Linear whose output is reshaped into heads (Hugging Face BERT's query / key / value), and every
 layer of a model whose graph Torch-Pruning fails to build or to group (shufflenet_v2).
 
 A pruner is a function registered for a pruner config class (``register_pruner(SignalNorm)``, configs in
