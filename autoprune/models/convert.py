@@ -19,6 +19,9 @@ activations is a ``MatMul`` module:
 
 - timm's ``Attention`` (one packed ``qkv`` Linear reshaped into heads, then ``proj``) -> ``SelfAttention``, an
   ``Attention`` called as timm calls it; checked equal on a random input at conversion, refused by name if not.
+- Hugging Face BERT's ``BertAttention`` (and its copies; encoders only) -> ``EncoderAttention``: ``query``,
+  ``key``, ``value`` and ``output.dense`` as ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, its LayerNorm as
+  ``norm``; checked equal on a random input at conversion, refused by name if not.
 - Hugging Face's ``Conv1D`` (GPT-2's Linear with a transposed weight, applied by ``addmm``) -> ``nn.Linear``.
 
 What cannot be converted is refused by name (``AutopruneError``): an LSTM with ``proj_size``, an attention
@@ -341,21 +344,77 @@ def _fused_qkv(module: nn.Module) -> bool:
     return passive and qkv.out_features == 3 * qkv.in_features == 3 * proj.in_features and qkv.in_features % heads == 0
 
 
-def _check_equal(original: nn.Module, attention: nn.Module, *, name: str, width: int) -> None:
-    """A module converted by its shape alone must compute what it did: refused by name where it does not."""
+_NOT_PLAIN = "has a packed qkv Linear but does not compute plain self-attention: it cannot be split into heads (convert it to nn.MultiheadAttention)"
+
+
+def _check_equal(original: nn.Module, attention: nn.Module, *, name: str, width: int, pairs: bool = False, why: str = _NOT_PLAIN) -> None:
+    """A module converted by its shape alone must compute what it did: refused by name where it does not.
+    ``pairs``: both return ``(output, weights)``, as Hugging Face's attention blocks do."""
     x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0)).to(attention.out_proj.weight)
     modes = (original.training, attention.training)
     original.eval(), attention.eval()
     try:
         with torch.no_grad():
             expected, got = original(x), attention(x)
+        if pairs:
+            expected, got = expected[0], got[0]
         equal = isinstance(expected, torch.Tensor) and expected.shape == got.shape and torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
     except Exception:  # noqa: BLE001 - a module that cannot be called on tokens alone is no plain self-attention
         equal = False
     finally:
         original.train(modes[0]), attention.train(modes[1])
     if not equal:
-        raise AutopruneError(f"model.{name}", type(original).__name__, "has a packed qkv Linear but does not compute plain self-attention: it cannot be split into heads (convert it to nn.MultiheadAttention)")
+        raise AutopruneError(f"model.{name}", type(original).__name__, why)
+
+
+class EncoderAttention(Attention):
+    """Hugging Face BERT's ``BertAttention`` (and its copies: RoBERTa, ELECTRA, ...): a self-attention of separate
+    ``query`` / ``key`` / ``value`` Linear layers viewed into heads, then ``output``: ``dense``, dropout and a
+    LayerNorm of the sum with the input. As an ``Attention`` (``dense`` its ``out_proj``) called as BERT's layer
+    calls it, returning ``(output, None)``: its heads prune whole where Torch-Pruning would remove q / k / v
+    features one by one."""
+
+    @classmethod
+    def from_bert(cls, module: nn.Module, *, name: str = "") -> "EncoderAttention":
+        inner, output = module.self, module.output
+        attention = cls(embed_dim=inner.query.in_features, num_heads=inner.num_attention_heads, bias=inner.query.bias is not None,
+                        dropout=inner.dropout.p, batch_first=True)
+        attention.out_proj = nn.Linear(output.dense.in_features, output.dense.out_features, bias=output.dense.bias is not None)
+        with torch.no_grad():
+            for mine, theirs in ((attention.q_proj, inner.query), (attention.k_proj, inner.key), (attention.v_proj, inner.value),
+                                 (attention.out_proj, output.dense)):
+                mine.weight.copy_(theirs.weight)
+                if theirs.bias is not None:
+                    mine.bias.copy_(theirs.bias)
+        attention.out_dropout, attention.norm = output.dropout, output.LayerNorm
+        attention = attention.to(inner.query.weight.device, inner.query.weight.dtype).train(module.training)
+        _check_equal(module, attention, name=name, width=inner.query.in_features, pairs=True,
+                     why="looks like BERT's self-attention but does not compute it: it cannot be converted")
+        return attention
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,  # type: ignore[override]
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                past_key_values: Any = None, **_kwargs: Any) -> tuple[torch.Tensor, None]:
+        if encoder_hidden_states is not None or past_key_values is not None:
+            raise AutopruneError("model", type(self).__name__, "a converted BERT attention takes no encoder states or key/value cache (encoders only)")
+        # Hugging Face's boolean masks say which positions take part (sdpa); nn.MultiheadAttention's which do not
+        mask = ~attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else attention_mask
+        attended = super().forward(hidden_states, hidden_states, hidden_states, need_weights=False, attn_mask=mask)[0]
+        return self.norm(self.out_dropout(attended) + hidden_states), None
+
+
+def _bert_attention(module: nn.Module) -> bool:
+    """BERT's self-attention block (not cross-attention, not a causal decoder's): ``self`` with query / key /
+    value Linear layers of equal widths, ``output`` with ``dense``, ``dropout`` and ``LayerNorm``."""
+    inner, output = getattr(module, "self", None), getattr(module, "output", None)
+    if inner is None or output is None or getattr(module, "is_cross_attention", True) or getattr(inner, "is_causal", True) \
+            or getattr(inner, "is_decoder", True):
+        return False
+    layers = [getattr(inner, attr, None) for attr in ("query", "key", "value")] + [getattr(output, "dense", None)]
+    heads = getattr(inner, "num_attention_heads", None)
+    return all(isinstance(layer, nn.Linear) and layer.in_features == layer.out_features == layers[0].in_features for layer in layers) \
+        and isinstance(heads, int) and heads > 0 and layers[0].in_features % heads == 0 and isinstance(getattr(output, "LayerNorm", None), nn.LayerNorm) \
+        and isinstance(getattr(inner, "dropout", None), nn.Dropout) and isinstance(getattr(output, "dropout", None), nn.Dropout)
 
 
 def _transposed_linear(module: nn.Module) -> bool:
@@ -380,7 +439,7 @@ CONVERTED = (Attention, Recurrent)
 
 def convertible(module: nn.Module) -> bool:
     """A layer ``convert_module`` rewrites: attention, recurrent, a fused-qkv attention, a transposed Linear."""
-    return isinstance(module, CONVERTIBLE) or _fused_qkv(module) or _transposed_linear(module)
+    return isinstance(module, CONVERTIBLE) or _fused_qkv(module) or _bert_attention(module) or _transposed_linear(module)
 
 
 def product_sites(model: nn.Module) -> dict[str, str | None]:
@@ -400,6 +459,8 @@ def convert_module(module: nn.Module, *, name: str = "") -> nn.Module:
         return Recurrent.from_module(module, name=name)
     if _fused_qkv(module):
         return SelfAttention.from_fused(module, name=name)
+    if _bert_attention(module):
+        return EncoderAttention.from_bert(module, name=name)
     if _transposed_linear(module):
         return linear_from_transposed(module)
     raise AutopruneError(f"model.{name}", type(module).__name__, "has no Linear-layer equivalent")
