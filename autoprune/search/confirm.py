@@ -14,7 +14,7 @@ import optuna
 
 from autoprune.errors import AutopruneError
 from autoprune.intervals import mean_spread
-from autoprune.search.pareto import front_trials, nondomination_ranks
+from autoprune.search.pareto import front_of_means, front_trials
 from autoprune.search.record import Confirmation, read_confirmations, read_trial, write_confirmations
 
 
@@ -48,13 +48,7 @@ def confirmed_front(study: optuna.Study, objectives: Any) -> list[tuple[optuna.t
     front = front_trials(study)
     if not front or any(t.number not in confirmations for t in front):
         return []
-    kept = [(t, confirmations[t.number]) for t in front if all(v <= 0 for v in objectives.violations(confirmations[t.number].mean))]
-    if not kept:
-        return []
-    ranks = nondomination_ranks([objectives.values(c.mean) for _, c in kept], objectives.directions)
-    front = [pair for pair, rank in zip(kept, ranks) if rank == 0]
-    first = objectives.metrics[0]
-    return sorted(front, key=lambda pair: pair[1].mean[first], reverse=objectives.directions[0] == "maximize")
+    return front_of_means([(t, confirmations[t.number]) for t in front], objectives)
 
 
 __all__ = ["confirm_front", "confirmed_front"]

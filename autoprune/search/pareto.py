@@ -73,10 +73,16 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
 def final_front(study: optuna.Study, objectives: ObjectiveSpec, finals: Mapping[int, FinalRecord] | None = None) -> list[tuple[int, FinalRecord]]:
     """The front of the finally trained points (``search.finalize``; feasible means), best first objective first."""
     finals = read_finals(study) if finals is None else finals
-    kept = [(n, f) for n, f in finals.items() if all(v <= 0 for v in objectives.violations(f.mean))]
+    return front_of_means(list(finals.items()), objectives)
+
+
+def front_of_means(pairs: list[tuple[Any, Any]], objectives: ObjectiveSpec) -> list[tuple[Any, Any]]:
+    """The nondominated feasible pairs (key, record with a ``mean`` of metrics over seeds or repeats), best first
+    objective first: the front of final training and of confirmation alike."""
+    kept = [(key, record) for key, record in pairs if all(v <= 0 for v in objectives.violations(record.mean))]
     if not kept:
         return []
-    ranks = nondomination_ranks([objectives.values(f.mean) for _, f in kept], objectives.directions)
+    ranks = nondomination_ranks([objectives.values(record.mean) for _, record in kept], objectives.directions)
     front = [pair for pair, rank in zip(kept, ranks) if rank == 0]
     first = objectives.metrics[0]
     return sorted(front, key=lambda pair: pair[1].mean[first], reverse=objectives.directions[0] == "maximize")
