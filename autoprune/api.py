@@ -46,6 +46,18 @@ Format = Literal["policy", "onnx"]
 # worker processes of one search per core of this machine, at most: more only slow every trial down (a search
 # of --jobs 1000 started 999 processes on two cores)
 JOBS_PER_CORE = 4
+NOT_REBUILDABLE = "needs a task other processes can rebuild: Task.from_model(..., reference='package.module:function')"
+
+
+def _check_jobs(jobs: int) -> None:
+    cores = os.cpu_count() or 1
+    if jobs > JOBS_PER_CORE * cores:
+        raise AutopruneError("jobs", jobs, f"is more than {JOBS_PER_CORE} processes for each of the {cores} cores of this machine (each process trains its own trials)")
+
+
+def _rebuildable(task: Task) -> bool:
+    """Whether another process can rebuild the task from its record (a built-in spec, weights, a reference)."""
+    return not task.is_user or task.record().get("reference") is not None
 
 
 class TaskArgs(Validated):
@@ -443,9 +455,8 @@ def search(
         budget_steps=budget_steps, ladder=ladder, finalize=finalize, final_steps=DEFAULT_STEPS if final_steps is None else final_steps,
         final_seeds=final_seeds,
     )
-    cores = os.cpu_count() or 1
-    if executor == "local" and jobs > JOBS_PER_CORE * cores:
-        raise AutopruneError("jobs", jobs, f"is more than {JOBS_PER_CORE} processes for each of the {cores} cores of this machine (each process trains its own trials)")
+    if executor == "local":
+        _check_jobs(jobs)
     space_spec = _spec("search_spaces", space, SpaceSpec, "space")
     objective_spec = _spec("objectives", objectives, ObjectiveSpec, "objectives")
     from autoprune.tracking.store import check_writable_store
@@ -456,8 +467,8 @@ def search(
 
         check_writable("export", export, kind="folder", replaces=EXPORT_MARKER)
     built = _on_device(task_of(task), device)
-    if (jobs > 1 or executor != "local") and built.is_user and built.record().get("reference") is None:
-        raise AutopruneError("jobs" if jobs > 1 else "executor", jobs if jobs > 1 else executor, "needs a task other processes can rebuild: Task.from_model(..., reference='package.module:function')")
+    if (jobs > 1 or executor != "local") and not _rebuildable(built):
+        raise AutopruneError("jobs" if jobs > 1 else "executor", jobs if jobs > 1 else executor, NOT_REBUILDABLE)
     if not config.priors:
         built.skip_signals(reason="priors=False (--no-priors): no S/N prior is enqueued")
     if built.is_user:
@@ -489,22 +500,27 @@ def search(
 @validated
 def finalize(
     study: StudyName, *, storage: Text | None = None, steps: PositiveInt | None = None, seeds: PositiveInt = 1, select: str = "pareto",
-    out: str | Path | None = None, tracking_uri: Text | None = None, task: Task | None = None, progress: bool | None = None, quiet: bool = False,
+    out: str | Path | None = None, tracking_uri: Text | None = None, task: Task | None = None, jobs: PositiveInt = 1,
+    progress: bool | None = None, quiet: bool = False,
 ) -> SearchResult:
     """Final training of a stored study's candidates (rung 3 of the fidelity ladder, ``search.finalize``): those
     that could be on the final front (``select="pareto"``; ``"front"``: the whole search front; or a bound), each
     continued from its fine-tuned weights by ``steps`` (default 1,500) more steps of the recipe with ``seeds``
     seeds; the front is recomputed from the final results, and ``out`` exports the trained weights (with the
-    policy; ONNX too when the deploy extra is installed). ``task``: the study's task, when this process holds it."""
+    policy; ONNX too when the deploy extra is installed). ``task``: the study's task, when this process holds it.
+    ``jobs``: candidates trained at once, each in its own process (the cores shared between them)."""
     from autoprune.files import check_writable
     from autoprune.search.ladder import DEFAULT_STEPS
     from autoprune.search.runner import run_finalize
 
+    _check_jobs(jobs)
+    if jobs > 1 and task is not None and not _rebuildable(task):
+        raise AutopruneError("jobs", jobs, NOT_REBUILDABLE)
     if out is not None:
         check_writable("out", out, kind="folder", replaces=EXPORT_MARKER)
     ctx = run_finalize(
         study_name=study, storage=storage, tracking_uri=tracking_uri, steps=DEFAULT_STEPS if steps is None else steps, seeds=seeds, select=select,
-        progress=(not quiet) if progress is None else progress, task=task,
+        progress=(not quiet) if progress is None else progress, task=task, jobs=jobs,
     )
     result = SearchResult(ctx.study, context=ctx, tracking_uri=tracking_uri)
     if not quiet:

@@ -216,7 +216,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     api.finalize(
         args.study, storage=args.storage, steps=args.steps, seeds=args.seeds, select=args.select, out=args.out, tracking_uri=args.tracking_uri,
-        progress=not args.quiet, quiet=False,
+        jobs=args.jobs, progress=not args.quiet, quiet=False,
     )
     return 0
 
@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="seeds per candidate (mean and 95%% interval reported; the best-validation seed's model is kept)")
     p.add_argument("--out", default=None, help="export the final models (weights, policies, ONNX with the deploy extra) to this folder")
     p.add_argument("--tracking-uri", default=None, help="the search's MLflow tracking URI (default ./mlruns)")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="candidates trained at once, each in its own process")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_finalize, flags=p.flags)
 

@@ -44,6 +44,10 @@ class AutopruneError(Exception):
         # the CLI renames the field to its flag after the error was raised
         return self.line()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # raised in a worker process, it crosses back pickled: rebuilt from its three parts, not from its line
+        return (type(self), (self.field, self.value, self.rule))
+
 
 class FaultError(Exception):
     """Not the input but the machine or a store failed (a full disk, a store that refused a write, a damaged

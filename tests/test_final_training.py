@@ -28,7 +28,12 @@ def two_layers(seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def task() -> Task:
-    """A teacher trained on its own labels, with a little noise in them: a student can match it, not perfectly."""
+    return teacher_task()
+
+
+def teacher_task() -> Task:
+    """A teacher's own labels as the task (importable as tests.test_final_training:teacher_task, so that
+    worker processes rebuild it)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(384, *SHAPE, generator=generator)
     teacher = two_layers()
@@ -134,3 +139,34 @@ def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_ex
         loaded = load_compressed(tmp_path / "out" / row["weights_file"], task=task)
         assert task.evaluate(loaded.model, "val") == finals[row["trial"]].kept["accuracy"]
     assert result.rows()["rung"] == "final"
+
+
+@pytest.mark.e2e
+def test_final_training_in_two_processes_trains_what_one_process_trains(tmp_path: Path) -> None:
+    import autoprune
+    from autoprune.api import finalize
+    from autoprune.search.executors import threads_per_process
+    from autoprune.search.record import read_finals, read_trial, write_finals
+    from autoprune.task import task_from_reference
+
+    task = task_from_reference("tests.test_final_training:teacher_task")
+    space = {"layers": {"_default": {"w_bits": {"choices": [2, 8]}, "a_bits": 8}}, "policy": {"finetune_steps": 12, "batch_size": 32, "calibration_batches": 2}}
+    stores = {"storage": f"sqlite:///{tmp_path / 'study.db'}", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = autoprune.search(task, space=space, trials=4, priors=False, sampler="random", ladder=False, quiet=True, **stores)
+    name = result.study.study_name
+    trials = {t.number: read_trial(t) for t in result.study.trials}
+    in_two = read_finals(finalize(name, steps=20, select="front", jobs=2, task=task, quiet=True, **stores).study)
+    assert len(in_two) >= 2, "two candidates at least, so that both processes train"
+    write_finals(result.study, {})
+    # each worker trains on one torch thread of the two cores: the same here, or float sums differ in their last bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_process(2))
+    try:
+        in_one = read_finals(finalize(name, steps=20, select="front", jobs=1, task=task, quiet=True, **stores).study)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(in_two) == set(in_one)
+    for number, final in in_one.items():
+        assert in_two[number].checksum == final.checksum, number
+        assert {m: final.mean[m] for m in ("accuracy", "full_val_accuracy", "test_accuracy", "bops")} == {m: in_two[number].mean[m] for m in ("accuracy", "full_val_accuracy", "test_accuracy", "bops")}
+        assert in_two[number].start_checksum == trials[number].checksum, "the workers replay the trial's fine-tuned weights"

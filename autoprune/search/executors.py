@@ -44,12 +44,17 @@ class InProcess:
         return loop.run_trials(ctx, deadline=deadline)
 
 
-def share_cores(processes: int) -> int:
+def threads_per_process(processes: int) -> int:
     """Torch threads per process when ``processes`` share this machine: oversubscribed cores make small
     models many times slower (measured here: 2 processes x 2 threads on 2 cores ran 15x slower per trial)."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def share_cores(processes: int) -> int:
+    """This process's torch threads set to its share of the cores (``threads_per_process``)."""
     import torch
 
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = threads_per_process(processes)
     torch.set_num_threads(threads)
     return threads
 
@@ -107,4 +112,4 @@ def executor_for(config: SearchConfig) -> Executor:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Executor", "InProcess", "Processes", "EXECUTORS", "executor_for", "share_cores", "worker_command"]
+__all__ = ["Executor", "InProcess", "Processes", "EXECUTORS", "executor_for", "threads_per_process", "share_cores", "worker_command"]

@@ -21,7 +21,9 @@ final points (with as many seeds and steps); resuming trains what is missing.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +86,16 @@ def worth_training(ctx: SearchContext, rung2: dict[str, float], finals: dict[int
 
 def finalize_study(
     ctx: SearchContext, *, steps: int = DEFAULT_STEPS, seeds: int = 1, select: str = "pareto", folder: Path,
-    progress: bool = False, on_final: Callable[[int, FinalRecord, Any], None] | None = None,
+    progress: bool = False, on_final: Callable[[int, FinalRecord, Any], None] | None = None, jobs: int = 1, storage: str | None = None,
 ) -> dict[int, FinalRecord]:
     """Train the candidates that could be on the final front further (rung 3); trial number -> its record.
 
     The kept models are saved in ``folder`` (``trial_NNNN.safetensors`` with its policy); ``on_final`` hears
-    each new record with its kept model (the tracker logs them)."""
+    each new record with its kept model (the tracker logs them). ``jobs > 1`` trains that many candidates at
+    once, each in a worker process that rebuilds the study's context from ``storage`` (the task must be one
+    another process can rebuild); a candidate is then judged worth training on the finals known when a worker
+    frees, so a few more may be trained than one process would, never fewer."""
     from tqdm.auto import tqdm
-
-    from autoprune.compress import compress, save_compressed, train_further
 
     check_final(steps=steps, seeds=seeds, select=select)
     evaluator = ctx.ensure_evaluator(progress=False)
@@ -102,48 +105,144 @@ def finalize_study(
     finals = {n: f for n, f in read_finals(ctx.study).items() if f.steps == steps and len(f.seeds) >= seeds}
     numbers = {t.number: t for t in chosen}
     pairs = [((read_trial(numbers[n]).metrics or {}), f.mean) for n, f in finals.items() if n in numbers]
+    waiting = [t for t in chosen if t.number not in finals]
+    bar = tqdm(total=len(chosen), initial=len(chosen) - len(waiting), desc="final training", unit="candidate", disable=not progress)
+    pool = _Workers(ctx, storage=storage, jobs=jobs) if jobs > 1 else _InProcess(ctx, evaluator)
+    running: dict[Future[FinalRecord], FrozenTrial] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                trial = waiting.pop(0)
+                bar.update(1)
+                if select == "pareto" and not worth_training(ctx, dict(read_trial(trial).metrics or {}), finals, pairs):
+                    continue
+                running[pool.submit(trial, steps=steps, seeds=seeds, folder=folder)] = trial
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f].number):
+                trial = running.pop(future)
+                final = future.result()
+                finals[trial.number] = final
+                pairs.append((dict(read_trial(trial).metrics or {}), final.mean))
+                write_finals(ctx.study, {**read_finals(ctx.study), trial.number: final})
+                if on_final is not None:
+                    on_final(trial.number, final, pool.kept_model(future, final))
+    finally:
+        pool.close()
+        bar.close()
+    return finals
+
+
+def train_candidate(ctx: SearchContext, evaluator: Any, trial: FrozenTrial, *, steps: int, seeds: int, folder: Path) -> tuple[FinalRecord, Any]:
+    """One candidate's rung 3: its fine-tuned model replayed, trained once per seed, the seed best on validation
+    kept and saved in ``folder``; its record and the kept ``CompressionResult``."""
+    from autoprune.compress import compress, save_compressed, train_further
+
+    record = read_trial(trial)
     name = ctx.task.metric_name
     # the samples each metric is scored on: an accuracy of one seed gets its Wilson interval over them
     samples = {name: ctx.task.scored_samples("val"), f"full_val_{name}": ctx.task.scored_samples("val", full=True), f"test_{name}": ctx.task.scored_samples("test", full=True)}
-    bar = tqdm(total=len(chosen), desc="final training", unit="candidate", disable=not progress)
-    for trial in chosen:
-        bar.update(1)
-        record = read_trial(trial)
-        if trial.number in finals:
-            continue
-        rung2 = dict(record.metrics or {})
-        if select == "pareto" and not worth_training(ctx, rung2, finals, pairs):
-            continue
-        policy = Policy.from_dict(record.policy or {})
-        start = compress(evaluator.base.model, policy, task=ctx.task)
-        start_checksum = start.checksum()
-        if record.checksum is not None and record.checksum != start_checksum:
-            print(
-                f"note: trial {trial.number}'s fine-tuned weights replay with checksum {start_checksum}, not the {record.checksum} "
-                "it recorded (another machine or thread count); final training starts from the replayed ones",
-                flush=True,
-            )
-        runs = []
-        for seed in range(policy.seed, policy.seed + seeds):
-            result = train_further(start, evaluator.base.model, task=ctx.task, steps=steps, seed=seed)
-            runs.append((seed, result, evaluator.score(result, test=True)))
-        seed, kept, kept_metrics = max(runs, key=lambda run: (run[2][name], -run[0]))
-        names = sorted(set.intersection(*(set(m) for _, _, m in runs)))
-        stats = {m: mean_spread([metrics[m] for _, _, metrics in runs]) for m in names}
-        path = save_compressed(kept, Path(folder) / f"trial_{trial.number:04d}.safetensors", task=ctx.task)
-        final = FinalRecord(
-            steps=steps, seeds=[s for s, _, _ in runs],
-            mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()},
-            interval={m: _interval([metrics[m] for _, _, metrics in runs], samples=samples[m] if ctx.task.metric_is_accuracy else None) for m in samples if m in names},
-            kept_seed=seed, kept=kept_metrics, start_checksum=start_checksum, checksum=kept.checksum(), weights=str(path),
+    policy = Policy.from_dict(record.policy or {})
+    start = compress(evaluator.base.model, policy, task=ctx.task)
+    start_checksum = start.checksum()
+    if record.checksum is not None and record.checksum != start_checksum:
+        print(
+            f"note: trial {trial.number}'s fine-tuned weights replay with checksum {start_checksum}, not the {record.checksum} "
+            "it recorded (another machine or thread count); final training starts from the replayed ones",
+            flush=True,
         )
-        finals[trial.number] = final
-        pairs.append((rung2, final.mean))
-        write_finals(ctx.study, {**read_finals(ctx.study), trial.number: final})
-        if on_final is not None:
-            on_final(trial.number, final, kept.model)
-    bar.close()
-    return finals
+    runs = []
+    for seed in range(policy.seed, policy.seed + seeds):
+        result = train_further(start, evaluator.base.model, task=ctx.task, steps=steps, seed=seed)
+        runs.append((seed, result, evaluator.score(result, test=True)))
+    seed, kept, kept_metrics = max(runs, key=lambda run: (run[2][name], -run[0]))
+    names = sorted(set.intersection(*(set(m) for _, _, m in runs)))
+    stats = {m: mean_spread([metrics[m] for _, _, metrics in runs]) for m in names}
+    path = save_compressed(kept, Path(folder) / f"trial_{trial.number:04d}.safetensors", task=ctx.task)
+    final = FinalRecord(
+        steps=steps, seeds=[s for s, _, _ in runs],
+        mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()},
+        interval={m: _interval([metrics[m] for _, _, metrics in runs], samples=samples[m] if ctx.task.metric_is_accuracy else None) for m in samples if m in names},
+        kept_seed=seed, kept=kept_metrics, start_checksum=start_checksum, checksum=kept.checksum(), weights=str(path),
+    )
+    return final, kept
+
+
+class _InProcess:
+    """Candidates trained here, one at a time: each future is done when ``submit`` returns."""
+
+    def __init__(self, ctx: SearchContext, evaluator: Any) -> None:
+        self.ctx, self.evaluator = ctx, evaluator
+        self.models: dict[int, Any] = {}
+
+    def submit(self, trial: FrozenTrial, *, steps: int, seeds: int, folder: Path) -> Future[FinalRecord]:
+        future: Future[FinalRecord] = Future()
+        final, kept = train_candidate(self.ctx, self.evaluator, trial, steps=steps, seeds=seeds, folder=folder)
+        self.models[id(future)] = kept.model
+        future.set_result(final)
+        return future
+
+    def kept_model(self, future: Future[FinalRecord], final: FinalRecord) -> Any:
+        return self.models.pop(id(future))
+
+    def close(self) -> None:
+        self.models.clear()
+
+
+class _Workers:
+    """Candidates trained in ``jobs`` spawned processes, each holding the study's context rebuilt once; the kept
+    model comes back through its file (a CompressionResult holds hooks that do not pickle)."""
+
+    def __init__(self, ctx: SearchContext, *, storage: str | None, jobs: int) -> None:
+        import multiprocessing
+
+        from autoprune.search.executors import threads_per_process
+
+        self.ctx = ctx
+        device = str(ctx.task.device)
+        self.pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(ctx.study.study_name, storage, device, threads_per_process(jobs)),
+        )
+
+    def submit(self, trial: FrozenTrial, *, steps: int, seeds: int, folder: Path) -> Future[FinalRecord]:
+        return self.pool.submit(_train_in_worker, trial.number, steps=steps, seeds=seeds, folder=str(folder))
+
+    def kept_model(self, future: Future[FinalRecord], final: FinalRecord) -> Any:
+        from autoprune.compress import load_compressed
+
+        assert final.weights is not None
+        return load_compressed(final.weights, task=self.ctx.task).model
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# a worker process's study context and evaluator, built once by the pool's initializer
+_worker_state: tuple[SearchContext, Any] | None = None
+
+
+def _start_worker(study_name: str, storage: str | None, device: str, threads: int) -> None:
+    import torch
+
+    from autoprune.search.study import context_from_study, load_study
+
+    from autoprune.processes import watch_parent
+
+    global _worker_state
+    watch_parent(os.getppid())  # a search killed outright takes its workers with it
+    torch.set_num_threads(threads)
+    ctx = context_from_study(load_study(study_name, storage), device=device)
+    _worker_state = (ctx, ctx.ensure_evaluator(progress=False))
+
+
+def _train_in_worker(number: int, *, steps: int, seeds: int, folder: str) -> FinalRecord:
+    assert _worker_state is not None, "the pool's initializer builds the worker's context"
+    ctx, evaluator = _worker_state
+    trial = next(t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number == number)
+    final, _ = train_candidate(ctx, evaluator, trial, steps=steps, seeds=seeds, folder=Path(folder))
+    return final
 
 
 def _interval(values: list[float], *, samples: int | None) -> tuple[float, float]:
@@ -172,4 +271,4 @@ def spearman(first: list[float], second: list[float]) -> float:
     return float(value)
 
 
-__all__ = ["candidates", "finalize_study", "worth_training", "spearman"]
+__all__ = ["candidates", "finalize_study", "train_candidate", "worth_training", "spearman"]

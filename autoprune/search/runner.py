@@ -30,7 +30,7 @@ from autoprune.search.progress import Reporter, open_tracker
 from autoprune.search.record import FinalRecord, write_meta
 from autoprune.search.report import final_rows, print_predicted
 from autoprune.search.space import SpaceSpec
-from autoprune.search.study import SearchConfig, SearchContext, context_from_study, load_study, prepare, record_base
+from autoprune.search.study import SearchConfig, SearchContext, context_from_study, load_study, prepare, record_base, storage_url
 from autoprune.task import Task
 
 
@@ -77,7 +77,10 @@ def run_search(config: SearchConfig, *, task: Task | None = None, space: SpaceSp
             drop_waiting(ctx.study)
         if config.finalize:
             reporter.bar.close()  # the trials are done: final training shows its own bar
-            finalize_trials(ctx, tracker, steps=config.final_steps, seeds=config.final_seeds, select=config.final_select, progress=config.progress)
+            finalize_trials(
+                ctx, tracker, steps=config.final_steps, seeds=config.final_seeds, select=config.final_select, progress=config.progress,
+                jobs=config.jobs if config.executor == "local" else 1, storage=storage_url(config.storage),
+            )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -107,7 +110,9 @@ def final_folder(study_name: str) -> Path:
     return cache_root() / "final" / "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name)
 
 
-def finalize_trials(ctx: SearchContext, tracker: Any, *, steps: int, seeds: int, select: str, progress: bool) -> dict[int, FinalRecord]:
+def finalize_trials(
+    ctx: SearchContext, tracker: Any, *, steps: int, seeds: int, select: str, progress: bool, jobs: int = 1, storage: str | None = None,
+) -> dict[int, FinalRecord]:
     """Rung 3 of the study's candidates (``search.finalize``), each final model logged in its trial's MLflow run,
     then the predicted, proxy and final fronts on one plot in the parent run."""
     from autoprune.search.finalize import finalize_study
@@ -120,7 +125,9 @@ def finalize_trials(ctx: SearchContext, tracker: Any, *, steps: int, seeds: int,
     def log(number: int, final: FinalRecord, model: Any) -> None:
         tracker.log_final(number, metrics={**final.mean, "seeds": float(len(final.seeds)), "steps": float(final.steps)}, model=model, example=example, files=[Path(final.weights)] if final.weights else [])
 
-    finals = finalize_study(ctx, steps=steps, seeds=seeds, select=select, folder=final_folder(ctx.study.study_name), progress=progress, on_final=log)
+    finals = finalize_study(
+        ctx, steps=steps, seeds=seeds, select=select, folder=final_folder(ctx.study.study_name), progress=progress, on_final=log, jobs=jobs, storage=storage,
+    )
     front = final_front(ctx.study, ctx.objectives, finals)
     tracker.log_ladder(
         predicted=ctx.meta.predicted or [], proxy=proxy_table(ctx.study), final=final_rows(ctx.study, front),
@@ -131,6 +138,7 @@ def finalize_trials(ctx: SearchContext, tracker: Any, *, steps: int, seeds: int,
 
 def run_finalize(
     *, study_name: str, storage: str | None, tracking_uri: str | None, steps: int, seeds: int, select: str, progress: bool, task: Task | None = None,
+    jobs: int = 1,
 ) -> SearchContext:
     """Final training of a stored study's candidates (``autoprune finalize``), logged in its MLflow runs."""
     from autoprune.search.ladder import check_final
@@ -141,7 +149,7 @@ def run_finalize(
     tracker = open_tracker(ctx, tracking_uri)
     status = "FAILED"
     try:
-        finalize_trials(ctx, tracker, steps=steps, seeds=seeds, select=select, progress=progress)
+        finalize_trials(ctx, tracker, steps=steps, seeds=seeds, select=select, progress=progress, jobs=jobs, storage=storage_url(storage))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
