@@ -49,8 +49,10 @@ def signed_task() -> tuple[nn.Module, Task, torch.Tensor]:
 
 
 def _check(model: nn.Module, task: Task, x: torch.Tensor, policy: dict, path: Path) -> None:
-    """Top-1 agreement >= 99.5 %; logits equal to 1e-4 (float summation order) wherever no layer runs on an
-    integer kernel, whose int32 bias and requantization round on their own (8-bit activations and weights)."""
+    """Top-1 agreement >= 99.5 %; logits equal to 1e-4 (float summation order) on 99 % of the samples wherever
+    no layer runs on an integer kernel, whose int32 bias and requantization round on their own (8-bit activations
+    and weights). Not on all: a feature that lands within float rounding of a level boundary takes the other level
+    in one runtime (1 sample of 1,024 on one CPU, none on another), where a wrong grid moves nearly every sample."""
     result = compress(model, Policy.from_dict({"finetune_steps": 0, **policy}), task=task)
     exported = export_onnx(result, path, input_shape=SHAPE)
     with torch.no_grad():
@@ -58,9 +60,9 @@ def _check(model: nn.Module, task: Task, x: torch.Tensor, policy: dict, path: Pa
     actual = onnx_session(path).run(None, {"input": x.numpy()})[0]
     assert expected.std() > 1e-3, "the logits depend on the input: the comparison can fail"
     agreement = float(np.mean(expected.argmax(1) == actual.argmax(1)))
-    diff = float(np.abs(expected - actual).max())
+    exact = float(np.mean(np.abs(expected - actual).max(1) <= 1e-4))
     integer = any(record.integer_candidate for record in exported.layers.values())
-    assert agreement >= 0.995 and (integer or diff <= 1e-4), (policy, agreement, diff)
+    assert agreement >= 0.995 and (integer or exact >= 0.99), (policy, agreement, exact)
 
 
 @pytest.mark.e2e
