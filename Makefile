@@ -8,10 +8,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: run test install browser postgres
 
-# MNIST-1D, where compression has a price (digits stays the fast task of the tests). One torch thread:
-# on two cores shared with anything else, tiny convolutions run many times slower with two.
+# MNIST-1D, where compression has a price (digits stays the fast task of the tests). Two processes of one
+# torch thread each, for the trials and then the final training: tiny convolutions run many times slower on
+# two threads than on one, and two candidates trained at once take the time of one.
 run: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/autoprune search --dataset mnist1d --model mnist1d_cnn --trials 60 --finalize --export exports/default
+	OMP_NUM_THREADS=1 $(BIN)/autoprune search --dataset mnist1d --model mnist1d_cnn --trials 60 --jobs 2 --finalize --export exports/default
 
 test: $(VENV)/.installed browser postgres
 	$(BIN)/python -m pytest -q -rs
