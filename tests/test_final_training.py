@@ -115,12 +115,17 @@ def test_final_training_that_does_worse_returns_its_start(task: Task) -> None:
 
 
 @pytest.mark.e2e
-def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_exports_models_that_reload_exactly(task: Task, tmp_path: Path) -> None:
+def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_exports_models_that_reload_exactly(
+    task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import autoprune
     from autoprune.compress import load_compressed
     from autoprune.search.record import read_finals, read_trial
 
     space = {"layers": {"_default": {"w_bits": {"choices": [2, 4]}, "a_bits": 8}}, "policy": {"finetune_steps": 12, "batch_size": 32, "calibration_batches": 2}}
+    # a cache named relative to the working directory, as the default `.autoprune/cache` is
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPRUNE_CACHE", "cache")
     result = autoprune.search(
         task, space=space, trials=3, storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", priors=False,
         sampler="random", finalize=True, final_steps=20, final_seeds=2, export=tmp_path / "out",
@@ -132,6 +137,7 @@ def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_ex
         assert final.start_checksum == trials[number].checksum, "final training starts from the trial's fine-tuned weights"
         assert final.mean["accuracy"] >= trials[number].rungs["post_training"]["accuracy"] - 1e-9
         assert len(final.seeds) == 2 and final.interval["accuracy"][0] <= final.mean["accuracy"] <= final.interval["accuracy"][1]
+        assert final.weights is not None and Path(final.weights).is_absolute(), "read back from any working directory"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["rung"] == "final" and report["exported"]
     for row in report["exported"]:

@@ -159,7 +159,8 @@ def train_candidate(ctx: SearchContext, evaluator: Any, trial: FrozenTrial, *, s
     seed, kept, kept_metrics = max(runs, key=lambda run: (run[2][name], -run[0]))
     names = sorted(set.intersection(*(set(m) for _, _, m in runs)))
     stats = {m: mean_spread([metrics[m] for _, _, metrics in runs]) for m in names}
-    path = save_compressed(kept, Path(folder) / f"trial_{trial.number:04d}.safetensors", task=ctx.task)
+    # absolute: the study records it, and whoever reads the study (export, the UI, a worker) has its own cwd
+    path = save_compressed(kept, Path(folder).resolve() / f"trial_{trial.number:04d}.safetensors", task=ctx.task)
     final = FinalRecord(
         steps=steps, seeds=[s for s, _, _ in runs],
         mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()},
