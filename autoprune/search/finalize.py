@@ -128,8 +128,12 @@ def finalize_study(
                 write_finals(ctx.study, {**read_finals(ctx.study), trial.number: final})
                 if on_final is not None:
                     on_final(trial.number, final, pool.kept_model(future, final))
-    finally:
+    except BaseException:
+        pool.close(abandon=True)
+        raise
+    else:
         pool.close()
+    finally:
         bar.close()
     return finals
 
@@ -187,7 +191,7 @@ class _InProcess:
     def kept_model(self, future: Future[FinalRecord], final: FinalRecord) -> Any:
         return self.models.pop(id(future))
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
         self.models.clear()
 
 
@@ -201,6 +205,7 @@ class _Workers:
         from autoprune.search.executors import threads_per_process
 
         self.ctx = ctx
+        self.others = {child.pid for child in multiprocessing.active_children()}
         device = str(ctx.task.device)
         self.pool = ProcessPoolExecutor(
             max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
@@ -216,7 +221,15 @@ class _Workers:
         assert final.weights is not None
         return load_compressed(final.weights, task=self.ctx.task).model
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
+        """``abandon`` (Ctrl-C, an error): the candidates in training are stopped, not waited for (up to a
+        candidate's whole training); the study keeps what finished."""
+        import multiprocessing
+
+        if abandon:
+            for child in multiprocessing.active_children():
+                if child.pid not in self.others:
+                    child.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
