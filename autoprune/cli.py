@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///autoprune.db)")
     p.add_argument("--sampler", default="tpe", choices=list(SAMPLERS))
     p.add_argument("--seed", type=NATURAL_INT, default=0, help="sampler seed")
-    p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local worker processes sharing the study")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local processes sharing the study (with --finalize, candidates finally trained at once)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default ./mlruns)")
     p.add_argument("--priors", type=_priors, default=DEFAULT_PRIORS, help=f"prior kinds enqueued first, comma-separated ({', '.join(KINDS)}; default {','.join(DEFAULT_PRIORS)}: the integer program's policies over 8 cost budgets, from the base model's sensitivity to each choice)")
     p.add_argument("--no-priors", action="store_true", help="do not enqueue any prior policy")
