@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoprune
+import autoprune.api
 from autoprune.errors import AutopruneError
 
 
@@ -83,6 +84,8 @@ CASES: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "export-unknown-format": (lambda: autoprune.api.export("s", out="out", format="zip"), ("format", "zip")),
     "export-register-empty": (lambda: autoprune.api.export("s", out="out", format="onnx", register=""), ("register", "''")),
     "pareto-study-empty": (lambda: autoprune.api.pareto(""), ("study", "''")),
+    "finalize-jobs-zero": (lambda: autoprune.api.finalize("s", jobs=0), ("jobs", "0")),
+    "finalize-jobs-an-in-session-task": (lambda: autoprune.api.finalize("s", jobs=2, task=_task()), ("jobs", "2", "reference=")),
     "ui-port-zero": (lambda: autoprune.api.ui(port=0), ("port", "0")),
 }
 
