@@ -13,7 +13,7 @@ to multiply nothing is *uncounted*: listed by module name, never dropped.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ class OpCost:
     in_elements: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "macs": self.macs, "in_elements": self.in_elements}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ElementCount:
     elements: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "elements": self.elements}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Uncounted:
     why: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "what": self.what, "why": self.why}
+        return asdict(self)
 
 
 def sdpa_macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:

@@ -127,7 +127,7 @@ def finalize_study(
                 pairs.append((dict(read_trial(trial).metrics or {}), final.mean))
                 write_finals(ctx.study, {**read_finals(ctx.study), trial.number: final})
                 if on_final is not None:
-                    on_final(trial.number, final, pool.kept_model(future, final))
+                    on_final(trial.number, final, pool.kept_model(trial.number, final))
     except BaseException:
         pool.close(abandon=True)
         raise
@@ -184,12 +184,12 @@ class _InProcess:
     def submit(self, trial: FrozenTrial, *, steps: int, seeds: int, folder: Path) -> Future[FinalRecord]:
         future: Future[FinalRecord] = Future()
         final, kept = train_candidate(self.ctx, self.evaluator, trial, steps=steps, seeds=seeds, folder=folder)
-        self.models[id(future)] = kept.model
+        self.models[trial.number] = kept.model
         future.set_result(final)
         return future
 
-    def kept_model(self, future: Future[FinalRecord], final: FinalRecord) -> Any:
-        return self.models.pop(id(future))
+    def kept_model(self, number: int, final: FinalRecord) -> Any:
+        return self.models.pop(number)
 
     def close(self, *, abandon: bool = False) -> None:
         self.models.clear()
@@ -213,9 +213,9 @@ class _Workers:
         )
 
     def submit(self, trial: FrozenTrial, *, steps: int, seeds: int, folder: Path) -> Future[FinalRecord]:
-        return self.pool.submit(_train_in_worker, trial.number, steps=steps, seeds=seeds, folder=str(folder))
+        return self.pool.submit(_train_in_worker, trial, steps=steps, seeds=seeds, folder=folder)
 
-    def kept_model(self, future: Future[FinalRecord], final: FinalRecord) -> Any:
+    def kept_model(self, number: int, final: FinalRecord) -> Any:
         from autoprune.compress import load_compressed
 
         assert final.weights is not None
@@ -240,9 +240,8 @@ _worker_state: tuple[SearchContext, Any] | None = None
 def _start_worker(study_name: str, storage: str | None, device: str, threads: int) -> None:
     import torch
 
-    from autoprune.search.study import context_from_study, load_study
-
     from autoprune.processes import watch_parent
+    from autoprune.search.study import context_from_study, load_study
 
     global _worker_state
     watch_parent(os.getppid())  # a search killed outright takes its workers with it
@@ -251,11 +250,10 @@ def _start_worker(study_name: str, storage: str | None, device: str, threads: in
     _worker_state = (ctx, ctx.ensure_evaluator(progress=False))
 
 
-def _train_in_worker(number: int, *, steps: int, seeds: int, folder: str) -> FinalRecord:
+def _train_in_worker(trial: FrozenTrial, *, steps: int, seeds: int, folder: Path) -> FinalRecord:
     assert _worker_state is not None, "the pool's initializer builds the worker's context"
     ctx, evaluator = _worker_state
-    trial = next(t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number == number)
-    final, _ = train_candidate(ctx, evaluator, trial, steps=steps, seeds=seeds, folder=Path(folder))
+    final, _ = train_candidate(ctx, evaluator, trial, steps=steps, seeds=seeds, folder=folder)
     return final
 
 
