@@ -292,6 +292,28 @@ def test_logging_is_idempotent_and_a_resume_reuses_the_parent(store: Path) -> No
     assert sorted(children(client, third)) == [0, 1]
 
 
+def test_a_search_killed_while_logging_its_new_parent_leaves_it_for_the_resume(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = new_study("killed-at-start")
+    first = Tracker(study_name="killed-at-start", tracking_uri=str(store))
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # what a SIGKILL between creating the parent run and logging its params looks like here
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tracker, "_log", killed)
+        with pytest.raises(KeyboardInterrupt):
+            start(first, study)
+    assert first.parent_run_id is not None
+    assert parent_of(study) == first.parent_run_id
+
+    again = Tracker(study_name="killed-at-start", tracking_uri=str(store))
+    start(again, study)
+    again.close()
+    client = client_of(store)
+    assert again.parent_run_id == first.parent_run_id
+    assert [run.info.status for run in parents(client, again)] == ["FINISHED"]
+
+
 KILLED_WORKER = """
 import os, random, signal, sys
 sys.path.insert(0, {tests!r})

@@ -42,9 +42,11 @@ def start_tracker(tracker: Any, study: optuna.Study) -> None:
     start on one study at once take turns, so that the first makes the parent run and the others reuse it."""
     with study_lock(study, "mlflow-parent", owner=this_process()):
         info = study_info(study)
-        parent = tracker.start(study=info)
-        if parent is not None and parent != info.parent_run_id:
+
+        def record(parent: str) -> None:
             write_meta(study, read_meta(study).model_copy(update={"mlflow_parent_run_id": parent}))
+
+        tracker.start(study=info, on_parent=record)
 
 
 def open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:

@@ -224,9 +224,11 @@ class Tracker:
 
     # -- setup ----------------------------------------------------------------------------------------
     @_guarded
-    def start(self, *, study: StudyInfo) -> str | None:
+    def start(self, *, study: StudyInfo, on_parent: Callable[[str], None] | None = None) -> str | None:
         """Experiment and parent run (reused when ``study.parent_run_id`` still exists); specs and base.
-        Returns the parent run's id, for the caller to record with the study."""
+        Returns the parent run's id. ``on_parent`` is handed a new parent's id the moment it exists, before
+        anything is logged to it: a search killed while logging then leaves a parent its resume reuses, not
+        an orphan left RUNNING beside a second one."""
         client = open_client(self.tracking_uri)
         self.experiment_id = self._experiment(client)
         self._study = study
@@ -238,6 +240,8 @@ class Tracker:
                 tags={ROLE_TAG: "parent", STUDY_TAG: self.study_name, NOTE_TAG: PARENT_NOTE},
             )
             self.parent_run_id = run.info.run_id
+            if on_parent is not None:
+                on_parent(self.parent_run_id)
             logged: Mapping[str, str] = {}
         else:
             self.parent_run_id = parent.info.run_id
