@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "cost": "autoprune.cost",
     # `search` and `cost` are subpackages made callable (autoprune._callable): they forward to the API.
     "search": "autoprune.search",
+    "load": "autoprune.api",
+    "finalize": "autoprune.api",
     "SearchResult": "autoprune.api",
     "FrontPoint": "autoprune.api",
     "load_weights": "autoprune.weights",

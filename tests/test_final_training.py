@@ -146,6 +146,46 @@ def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_ex
         assert task.evaluate(loaded.model, "val") == finals[row["trial"]].kept["accuracy"]
     assert result.rows()["rung"] == "final"
 
+    # finalized again for longer, the front holds only the longer-trained points: a point trained for 20
+    # steps and one for 30 are not comparable (the earlier records stay stored, off the front)
+    longer = autoprune.finalize(
+        result.study.study_name, storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", task=task,
+        steps=30, select="front", quiet=True,
+    )
+    from autoprune.search.pareto import final_front
+    from autoprune.search.record import read_meta
+
+    stored = read_finals(longer.study)
+    assert read_meta(longer.study).final_steps == 30
+    assert {f.steps for _, f in final_front(longer.study, longer.context.objectives)} == {30}
+    assert set(stored) >= set(finals) and {f.steps for f in stored.values()} <= {20, 30}
+
+
+def test_the_final_front_is_of_the_latest_finalize_steps_only() -> None:
+    import optuna
+
+    from autoprune.search.objectives import ObjectiveSpec
+    from autoprune.search.pareto import final_front
+    from autoprune.search.record import FinalRecord, StudyMeta, current_finals, update_meta, write_finals, write_meta
+
+    objectives = {"objectives": [{"metric": "accuracy", "direction": "maximize"}, {"metric": "bops", "direction": "minimize"}]}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    write_meta(study, StudyMeta(task={}, space={}, objectives=objectives, budget=3))
+
+    def final(steps: int, accuracy: float, bops: float) -> FinalRecord:
+        mean = {"accuracy": accuracy, "bops": bops}
+        return FinalRecord(steps=steps, seeds=[0], mean=mean, std={}, kept_seed=0, kept=mean, start_checksum="a", checksum="b")
+
+    # trial 1, trained longer, would dominate trial 0 if the two recipes were mixed
+    write_finals(study, {0: final(1500, 97.0, 100.0), 1: final(3000, 98.0, 90.0), 2: final(1500, 95.0, 50.0)})
+    spec = ObjectiveSpec.from_dict(objectives)
+    assert sorted(n for n, _ in final_front(study, spec)) == [1, 2], "a study without a recorded recipe reads every record"
+    update_meta(study, final_steps=1500)
+    assert sorted(current_finals(study)) == [0, 2]
+    assert sorted(n for n, _ in final_front(study, spec)) == [0, 2]
+    update_meta(study, final_steps=3000)
+    assert sorted(n for n, _ in final_front(study, spec)) == [1]
+
 
 @pytest.mark.e2e
 def test_final_training_in_two_processes_trains_what_one_process_trains(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ only when its rung-2 values, predicted up through the line and margin learned fr
 before it (``fidelity.agreement``, leave-one-out residuals at their 0.9 quantile), are dominated by no final
 point yet; until three are trained, every candidate of the rung-2 front is. ``select="front"`` trains the whole
 rung-2 front, and a bound (``"bops<=1e6"``) the front points that meet it. A study finalized before keeps its
-final points (with as many seeds and steps); resuming trains what is missing.
+final points (with as many seeds and steps); resuming trains what is missing. The study's final front is of
+the latest finalize's steps: a finalize with other steps leaves the earlier records stored, off that front.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from autoprune.policy import Policy
 from autoprune.search.fidelity import agreement, could_reach_front
 from autoprune.search.ladder import DEFAULT_STEPS, check_final
 from autoprune.search.pareto import nondomination_ranks
-from autoprune.search.record import FinalRecord, read_finals, read_trial, write_finals
+from autoprune.search.record import FinalRecord, read_finals, read_trial, update_meta, write_finals
 from autoprune.search.study import SearchContext
 
 def candidates(ctx: SearchContext) -> list[FrozenTrial]:
@@ -102,6 +103,7 @@ def finalize_study(
     chosen = _selected(ctx, candidates(ctx), select)
     if not chosen:
         raise AutopruneError("study", ctx.study.study_name, "has no completed feasible trial to finalize")
+    update_meta(ctx.study, final_steps=steps)
     finals = {n: f for n, f in read_finals(ctx.study).items() if f.steps == steps and len(f.seeds) >= seeds}
     numbers = {t.number: t for t in chosen}
     pairs = [((read_trial(numbers[n]).metrics or {}), f.mean) for n, f in finals.items() if n in numbers]

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.search.objectives import METRICS, ObjectiveSpec
-from autoprune.search.record import FinalRecord, read_finals, read_meta, read_trial
+from autoprune.search.record import FinalRecord, current_finals, read_meta, read_trial
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -71,8 +71,9 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def final_front(study: optuna.Study, objectives: ObjectiveSpec, finals: Mapping[int, FinalRecord] | None = None) -> list[tuple[int, FinalRecord]]:
-    """The front of the finally trained points (``search.finalize``; feasible means), best first objective first."""
-    finals = read_finals(study) if finals is None else finals
+    """The front of the finally trained points (``search.finalize``; feasible means), best first objective first:
+    those of the latest recipe (``record.current_finals``) unless ``finals`` are given."""
+    finals = current_finals(study) if finals is None else finals
     return front_of_means(list(finals.items()), objectives)
 
 

@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 
 from autoprune.policy import LayerPolicy, Policy
 from autoprune.processes import this_process
-from autoprune.search.record import enqueue, read_meta, read_trial, study_lock, write_meta
+from autoprune.search.record import enqueue, read_meta, read_trial, study_lock, update_meta
 
 A_FLOOR = 8
 
@@ -141,7 +141,7 @@ def _enqueue_priors(ctx: Any, evaluator: Any, *, kinds: Sequence[str]) -> list[s
         meta = read_meta(ctx.study)
         if meta.prior_bits is None:  # a resumed study's space was narrowed when it was loaded
             centre = {name: lp.w_bits for name, lp in policies[1.0].layers.items()}
-            write_meta(ctx.study, meta.model_copy(update={"prior_bits": centre}))
+            update_meta(ctx.study, prior_bits=centre)
             ctx.space.narrowed_to(centre)
     for kappa, policy in policies.items():
         queue(ctx.space.params_for(policy), prior_tag(kinds, kappa))

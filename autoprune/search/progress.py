@@ -15,7 +15,7 @@ from autoprune.search.budget import counted_before, spent
 from autoprune.search.front import Front, event_of
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.processes import this_process
-from autoprune.search.record import read_meta, read_trial, study_lock, write_meta
+from autoprune.search.record import read_meta, read_trial, study_lock, update_meta
 from autoprune.search.study import SearchContext
 
 
@@ -43,10 +43,7 @@ def start_tracker(tracker: Any, study: optuna.Study) -> None:
     with study_lock(study, "mlflow-parent", owner=this_process()):
         info = study_info(study)
 
-        def record(parent: str) -> None:
-            write_meta(study, read_meta(study).model_copy(update={"mlflow_parent_run_id": parent}))
-
-        tracker.start(study=info, on_parent=record)
+        tracker.start(study=info, on_parent=lambda parent: update_meta(study, mlflow_parent_run_id=parent))
 
 
 def open_tracker(ctx: SearchContext, tracking_uri: str | None) -> Any:

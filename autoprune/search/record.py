@@ -65,6 +65,9 @@ class StudyMeta(BaseModel):
     ladder: bool = False
     # rung 0: the integer program's predicted front, one point per cost budget (search.ladder.PredictedPoint)
     predicted: list[dict[str, Any]] | None = None
+    # rung 3: the steps of the latest final training; the final front holds only points trained for as many
+    # (None: a study finalized before this was recorded, whose records are all read)
+    final_steps: int | None = None
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed search must repeat exactly."""
@@ -145,6 +148,20 @@ def write_meta(study: "optuna.Study", meta: StudyMeta) -> None:
     study.set_user_attr(META_KEY, meta.model_dump(exclude_none=True))
 
 
+def update_meta(study: "optuna.Study", **fields: Any) -> StudyMeta:
+    """Set some fields of the study's metadata, read and written under one lock: processes of one study (a
+    worker recording the MLflow parent run while a finalize records its steps) each change their own fields
+    without writing back a copy that undoes another's."""
+    from autoprune.processes import this_process
+
+    with study_lock(study, "meta", owner=this_process()):
+        meta = read_meta(study)
+        assert meta is not None, "only a study created by autoprune search has metadata to update"
+        updated = meta.model_copy(update=fields)
+        write_meta(study, StudyMeta.model_validate(updated.model_dump()))
+        return updated
+
+
 # TrialRecord fields stored as their own user attribute; defaults are not written.
 _TRIAL_FIELDS = tuple(f for f in TrialRecord.model_fields if f != "version")
 
@@ -202,6 +219,15 @@ def read_finals(study: "optuna.Study") -> dict[int, FinalRecord]:
 
 def write_finals(study: "optuna.Study", finals: dict[int, FinalRecord]) -> None:
     study.set_user_attr(FINAL_KEY, {str(n): f.model_dump() for n, f in sorted(finals.items())})
+
+
+def current_finals(study: "optuna.Study") -> dict[int, FinalRecord]:
+    """The final records of the study's latest final training recipe: points trained for another number of
+    steps (an earlier finalize) are kept in the study but are not comparable, so no front mixes them."""
+    meta = read_meta(study)
+    steps = meta.final_steps if meta is not None else None
+    return {n: f for n, f in read_finals(study).items() if steps is None or f.steps == steps}
+
 LOCK_PREFIX = "autoprune_lock:"
 # how long a process waits for a lock held by a process it cannot see (another host's) before taking it over
 LOCK_STALE_SECONDS = 120.0
@@ -290,6 +316,6 @@ def write_confirmations(study: "optuna.Study", confirmations: dict[int, Confirma
 
 __all__ = [
     "StudyMeta", "TrialRecord", "BaseSummary", "Confirmation", "FinalRecord", "META_KEY", "SAMPLERS", "RECORD_VERSION",
-    "read_meta", "write_meta", "read_confirmations", "write_confirmations", "read_finals", "write_finals", "read_trial", "write_trial", "enqueue",
+    "read_meta", "write_meta", "update_meta", "read_confirmations", "write_confirmations", "read_finals", "write_finals", "current_finals", "read_trial", "write_trial", "enqueue",
     "study_lock",
 ]

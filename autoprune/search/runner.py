@@ -27,7 +27,7 @@ from autoprune.search.evaluate import Evaluator
 from autoprune.search.ladder import PredictedPoint
 from autoprune.search.priors import SENSITIVITY, UNIFORM, drop_waiting, enqueue_priors, predicted_front
 from autoprune.search.progress import Reporter, open_tracker
-from autoprune.search.record import FinalRecord, write_meta
+from autoprune.search.record import FinalRecord, update_meta
 from autoprune.search.report import final_rows, print_predicted
 from autoprune.search.space import SpaceSpec
 from autoprune.search.study import SearchConfig, SearchContext, context_from_study, load_study, prepare, record_base, storage_url
@@ -99,7 +99,7 @@ def record_predicted(ctx: SearchContext, evaluator: Evaluator) -> list[Predicted
     if meta.predicted is not None:
         return [PredictedPoint.model_validate(point) for point in meta.predicted]
     points = predicted_front(ctx, evaluator)
-    write_meta(ctx.study, meta.model_copy(update={"predicted": [p.model_dump() for p in points]}))
+    update_meta(ctx.study, predicted=[p.model_dump() for p in points])
     return points
 
 

@@ -28,7 +28,7 @@ from autoprune.search.fidelity import FidelitySpec
 from autoprune.search.ladder import DEFAULT_STEPS, check_final
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.priors import DEFAULT_PRIORS, KINDS
-from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, write_meta
+from autoprune.search.record import SAMPLERS, BaseSummary, StudyMeta, read_meta, update_meta, write_meta
 from autoprune.search.space import SearchSpace, SpaceSpec
 from autoprune.task import Task, TaskSpec, task_from_record
 from autoprune.validated import StudyName, Validated
@@ -281,7 +281,7 @@ def prepare(config: SearchConfig, *, task: Task | None = None, space: SpaceSpec 
             if _normalised(meta.identity()[key]) != _normalised(value):
                 raise AutopruneError("study", config.study, f"exists with a different {key}; resume it with the same arguments or pick a new --study")
         if meta.budget != config.trials or meta.fidelity != wanted.fidelity or meta.ladder != wanted.ladder:
-            write_meta(study, meta.model_copy(update={"budget": config.trials, "fidelity": wanted.fidelity, "ladder": wanted.ladder}))
+            update_meta(study, budget=config.trials, fidelity=wanted.fidelity, ladder=wanted.ladder)
         if meta.prior_bits:
             # the same narrowed space as the first run and as every worker (context_from_study)
             bound.narrowed_to(meta.prior_bits)
@@ -310,7 +310,7 @@ def context_from_study(study: optuna.Study, *, device: str | None = None, task: 
 def record_base(ctx: SearchContext, evaluator: Evaluator) -> None:
     meta = ctx.meta
     if meta.base is None:
-        write_meta(ctx.study, meta.model_copy(update={"base": BaseSummary.model_validate(evaluator.base_summary())}))
+        update_meta(ctx.study, base=BaseSummary.model_validate(evaluator.base_summary()))
 
 
 __all__ = [
