@@ -289,16 +289,17 @@ def _log_rows(study: optuna.Study, *, out: Path, rows: list[dict[str, Any]], tas
 
     from autoprune.deploy.point import example_input
     from autoprune.deploy.verify import run_onnx
-    from autoprune.tracking.models import log_onnx_model, register_onnx_model, registry_tags, trial_run_id
+    from autoprune.tracking.models import log_onnx_model, register_onnx_model, registry_tags, trial_run_ids
     from autoprune.tracking.store import open_client
 
     meta = read_meta(study)
     parent = meta.mlflow_parent_run_id if meta else None
     example = example_input(task)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    runs = trial_run_ids(tracking_uri=uri, parent_run_id=parent)
     for row in rows:
         number = row["trial"]
-        run_id = trial_run_id(tracking_uri=uri, parent_run_id=parent, trial=number)
+        run_id = runs.get(number)
         if run_id is None:
             print(f"note: {uri} holds no MLflow run of trial {number} of study {study.study_name}; its ONNX model is not logged there", file=sys.stderr)
             if register is None:

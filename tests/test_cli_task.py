@@ -123,8 +123,9 @@ def test_cuda_where_there_is_none_is_one_line_before_any_work(command: list[str]
 
 
 def test_export_onnx_logs_each_point_and_registers_it(weights_study: Path, tmp_path: Path) -> None:
-    import mlflow
     from mlflow import MlflowClient
+
+    from autoprune.tracking.models import load_registered_onnx
 
     out = tmp_path / "onnx"
     uri = f"sqlite:///{weights_study / 'mlflow.db'}"
@@ -148,13 +149,7 @@ def test_export_onnx_logs_each_point_and_registers_it(weights_study: Path, tmp_p
         # the model was logged in the trial's own run, with a signature
         run = client.get_run(version.run_id)
         assert run.data.tags["autoprune.trial"] == str(row["trial"])
-    mlflow.set_registry_uri(uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        proto = mlflow.onnx.load_model(f"models:/own-cnn/{report['exported'][0]['deploy']['registered']['version']}")
-    finally:
-        mlflow.set_tracking_uri("")
-        mlflow.set_registry_uri("")
+    proto = load_registered_onnx(tracking_uri=uri, name="own-cnn", version=report["exported"][0]["deploy"]["registered"]["version"])
     assert any(node.op_type == "DequantizeLinear" for node in proto.graph.node)
     assert "| onnxruntime top-1 acc |" in (out / "report.md").read_text()
 

@@ -313,11 +313,17 @@ def test_deploy_import_is_lean_and_missing_packages_name_the_extra() -> None:
     assert "pip install 'autoprune[deploy]'" in out
 
 
-def test_registered_model_loads_back_through_mlflow_onnx(digits: SimpleNamespace, tmp_path: Path) -> None:
+def test_registered_model_loads_back_through_mlflow_onnx(digits: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     from mlflow import MlflowClient
 
+    from autoprune.tracking import default_tracking_uri
     from autoprune.tracking.models import load_registered_onnx, log_onnx_model, register_onnx_model, registry_tags
+    from autoprune.tracking.store import fluent_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    ours = default_tracking_uri()
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -333,15 +339,14 @@ def test_registered_model_loads_back_through_mlflow_onnx(digits: SimpleNamespace
     assert stored.tags["autoprune.study"] == "s" and float(stored.tags["autoprune.metric.accuracy"]) == 95.5
     assert Policy.from_dict(json.loads(stored.tags["autoprune.policy"])) == digits.result.policy
     loaded = load_registered_onnx(tracking_uri=uri, name="digits", version=1)
-    assert mlflow.get_tracking_uri() != uri  # the global URI was restored
+    # MLflow's global URIs are unset again: the next search of this process tracks to its own ./mlruns store,
+    # and a client opened on another store reads that store's registry
+    assert not mlflow.tracking.is_tracking_uri_set() and default_tracking_uri() == ours
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and mlflow.get_registry_uri() == mlflow.get_tracking_uri()
     session = ort.InferenceSession(loaded.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, {"input": example})[0], onnx_session(digits.path).run(None, {"input": example})[0])
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with fluent_store(uri):
         logged = mlflow.models.get_model_info(model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
     assert logged.signature is not None and logged.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 8, 8)
 
 

@@ -18,12 +18,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from autoprune.files import atomic_path, cache_root
 from autoprune.processes import alive
 
 DEFAULT_DIR = "mlruns"
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 # SQLite already waits 20 s for a lock (MLflow sets busy_timeout); these retries cover longer bursts of
@@ -274,6 +275,29 @@ def open_client(tracking_uri: str) -> Any:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return _RetryOnLock(MlflowClient(tracking_uri=tracking_uri))
+
+
+@contextlib.contextmanager
+def fluent_store(tracking_uri: str) -> Iterator[Any]:
+    """MLflow's process-wide tracking and registry URIs pointed at ``tracking_uri`` for the block (logging a
+    model goes through MLflow's fluent API, which reads only those), then put back as they were, unset ones
+    unset. Setting back what ``get_tracking_uri`` returned would pin MLflow's resolved default and export it
+    as ``MLFLOW_TRACKING_URI``: a later search in the same process would then track there, not to ./mlruns,
+    and a client opened on another store would read the registry of this one."""
+    import mlflow
+    from mlflow.tracking import is_tracking_uri_set
+
+    tracking = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
+    registry = os.environ.get(REGISTRY_ENV)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(tracking)  # None unsets it, as MLflow documents for its own reset
+        mlflow.set_registry_uri(registry or "")
+        if registry is None:
+            os.environ.pop(REGISTRY_ENV, None)
 
 
 def _is_locked(exc: BaseException) -> bool:

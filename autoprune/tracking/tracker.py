@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from autoprune.metrics import FrontRow, front_csv
 from autoprune.processes import owner_alive, this_process
 from autoprune.tracking.events import FrontSnapshot, StudyInfo, TrialEvent
-from autoprune.tracking.store import DamagedStore, open_client, resolve_store
+from autoprune.tracking.store import DamagedStore, fluent_store, open_client, resolve_store
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -657,17 +657,14 @@ def _log_torch_model(tracking_uri: str, run_id: str, model: Any, example: Any) -
         inputs = np.asarray(example, dtype=np.float32)
         with torch.no_grad():
             signature = infer_signature(inputs, model(torch.from_numpy(inputs)).numpy())
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
     # its warning that pickles run code when loaded, once per model: the model is the user's own, saved by them
     quiet = logging.getLogger("mlflow.pytorch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with fluent_store(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name="final_model", signature=signature, serialization_format="pickle", pip_requirements=["torch", "autoprune"])
     finally:
-        mlflow.set_tracking_uri(previous)
         quiet.setLevel(level)
     return info.model_uri
 
