@@ -157,8 +157,8 @@ def update_meta(study: "optuna.Study", **fields: Any) -> StudyMeta:
     with study_lock(study, "meta", owner=this_process()):
         meta = read_meta(study)
         assert meta is not None, "only a study created by autoprune search has metadata to update"
-        updated = meta.model_copy(update=fields)
-        write_meta(study, StudyMeta.model_validate(updated.model_dump()))
+        updated = StudyMeta.model_validate(meta.model_copy(update=fields).model_dump())
+        write_meta(study, updated)
         return updated
 
 
@@ -227,6 +227,7 @@ def current_finals(study: "optuna.Study") -> dict[int, FinalRecord]:
     meta = read_meta(study)
     steps = meta.final_steps if meta is not None else None
     return {n: f for n, f in read_finals(study).items() if steps is None or f.steps == steps}
+
 
 LOCK_PREFIX = "autoprune_lock:"
 # how long a process waits for a lock held by a process it cannot see (another host's) before taking it over

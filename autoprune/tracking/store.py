@@ -294,7 +294,7 @@ def fluent_store(tracking_uri: str) -> Iterator[Any]:
     try:
         yield mlflow
     finally:
-        mlflow.set_tracking_uri(tracking)  # None unsets it, as MLflow documents for its own reset
+        mlflow.set_tracking_uri(tracking)  # None: MLflow drops its URI and unsets MLFLOW_TRACKING_URI
         mlflow.set_registry_uri(registry or "")
         if registry is None:
             os.environ.pop(REGISTRY_ENV, None)
