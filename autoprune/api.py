@@ -524,9 +524,12 @@ def finalize(
     )
     result = SearchResult(ctx.study, context=ctx, tracking_uri=tracking_uri)
     if not quiet:
-        from autoprune.search.report import print_front
+        from autoprune.search.report import earlier_finals_note, print_front
 
         print_front(result.rows())
+        note = earlier_finals_note(ctx.study)
+        if note:
+            print(note)
     if out is not None:
         written = result.export(out)
         if not quiet:

@@ -116,7 +116,7 @@ def test_final_training_that_does_worse_returns_its_start(task: Task) -> None:
 
 @pytest.mark.e2e
 def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_exports_models_that_reload_exactly(
-    task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     import autoprune
     from autoprune.compress import load_compressed
@@ -150,8 +150,11 @@ def test_a_finalized_search_starts_final_training_from_its_trials_weights_and_ex
     # steps and one for 30 are not comparable (the earlier records stay stored, off the front)
     longer = autoprune.finalize(
         result.study.study_name, storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", task=task,
-        steps=30, select="front", quiet=True,
+        steps=30, select="front", progress=False,
     )
+    shown = capsys.readouterr().out
+    assert "after final training" in shown
+    assert ("note: this front is of the points trained for 30 steps" in shown) == any(f.steps == 20 for f in read_finals(longer.study).values())
     from autoprune.search.pareto import final_front
     from autoprune.search.record import read_meta
 
@@ -167,6 +170,7 @@ def test_the_final_front_is_of_the_latest_finalize_steps_only() -> None:
     from autoprune.search.objectives import ObjectiveSpec
     from autoprune.search.pareto import final_front
     from autoprune.search.record import FinalRecord, StudyMeta, current_finals, update_meta, write_finals, write_meta
+    from autoprune.search.report import earlier_finals_note
 
     objectives = {"objectives": [{"metric": "accuracy", "direction": "maximize"}, {"metric": "bops", "direction": "minimize"}]}
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -180,11 +184,14 @@ def test_the_final_front_is_of_the_latest_finalize_steps_only() -> None:
     write_finals(study, {0: final(1500, 97.0, 100.0), 1: final(3000, 98.0, 90.0), 2: final(1500, 95.0, 50.0)})
     spec = ObjectiveSpec.from_dict(objectives)
     assert sorted(n for n, _ in final_front(study, spec)) == [1, 2], "a study without a recorded recipe reads every record"
+    assert earlier_finals_note(study) is None
     update_meta(study, final_steps=1500)
     assert sorted(current_finals(study)) == [0, 2]
     assert sorted(n for n, _ in final_front(study, spec)) == [0, 2]
+    assert "(1 at 3,000 steps)" in earlier_finals_note(study)
     update_meta(study, final_steps=3000)
     assert sorted(n for n, _ in final_front(study, spec)) == [1]
+    assert "(2 at 1,500 steps)" in earlier_finals_note(study)
 
 
 @pytest.mark.e2e

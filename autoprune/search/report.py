@@ -9,7 +9,7 @@ import optuna
 from autoprune.metrics import COST_METRICS, TABLE_METRICS, FrontRow
 from autoprune.search.objectives import ObjectiveSpec
 from autoprune.search.pareto import final_front, front_trials, hypervolume, hypervolume_of, normalised_losses, scored_trials
-from autoprune.search.record import FinalRecord, read_meta, read_trial
+from autoprune.search.record import FinalRecord, read_finals, read_meta, read_trial
 
 
 def front_table(study: optuna.Study) -> list[FrontRow]:
@@ -19,6 +19,25 @@ def front_table(study: optuna.Study) -> list[FrontRow]:
     meta = read_meta(study)
     front = final_front(study, ObjectiveSpec.from_dict(meta.objectives)) if meta is not None else []
     return final_rows(study, front) if front else proxy_table(study)
+
+
+def earlier_finals_note(study: optuna.Study) -> str | None:
+    """A line saying which stored final points the final front leaves out (trained for other steps by an
+    earlier finalize); None when there are none."""
+    meta = read_meta(study)
+    if meta is None or meta.final_steps is None:
+        return None
+    other: dict[int, int] = {}
+    for final in read_finals(study).values():
+        if final.steps != meta.final_steps:
+            other[final.steps] = other.get(final.steps, 0) + 1
+    if not other:
+        return None
+    counts = ", ".join(f"{n} at {steps:,} steps" for steps, n in sorted(other.items()))
+    return (
+        f"note: this front is of the points trained for {meta.final_steps:,} steps; points finalized before with other steps stay "
+        f"stored but off it ({counts}); finalizing again with their steps brings them back"
+    )
 
 
 def proxy_table(study: optuna.Study) -> list[FrontRow]:
@@ -237,6 +256,6 @@ def print_predicted(points: Sequence[Any], *, console: Any = None) -> None:
 
 
 __all__ = [
-    "front_rows", "front_table", "proxy_table", "final_rows", "print_front", "print_predicted", "metric_name", "table_metrics", "failure_counts",
+    "front_rows", "front_table", "proxy_table", "earlier_finals_note", "final_rows", "print_front", "print_predicted", "metric_name", "table_metrics", "failure_counts",
     "wide_console", "COST_METRICS", "TABLE_METRICS",
 ]
