@@ -3,7 +3,8 @@
 ``StudyMeta`` (one study user attribute, ``autoprune``) and ``TrialRecord`` (one user attribute per
 field, so a trial's owner and policy are visible while it runs and optuna-dashboard shows each field)
 are the only schema; ``read_meta``/``write_meta`` and ``read_trial``/``write_trial`` are the only code
-that touches Optuna's user attributes. A field added here is read back as its default from studies
+that touches Optuna's user attributes, and ``update_meta`` the way to change fields of a study that other
+processes may be changing too. A field added here is read back as its default from studies
 written before it, so old studies keep loading.
 """
 
