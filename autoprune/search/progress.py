@@ -42,7 +42,6 @@ def start_tracker(tracker: Any, study: optuna.Study) -> None:
     start on one study at once take turns, so that the first makes the parent run and the others reuse it."""
     with study_lock(study, "mlflow-parent", owner=this_process()):
         info = study_info(study)
-
         tracker.start(study=info, on_parent=lambda parent: update_meta(study, mlflow_parent_run_id=parent))
 
 

@@ -32,7 +32,7 @@ def registry_tags(*, study: str, policy_json: str, metrics: Mapping[str, float])
 def trial_run_ids(*, tracking_uri: str, parent_run_id: str | None) -> dict[int, str]:
     """Trial number -> its MLflow run (a child of the study's parent run); empty where the store has none.
     One client and one search for a whole export: opening a client checks the store (about 0.7 s)."""
-    from autoprune.tracking.store import open_client
+    from autoprune.tracking.store import all_runs, open_client
     from autoprune.tracking.tracker import PARENT_TAG, TRIAL_TAG
 
     if not parent_run_id:
@@ -43,16 +43,11 @@ def trial_run_ids(*, tracking_uri: str, parent_run_id: str | None) -> dict[int, 
     except Exception:  # MLflow raises its own error for a run this store does not hold
         return {}
     found: dict[int, str] = {}
-    token = None
-    while True:
-        page = client.search_runs([experiment], filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}'", max_results=1000, page_token=token)
-        for run in page:
-            number = run.data.tags.get(TRIAL_TAG, "")
-            if number.isdigit():
-                found.setdefault(int(number), run.info.run_id)
-        token = page.token
-        if not token:
-            return found
+    for run in all_runs(client, experiment, f"tags.{PARENT_TAG} = '{parent_run_id}'"):
+        number = run.data.tags.get(TRIAL_TAG, "")
+        if number.isdigit():
+            found.setdefault(int(number), run.info.run_id)
+    return found
 
 
 def log_onnx_model(

@@ -277,6 +277,17 @@ def open_client(tracking_uri: str) -> Any:
     return _RetryOnLock(MlflowClient(tracking_uri=tracking_uri))
 
 
+def all_runs(client: Any, experiment_id: str, filter_string: str) -> Iterator[Any]:
+    """Every run of the experiment that matches, page by page (MLflow returns at most 1,000 a call)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 @contextlib.contextmanager
 def fluent_store(tracking_uri: str) -> Iterator[Any]:
     """MLflow's process-wide tracking and registry URIs pointed at ``tracking_uri`` for the block (logging a

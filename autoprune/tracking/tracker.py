@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from autoprune.metrics import FrontRow, front_csv
 from autoprune.processes import owner_alive, this_process
 from autoprune.tracking.events import FrontSnapshot, StudyInfo, TrialEvent
-from autoprune.tracking.store import DamagedStore, fluent_store, open_client, resolve_store
+from autoprune.tracking.store import DamagedStore, all_runs, fluent_store, open_client, resolve_store
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -345,20 +345,11 @@ class Tracker:
 
     def _load_children(self) -> dict[int, _Child]:
         children: dict[int, _Child] = {}
-        for run in self._search(f"tags.{PARENT_TAG} = '{self.parent_run_id}'"):
+        for run in all_runs(self._client, self.experiment_id, f"tags.{PARENT_TAG} = '{self.parent_run_id}'"):
             number = run.data.tags.get(TRIAL_TAG, "")
             if number.isdigit():
                 children.setdefault(int(number), _Child.of(run))
         return children
-
-    def _search(self, filter_string: str) -> Iterator["Run"]:
-        token = None
-        while True:
-            page = self._client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-            yield from page
-            token = page.token
-            if not token:
-                return
 
     def _child(self, number: int) -> _Child | None:
         # Loaded at start and by reconcile. Another process logs only the trials it ran (_left_to_owner) and
